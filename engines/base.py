@@ -1,0 +1,92 @@
+"""The one protocol every engine meets, and the data that crosses it.
+
+The streamer and the offline `animate` command know only this module: an engine is prepared
+once per source (one or more portraits), then stepped once per driving frame. Engines may
+hold frames in flight (a streaming diffusion engine denoises several at once), so `step`
+may return nothing yet, and `flush` drains what is left at the end of a clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class SourcePortrait:
+    """A portrait cropped to the engine's square resolution, with its face mesh.
+
+    `landmarks` is the 478-point mediapipe mesh in crop pixels (x, y, z; z on x's scale).
+    """
+
+    image: np.ndarray  # (size, size, 3) uint8 RGB
+    landmarks: np.ndarray  # (478, 3) float32
+
+
+@dataclass
+class DrivingFrame:
+    """One driving frame, already aligned to the source head box (paper, section 3.4).
+
+    `landmarks` and `reference` are in the same aligned crop pixels as the source. The
+    reference is the driving frame that stands for the source's own pose and expression:
+    motion is measured relative to it, so the portrait keeps its own face shape.
+    `image` is None for engines that do not ask for driving pixels (see `needs_driving_image`).
+    `tag` is the caller's and comes back unchanged on the frame rendered from this one.
+    The caller reuses the arrays' buffers for the next frame: an engine copies what it keeps.
+    """
+
+    landmarks: np.ndarray  # (478, 3) float32
+    reference: np.ndarray  # (478, 3) float32
+    time: float  # seconds; drives the temporal filters
+    image: np.ndarray | None = None  # (size, size, 3) uint8 RGB
+    tag: Any = None
+
+
+@dataclass
+class Rendered:
+    image: np.ndarray  # (size, size, 3) uint8 RGB
+    tag: Any = None
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage of the last step, and running totals for averages."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    total: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+    def record(self, stage: str, ms: float) -> None:
+        self.last[stage] = ms
+        self.total[stage] = self.total.get(stage, 0.0) + ms
+
+    def mean(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.total.items()}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    size: int  # square output resolution
+    needs_driving_image: bool  # False lets the caller skip warping driving pixels
+
+    def prepare(self, sources: Sequence[SourcePortrait]) -> None:
+        """Do all per-source work once. The first source is the one animated."""
+
+    def step(self, frame: DrivingFrame) -> Rendered | None:
+        """Take one driving frame; return a rendered frame when one leaves the engine."""
+
+    def flush(self) -> list[Rendered]:
+        """Return the frames still in flight (end of a clip)."""
+
+    def reset(self) -> None:
+        """Forget driving state (filters, caches, frames in flight); keep the source."""
+
+    @property
+    def timings(self) -> Timings: ...
+
+
+class EngineError(RuntimeError):
+    """A user-facing engine failure (missing weights, missing backend, bad configuration)."""

@@ -1,0 +1,311 @@
+"""The face pipeline every engine and the streamer share.
+
+mediapipe's face detector + 478-point face mesh (tracking in video mode), the head box,
+the square portrait crop at an engine's resolution, the paper's driving-to-source
+alignment (one translation + scale affine for a whole driving sequence, section 3.4), the
+eye and mouth patches of the local control image, and a One-Euro filter against jitter.
+
+Coordinates: landmarks are pixels of the image they belong to, as float32 (x, y, z), with z
+on x's scale (mediapipe's convention: smaller z is nearer the camera).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+NUM_LANDMARKS = 478
+
+# mediapipe face-mesh indices (see mediapipe's face_mesh_connections.py).
+RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246)
+LEFT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466)
+INNER_LIPS = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400,
+             377, 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+RIGHT_IRIS_CENTER, LEFT_IRIS_CENTER = 468, 473
+# Points that move with the skull and not with expressions: forehead, temples, nose bridge
+# and tip, cheekbones, eye corners. Head pose is fitted on these alone.
+RIGID = (10, 338, 297, 109, 67, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 234, 454, 127, 356,
+         93, 323, 33, 133, 362, 263, 116, 345, 123, 352)
+# Eyelid midpoints (upper, lower) and mouth inner-lip midpoints (upper, lower), eye corners.
+RIGHT_EYE_LIDS, LEFT_EYE_LIDS = (159, 145), (386, 374)
+RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS = (33, 133), (362, 263)
+MOUTH_LIDS, MOUTH_CORNERS = (13, 14), (78, 308)
+
+MAX_SIDE = 2048  # larger images are downscaled before anything else (memory, mesh speed)
+
+
+class NoFaceError(ValueError):
+    """Raised where a face is required (a source portrait) and none is found."""
+
+
+@dataclass(frozen=True)
+class Box:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
+
+
+def head_box(landmarks: np.ndarray) -> Box:
+    """The bounding box of the face mesh (forehead to chin, ear to ear)."""
+    x0, y0 = landmarks[:, :2].min(axis=0)
+    x1, y1 = landmarks[:, :2].max(axis=0)
+    return Box(float(x0), float(y0), float(x1), float(y1))
+
+
+def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    h, w = image.shape[:2]
+    k = max_side / max(h, w)
+    if k >= 1:
+        return image
+    return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB, contiguous: what mediapipe and the engines take. Drops alpha, expands gray."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected an 8-bit image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image, got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+class FaceTracker:
+    """mediapipe face mesh (478 points with irises) on RGB uint8 frames.
+
+    video=True tracks from frame to frame (the detector runs only when tracking is lost),
+    which is both faster and steadier; use one tracker per stream.
+    """
+
+    def __init__(self, video: bool = True, min_confidence: float = 0.5):
+        import mediapipe as mp  # heavy import: only where faces are needed
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not video,
+            max_num_faces=1,
+            refine_landmarks=True,
+            min_detection_confidence=min_confidence,
+            min_tracking_confidence=min_confidence,
+        )
+
+    def detect(self, rgb: np.ndarray) -> np.ndarray | None:
+        """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
+        h, w = rgb.shape[:2]
+        result = self._mesh.process(rgb)
+        if not result.multi_face_landmarks:
+            return None
+        points = result.multi_face_landmarks[0].landmark
+        out = np.array([(p.x, p.y, p.z) for p in points], dtype=np.float32)
+        out *= np.array([w, h, w], dtype=np.float32)
+        return out
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def portrait_crop_affine(image_shape: tuple[int, ...], box: Box, size: int, zoom: float = 2.0) -> np.ndarray:
+    """2x3 affine from image pixels to a size x size square centred on the head.
+
+    The square is `zoom` head-box sides wide (room for hair and shoulders), raised a little
+    because the mesh stops mid-forehead, and kept inside the image where the image allows.
+    """
+    h, w = image_shape[:2]
+    side = min(zoom * max(box.width, box.height), w, h)
+    cx, cy = box.center
+    cy -= 0.1 * box.height
+    x0 = min(max(cx - side / 2, 0.0), w - side)
+    y0 = min(max(cy - side / 2, 0.0), h - side)
+    k = size / side
+    return np.array([[k, 0, -k * x0], [0, k, -k * y0]], dtype=np.float64)
+
+
+def transform_landmarks(landmarks: np.ndarray, affine: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Apply a 2x3 affine to (x, y); z follows the mean scale, so it stays on x's scale."""
+    if out is None:
+        out = np.empty_like(landmarks)
+    a = affine.astype(np.float32)
+    np.matmul(landmarks[:, :2], a[:, :2].T, out=out[:, :2])
+    out[:, :2] += a[:, 2]
+    out[:, 2] = landmarks[:, 2] * math.sqrt(abs(np.linalg.det(affine[:, :2])))
+    return out
+
+
+def alignment_affine(source: Box, driving: Box, isotropic: bool = False) -> np.ndarray:
+    """The paper's driving-to-source alignment: translation + scale taking the head box of
+    the chosen driving frame onto the source's. Applied unchanged to every driving frame.
+
+    The released code fits it on three box corners, which scales x and y separately; pass
+    isotropic=True to keep the driving face's proportions instead.
+    """
+    sx = source.width / max(driving.width, 1e-6)
+    sy = source.height / max(driving.height, 1e-6)
+    if isotropic:
+        sx = sy = math.sqrt(sx * sy)
+    (scx, scy), (dcx, dcy) = source.center, driving.center
+    return np.array([[sx, 0, scx - sx * dcx], [0, sy, scy - sy * dcy]], dtype=np.float64)
+
+
+def best_reference_frame(source: np.ndarray, driving: Sequence[np.ndarray | None]) -> int:
+    """Index of the driving frame whose landmarks, each normalised by its own head box, are
+    closest (L1) to the source's: the released code's choice of alignment frame."""
+
+    def normalised(lm: np.ndarray) -> np.ndarray:
+        b = head_box(lm)
+        return (lm[:, :2] - np.array(b.center)) / np.array([max(b.width, 1e-6), max(b.height, 1e-6)])
+
+    target = normalised(source)
+    best, best_index = math.inf, -1
+    for i, lm in enumerate(driving):
+        if lm is None:
+            continue
+        d = float(np.abs(normalised(lm) - target).sum())
+        if d < best:
+            best, best_index = d, i
+    if best_index < 0:
+        raise NoFaceError("no face found in any driving frame")
+    return best_index
+
+
+def local_patch_boxes(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """(3, 4) int boxes x0, y0, x1, y1 around the right eye, left eye and mouth.
+
+    As the released code: square patches of side size/4 (128 at 512), centres clipped to
+    [size/8, 7*size/8] so every patch lies inside the frame.
+    """
+    half = size // 8
+    centres = np.stack([
+        landmarks[list(RIGHT_EYE), :2].mean(axis=0),
+        landmarks[list(LEFT_EYE), :2].mean(axis=0),
+        landmarks[list(INNER_LIPS + OUTER_LIPS), :2].mean(axis=0),
+    ])
+    centres = np.clip(np.rint(centres), half, size - half).astype(np.int64)
+    return np.concatenate([centres - half, centres + half], axis=1)
+
+
+def local_control_image(image: np.ndarray, boxes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The local control image: the eye and mouth patches of `image`, everything else 0
+    (which is -1 once scaled to [-1, 1], as in the released code)."""
+    if out is None:
+        out = np.zeros_like(image)
+    else:
+        out.fill(0)
+    for x0, y0, x1, y1 in boxes:
+        out[y0:y1, x0:x1] = image[y0:y1, x0:x1]
+    return out
+
+
+def aperture(landmarks: np.ndarray, lids: tuple[int, int], corners: tuple[int, int]) -> float:
+    """Opening of an eye or the mouth: lid-to-lid distance over corner-to-corner width."""
+    gap = np.linalg.norm(landmarks[lids[0], :2] - landmarks[lids[1], :2])
+    width = np.linalg.norm(landmarks[corners[0], :2] - landmarks[corners[1], :2])
+    return float(gap / max(width, 1e-6))
+
+
+def mouth_opening(landmarks: np.ndarray) -> float:
+    return aperture(landmarks, MOUTH_LIDS, MOUTH_CORNERS)
+
+
+def eye_opening(landmarks: np.ndarray) -> float:
+    """Mean opening of both eyes (about 0.3 open, under 0.1 shut)."""
+    return (aperture(landmarks, RIGHT_EYE_LIDS, RIGHT_EYE_CORNERS)
+            + aperture(landmarks, LEFT_EYE_LIDS, LEFT_EYE_CORNERS)) / 2
+
+
+def head_roll(landmarks: np.ndarray) -> float:
+    """In-plane head rotation in degrees, from the line through the outer eye corners
+    (positive: the head turns clockwise on screen)."""
+    right, left = landmarks[33, :2], landmarks[263, :2]
+    dx, dy = left - right
+    return math.degrees(math.atan2(dy, dx))
+
+
+class OneEuroFilter:
+    """The One-Euro filter (Casiez et al., CHI 2012) on arrays: strong smoothing when the
+    signal is still (kills mesh jitter), little lag when it moves fast.
+
+    min_cutoff is in Hz, beta in 1/(units per second); with pixel landmarks the defaults
+    smooth sub-pixel jitter away and let a quick head turn through.
+    """
+
+    def __init__(self, min_cutoff: float = 1.5, beta: float = 0.05, d_cutoff: float = 1.0):
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self.reset()
+
+    def reset(self) -> None:
+        self._x: np.ndarray | None = None
+        self._dx: np.ndarray | None = None
+        self._t = 0.0
+
+    @staticmethod
+    def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
+        tau = 1.0 / (2 * math.pi * cutoff)
+        return 1.0 / (1.0 + tau / dt)
+
+    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Filter x (the array is not modified) at time t seconds; returns the filter's state."""
+        if self._x is None or t <= self._t:
+            if self._x is None or self._x.shape != x.shape:
+                self._x, self._dx = x.astype(np.float32, copy=True), np.zeros_like(x, dtype=np.float32)
+                self._t = t
+                return self._x
+            t = self._t + 1e-3  # repeated or out-of-order timestamps: treat as 1 ms apart
+        dt = t - self._t
+        self._t = t
+        dx = (x - self._x) / dt
+        self._dx += self._alpha(self.d_cutoff, dt) * (dx - self._dx)
+        cutoff = self.min_cutoff + self.beta * np.abs(self._dx)
+        self._x += self._alpha(cutoff, dt) * (x - self._x)
+        return self._x
+
+
+def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = None):
+    """Crop a portrait to the engine's square and find its face mesh in the crop.
+
+    Raises NoFaceError when the portrait has no face. Huge images are downscaled first.
+    """
+    from .base import SourcePortrait
+
+    image = downscale(as_rgb(image))
+    own = tracker is None
+    tracker = tracker or FaceTracker(video=False)
+    try:
+        landmarks = tracker.detect(image)
+        if landmarks is None:
+            raise NoFaceError("no face found in the source portrait")
+        affine = portrait_crop_affine(image.shape, head_box(landmarks), size)
+        interp = cv2.INTER_AREA if affine[0, 0] < 1 else cv2.INTER_CUBIC
+        crop = cv2.warpAffine(image, affine, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+        # Meshing the crop itself gives landmarks as precise as the engine's resolution allows.
+        refined = tracker.detect(crop)
+        landmarks = refined if refined is not None else transform_landmarks(landmarks, affine)
+    finally:
+        if own:
+            tracker.close()
+    return SourcePortrait(image=crop, landmarks=landmarks)
