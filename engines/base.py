@@ -46,6 +46,9 @@ class DrivingFrame:
 
 @dataclass
 class Rendered:
+    """An output frame. `image` may be the engine's own buffer: it is valid until the
+    engine's next step; copy it (or encode it) before stepping again."""
+
     image: np.ndarray  # (size, size, 3) uint8 RGB
     tag: Any = None
 

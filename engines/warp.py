@@ -1,0 +1,325 @@
+"""The warp engine: a weight-free, landmark-driven portrait animator (the default engine).
+
+The source's own face mesh is moved by the driving face's motion *relative to a reference
+driving frame*, so the portrait keeps its own face shape (no identity leakage); then the
+source image is warped piecewise-affinely over a triangulation of that mesh, which is
+extended by two rings around the head (hair follows the head, shoulders less) and the
+fixed image border (the background stays put). Eyelids close because the eye triangles
+collapse; an opened mouth gets a cavity painted between the lips.
+
+It is also the paper's F, the classical reenactor that makes cross-identity control
+images for training: `reenact(source, driving)`.
+
+Motion, with S the source mesh, R the reference driving mesh and D the current one (3-D,
+aligned to the source head box): the head pose M (a similarity) is fitted on rigid points
+R -> D, and Q (a similarity) maps the reference onto the source, R -> S. Carrying the
+source, seen in the driver's reference frame, along the driver's motion gives
+
+    O = Q(D + M.scale * M.R @ (Q^-1(S) - R))
+
+in which `Q^-1(S) - R` (the source's shape against the driver's) is fixed per source and
+reference, so a frame costs one 3x3 similarity fit and one matrix product.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from scipy.spatial import Delaunay
+
+from .base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
+from .face import (
+    FACE_OVAL,
+    INNER_LIPS,
+    OUTER_LIPS,
+    RIGID,
+    FaceTracker,
+    alignment_affine,
+    as_rgb,
+    head_box,
+    prepare_source,
+    transform_landmarks,
+)
+
+MESH_POINTS = 468  # the face mesh without the 10 iris points (irises move with their eye)
+RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head centre
+# How much of the head's motion each ring takes, above the head centre and below it:
+# hair moves with the head; neck and shoulders hardly do.
+RING_WEIGHTS = ((1.0, 0.55), (0.55, 0.12))
+BORDER_STEPS = 8  # fixed points along each image edge
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """x -> scale * rotation @ x + shift, on row vectors of 3-D points."""
+
+    scale: float
+    rotation: np.ndarray  # (3, 3)
+    shift: np.ndarray  # (3,)
+
+    @classmethod
+    def fit(cls, a: np.ndarray, b: np.ndarray) -> "Similarity":
+        """Least-squares similarity taking points a onto points b (Umeyama, 1991)."""
+        ma, mb = a.mean(axis=0), b.mean(axis=0)
+        a0, b0 = a - ma, b - mb
+        u, d, vt = np.linalg.svd(b0.T @ a0 / len(a))
+        flip = np.ones(3)
+        if np.linalg.det(u) * np.linalg.det(vt) < 0:
+            flip[-1] = -1
+        rotation = (u * flip) @ vt
+        scale = float((d * flip).sum() / max((a0 ** 2).sum() / len(a), 1e-12))
+        return cls(scale, rotation, mb - scale * rotation @ ma)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.scale * x @ self.rotation.T + self.shift
+
+    def inverse(self) -> "Similarity":
+        rt = self.rotation.T
+        return Similarity(1 / self.scale, rt, -(rt @ self.shift) / self.scale)
+
+
+class Reenactor:
+    """The per-source part of the warp: triangulation, rings, colours; all computed once.
+
+    `landmarks(driving, reference)` moves the source mesh; `render(landmarks)` warps the
+    source image onto it.
+    """
+
+    def __init__(self, source: SourcePortrait, grid: int | None = None):
+        self.source = source
+        self.size = size = source.image.shape[0]
+        # The warp map is piecewise affine, so it is computed on a coarser grid and
+        # upsampled bilinearly: indistinguishable, and a quarter of the per-pixel work.
+        self.grid = grid or max(64, size // 2)
+        mesh = source.landmarks[:MESH_POINTS].astype(np.float64)
+        self._mesh3d = mesh
+
+        # Rings around the head centre follow a weighted share of the head's motion.
+        centre = mesh[list(FACE_OVAL)].mean(axis=0)
+        oval = mesh[list(FACE_OVAL)]
+        rings, weights = [], []
+        for scale, (w_up, w_down) in zip(RING_SCALES, RING_WEIGHTS):
+            points = centre + (oval - centre) * [scale, scale, 0]
+            up = np.clip((centre[1] - points[:, 1]) / np.ptp(points[:, 1]) + 0.5, 0, 1)
+            rings.append(points)
+            weights.append(w_down + (w_up - w_down) * up)
+        self._rings3d = np.concatenate(rings)
+        self._ring_weight = np.concatenate(weights)[:, None]
+        edge = np.linspace(0, size - 1, BORDER_STEPS + 1)
+        border = np.concatenate([
+            np.stack([edge, np.zeros_like(edge)], 1), np.stack([edge, np.full_like(edge, size - 1)], 1),
+            np.stack([np.zeros_like(edge), edge], 1)[1:-1], np.stack([np.full_like(edge, size - 1), edge], 1)[1:-1],
+        ])
+        margin = 2.0 * size  # far corners keep the hull around every ring point, on screen or not
+        far = np.array([[-margin, -margin], [size + margin, -margin], [-margin, size + margin],
+                        [size + margin, size + margin]])
+        self._fixed = np.concatenate([border, far])
+
+        # The triangulation is fixed per source; driving moves its vertices.
+        self.src_vertices = np.concatenate([mesh[:, :2], self._rings3d[:, :2], self._fixed]).astype(np.float32)
+        simplices = Delaunay(self.src_vertices).simplices
+        # Face triangles last, so where a turn folds the mesh the face covers the background.
+        face_first = np.all(simplices < MESH_POINTS, axis=1)
+        self.triangles = np.concatenate([simplices[~face_first], simplices[face_first]]).astype(np.int64)
+
+        # Per-frame buffers.
+        g = self.grid
+        self._ids = np.empty((g, g), np.int32)
+        ys, xs = np.mgrid[0:g, 0:g].astype(np.float32)
+        k = size / g  # grid pixel centre -> image pixel centre
+        self._grid_xy1 = np.stack([(xs + 0.5) * k - 0.5, (ys + 0.5) * k - 0.5, np.ones_like(xs)], -1).reshape(-1, 3)
+        self._affines = np.empty((len(self.triangles) + 1, 2, 3), np.float32)
+        self._affines[0] = [[1, 0, 0], [0, 1, 0]]  # id 0: pixels no triangle covers stay put
+        self._coarse = np.empty((g * g, 2), np.float32)
+        self._map_x = np.empty((size, size), np.float32)
+        self._map_y = np.empty((size, size), np.float32)
+        self._vertices = self.src_vertices.copy()
+        self._fixed_points = len(self._fixed)
+        self.output = np.empty((size, size, 3), np.uint8)
+
+        self._cavity_colour = self._mouth_cavity_colour()
+        self._source_gap = _lip_gap(mesh)
+        self._reference_key: int | None = None
+
+    def _mouth_cavity_colour(self) -> np.ndarray:
+        """A dark red-brown taken from the source's own lips, so a cartoon gets a cartoon mouth."""
+        mask = np.zeros((self.size, self.size), np.uint8)
+        lips = self._mesh3d[list(OUTER_LIPS), :2].astype(np.int32)
+        cv2.fillPoly(mask, [lips], 255)
+        lip = np.array(cv2.mean(self.source.image, mask=mask)[:3], np.float32)
+        return lip * np.array([0.32, 0.2, 0.2], np.float32)
+
+    # -- motion ---------------------------------------------------------------------------------
+    def _bind_reference(self, reference: np.ndarray) -> None:
+        """Fix Q (reference -> source) and the source's shape against the driver's."""
+        key = id(reference)
+        if key == self._reference_key:
+            return
+        ref = reference[:MESH_POINTS].astype(np.float64)
+        self._q = Similarity.fit(ref[list(RIGID)], self._mesh3d[list(RIGID)])
+        self._q_inv = self._q.inverse()
+        self._shape_offset = self._q_inv(self._mesh3d) - ref
+        self._ref_rigid = ref[list(RIGID)]
+        self._rings_in_ref = self._q_inv(self._rings3d)
+        self._reference_key = key
+
+    def landmarks(self, driving: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`."""
+        self._bind_reference(reference)
+        d = driving[:MESH_POINTS].astype(np.float64)
+        motion = Similarity.fit(self._ref_rigid, d[list(RIGID)])
+        return self._q(d + motion.scale * self._shape_offset @ motion.rotation.T)
+
+    def _head_motion(self, points_in_ref: np.ndarray, driving: np.ndarray) -> np.ndarray:
+        motion = Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
+        return self._q(motion(points_in_ref))
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, driving: np.ndarray, reference: np.ndarray, timings: Timings | None = None) -> np.ndarray:
+        """Warp the source so its face follows `driving` (relative to `reference`)."""
+        t0 = time.perf_counter()
+        mesh = self.landmarks(driving, reference)
+        rings = self._head_motion(self._rings_in_ref, driving)
+        moved_rings = self._rings3d + self._ring_weight * (rings - self._rings3d)
+        v = self._vertices
+        v[:MESH_POINTS] = mesh[:, :2]
+        v[MESH_POINTS:MESH_POINTS + len(moved_rings)] = moved_rings[:, :2]
+        t1 = time.perf_counter()
+        self._rasterise(v)
+        t2 = time.perf_counter()
+        cv2.resize(self._coarse[:, 0].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_x)
+        cv2.resize(self._coarse[:, 1].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_y)
+        cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self.output,
+                  borderMode=cv2.BORDER_REPLICATE)
+        t3 = time.perf_counter()
+        self._paint_mouth(mesh)
+        t4 = time.perf_counter()
+        if timings is not None:
+            for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("mouth", t4 - t3)):
+                timings.record(stage, ms * 1e3)
+        return self.output
+
+    def _rasterise(self, vertices: np.ndarray) -> None:
+        """Fill the coarse backward map: for each grid pixel, where in the source it comes from.
+
+        Triangles are drawn by id into a grid-sized image (OpenCV fills ~1000 small convex
+        polygons in about 3 ms), then each pixel applies its triangle's affine.
+        """
+        dst = vertices[self.triangles]  # (T, 3, 2) where the triangles are now
+        src = self.src_vertices[self.triangles]  # (T, 3, 2) where they come from
+        # Affine taking each moved triangle back to its source triangle: src = A @ [x, y, 1].
+        e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
+        det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+        collapsed = np.abs(det) < 1e-6  # a shut eyelid: its triangles cover no pixel anyway
+        det[collapsed] = 1.0
+        inv = np.stack([np.stack([e2[:, 1], -e2[:, 0]], -1), np.stack([-e1[:, 1], e1[:, 0]], -1)], 1) / det[:, None, None]
+        s1, s2 = src[:, 1] - src[:, 0], src[:, 2] - src[:, 0]
+        linear = np.stack([s1, s2], -1) @ inv  # (T, 2, 2)
+        a = self._affines[1:]
+        a[:, :, :2] = linear
+        a[:, :, 2] = src[:, 0] - (linear @ dst[:, 0, :, None])[..., 0]
+
+        ids = self._ids
+        ids.fill(0)
+        points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
+        for k, triangle in enumerate(points, start=1):
+            cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
+        chosen = self._affines[ids.reshape(-1)]  # (G*G, 2, 3)
+        np.einsum("nij,nj->ni", chosen, self._grid_xy1, out=self._coarse)
+
+    def _paint_mouth(self, mesh: np.ndarray) -> None:
+        """Paint a soft dark cavity between the lips as far as the mouth opened beyond the source's."""
+        gap = _lip_gap(mesh)
+        width = np.linalg.norm(mesh[78, :2] - mesh[308, :2])
+        strength = float(np.clip((gap - self._source_gap) / max(0.12 * width, 1.0), 0.0, 1.0))
+        if strength <= 0.02:
+            return
+        lips = mesh[list(INNER_LIPS), :2]
+        pad = 4
+        x0, y0 = np.maximum(np.floor(lips.min(axis=0)).astype(int) - pad, 0)
+        x1, y1 = np.minimum(np.ceil(lips.max(axis=0)).astype(int) + pad, self.size)
+        if x1 <= x0 or y1 <= y0:
+            return
+        mask = np.zeros((y1 - y0, x1 - x0), np.float32)
+        cv2.fillPoly(mask, [np.rint((lips - [x0, y0]) * 16).astype(np.int32)], 1.0, cv2.LINE_AA, 4)
+        mask = cv2.GaussianBlur(mask, (5, 5), 0)[..., None] * strength
+        roi = self.output[y0:y1, x0:x1]
+        roi[:] = (roi * (1 - mask) + self._cavity_colour * mask).astype(np.uint8)
+
+
+def _lip_gap(mesh: np.ndarray) -> float:
+    """Distance between the inner lips' midpoints, in pixels."""
+    return float(np.linalg.norm(mesh[13, :2] - mesh[14, :2]))
+
+
+class WarpEngine:
+    """The Engine protocol over a Reenactor: one frame in, one frame out, no latency."""
+
+    name = "warp"
+    needs_driving_image = False
+
+    def __init__(self, size: int = 512, grid: int | None = None):
+        self.size = size
+        self._grid = grid
+        self._reenactor: Reenactor | None = None
+        self._timings = Timings()
+
+    @property
+    def timings(self) -> Timings:
+        return self._timings
+
+    def prepare(self, sources: Sequence[SourcePortrait]) -> None:
+        # The warp animates the first portrait; further references are for engines that
+        # can blend appearance (the diffusion engine concatenates their features).
+        if not sources:
+            raise EngineError("the warp engine needs a source portrait")
+        source = sources[0]
+        if source.image.shape[:2] != (self.size, self.size):
+            raise EngineError(f"source is {source.image.shape[1]}x{source.image.shape[0]}, engine is {self.size}")
+        self._reenactor = Reenactor(source, self._grid)
+
+    def step(self, frame: DrivingFrame) -> Rendered:
+        if self._reenactor is None:
+            raise EngineError("prepare() the engine with a source first")
+        t0 = time.perf_counter()
+        image = self._reenactor.render(frame.landmarks, frame.reference, self._timings)
+        self._timings.record("engine", (time.perf_counter() - t0) * 1e3)
+        self._timings.steps += 1
+        return Rendered(image, frame.tag)
+
+    def flush(self) -> list[Rendered]:
+        return []
+
+    def reset(self) -> None:
+        pass  # no driving state: the Animator owns smoothing and the reference
+
+
+def reenact(source: np.ndarray, driving: np.ndarray, reference: np.ndarray | None = None,
+            size: int = 512) -> np.ndarray:
+    """F(source, driving) -> image: the source portrait with the driving face's pose and
+    expression, cropped to size x size. Any RGB images with a face.
+
+    With a `reference` image of the driver (e.g. its neutral frame), only the motion from
+    reference to driving is transferred and the source keeps its face shape. Without one the
+    source's own pose and expression serve as the reference (the driving face is aligned to
+    the source and transferred as it is), as a classical reenactor would for training pairs.
+    """
+    with FaceTracker(video=False) as tracker:
+        portrait = prepare_source(source, size, tracker)
+        drive = tracker.detect(as_rgb(driving))
+        ref = drive if reference is None else tracker.detect(as_rgb(reference))
+    if drive is None or ref is None:
+        from .face import NoFaceError
+
+        raise NoFaceError("no face found in the driving image" if drive is None else "no face in the reference")
+    affine = alignment_affine(head_box(portrait.landmarks), head_box(ref))
+    drive_aligned = transform_landmarks(drive, affine)
+    if reference is None:
+        ref_aligned = portrait.landmarks.copy()  # the source stands for the driver's neutral
+    else:
+        ref_aligned = transform_landmarks(ref, affine)
+    return Reenactor(portrait).render(drive_aligned, ref_aligned).copy()
