@@ -32,6 +32,11 @@ RIGHT_IRIS_CENTER, LEFT_IRIS_CENTER = 468, 473
 # and tip, cheekbones, eye corners. Head pose is fitted on these alone.
 RIGID = (10, 338, 297, 109, 67, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 234, 454, 127, 356,
          93, 323, 33, 133, 362, 263, 116, 345, 123, 352)
+# Upper/lower eyelid points facing each other, corner to corner (outer to inner), and the
+# inner lips likewise: how the warp tells an eye or the mouth closing from the head moving.
+RIGHT_LID_PAIRS = ((246, 7), (161, 163), (160, 144), (159, 145), (158, 153), (157, 154), (173, 155))
+LEFT_LID_PAIRS = ((466, 249), (388, 390), (387, 373), (386, 374), (385, 380), (384, 381), (398, 382))
+LIP_PAIRS = ((191, 95), (80, 88), (81, 178), (82, 87), (13, 14), (312, 317), (311, 402), (310, 318), (415, 324))
 # Eyelid midpoints (upper, lower) and mouth inner-lip midpoints (upper, lower), eye corners.
 RIGHT_EYE_LIDS, LEFT_EYE_LIDS = (159, 145), (386, 374)
 RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS = (33, 133), (362, 263)

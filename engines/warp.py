@@ -34,8 +34,10 @@ from scipy.spatial import Delaunay
 from .base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
 from .face import (
     FACE_OVAL,
-    INNER_LIPS,
+    LEFT_LID_PAIRS,
+    LIP_PAIRS,
     OUTER_LIPS,
+    RIGHT_LID_PAIRS,
     RIGID,
     FaceTracker,
     alignment_affine,
@@ -85,8 +87,14 @@ class Similarity:
 class Reenactor:
     """The per-source part of the warp: triangulation, rings, colours; all computed once.
 
-    `landmarks(driving, reference)` moves the source mesh; `render(landmarks)` warps the
-    source image onto it.
+    `landmarks(driving, reference)` moves the source mesh; `render(driving, reference)`
+    warps the source image onto it.
+
+    Eyes and mouth are where a plain mesh warp fails to read, so they get two changes:
+    an eyelid that closes slides over the eye (painted in the source's lid colour, with a
+    lash line) instead of squashing iris and lashes into a smear; and the mouth's interior
+    is split at the source's lip midline: the upper half (upper teeth) moves with the upper
+    lip, the lower half opens into a cavity painted in a dark shade of the source's lips.
     """
 
     def __init__(self, source: SourcePortrait, grid: int | None = None):
@@ -97,6 +105,14 @@ class Reenactor:
         self.grid = grid or max(64, size // 2)
         mesh = source.landmarks[:MESH_POINTS].astype(np.float64)
         self._mesh3d = mesh
+
+        lids = np.array(RIGHT_LID_PAIRS + LEFT_LID_PAIRS)
+        self._lid_upper, self._lid_lower = lids[:, 0], lids[:, 1]
+        lips = np.array(LIP_PAIRS)
+        self._lip_upper, self._lip_lower = lips[:, 0], lips[:, 1]
+        midline = (mesh[self._lip_upper, :2] + mesh[self._lip_lower, :2]) / 2
+        self._half_gap = midline - mesh[self._lip_upper, :2]  # (pairs, 2), points down the mouth
+        self._source_gap = _lip_gap(mesh)
 
         # Rings around the head centre follow a weighted share of the head's motion.
         centre = mesh[list(FACE_OVAL)].mean(axis=0)
@@ -117,14 +133,16 @@ class Reenactor:
         margin = 2.0 * size  # far corners keep the hull around every ring point, on screen or not
         far = np.array([[-margin, -margin], [size + margin, -margin], [-margin, size + margin],
                         [size + margin, size + margin]])
-        self._fixed = np.concatenate([border, far])
 
-        # The triangulation is fixed per source; driving moves its vertices.
-        self.src_vertices = np.concatenate([mesh[:, :2], self._rings3d[:, :2], self._fixed]).astype(np.float32)
+        # Vertices: mesh | lip midline | rings | fixed border. The triangulation is fixed per
+        # source; driving moves the vertices.
+        self._mid = slice(MESH_POINTS, MESH_POINTS + len(midline))
+        self._ring = slice(self._mid.stop, self._mid.stop + len(self._rings3d))
+        self.src_vertices = np.concatenate([mesh[:, :2], midline, self._rings3d[:, :2], border, far]).astype(np.float32)
         simplices = Delaunay(self.src_vertices).simplices
         # Face triangles last, so where a turn folds the mesh the face covers the background.
-        face_first = np.all(simplices < MESH_POINTS, axis=1)
-        self.triangles = np.concatenate([simplices[~face_first], simplices[face_first]]).astype(np.int64)
+        on_face = np.all(simplices < self._ring.start, axis=1)
+        self.triangles = np.concatenate([simplices[~on_face], simplices[on_face]]).astype(np.int64)
 
         # Per-frame buffers.
         g = self.grid
@@ -138,20 +156,26 @@ class Reenactor:
         self._map_x = np.empty((size, size), np.float32)
         self._map_y = np.empty((size, size), np.float32)
         self._vertices = self.src_vertices.copy()
-        self._fixed_points = len(self._fixed)
         self.output = np.empty((size, size, 3), np.uint8)
 
-        self._cavity_colour = self._mouth_cavity_colour()
-        self._source_gap = _lip_gap(mesh)
+        self._cavity_colour = self._mean_colour([mesh[list(OUTER_LIPS), :2]]) * np.array([0.3, 0.2, 0.2])
+        self._lid_colour, self._lash_colour = self._eyelid_colours(mesh)
         self._reference_key: int | None = None
 
-    def _mouth_cavity_colour(self) -> np.ndarray:
-        """A dark red-brown taken from the source's own lips, so a cartoon gets a cartoon mouth."""
+    def _mean_colour(self, polygons: list[np.ndarray]) -> np.ndarray:
         mask = np.zeros((self.size, self.size), np.uint8)
-        lips = self._mesh3d[list(OUTER_LIPS), :2].astype(np.int32)
-        cv2.fillPoly(mask, [lips], 255)
-        lip = np.array(cv2.mean(self.source.image, mask=mask)[:3], np.float32)
-        return lip * np.array([0.32, 0.2, 0.2], np.float32)
+        cv2.fillPoly(mask, [np.rint(p).astype(np.int32) for p in polygons], 255)
+        return np.array(cv2.mean(self.source.image, mask=mask)[:3], np.float32)
+
+    def _eyelid_colours(self, mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The skin of the upper lids (a band above each eye) and a darker shade for lashes."""
+        bands = []
+        for pairs in (RIGHT_LID_PAIRS, LEFT_LID_PAIRS):
+            upper = mesh[[u for u, _ in pairs], :2]
+            lift = np.array([0, 0.18 * np.ptp(upper[:, 0])])
+            bands.append(np.concatenate([upper - [0, 2], (upper - lift)[::-1]]))
+        lid = self._mean_colour(bands)
+        return lid, lid * 0.35
 
     # -- motion ---------------------------------------------------------------------------------
     def _bind_reference(self, reference: np.ndarray) -> None:
@@ -161,33 +185,37 @@ class Reenactor:
             return
         ref = reference[:MESH_POINTS].astype(np.float64)
         self._q = Similarity.fit(ref[list(RIGID)], self._mesh3d[list(RIGID)])
-        self._q_inv = self._q.inverse()
-        self._shape_offset = self._q_inv(self._mesh3d) - ref
+        q_inv = self._q.inverse()
+        self._shape_offset = q_inv(self._mesh3d) - ref
         self._ref_rigid = ref[list(RIGID)]
-        self._rings_in_ref = self._q_inv(self._rings3d)
+        self._rings_in_ref = q_inv(self._rings3d)
+        self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self._reference_key = key
+
+    def _motion(self, driving: np.ndarray, reference: np.ndarray) -> Similarity:
+        self._bind_reference(reference)
+        return Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
+
+    def _moved(self, driving: np.ndarray, motion: Similarity) -> np.ndarray:
+        d = driving[:MESH_POINTS].astype(np.float64)
+        return self._q(d + motion.scale * self._shape_offset @ motion.rotation.T)
 
     def landmarks(self, driving: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`."""
-        self._bind_reference(reference)
-        d = driving[:MESH_POINTS].astype(np.float64)
-        motion = Similarity.fit(self._ref_rigid, d[list(RIGID)])
-        return self._q(d + motion.scale * self._shape_offset @ motion.rotation.T)
-
-    def _head_motion(self, points_in_ref: np.ndarray, driving: np.ndarray) -> np.ndarray:
-        motion = Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
-        return self._q(motion(points_in_ref))
+        return self._moved(driving, self._motion(driving, reference))
 
     # -- rendering ------------------------------------------------------------------------------
     def render(self, driving: np.ndarray, reference: np.ndarray, timings: Timings | None = None) -> np.ndarray:
         """Warp the source so its face follows `driving` (relative to `reference`)."""
         t0 = time.perf_counter()
-        mesh = self.landmarks(driving, reference)
-        rings = self._head_motion(self._rings_in_ref, driving)
-        moved_rings = self._rings3d + self._ring_weight * (rings - self._rings3d)
+        motion = self._motion(driving, reference)
+        mesh = self._moved(driving, motion)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        v[MESH_POINTS:MESH_POINTS + len(moved_rings)] = moved_rings[:, :2]
+        rings = self._q(motion(self._rings_in_ref))
+        v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
+        lid_edge, lid_open = self._slide_eyelids(v, self._q(motion(self._lids_in_ref))[:, :2])
+        mouth_open = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v)
         t2 = time.perf_counter()
@@ -196,12 +224,79 @@ class Reenactor:
         cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self.output,
                   borderMode=cv2.BORDER_REPLICATE)
         t3 = time.perf_counter()
-        self._paint_mouth(mesh)
+        if lid_edge is not None:
+            self._paint_eyelids(lid_open, lid_edge, mesh)
+        if mouth_open > 0.02:
+            self._paint_cavity(v, mouth_open)
         t4 = time.perf_counter()
         if timings is not None:
-            for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("mouth", t4 - t3)):
+            for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("paint", t4 - t3)):
                 timings.record(stage, ms * 1e3)
         return self.output
+
+    def _slide_eyelids(self, v: np.ndarray, rigid: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Hold the warp's upper lids open and return where the painted lids must reach.
+
+        `rigid` is where the lids would be had the head moved and the eyes not closed. The part
+        of each upper lid's motion towards its lower lid is taken out of the warp (so the eye
+        is not squashed) and painted over instead.
+        """
+        n = len(self._lid_upper)
+        up_rigid, low_rigid = rigid[:n], rigid[n:]
+        axis = low_rigid - up_rigid
+        height = np.linalg.norm(axis, axis=1)
+        axis /= np.maximum(height, 1e-6)[:, None]
+        up = v[self._lid_upper]
+        closing = np.clip(((up - up_rigid) * axis).sum(axis=1), 0.0, height)
+        held_open = up - closing[:, None] * axis
+        v[self._lid_upper] = held_open
+        if closing.max() < 0.5:
+            return None, held_open
+        return held_open + closing[:, None] * axis, held_open
+
+    def _paint_eyelids(self, held_open: np.ndarray, edge: np.ndarray, mesh: np.ndarray) -> None:
+        half = len(held_open) // 2
+        thickness = max(1, round(self.size / 256))
+        for eye, corners in ((slice(0, half), (33, 133)), (slice(half, None), (263, 362))):
+            a, b = mesh[corners[0], :2], mesh[corners[1], :2]
+            lid = np.concatenate([[a], held_open[eye], [b], edge[eye][::-1]])
+            lash = np.concatenate([[a], edge[eye], [b]])
+            self._paint(lid, self._lid_colour, 1.0, lash=lash)
+
+    def _split_mouth(self, v: np.ndarray) -> float:
+        """Place the lip midline: it rides the upper lip, never past the lower; returns how far
+        (0..1) the mouth opened beyond the source's, the strength of its cavity."""
+        upper, lower = v[self._lip_upper], v[self._lip_lower]
+        gap = np.linalg.norm(lower - upper, axis=1)
+        source_gap = 2 * np.linalg.norm(self._half_gap, axis=1)
+        keep = np.clip(gap / np.maximum(source_gap, 1e-6), 0.0, 1.0)[:, None]
+        v[self._mid] = upper + self._half_gap * keep
+        width = np.linalg.norm(v[78] - v[308])
+        return float(np.clip((gap.max() - source_gap.max()) / max(0.12 * width, 1.0), 0.0, 1.0))
+
+    def _paint_cavity(self, v: np.ndarray, strength: float) -> None:
+        cavity = np.concatenate([[v[78]], v[self._mid], [v[308]], v[self._lip_lower][::-1]])
+        self._paint(cavity, self._cavity_colour, strength)
+
+    def _paint(self, polygon: np.ndarray, colour: np.ndarray, strength: float, lash: np.ndarray | None = None) -> None:
+        """Blend a soft-edged filled polygon (and a dark line along `lash`) into the output."""
+        pad = 4
+        x0, y0 = np.maximum(np.floor(polygon.min(axis=0)).astype(int) - pad, 0)
+        x1, y1 = np.minimum(np.ceil(polygon.max(axis=0)).astype(int) + pad, self.size)
+        if x1 <= x0 or y1 <= y0:
+            return
+        roi = self.output[y0:y1, x0:x1]
+        layer = np.empty_like(roi, dtype=np.float32)
+        layer[:] = colour
+        mask = np.zeros(roi.shape[:2], np.float32)
+        fixed = lambda p: np.rint((p - [x0, y0]) * 16).astype(np.int32)  # 4 fractional bits
+        cv2.fillPoly(mask, [fixed(polygon)], 1.0, cv2.LINE_AA, 4)
+        if lash is not None:
+            cv2.polylines(layer, [fixed(lash)], False, self._lash_colour.tolist(), max(1, self.size // 256),
+                          cv2.LINE_AA, 4)
+            cv2.polylines(mask, [fixed(lash)], False, 1.0, max(1, self.size // 256), cv2.LINE_AA, 4)
+        mask = cv2.GaussianBlur(mask, (3, 3), 0)[..., None] * strength
+        roi[:] = (roi * (1 - mask) + layer * mask).astype(np.uint8)
 
     def _rasterise(self, vertices: np.ndarray) -> None:
         """Fill the coarse backward map: for each grid pixel, where in the source it comes from.
@@ -214,8 +309,7 @@ class Reenactor:
         # Affine taking each moved triangle back to its source triangle: src = A @ [x, y, 1].
         e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        collapsed = np.abs(det) < 1e-6  # a shut eyelid: its triangles cover no pixel anyway
-        det[collapsed] = 1.0
+        det[np.abs(det) < 1e-6] = 1.0  # a collapsed triangle covers no pixel anyway
         inv = np.stack([np.stack([e2[:, 1], -e2[:, 0]], -1), np.stack([-e1[:, 1], e1[:, 0]], -1)], 1) / det[:, None, None]
         s1, s2 = src[:, 1] - src[:, 0], src[:, 2] - src[:, 0]
         linear = np.stack([s1, s2], -1) @ inv  # (T, 2, 2)
@@ -230,25 +324,6 @@ class Reenactor:
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         chosen = self._affines[ids.reshape(-1)]  # (G*G, 2, 3)
         np.einsum("nij,nj->ni", chosen, self._grid_xy1, out=self._coarse)
-
-    def _paint_mouth(self, mesh: np.ndarray) -> None:
-        """Paint a soft dark cavity between the lips as far as the mouth opened beyond the source's."""
-        gap = _lip_gap(mesh)
-        width = np.linalg.norm(mesh[78, :2] - mesh[308, :2])
-        strength = float(np.clip((gap - self._source_gap) / max(0.12 * width, 1.0), 0.0, 1.0))
-        if strength <= 0.02:
-            return
-        lips = mesh[list(INNER_LIPS), :2]
-        pad = 4
-        x0, y0 = np.maximum(np.floor(lips.min(axis=0)).astype(int) - pad, 0)
-        x1, y1 = np.minimum(np.ceil(lips.max(axis=0)).astype(int) + pad, self.size)
-        if x1 <= x0 or y1 <= y0:
-            return
-        mask = np.zeros((y1 - y0, x1 - x0), np.float32)
-        cv2.fillPoly(mask, [np.rint((lips - [x0, y0]) * 16).astype(np.int32)], 1.0, cv2.LINE_AA, 4)
-        mask = cv2.GaussianBlur(mask, (5, 5), 0)[..., None] * strength
-        roi = self.output[y0:y1, x0:x1]
-        roi[:] = (roi * (1 - mask) + self._cavity_colour * mask).astype(np.uint8)
 
 
 def _lip_gap(mesh: np.ndarray) -> float:
