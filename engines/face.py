@@ -37,6 +37,7 @@ RIGID = (10, 338, 297, 109, 67, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 234, 454, 
 RIGHT_LID_PAIRS = ((246, 7), (161, 163), (160, 144), (159, 145), (158, 153), (157, 154), (173, 155))
 LEFT_LID_PAIRS = ((466, 249), (388, 390), (387, 373), (386, 374), (385, 380), (384, 381), (398, 382))
 LIP_PAIRS = ((191, 95), (80, 88), (81, 178), (82, 87), (13, 14), (312, 317), (311, 402), (310, 318), (415, 324))
+RIGHT_BROW_LOWER, LEFT_BROW_LOWER = (46, 53, 52, 65, 55), (276, 283, 282, 295, 285)
 # Eyelid midpoints (upper, lower) and mouth inner-lip midpoints (upper, lower), eye corners.
 RIGHT_EYE_LIDS, LEFT_EYE_LIDS = (159, 145), (386, 374)
 RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS = (33, 133), (362, 263)

@@ -38,6 +38,8 @@ from .face import (
     LIP_PAIRS,
     OUTER_LIPS,
     RIGHT_LID_PAIRS,
+    LEFT_BROW_LOWER,
+    RIGHT_BROW_LOWER,
     RIGID,
     FaceTracker,
     alignment_affine,
@@ -168,13 +170,21 @@ class Reenactor:
         return np.array(cv2.mean(self.source.image, mask=mask)[:3], np.float32)
 
     def _eyelid_colours(self, mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The skin of the upper lids (a band above each eye) and a darker shade for lashes."""
-        bands = []
-        for pairs in (RIGHT_LID_PAIRS, LEFT_LID_PAIRS):
+        """The skin of the upper lids and a darker shade for lashes.
+
+        Taken from the middle of the band between each upper lid and its brow: the median
+        there is lid skin, clear of lashes, crease shadow and brow hair.
+        """
+        mask = np.zeros((self.size, self.size), np.uint8)
+        for pairs, brow in ((RIGHT_LID_PAIRS, RIGHT_BROW_LOWER), (LEFT_LID_PAIRS, LEFT_BROW_LOWER)):
             upper = mesh[[u for u, _ in pairs], :2]
-            lift = np.array([0, 0.18 * np.ptp(upper[:, 0])])
-            bands.append(np.concatenate([upper - [0, 2], (upper - lift)[::-1]]))
-        lid = self._mean_colour(bands)
+            brow_y = mesh[list(brow), 1].mean()
+            lid_y = upper[:, 1]
+            band = np.concatenate([np.stack([upper[:, 0], lid_y + 0.3 * (brow_y - lid_y)], 1),
+                                   np.stack([upper[:, 0], lid_y + 0.6 * (brow_y - lid_y)], 1)[::-1]])
+            cv2.fillPoly(mask, [np.rint(band).astype(np.int32)], 255)
+        pixels = self.source.image[mask > 0]
+        lid = np.median(pixels, axis=0).astype(np.float32) if len(pixels) else self._mean_colour([])
         return lid, lid * 0.35
 
     # -- motion ---------------------------------------------------------------------------------
@@ -259,7 +269,8 @@ class Reenactor:
         thickness = max(1, round(self.size / 256))
         for eye, corners in ((slice(0, half), (33, 133)), (slice(half, None), (263, 362))):
             a, b = mesh[corners[0], :2], mesh[corners[1], :2]
-            lid = np.concatenate([[a], held_open[eye], [b], edge[eye][::-1]])
+            # Reach a little above the held-open lid, over the source's own lash line.
+            lid = np.concatenate([[a], held_open[eye] - [0, thickness], [b], edge[eye][::-1]])
             lash = np.concatenate([[a], edge[eye], [b]])
             self._paint(lid, self._lid_colour, 1.0, lash=lash)
 
