@@ -69,6 +69,17 @@ class Animator:
         self._affine = alignment_affine(head_box(self.sources[0].landmarks), head_box(landmarks))
         self._reference = transform_landmarks(landmarks, self._affine)
 
+    @property
+    def reference(self) -> np.ndarray | None:
+        """The reference driving frame's landmarks, aligned (None until a face was seen)."""
+        return self._reference
+
+    def align(self, landmarks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw driving landmarks -> source crop pixels; the first call fixes the reference."""
+        if self._affine is None:
+            self.set_reference(landmarks)
+        return transform_landmarks(landmarks, self._affine, out=out)
+
     # -- per frame ----------------------------------------------------------------------------
     def drive(self, frame: np.ndarray, time: float, tag: Any = None, landmarks: Any = _MISSING) -> Rendered | None:
         """Animate the source with one raw RGB driving frame taken at `time` seconds.
@@ -89,9 +100,7 @@ class Animator:
             held = self._last
             held.time, held.tag = time, tag
             return self.engine.step(held)
-        if self._affine is None:
-            self.set_reference(landmarks)
-        aligned = transform_landmarks(landmarks, self._affine, out=self._aligned)
+        aligned = self.align(landmarks, out=self._aligned)
         if self.smoother:
             aligned = self.smoother(aligned, time)
         image = None
