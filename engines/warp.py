@@ -200,6 +200,7 @@ class Reenactor:
         self._ref_rigid = ref[list(RIGID)]
         self._rings_in_ref = q_inv(self._rings3d)
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
+        self._reference_lid_gaps = np.maximum(_gaps(ref, self._lid_upper, self._lid_lower), 1e-3)
         self._reference_key = key
 
     def _motion(self, driving: np.ndarray, reference: np.ndarray) -> Similarity:
@@ -224,7 +225,8 @@ class Reenactor:
         v[:MESH_POINTS] = mesh[:, :2]
         rings = self._q(motion(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
-        lid_edge, lid_open = self._slide_eyelids(v, self._q(motion(self._lids_in_ref))[:, :2])
+        closed = 1.0 - _gaps(driving, self._lid_upper, self._lid_lower) / self._reference_lid_gaps
+        lid_edge, lid_open = self._slide_eyelids(v, self._q(motion(self._lids_in_ref))[:, :2], closed)
         mouth_open = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v)
@@ -244,12 +246,15 @@ class Reenactor:
                 timings.record(stage, ms * 1e3)
         return self.output
 
-    def _slide_eyelids(self, v: np.ndarray, rigid: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def _slide_eyelids(self, v: np.ndarray, rigid: np.ndarray, closed: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Hold the warp's upper lids open and return where the painted lids must reach.
 
-        `rigid` is where the lids would be had the head moved and the eyes not closed. The part
-        of each upper lid's motion towards its lower lid is taken out of the warp (so the eye
-        is not squashed) and painted over instead.
+        `rigid` is where the lids would be had the head moved and the eyes not closed;
+        `closed` is how far (0..1) each of the driver's lids closed against its reference.
+        The closing part of each upper lid's motion is taken out of the warp (so the eye is
+        not squashed) and painted over instead, as the same fraction of the portrait's own
+        eye: a driver's blink shuts a cartoon's big eyes too. A lid that opens wider stays
+        in the warp.
         """
         n = len(self._lid_upper)
         up_rigid, low_rigid = rigid[:n], rigid[n:]
@@ -257,9 +262,10 @@ class Reenactor:
         height = np.linalg.norm(axis, axis=1)
         axis /= np.maximum(height, 1e-6)[:, None]
         up = v[self._lid_upper]
-        closing = np.clip(((up - up_rigid) * axis).sum(axis=1), 0.0, height)
-        held_open = up - closing[:, None] * axis
+        warp_closing = np.maximum(((up - up_rigid) * axis).sum(axis=1), 0.0)
+        held_open = up - warp_closing[:, None] * axis
         v[self._lid_upper] = held_open
+        closing = np.clip(closed, 0.0, 1.0) * height
         if closing.max() < 0.5:
             return None, held_open
         return held_open + closing[:, None] * axis, held_open
@@ -335,6 +341,11 @@ class Reenactor:
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         chosen = self._affines[ids.reshape(-1)]  # (G*G, 2, 3)
         np.einsum("nij,nj->ni", chosen, self._grid_xy1, out=self._coarse)
+
+
+def _gaps(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances between paired points a[i], b[i] (x, y only)."""
+    return np.linalg.norm(points[a, :2] - points[b, :2], axis=1)
 
 
 def _lip_gap(mesh: np.ndarray) -> float:

@@ -231,3 +231,33 @@ def test_reenact_is_a_callable_F(tracker):
     assert roll == pytest.approx(12, abs=2.5)
     with pytest.raises(NoFaceError):
         reenact(source, np.zeros((200, 200, 3), np.uint8))
+
+
+def test_a_driving_clip_end_to_end_tracks_roll_mouth_and_blinks():
+    """The whole loop on real pixels: a scripted clip of Grace Hopper (roll, translation, mouth,
+    blinks, speech-like mix; streamer.samples) drives the astronaut through the Animator
+    (tracking, alignment, One-Euro smoothing, warp). The driver and the output are each
+    measured by their own mediapipe tracker, frame by frame."""
+    from streamer.samples import driving_clip
+
+    animator = Animator(create_engine("warp", SIZE))
+    animator.set_sources([data.astronaut()])
+    rows = []
+    with FaceTracker(video=True) as driver_eye, FaceTracker(video=True) as output_eye:
+        for i, (frame, _pose) in enumerate(driving_clip("grace_hopper", fps=25)):
+            driver = driver_eye.detect(frame)
+            out = output_eye.detect(animator.drive(frame, i / 25, landmarks=driver).image)
+            assert out is not None, f"frame {i}: the output lost its face"
+            rows.append([f(lm) for lm in (driver, out) for f in (head_roll, mouth_opening, eye_opening)])
+    d_roll, d_mouth, d_eyes, o_roll, o_mouth, o_eyes = np.array(rows).T
+    # Observed on this clip: correlations 0.99 (roll), 0.98 (mouth), 0.86 (eyes: blinks last
+    # 3 frames, so the filter's one-frame lag costs most there).
+    assert np.corrcoef(d_roll, o_roll)[0, 1] > 0.97
+    assert np.corrcoef(d_mouth, o_mouth)[0, 1] > 0.95
+    assert np.corrcoef(d_eyes, o_eyes)[0, 1] > 0.75
+    # Roll carries over in degrees (the source's own 3 degree tilt is the offset).
+    assert np.abs((o_roll - o_roll[0]) - (d_roll - d_roll[0])).max() < 5.0
+    # The widest mouth opens the astronaut's mouth about as far as the driver's (0.68 -> ~0.7);
+    # the blink shuts her eyes (driver ~0.11 shut, ~0.30 open; astronaut 0.36 open).
+    assert o_mouth.max() > 0.5
+    assert o_eyes.min() < 0.15
