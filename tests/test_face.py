@@ -1,0 +1,146 @@
+"""The face pipeline: crop, alignment (paper section 3.4), local patches, filtering."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from engines.face import (
+    NUM_LANDMARKS,
+    Box,
+    FaceTracker,
+    NoFaceError,
+    OneEuroFilter,
+    alignment_affine,
+    as_rgb,
+    best_reference_frame,
+    downscale,
+    head_box,
+    local_control_image,
+    local_patch_boxes,
+    portrait_crop_affine,
+    prepare_source,
+    transform_landmarks,
+)
+
+
+@pytest.fixture(scope="module")
+def astronaut_landmarks() -> np.ndarray:
+    with FaceTracker(video=False) as tracker:
+        landmarks = tracker.detect(data.astronaut())
+    assert landmarks is not None and landmarks.shape == (NUM_LANDMARKS, 3)
+    return landmarks
+
+
+def test_head_box_holds_the_face(astronaut_landmarks):
+    box = head_box(astronaut_landmarks)
+    # The astronaut's face sits in the upper middle of her 512x512 photo, about 100 px wide.
+    assert 150 < box.center[0] < 280 and 60 < box.center[1] < 200
+    assert 70 < box.width < 160 and 90 < box.height < 190
+
+
+def test_portrait_crop_centres_the_head_and_stays_inside_the_image(astronaut_landmarks):
+    box = head_box(astronaut_landmarks)
+    a = portrait_crop_affine((512, 512, 3), box, 256)
+    cropped = head_box(transform_landmarks(astronaut_landmarks, a))
+    assert cropped.center[0] == pytest.approx(128, abs=2)
+    assert cropped.height == pytest.approx(256 / 2.0 * box.height / max(box.width, box.height), rel=0.01)
+    # A head near a corner: the square slides to stay within the image instead of padding.
+    corner = Box(5, 5, 105, 125)
+    a = portrait_crop_affine((400, 600, 3), corner, 128)
+    x0, y0 = -a[0, 2] / a[0, 0], -a[1, 2] / a[1, 1]
+    assert x0 == pytest.approx(0) and y0 == pytest.approx(0)
+
+
+def test_alignment_maps_the_driving_head_box_onto_the_source_box():
+    source, driving = Box(100, 120, 300, 360), Box(40, 30, 140, 150)
+    a = alignment_affine(source, driving)
+    corners = np.array([[40, 30, 0], [140, 150, 0]], np.float32)
+    np.testing.assert_allclose(transform_landmarks(corners, a)[:, :2], [[100, 120], [300, 360]], atol=1e-4)
+    assert a[0, 1] == a[1, 0] == 0  # translation + scale only
+    iso = alignment_affine(source, driving, isotropic=True)
+    assert iso[0, 0] == pytest.approx(iso[1, 1])
+    assert iso[0, 0] == pytest.approx(np.sqrt(2.0 * 2.0), rel=1e-6)  # sx = 2, sy = 2
+    centre = transform_landmarks(np.array([[90, 90, 0]], np.float32), iso)[0, :2]
+    np.testing.assert_allclose(centre, source.center, atol=1e-4)
+
+
+def test_z_follows_the_mean_scale():
+    lm = np.array([[10, 20, 4.0]], np.float32)
+    a = np.array([[2.0, 0, 0], [0, 8.0, 0]])
+    assert transform_landmarks(lm, a)[0, 2] == pytest.approx(4.0 * 4.0)
+
+
+def test_best_reference_frame_is_the_closest_after_box_normalisation(astronaut_landmarks):
+    shifted = astronaut_landmarks + [50, 20, 0]  # same face elsewhere: distance 0 after normalising
+    rolled = astronaut_landmarks.copy()
+    m = cv2.getRotationMatrix2D(head_box(rolled).center, 20, 1.3)
+    rolled[:, :2] = rolled[:, :2] @ m[:, :2].T + m[:, 2]
+    assert best_reference_frame(astronaut_landmarks, [None, rolled, shifted, rolled]) == 2
+    with pytest.raises(NoFaceError):
+        best_reference_frame(astronaut_landmarks, [None, None])
+
+
+@pytest.mark.parametrize("size", [256, 512, 768])
+def test_local_patches_are_a_quarter_of_the_frame_and_inside_it(astronaut_landmarks, size):
+    src = prepare_source(data.astronaut(), size)
+    boxes = local_patch_boxes(src.landmarks, size)
+    assert boxes.shape == (3, 4)
+    np.testing.assert_array_equal(boxes[:, 2] - boxes[:, 0], size // 4)  # 128 at 512
+    np.testing.assert_array_equal(boxes[:, 3] - boxes[:, 1], size // 4)
+    assert boxes.min() >= 0 and boxes.max() <= size
+    # Right eye left of left eye (on screen), both above the mouth.
+    assert boxes[0, 0] < boxes[1, 0] and max(boxes[0, 1], boxes[1, 1]) < boxes[2, 1]
+    # A face at the frame's edge: patch centres are clipped so the patches stay whole.
+    edge = src.landmarks.copy()
+    edge[:, 0] -= edge[:, 0].min()
+    assert local_patch_boxes(edge, size).min() >= 0
+
+
+def test_local_control_image_keeps_only_the_patches():
+    image = np.full((512, 512, 3), 200, np.uint8)
+    boxes = np.array([[10, 20, 138, 148], [300, 20, 428, 148], [150, 300, 278, 428]])
+    out = local_control_image(image, boxes)
+    assert out.sum() == 200 * 3 * 3 * 128 * 128
+    assert (out[20:148, 10:138] == 200).all() and (out[0:10] == 0).all()
+    reused = np.full_like(image, 7)
+    assert local_control_image(image, boxes, out=reused) is reused and reused.sum() == out.sum()
+
+
+def test_one_euro_filter_smooths_jitter_and_follows_motion():
+    rng = np.random.default_rng(1)
+    f = OneEuroFilter()
+    truth = np.zeros((478, 2), np.float32)
+    noisy_err, filtered_err = [], []
+    for i in range(100):  # still face, 1 px jitter
+        x = truth + rng.normal(0, 1.0, truth.shape).astype(np.float32)
+        y = f(x, i / 25)
+        if i > 10:
+            noisy_err.append(np.abs(x - truth).mean())
+            filtered_err.append(np.abs(y - truth).mean())
+    # The defaults trade some smoothing for blink-fast response (tuned on the samples clip: mesh
+    # jitter 0.38 -> 0.17 px while a 3-frame blink still closes); on white noise they cut ~40%.
+    assert np.mean(filtered_err) < 0.7 * np.mean(noisy_err)
+    for i in range(100, 125):  # then a fast move: 200 px/s
+        y = f(truth + (i - 99) * 8.0, i / 25)
+    assert np.abs(y - (truth + 25 * 8.0)).mean() < 16.0  # lags by less than two frames' motion
+    assert f(truth, 124 / 25) is not None  # a repeated timestamp is not a division by zero
+
+
+def test_image_checks_and_downscale():
+    assert as_rgb(np.zeros((4, 5), np.uint8)).shape == (4, 5, 3)
+    assert as_rgb(np.zeros((4, 5, 4), np.uint8)).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="8-bit"):
+        as_rgb(np.zeros((4, 5, 3), np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        as_rgb(np.zeros((4, 5, 2), np.uint8))
+    assert downscale(np.zeros((3000, 6000, 3), np.uint8)).shape == (1024, 2048, 3)
+    small = np.zeros((30, 60, 3), np.uint8)
+    assert downscale(small) is small
+
+
+def test_prepare_source_refuses_a_portrait_without_a_face():
+    with pytest.raises(NoFaceError, match="no face"):
+        prepare_source(np.full((300, 300, 3), 128, np.uint8), 256)
