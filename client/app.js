@@ -1,0 +1,235 @@
+// xportrait page: webcam -> WebRTC -> server -> animated portrait back, with live stats.
+// Signalling as in aiortc's examples: gather ICE candidates, POST the offer, apply the answer.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get('token');
+const authHeaders = token ? { Authorization: `Bearer ${token}` } : {};
+
+// What the page knows; tests read it through window.xportrait.
+const state = {
+  status: 'idle',
+  session: null,
+  portrait: null,
+  avatarFrames: 0, // avatar frames painted on screen
+  stats: null, // the server's latest stats message
+  error: null,
+};
+window.xportrait = state;
+
+let pc = null;
+let channel = null;
+let camera = null;
+let pendingUpload = null; // a file chosen before the stream started
+
+function setStatus(text, isError = false) {
+  state.status = text;
+  if (isError) state.error = text;
+  $('status').textContent = text;
+  $('status').classList.toggle('error', isError);
+}
+
+function setUploadStatus(text, isError = false) {
+  $('upload-status').textContent = text;
+  $('upload-status').classList.toggle('error', isError);
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (body.error) return `${response.status}: ${body.error}`;
+  } catch (e) { /* not JSON */ }
+  return `${response.status} ${response.statusText}`;
+}
+
+// ---- gallery and uploads ------------------------------------------------------------------------
+async function loadGallery() {
+  const response = await fetch('portraits');
+  const portraits = await response.json();
+  const gallery = $('gallery');
+  for (const { name, thumbnail } of portraits) {
+    const button = document.createElement('button');
+    button.title = name;
+    button.dataset.name = name;
+    const img = document.createElement('img');
+    img.src = thumbnail;
+    img.alt = name;
+    button.append(img);
+    button.addEventListener('click', () => choosePortrait(name));
+    gallery.append(button);
+  }
+  if (portraits.length) markPortrait(portraits[0].name);
+}
+
+function markPortrait(name) {
+  state.portrait = name;
+  for (const button of $('gallery').children) {
+    button.setAttribute('aria-pressed', String(button.dataset.name === name));
+  }
+}
+
+async function postAvatar(query, body, headers = {}) {
+  const url = `avatar?session=${encodeURIComponent(state.session)}&${query}`;
+  const response = await fetch(url, { method: 'POST', body, headers: { ...authHeaders, ...headers } });
+  if (!response.ok) throw new Error(await errorText(response));
+  return response.json();
+}
+
+async function choosePortrait(name) {
+  if (!state.session) { markPortrait(name); return; }
+  try {
+    await postAvatar(`portrait=${encodeURIComponent(name)}`);
+    markPortrait(name);
+    setUploadStatus('');
+  } catch (e) {
+    setUploadStatus(e.message, true);
+  }
+}
+
+async function uploadPortrait(file) {
+  if (!state.session) {
+    pendingUpload = file;
+    setUploadStatus(`${file.name} will be used when the stream starts`);
+    return;
+  }
+  setUploadStatus(`uploading ${file.name}...`);
+  try {
+    const result = await postAvatar('', file, { 'Content-Type': file.type || 'application/octet-stream' });
+    markPortrait(null);
+    setUploadStatus(`${file.name} (${result.width}x${result.height})`);
+  } catch (e) {
+    setUploadStatus(e.message, true);
+  }
+}
+
+// ---- stats overlay ---------------------------------------------------------------------------------
+function showStats(stats) {
+  state.stats = stats;
+  const latency = stats.latency_ms;
+  const ms = (v) => (v === null || v === undefined ? '-' : v.toFixed(1));
+  const stages = Object.entries(stats.stages_ms).map(([k, v]) => `${k} ${ms(v)}`).join('  ');
+  $('overlay').textContent =
+    `fps ${stats.fps_out.toFixed(1)} (camera ${stats.fps_in.toFixed(1)})\n` +
+    `latency p50 ${ms(latency.p50)} ms  p95 ${ms(latency.p95)} ms\n` +
+    `drops ${stats.dropped}  no face ${stats.frames_without_face}\n` +
+    `ms: ${stages}`;
+}
+
+function countAvatarFrames(video) {
+  if (!('requestVideoFrameCallback' in HTMLVideoElement.prototype)) {
+    video.addEventListener('timeupdate', () => { state.avatarFrames += 1; });
+    return;
+  }
+  const onFrame = () => {
+    state.avatarFrames += 1;
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+// ---- the stream ------------------------------------------------------------------------------------
+function iceGatheringComplete(connection) {
+  if (connection.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (connection.iceGatheringState === 'complete') {
+        connection.removeEventListener('icegatheringstatechange', check);
+        resolve();
+      }
+    };
+    connection.addEventListener('icegatheringstatechange', check);
+  });
+}
+
+async function start() {
+  $('start').disabled = true;
+  state.error = null;
+  setStatus('opening the camera...');
+  try {
+    camera = await navigator.mediaDevices.getUserMedia({
+      video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } },
+      audio: false,
+    });
+  } catch (e) {
+    setStatus(`camera unavailable: ${e.message}`, true);
+    $('start').disabled = false;
+    return;
+  }
+  $('camera').srcObject = camera;
+
+  pc = new RTCPeerConnection();
+  for (const track of camera.getVideoTracks()) pc.addTrack(track, camera);
+  pc.addEventListener('track', (event) => {
+    $('avatar').srcObject = event.streams[0] || new MediaStream([event.track]);
+  });
+  pc.addEventListener('connectionstatechange', () => {
+    if (!pc) return;
+    if (pc.connectionState === 'connected') setStatus('streaming');
+    if (pc.connectionState === 'failed') { setStatus('connection failed', true); stop(false); }
+  });
+  channel = pc.createDataChannel('stats');
+  channel.addEventListener('message', (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === 'stats') showStats(message);
+  });
+
+  setStatus('connecting...');
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGatheringComplete(pc);
+    const response = await fetch('offer', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', ...authHeaders },
+      body: JSON.stringify({
+        sdp: pc.localDescription.sdp,
+        type: pc.localDescription.type,
+        mode: $('echo').checked ? 'echo' : 'animate',
+        portrait: state.portrait || undefined,
+      }),
+    });
+    if (!response.ok) throw new Error(await errorText(response));
+    const answer = await response.json();
+    state.session = answer.session;
+    await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+  } catch (e) {
+    setStatus(`could not start: ${e.message}`, true);
+    stop(false);
+    return;
+  }
+  $('stop').disabled = false;
+  $('recalibrate').disabled = $('echo').checked;
+  if (pendingUpload) {
+    const file = pendingUpload;
+    pendingUpload = null;
+    uploadPortrait(file);
+  }
+}
+
+function stop(resetStatus = true) {
+  if (pc) pc.close();
+  pc = null;
+  channel = null;
+  if (camera) camera.getTracks().forEach((track) => track.stop());
+  camera = null;
+  state.session = null;
+  $('camera').srcObject = null;
+  $('avatar').srcObject = null;
+  $('overlay').textContent = 'no stream';
+  $('start').disabled = false;
+  $('stop').disabled = true;
+  $('recalibrate').disabled = true;
+  if (resetStatus) setStatus('idle');
+}
+
+$('start').addEventListener('click', start);
+$('stop').addEventListener('click', () => stop());
+$('recalibrate').addEventListener('click', () => {
+  if (channel && channel.readyState === 'open') channel.send(JSON.stringify({ type: 'recalibrate' }));
+});
+$('upload').addEventListener('change', (event) => {
+  const file = event.target.files[0];
+  if (file) uploadPortrait(file);
+  event.target.value = '';
+});
+countAvatarFrames($('avatar'));
+loadGallery().catch((e) => setStatus(`could not load portraits: ${e.message}`, true));

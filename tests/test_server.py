@@ -1,0 +1,467 @@
+"""The live server: HTTP bad input, and the media path with two aiortc peers in one process.
+
+The server runs in the test's own event loop on 127.0.0.1; the "browser" is an aiortc peer
+sending a synthetic webcam (streamer.samples' driving clip of a real portrait) at a fixed
+rate, with known pts, and collecting what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import io
+import json
+import threading
+import time
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+from PIL import Image
+
+from engines.animator import Animator
+from streamer import samples
+from streamer.server import Config, Server
+from streamer.session import WORKER_PREFIX
+
+FPS = 25
+TICKS = 90_000 // FPS
+TIME_BASE = fractions.Fraction(1, 90_000)
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[np.ndarray]:
+    """Two seconds of a webcam user (the astronaut, moving and talking), 640x480."""
+    return [frame for frame, _ in samples.driving_clip("astronaut", frames=2 * FPS, fps=FPS)]
+
+
+@pytest.fixture(scope="module")
+def prepared() -> Server:
+    server = Server(Config(max_sessions=2, max_upload_bytes=2 * 1024 * 1024, idle_timeout=2.0,
+                           connect_timeout=2.0))
+    server.prepare()
+    return server
+
+
+def configured(prepared: Server, **changes) -> Server:
+    """A server sharing the prepared gallery, with other settings."""
+    server = Server(Config(**{**prepared.config.__dict__, **changes}))
+    server.gallery, server.thumbnails = prepared.gallery, prepared.thumbnails
+    return server
+
+
+@contextlib.asynccontextmanager
+async def running(server: Server):
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
+            yield http
+    finally:
+        await runner.cleanup()
+    assert not server.sessions
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_PREFIX)]
+
+
+async def freed(server: Server, timeout: float = 10.0) -> bool:
+    """Wait until no session is left and every worker thread has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.sessions and not worker_threads():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+class Webcam(MediaStreamTrack):
+    """Frames from a list, cycled, paced at FPS; pts = index * TICKS. `frames(i)` picks the
+    picture for frame i; returning None pauses the webcam for good (no more frames)."""
+
+    kind = "video"
+
+    def __init__(self, pictures, count: int):
+        super().__init__()
+        self.pictures, self.count = pictures, count
+        self.sent: dict[int, float] = {}
+        self.index = 0
+        self._start = None
+
+    async def recv(self) -> VideoFrame:
+        if self.index >= self.count:
+            await asyncio.Event().wait()  # a camera that stops sending but stays open
+        if self._start is None:
+            self._start = time.perf_counter()
+        delay = self._start + self.index / FPS - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frame = VideoFrame.from_ndarray(self.pictures(self.index), format="rgb24")
+        frame.pts, frame.time_base = self.index * TICKS, TIME_BASE
+        self.sent[frame.pts] = time.perf_counter()
+        self.index += 1
+        return frame
+
+
+class Peer:
+    """The browser's side: a webcam track out, the avatar track and stats messages in."""
+
+    def __init__(self, webcam: Webcam | None = None, channel: bool = True):
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.webcam = webcam
+        self.received: list[tuple[int, float, np.ndarray]] = []
+        self.stats: list[dict] = []
+        self.session = None
+        if webcam is not None:
+            self.pc.addTrack(webcam)
+        if channel:
+            self.channel = self.pc.createDataChannel("stats")
+            self.channel.on("message", lambda m: self.stats.append(json.loads(m)))
+        self.pc.on("track", self._on_track)
+        self._tasks = []
+
+    def _on_track(self, track) -> None:
+        async def read() -> None:
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await track.recv()
+                    self.received.append((frame.pts, time.perf_counter(), frame.to_ndarray(format="rgb24")))
+        self._tasks.append(asyncio.ensure_future(read()))
+
+    async def offer(self, http: aiohttp.ClientSession, answer: bool = True, **fields) -> aiohttp.ClientResponse:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await http.post("/offer", json={"sdp": self.pc.localDescription.sdp, "type": "offer", **fields})
+        if response.status == 200:
+            reply = await response.json()
+            self.session = reply["session"]
+            if answer:
+                await self.pc.setRemoteDescription(RTCSessionDescription(reply["sdp"], reply["type"]))
+        return response
+
+    def origin(self) -> int:
+        return next(s["output_pts_origin"] for s in reversed(self.stats) if s["output_pts_origin"] is not None)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+def sent_pts(peer: Peer, pts: int) -> int | None:
+    """The webcam pts a received frame came from (RTP truncates a tick or two on the way)."""
+    guess = round((pts + peer.origin()) / TICKS) * TICKS
+    return guess if abs(pts + peer.origin() - guess) <= 3 and guess in peer.webcam.sent else None
+
+
+async def until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
+    return 10 * np.log10(255**2 / max(mse, 1e-6))
+
+
+def encoded(image: np.ndarray, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+def test_page_and_gallery(prepared):
+    async def main():
+        async with running(prepared) as http:
+            page = await (await http.get("/")).text()
+            assert "app.js" in page and "<video" in page
+            script = await http.get("/app.js")
+            assert script.status == 200 and "RTCPeerConnection" in await script.text()
+            listed = await (await http.get("/portraits")).json()
+            assert [p["name"] for p in listed] == list(samples.PORTRAITS)
+            thumb = await (await http.get(listed[0]["thumbnail"])).read()
+            assert cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR).shape[2] == 3
+            assert (await http.get("/portraits/nobody")).status == 404
+
+    asyncio.run(main())
+
+
+def test_offer_rejects_malformed_json_and_sdp(prepared):
+    async def main():
+        async with running(prepared) as http:
+            for body in (b"{not json", b"[1, 2]", json.dumps({"type": "offer"}).encode(),
+                         json.dumps({"sdp": "v=0", "type": "answer"}).encode()):
+                response = await http.post("/offer", data=body, headers={"Content-Type": "application/json"})
+                assert response.status == 400
+                assert "JSON" in (await response.json())["error"]
+            # Real offers, spoilt: text, cut in half, a broken candidate, no codec left.
+            webcam = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            webcam.addTrack(Webcam(lambda i: np.zeros((64, 64, 3), np.uint8), 0))
+            await webcam.setLocalDescription(await webcam.createOffer())
+            good = webcam.localDescription.sdp
+            await webcam.close()
+            for sdp in ("this is not SDP", good[: len(good) // 2], good.replace("a=candidate:", "a=candidate:zz ", 1),
+                        good.replace("a=rtpmap", "a=nortpmap")):
+                response = await http.post("/offer", json={"sdp": sdp, "type": "offer"})
+                assert response.status == 400
+                assert "invalid SDP offer" in (await response.json())["error"]
+                assert await freed(prepared)
+            # An offer with a data channel and no webcam track.
+            peer = Peer(webcam=None)
+            response = await peer.offer(http)
+            assert response.status == 400
+            assert "no video track" in (await response.json())["error"]
+            await peer.close()
+            for field, value in (("mode", "fast"), ("portrait", "nobody")):
+                peer = Peer(Webcam(lambda i: np.zeros((64, 64, 3), np.uint8), 0))
+                response = await peer.offer(http, **{field: value})
+                assert response.status == 400 and value in (await response.json())["error"]
+                await peer.close()
+            assert await freed(prepared)
+
+    asyncio.run(main())
+
+
+def test_token_is_required_on_offer_avatar_and_stats(prepared):
+    server = configured(prepared, token="s3cret")
+
+    async def main():
+        async with running(server) as http:
+            for method, path in (("POST", "/offer"), ("POST", "/avatar?session=x"), ("GET", "/stats")):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                    response = await http.request(method, path, headers=headers)
+                    assert response.status == 401, (path, headers)
+                    assert "token" in (await response.json())["error"]
+            good = {"Authorization": "Bearer s3cret"}
+            assert (await http.get("/stats", headers=good)).status == 200
+            assert (await http.get("/stats?token=s3cret")).status == 200
+            # Past the token check: the request is judged on its content.
+            assert (await http.post("/offer", data=b"x", headers=good)).status == 400
+            assert (await http.post("/avatar?session=x", headers=good)).status == 404
+            assert (await http.get("/")).status == 200  # the page itself is public
+
+    asyncio.run(main())
+
+
+def test_max_sessions_refuses_with_503_until_one_ends(prepared, clip):
+    server = configured(prepared, max_sessions=1)
+
+    async def main():
+        async with running(server) as http:
+            first = Peer(Webcam(clip.__getitem__, 2 * FPS))
+            assert (await first.offer(http)).status == 200
+            second = Peer(Webcam(clip.__getitem__, 2 * FPS))
+            response = await second.offer(http)
+            assert response.status == 503
+            assert "busy" in (await response.json())["error"]
+            await second.close()
+            await first.close()
+            assert await freed(server)
+            third = Peer(Webcam(clip.__getitem__, 2 * FPS))
+            assert (await third.offer(http)).status == 200
+            await third.close()
+            assert await freed(server)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------ media path
+def test_animated_frames_come_back_with_their_input_pts_and_stats(prepared, clip):
+    portrait_crop = None
+
+    async def main():
+        nonlocal portrait_crop
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 3 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = prepared.sessions[peer.session]
+            portrait_crop = session._animator.sources[0].image.copy()
+            await until(lambda: len(peer.received) >= 2 * FPS and peer.stats and peer.stats[-1]["frames_out"] >= 2 * FPS,
+                        20)
+            stats = (await (await http.get("/stats")).json())
+            assert stats["sessions_active"] == 1 and stats["worker_threads"] == 1
+            await peer.close()
+            assert await freed(prepared), "the session or its worker thread outlived the peer"
+            return peer, stats
+
+    peer, stats = asyncio.run(main())
+    for pts, _, image in peer.received:
+        assert image.shape == (512, 512, 3)
+        assert sent_pts(peer, pts) is not None, f"output pts {pts} matches no webcam frame"
+    # The avatar is the portrait, moved: close to the portrait's crop, far from the webcam picture.
+    last = peer.received[-1][2]
+    assert psnr(last, portrait_crop) > 15
+    live = peer.stats[-1]
+    assert live["type"] == "stats" and live["mode"] == "animate" and live["errors"] == 0
+    assert live["frames_out"] >= 2 * FPS and live["fps_out"] > FPS / 2
+    assert 0 < live["latency_ms"]["p50"] <= live["latency_ms"]["p95"] < 1000
+    assert all(live["stages_ms"][stage] is not None for stage in ("convert_in", "face", "engine", "encode_send"))
+    assert live["stages_ms"]["face"] > 0 and live["stages_ms"]["engine"] > 0
+    assert stats["sessions"][0]["frames_in"] > 0
+
+
+def test_echo_returns_the_webcam_frames_through_the_same_path(prepared, clip):
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 2 * FPS))
+            assert (await peer.offer(http, mode="echo")).status == 200
+            await until(lambda: len(peer.received) >= FPS and peer.stats, 20)
+            await peer.close()
+            assert await freed(prepared)
+            return peer
+
+    peer = asyncio.run(main())
+    qualities = []
+    for pts, _, image in peer.received[5:]:
+        source = sent_pts(peer, pts)
+        assert source is not None
+        assert image.shape == (480, 640, 3)
+        qualities.append(psnr(image, clip[source // TICKS % len(clip)]))
+    assert np.median(qualities) > 25, qualities  # the same pictures, after two VP8 passes
+    assert peer.stats[-1]["mode"] == "echo" and peer.stats[-1]["stages_ms"]["face"] == 0
+
+
+def test_no_face_holds_the_last_pose(prepared, clip):
+    blank = np.full_like(clip[0], 40)
+    face_frames = FPS + FPS // 2
+
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)] if i < face_frames else blank, 3 * FPS))
+            assert (await peer.offer(http)).status == 200
+            await until(lambda: peer.stats and peer.stats[-1]["frames_in"] >= 3 * FPS - 2, 20)
+            await until(lambda: peer.stats[-1]["frames_without_face"] > FPS, 5)
+            await peer.close()
+            assert await freed(prepared)
+            return peer
+
+    peer = asyncio.run(main())
+    with_face = [image for pts, _, image in peer.received if sent_pts(peer, pts) < face_frames * TICKS - TICKS]
+    without = [image for pts, _, image in peer.received if sent_pts(peer, pts) >= (face_frames + 5) * TICKS]
+    assert len(without) > FPS // 2
+    for image in without:
+        assert image.mean() > 60  # no black frames: the portrait, in its last pose
+        assert psnr(image, with_face[-1]) > 24
+    assert peer.stats[-1]["errors"] == 0
+
+
+def test_a_slow_engine_drops_stale_frames_and_latency_does_not_creep(prepared, clip, monkeypatch):
+    """With each frame costing 3 frame periods, a queue would add ~80 ms per frame; the newest-
+    frame slot keeps the round trip flat and counts what it skips."""
+    drive = Animator.drive
+
+    def slow_drive(self, *args, **kwargs):
+        time.sleep(3 / FPS)
+        return drive(self, *args, **kwargs)
+
+    monkeypatch.setattr(Animator, "drive", slow_drive)
+
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 6 * FPS))
+            assert (await peer.offer(http)).status == 200
+            await until(lambda: peer.stats and peer.stats[-1]["frames_in"] >= 6 * FPS - 3, 30)
+            await asyncio.sleep(0.6)
+            await peer.close()
+            assert await freed(prepared)
+            return peer
+
+    peer = asyncio.run(main())
+    round_trips = [(arrived - peer.webcam.sent[sent_pts(peer, pts)]) * 1e3 for pts, arrived, _ in peer.received]
+    stats = peer.stats[-1]
+    assert stats["dropped_stale"] > 2 * FPS  # most frames were skipped, and counted
+    assert stats["frames_processed"] < 3 * FPS
+    early, late = np.median(round_trips[3:10]), np.median(round_trips[-7:])
+    assert late < early + 60, (early, late)  # flat: a queue would be seconds behind by now
+    assert max(round_trips) < 600
+
+
+# --------------------------------------------------------------------------------------- uploads
+def test_avatar_upload_bad_input_keeps_the_previous_portrait(prepared, clip):
+    astronaut, grace = samples.portrait("astronaut"), samples.portrait("grace_hopper")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 2 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = prepared.sessions[peer.session]
+            before = session._animator.sources[0].image.copy()
+            url = f"/avatar?session={peer.session}"
+
+            async def refused(body: bytes, status: int, words: str) -> None:
+                response = await http.post(url, data=body)
+                assert response.status == status, await response.text()
+                message = (await response.json())["error"]
+                assert words in message and ("previous portrait is kept" in message or status == 413)
+                assert session.portrait == "astronaut"
+                assert np.array_equal(session._animator.sources[0].image, before)
+
+            await refused(b"hello, this is text", 400, "not an image")
+            await refused(b"", 400, "empty")
+            await refused(encoded(astronaut)[:2000], 400, "not an image")  # a truncated JPEG
+            await refused(encoded(noise, "PNG"), 422, "no face")
+            await refused(b"\xff" * (prepared.config.max_upload_bytes + 1), 413, "larger than")
+            huge = Image.new("RGB", (9000, 9000), (90, 90, 90))  # 81 MP, a few kB as PNG
+            buffer = io.BytesIO()
+            huge.save(buffer, "PNG")
+            await refused(buffer.getvalue(), 413, "megapixels")
+            # The same through a multipart form, as curl -F sends it.
+            form = aiohttp.FormData()
+            form.add_field("image", b"not an image", filename="x.png", content_type="image/png")
+            response = await http.post(url, data=form)
+            assert response.status == 400 and "not an image" in (await response.json())["error"]
+
+            # Good uploads: a large photo is downscaled, a bundled one switches by name.
+            big = cv2.resize(grace, (grace.shape[1] * 5, grace.shape[0] * 5), interpolation=cv2.INTER_CUBIC)
+            response = await http.post(url, data=encoded(big, quality=80))
+            assert response.status == 200, await response.text()
+            reply = await response.json()
+            assert reply["portrait"] == "upload" and max(reply["width"], reply["height"]) <= 2048
+            assert not np.array_equal(session._animator.sources[0].image, before)
+            response = await http.post(url + "&portrait=astronaut")
+            assert response.status == 200 and session.portrait == "astronaut"
+            assert (await http.post(url + "&portrait=nobody")).status == 404
+            assert (await http.post("/avatar?session=nope", data=encoded(astronaut))).status == 404
+            await until(lambda: len(peer.received) > 5, 10)  # still streaming after all that
+            await peer.close()
+
+            echo = Peer(Webcam(lambda i: clip[i % len(clip)], FPS))
+            assert (await echo.offer(http, mode="echo")).status == 200
+            response = await http.post(f"/avatar?session={echo.session}", data=encoded(astronaut))
+            assert response.status == 400 and "echo" in (await response.json())["error"]
+            await echo.close()
+            assert await freed(prepared)
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------- teardown
+def test_a_silent_or_unanswered_peer_is_freed_by_the_timeouts(prepared, clip):
+    async def main():
+        async with running(prepared) as http:
+            # Sends one second of video, then nothing, and never hangs up: the idle timeout (2 s).
+            silent = Peer(Webcam(lambda i: clip[i % len(clip)], FPS))
+            assert (await silent.offer(http)).status == 200
+            # Offers, then never applies the answer, so ICE never starts: the connect timeout (2 s).
+            unanswered = Peer(Webcam(lambda i: clip[i % len(clip)], FPS))
+            assert (await unanswered.offer(http, answer=False)).status == 200
+            assert len(prepared.sessions) == 2 and len(worker_threads()) == 2
+            await until(lambda: len(silent.received) > 5, 10)
+            assert await freed(prepared, timeout=10)
+            await silent.close()
+            await unanswered.close()
+
+    asyncio.run(main())
