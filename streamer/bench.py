@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -61,6 +62,17 @@ def _driving_frames(path: str | None, count: int) -> list[np.ndarray]:
 
         frames = [frame for frame, _pose in driving_clip("grace_hopper", frames=min(count, 250), fps=25)]
     return [frames[i % len(frames)] for i in range(count)]
+
+
+def machine_name() -> str:
+    """CPU model and core count (and the GPU, once an engine uses one)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "engine": args.engine,
         "size": args.size,
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": machine_name(),
         "driving": args.driving or "synthetic grace_hopper 640x480",
         **measure(animator, frames, args.warmup),
     }
