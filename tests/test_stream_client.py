@@ -1,0 +1,154 @@
+"""`xportrait client` against a real `xportrait serve` subprocess on 127.0.0.1.
+
+Both ends are the installed commands (run as `python -m streamer ...`), speaking real WebRTC
+over the loopback host; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import av
+import pytest
+
+from streamer import samples
+
+TOKEN = "test-token"
+FPS = 25
+SECONDS = 3
+
+
+def xportrait(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer", *args]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("clip") / "webcam.mp4"
+    frames = (frame for frame, _ in samples.driving_clip("astronaut", frames=SECONDS * FPS, fps=FPS))
+    samples.write_clip(path, frames, fps=FPS)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server():
+    process = subprocess.Popen(
+        xportrait("serve", "--port", "0", "--token", TOKEN, "--idle-timeout", "2", "--max-sessions", "2"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and url is None:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        url = match and match.group(1)
+    if url is None:
+        process.kill()
+        pytest.fail("xportrait serve did not start")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0  # a clean shutdown, sessions closed
+
+
+def server_stats(url: str) -> dict:
+    request = urllib.request.Request(url + "/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def run_client(url: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(xportrait("client", *args, "--server", url), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_client_measures_echo_then_animate_and_records_both(server, clip, tmp_path):
+    output = tmp_path / "avatar.mp4"
+    result = run_client(server, clip, "--mode", "both", "--token", TOKEN, "--output", str(output),
+                        "--report", str(tmp_path / "report.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    for mode, path, size in (("echo", tmp_path / "avatar.echo.mp4", (640, 480)), ("animate", output, (512, 512))):
+        run = report[mode]
+        assert run["mode"] == mode and run["server"]["mode"] == mode
+        assert run["frames_sent"] == SECONDS * FPS
+        assert run["frames_unmatched"] == 0  # every frame that came back carried a webcam frame's pts
+        assert run["frames_matched"] >= 0.8 * run["frames_sent"]
+        assert run["dropped"] == run["frames_sent"] - run["frames_matched"]
+        assert 0.8 * FPS < run["fps_received"] < 1.2 * FPS
+        latency = run["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["max"] < 1500
+        with av.open(str(path)) as recording:
+            stream = recording.streams.video[0]
+            frames = sum(1 for _ in recording.decode(stream))
+            assert (stream.width, stream.height) == size
+        assert frames == run["frames_recorded"] == run["frames_received"]
+    assert report["animate"]["server"]["stages_ms"]["engine"] > 0
+    assert report["echo"]["server"]["stages_ms"]["face"] == 0
+    assert "engine_cost_ms_p50" in report
+    stats = wait_for(lambda: (s := server_stats(server))["sessions_active"] == 0 and s, 10, "sessions to end")
+    assert stats["worker_threads"] == 0
+
+
+def test_killed_client_frees_its_session_and_worker(server, clip):
+    client = subprocess.Popen(
+        xportrait("client", clip, "--server", server, "--token", TOKEN, "--loop", "--duration", "60"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(s["frames_in"] > 10 for s in server_stats(server)["sessions"]), 60, "frames to arrive")
+        assert server_stats(server)["worker_threads"] == 1
+    finally:
+        client.send_signal(signal.SIGKILL)  # no goodbye: no DTLS close, no RTCP BYE
+        client.wait(timeout=10)
+    # The server notices the silence (--idle-timeout 2) and frees everything.
+    stats = wait_for(lambda: (s := server_stats(server))["sessions_active"] == 0 and s, 15, "the session to be freed")
+    assert stats["worker_threads"] == 0
+
+
+def test_client_reports_refusals_and_bad_input(server, clip, tmp_path):
+    result = run_client(server, clip, "--token", "wrong")
+    assert result.returncode == 1
+    assert "401" in result.stderr and "token" in result.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    result = run_client(f"http://127.0.0.1:{closed_port}", clip, "--token", TOKEN)
+    assert result.returncode == 2 and "cannot reach the server" in result.stderr
+    result = run_client(server, str(tmp_path / "missing.mp4"), "--token", TOKEN)
+    assert result.returncode == 2 and "not found" in result.stderr
+    (tmp_path / "text.mp4").write_text("not a video")
+    result = run_client(server, str(tmp_path / "text.mp4"), "--token", TOKEN)
+    assert result.returncode == 2 and "cannot read video" in result.stderr
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(server + "/stats", timeout=5)
+    assert refused.value.code == 401
+
+
+def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
+    result = subprocess.run(xportrait("serve", "--engine", "nope", "--port", "0"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "unknown engine 'nope'" in result.stderr
+    port = server.rsplit(":", 1)[1]
+    result = subprocess.run(xportrait("serve", "--port", port), capture_output=True, text=True, timeout=120,
+                            env={**os.environ})
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
