@@ -11,7 +11,9 @@ on x's scale (mediapipe's convention: smaller z is nearer the camera).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,6 +99,25 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """mediapipe's C++ side prints start-up chatter (XNNPACK, feedback-manager warnings) to
+    file descriptor 2 before its logging can be configured; a command's one-line error must
+    not drown in it. Only graph start-up runs under this: real failures raise in Python."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class FaceTracker:
     """mediapipe face mesh (478 points with irises) on RGB uint8 frames.
 
@@ -107,18 +128,25 @@ class FaceTracker:
     def __init__(self, video: bool = True, min_confidence: float = 0.5):
         import mediapipe as mp  # heavy import: only where faces are needed
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=not video,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=min_confidence,
-            min_tracking_confidence=min_confidence,
-        )
+        with _native_stderr_muted():
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=not video,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=min_confidence,
+                min_tracking_confidence=min_confidence,
+            )
+        self._started = False
 
     def detect(self, rgb: np.ndarray) -> np.ndarray | None:
         """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
         h, w = rgb.shape[:2]
-        result = self._mesh.process(rgb)
+        if not self._started:  # the graph's calculators start (and chatter) on the first frame
+            with _native_stderr_muted():
+                result = self._mesh.process(rgb)
+            self._started = True
+        else:
+            result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             return None
         points = result.multi_face_landmarks[0].landmark
