@@ -1,0 +1,228 @@
+"""End to end in headless Chromium: the page's fake webcam (a Y4M clip of a real portrait,
+moving and talking) goes to a real `xportrait serve`, and the page shows avatar frames and
+the server's live stats.
+
+Chromium is driven over the DevTools protocol with aiohttp's websocket client (no driver
+to install). Needs Debian's `chromium` package; skipped with a reason when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from streamer import samples
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+
+TOKEN = "browser-token"
+FPS = 25
+# Flags for a closed network: without the background-networking ones Chromium keeps
+# dialling Google services, and those connections are refused here.
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+    "--remote-allow-origins=*", "--disable-features=WebRtcHideLocalIpsWithMdns",
+)
+
+PAGE_STATE = """(() => {
+  const avatar = document.getElementById('avatar');
+  if (!avatar || !window.xportrait) return null;  // still loading
+  let brightness = null;
+  if (avatar.videoWidth) {
+    const canvas = document.createElement('canvas');
+    canvas.width = canvas.height = 32;
+    const context = canvas.getContext('2d');
+    context.drawImage(avatar, 0, 0, 32, 32);
+    const pixels = context.getImageData(0, 0, 32, 32).data;
+    let sum = 0;
+    for (let i = 0; i < pixels.length; i += 4) sum += pixels[i] + pixels[i + 1] + pixels[i + 2];
+    brightness = sum / (3 * 32 * 32);
+  }
+  return JSON.stringify({
+    status: xportrait.status, error: xportrait.error, session: xportrait.session,
+    frames: xportrait.avatarFrames, stats: xportrait.stats,
+    width: avatar.videoWidth, height: avatar.videoHeight, brightness,
+    overlay: document.getElementById('overlay').textContent,
+    portraits: document.querySelectorAll('#gallery button').length,
+  });
+})()"""
+
+
+UPLOAD_AVATAR_STILL = """(() => {
+  const canvas = document.createElement('canvas');
+  canvas.width = canvas.height = 512;
+  canvas.getContext('2d').drawImage(document.getElementById('avatar'), 0, 0);
+  canvas.toBlob((blob) => uploadPortrait(new File([blob], 'still.png', { type: 'image/png' })), 'image/png');
+})()"""
+UPLOAD_STATUS = "document.getElementById('upload-status').textContent"
+
+
+class DevTools:
+    """The smallest DevTools-protocol client: evaluate JavaScript in one page."""
+
+    def __init__(self, websocket: aiohttp.ClientWebSocketResponse):
+        self.websocket = websocket
+        self.ids = itertools.count(1)
+
+    async def evaluate(self, expression: str):
+        message_id = next(self.ids)
+        await self.websocket.send_json({"id": message_id, "method": "Runtime.evaluate",
+                                        "params": {"expression": expression, "returnByValue": True}})
+        while True:
+            reply = await asyncio.wait_for(self.websocket.receive_json(), 10)
+            if reply.get("id") == message_id:
+                result = reply["result"]
+                if "exceptionDetails" in result:
+                    raise AssertionError(f"page error: {result['exceptionDetails']}")
+                return result["result"].get("value")
+
+
+@pytest.fixture
+def server():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "serve", "--port", "0", "--token", TOKEN, "--idle-timeout", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = None
+    deadline = time.monotonic() + 120
+    while url is None and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        url = match and match.group(1)
+    if url is None:
+        process.kill()
+        pytest.fail("xportrait serve did not start")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def webcam_clip(tmp_path) -> Path:
+    """Chromium's fake webcam plays this Y4M file in a loop."""
+    path = tmp_path / "webcam.y4m"
+    frames = (frame for frame, _ in samples.driving_clip("astronaut", frames=2 * FPS, fps=FPS))
+    samples.write_y4m(path, frames, fps=FPS)
+    return path
+
+
+def test_page_streams_the_webcam_and_shows_avatar_frames_and_stats(server, webcam_clip, tmp_path):
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    browser = subprocess.Popen(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+         f"--use-file-for-fake-video-capture={webcam_clip}", f"{server}/?token={TOKEN}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(drive_page(server, profile, browser))
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(timeout=10)
+
+
+async def poll(devtools: DevTools, condition, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = json.loads(await devtools.evaluate(PAGE_STATE) or "null")
+        if state is None:
+            await asyncio.sleep(0.2)
+            continue
+        if state["error"]:
+            raise AssertionError(f"the page reports an error: {state['error']}")
+        if condition(state):
+            return state
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; page state: {state}")
+
+
+async def server_stats(http: aiohttp.ClientSession, url: str) -> dict:
+    async with http.get(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        return await response.json()
+
+
+async def wait_for_portrait(http: aiohttp.ClientSession, url: str, name: str) -> None:
+    deadline = time.monotonic() + 20
+    while (stats := await server_stats(http, url))["sessions"][0]["portrait"] != name:
+        assert time.monotonic() < deadline, f"the portrait did not become {name}: {stats}"
+        await asyncio.sleep(0.2)
+
+
+async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None:
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        assert browser.poll() is None, f"chromium exited with status {browser.returncode}"
+        assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+        await asyncio.sleep(0.2)
+    port = int(port_file.read_text().split()[0])
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 30
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith(url)]
+            if pages:
+                break
+            assert time.monotonic() < deadline, "the page did not open"
+            await asyncio.sleep(0.2)
+        async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
+            page = DevTools(websocket)
+            await poll(page, lambda s: s["portraits"] == len(samples.PORTRAITS), 30, "the gallery")
+            await page.evaluate("document.getElementById('start').click()")
+            state = await poll(page, lambda s: s["frames"] >= 30 and s["stats"] and s["stats"]["frames_out"] >= 30,
+                               90, "avatar frames and stats")
+            assert state["status"] == "streaming"
+            assert (state["width"], state["height"]) == (512, 512)  # the avatar, not the 640x480 camera
+            assert state["brightness"] > 30  # a picture, not black frames
+            stats = state["stats"]
+            assert stats["mode"] == "animate" and stats["errors"] == 0 and stats["fps_out"] > 5
+            assert stats["latency_ms"]["p50"] > 0
+            assert stats["frames_without_face"] < stats["frames_in"] / 2  # the fake webcam's face is tracked
+            overlay = state["overlay"]
+            assert re.search(r"fps \d+\.\d", overlay) and re.search(r"p50 \d+\.\d ms", overlay)
+            assert "drops" in overlay
+            assert (await server_stats(http, url))["sessions_active"] == 1
+
+            # Portraits from the page: a bundled one by name, an upload (a still of the avatar
+            # itself, so it has a face), and a file that is no image (refused, shown, portrait kept).
+            await page.evaluate("choosePortrait('grace_hopper')")
+            await wait_for_portrait(http, url, "grace_hopper")
+            await page.evaluate(UPLOAD_AVATAR_STILL)
+            await wait_for_portrait(http, url, "upload")
+            assert re.search(r"still\.png \(512x512\)", await page.evaluate(UPLOAD_STATUS))
+            await page.evaluate("uploadPortrait(new File(['hello'], 'notes.txt', {type: 'text/plain'}))")
+            deadline = time.monotonic() + 15
+            while "not an image" not in (status := await page.evaluate(UPLOAD_STATUS)):
+                assert time.monotonic() < deadline, f"no upload error shown: {status!r}"
+                await asyncio.sleep(0.2)
+            assert status.startswith("400") and "previous portrait is kept" in status
+            assert (await server_stats(http, url))["sessions"][0]["portrait"] == "upload"
+            frames = (await poll(page, lambda s: True, 5, "the page"))["frames"]
+            await poll(page, lambda s: s["frames"] > frames + 10, 15, "frames after the uploads")
+
+            await page.evaluate("document.getElementById('stop').click()")
+            deadline = time.monotonic() + 15
+            while (stats := await server_stats(http, url))["sessions_active"] or stats["worker_threads"]:
+                assert time.monotonic() < deadline, f"the session outlived Stop: {stats}"
+                await asyncio.sleep(0.2)
