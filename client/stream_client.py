@@ -34,6 +34,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from streamer.rtp import complete_frames_on_marker
 from streamer.video import VideoError, VideoWriter, open_video, probe
 
 logger = logging.getLogger("xportrait.client")
@@ -172,6 +173,7 @@ async def stream(server: str, path: str, mode: str, *, output: str | None = None
                  token: str | None = None, duration: float | None = None, loop: bool = False,
                  connect_timeout: float = 15.0) -> dict:
     """One session: send the file, receive the avatar, return the report."""
+    complete_frames_on_marker()  # as the server does: no frame waits for the next one
     webcam = FileTrack(path, duration=duration, loop=loop)
     recorder = Recorder(output, webcam.fps)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -42,7 +42,8 @@ from engines import EngineError, create_engine
 from engines.animator import Animator
 from engines.face import MAX_SIDE, NoFaceError, downscale
 
-from .session import MODES, Session, worker_threads
+from .rtp import complete_frames_on_marker
+from .session import MODES, Session, SessionClosed, worker_threads
 
 logger = logging.getLogger("xportrait.server")
 
@@ -138,6 +139,7 @@ class Server:
         return next(iter(self.gallery.values()))
 
     def app(self) -> web.Application:
+        complete_frames_on_marker()  # one frame interval less latency on every incoming frame
         app = web.Application()
         app.router.add_get("/", self.page)
         app.router.add_get("/portraits", self.portraits)
@@ -289,6 +291,8 @@ class Server:
             raise fail(exc.status, f"{exc}; the previous portrait is kept") from None
         except NoFaceError:
             raise fail(422, "no face found in the image; the previous portrait is kept") from None
+        except SessionClosed as exc:
+            raise fail(404, f"{exc}: start the stream again") from None
         return web.json_response({"session": session.id, "portrait": name, "width": width, "height": height})
 
     async def stats(self, request: web.Request) -> web.Response:

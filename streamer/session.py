@@ -37,6 +37,10 @@ WORKER_PREFIX = "xportrait-session"  # worker thread names start with this
 REPORT_INTERVAL_S = 0.5
 
 
+class SessionClosed(RuntimeError):
+    pass
+
+
 def worker_threads() -> int:
     """How many session worker threads are alive (0 once every session is freed)."""
     return sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
@@ -149,6 +153,8 @@ class Session:
         Raises what `load` or `Animator.set_sources` raise; the previous portrait stays then."""
         if self.mode != "animate":
             raise ValueError("this session runs in echo mode: it has no portrait")
+        if self.closed:
+            raise SessionClosed(f"session {self.id} has ended")
 
         def install() -> tuple[int, int]:
             image = load()
@@ -253,10 +259,9 @@ class Session:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             now = time.perf_counter()
-            if self.pc.connectionState != "connected" and self.stats.frames_in == 0:
-                if now - self._created > self._connect_timeout:
-                    self.request_close(f"no media within {self._connect_timeout:g} s")
-                    return
+            if self.stats.frames_in == 0 and now - self._created > self._connect_timeout:
+                self.request_close(f"no webcam frame within {self._connect_timeout:g} s of the offer")
+                return
             last = self.stats.last_input_at
             if last is not None and now - last > self._idle_timeout:
                 self.request_close(f"no webcam frame for {self._idle_timeout:g} s")

@@ -465,3 +465,29 @@ def test_a_silent_or_unanswered_peer_is_freed_by_the_timeouts(prepared, clip):
             await unanswered.close()
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------- RTP framing
+def test_a_video_frame_leaves_the_jitter_buffer_on_its_marker_packet():
+    from aiortc.rtp import RtpPacket
+
+    from streamer.rtp import MarkerJitterBuffer
+
+    def packet(sequence: int, timestamp: int, marker: bool) -> RtpPacket:
+        p = RtpPacket(sequence_number=sequence, timestamp=timestamp, marker=int(marker))
+        p._data = bytes([sequence])
+        return p
+
+    video = MarkerJitterBuffer(capacity=128, is_video=True)
+    assert video.add(packet(0, 3000, False))[1] is None
+    frame = video.add(packet(1, 3000, True))[1]  # complete now, not when frame 6000 starts
+    assert frame is not None and frame.timestamp == 3000 and frame.data == b"\x00\x01"
+    # A gap before the marker: nothing until the missing packet arrives, then the whole frame.
+    assert video.add(packet(2, 6000, False))[1] is None
+    assert video.add(packet(4, 6000, True))[1] is None
+    frame = video.add(packet(3, 6000, False))[1]
+    assert frame is not None and frame.data == b"\x02\x03\x04"
+    # A lost marker packet: the frame still ends when the next one starts (aiortc's own rule).
+    assert video.add(packet(5, 9000, False))[1] is None
+    assert video.add(packet(7, 12000, False))[1] is None
+    assert video.add(packet(6, 9000, False))[1].data == b"\x05\x06"
