@@ -42,6 +42,7 @@ logger = logging.getLogger("xportrait.client")
 RTP_CLOCK = 90_000  # video RTP timestamps tick at 90 kHz
 TIME_BASE = Fraction(1, RTP_CLOCK)
 DRAIN_S = 1.5  # after the last frame is sent, how long to wait for the last ones to come back
+TIMELINE_WINDOW_S = 10.0
 
 
 class ClientError(RuntimeError):
@@ -151,22 +152,33 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def match_latencies(sent: dict[int, float], received: list[tuple[int, float]], origin: int,
-                    ticks: float) -> tuple[list[float], int]:
-    """Round-trip ms of each received frame, matched to its sent frame by pts.
+                    ticks: float) -> tuple[list[tuple[float, float]], int]:
+    """(send time, round-trip ms) of each received frame, matched to its sent frame by pts.
 
     A received pts plus the server's output origin is the sent pts, give or take the
     ticks that the encoders' timebase conversions truncate; a received frame that lands
     on no sent frame is counted as unmatched.
     """
-    latencies, unmatched = [], 0
+    matched, unmatched = [], 0
     for pts, arrived in received:
         index = round((pts + origin) / ticks)
         sent_pts = round(index * ticks)
         if abs(pts + origin - sent_pts) > ticks / 4 or sent_pts not in sent:
             unmatched += 1
             continue
-        latencies.append((arrived - sent[sent_pts]) * 1e3)
-    return latencies, unmatched
+        matched.append((sent[sent_pts], (arrived - sent[sent_pts]) * 1e3))
+    return matched, unmatched
+
+
+def timeline(matched: list[tuple[float, float]], window_s: float = TIMELINE_WINDOW_S) -> list[dict]:
+    """Round-trip percentiles per window of the run: flat means no queue is building up."""
+    if not matched:
+        return []
+    start = matched[0][0]
+    windows: dict[int, list[float]] = {}
+    for sent_at, ms in matched:
+        windows.setdefault(int((sent_at - start) // window_s), []).append(ms)
+    return [{"from_s": k * window_s, **_percentiles(v), "frames": len(v)} for k, v in sorted(windows.items())]
 
 
 async def stream(server: str, path: str, mode: str, *, output: str | None = None, portrait: str | None = None,
@@ -252,8 +264,9 @@ async def stream(server: str, path: str, mode: str, *, output: str | None = None
         await asyncio.get_running_loop().run_in_executor(None, recorder.close)
 
     origin = server_stats.get("output_pts_origin")
-    latencies, unmatched = ([], len(received)) if origin is None else \
+    matched, unmatched = ([], len(received)) if origin is None else \
         match_latencies(webcam.sent, received, origin, webcam.ticks)
+    latencies = [ms for _, ms in matched]
     sent_times = sorted(webcam.sent.values())
     arrived = [t for _, t in received]
 
@@ -273,6 +286,7 @@ async def stream(server: str, path: str, mode: str, *, output: str | None = None
         "fps_sent": rate(sent_times),
         "fps_received": rate(arrived),
         "latency_ms": _percentiles(latencies),
+        "latency_ms_per_window": timeline(matched),
         "output": output,
         "frames_recorded": recorder.frames,
         "server": server_stats,

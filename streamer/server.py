@@ -124,7 +124,7 @@ class Server:
         for name, image in portraits.items():
             self.gallery[name] = image
             thumb = cv2.resize(image, _fit(image.shape, THUMBNAIL_SIDE), interpolation=cv2.INTER_AREA)
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+            _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
             self.thumbnails[name] = jpeg.tobytes()
         # Loads mediapipe's models and the engine's code, and proves both work on this machine.
         animator = Animator(create_engine(self.config.engine, self.config.size))
@@ -173,7 +173,7 @@ class Server:
 
     async def _read_upload(self, request: web.Request) -> bytes:
         limit = self.config.max_upload_bytes
-        too_big = fail(413, f"the upload is larger than {limit // (1024 * 1024)} MiB")
+        too_big = fail(413, f"the upload is larger than {limit / 2**20:g} MiB")
         if request.content_length is not None and request.content_length > limit:
             raise too_big
         if request.content_type.startswith("multipart/"):

@@ -98,6 +98,8 @@ def test_client_measures_echo_then_animate_and_records_both(server, clip, tmp_pa
         assert 0.8 * FPS < run["fps_received"] < 1.2 * FPS
         latency = run["latency_ms"]
         assert 0 < latency["p50"] <= latency["p95"] <= latency["max"] < 1500
+        windows = run["latency_ms_per_window"]
+        assert sum(w["frames"] for w in windows) == run["frames_matched"] and windows[0]["p50"] > 0
         with av.open(str(path)) as recording:
             stream = recording.streams.video[0]
             frames = sum(1 for _ in recording.decode(stream))
