@@ -1,0 +1,98 @@
+"""The X-Portrait model: a frozen SD1.5 renderer and the trainable modules around it.
+
+- `unet`: SD1.5 UNet + temporal modules M (unet.py, temporal.py)
+- `reference_net`: appearance module R (reference.py)
+- `pose_controlnet`: motion ControlNet C on the aligned driving RGB frame
+- `local_controlnet`: the same architecture on the eye/mouth-patch image
+- `vae`: SD's AutoencoderKL
+- `text`: the empty prompt's CLIP embedding, computed once at load (text is not used)
+
+All inputs are tensors; images are (N, 3, H, W) in [-1, 1], latents are scaled by the VAE's
+scaling factor. Loading real weights: loading.py.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+from .config import XPortraitConfig
+from .reference import install_reference_attention, project_reference
+from .temporal import MotionModules
+from .unet import ReferenceNet, TemporalUNet
+
+ReferenceKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class XPortraitModel(nn.Module):
+    def __init__(self, config: XPortraitConfig):
+        super().__init__()
+        self.config = config
+        motion = MotionModules(config.block_out_channels, config.layers_per_block, config.motion_heads,
+                               config.motion_max_len, config.norm_num_groups)
+        self.unet = TemporalUNet(UNet2DConditionModel(**config.unet_kwargs()), motion)
+        self.reference_net = ReferenceNet(UNet2DConditionModel(**config.unet_kwargs()))
+        self.pose_controlnet = ControlNetModel(**config.controlnet_kwargs())
+        self.local_controlnet = ControlNetModel(**config.controlnet_kwargs())
+        self.vae = AutoencoderKL(**config.vae_kwargs())
+        # The empty prompt's embedding (1, 77, D). Filled from the text encoder's weights at load.
+        self.register_buffer("text", torch.zeros(1, 77, config.cross_attention_dim), persistent=False)
+        self._recorded, self._reference = install_reference_attention(self.reference_net.unet, self.unet.unet)
+
+    # -- images <-> latents ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean: deterministic)."""
+        return self.vae.encode(images).latent_dist.mean * self.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (N, 3, H, W) in [-1, 1]."""
+        return self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1)
+
+    # -- the per-source part ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor) -> ReferenceKV:
+        """Keys and values of every reference at `timestep`, for the UNet's self-attention.
+
+        Depends on the sources and the timestep only: compute once per source and timestep.
+        Each source latent is (1, 4, h, w); several are joined along the tokens.
+        """
+        recorded = []
+        for latent in source_latents:
+            self._recorded.clear()
+            self.reference_net(latent, timestep, self.text)
+            recorded.append(dict(self._recorded))
+        self._recorded.clear()
+        return project_reference(self.unet.unet, recorded)
+
+    # -- the per-frame part ----------------------------------------------------------------------
+    def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
+                 local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
+        text = self.text.expand(sample.shape[0], -1, -1)
+        t = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
+        pose_down, pose_mid = self.pose_controlnet(sample, t, text, pose_hint, return_dict=False)
+        local_down, local_mid = self.local_controlnet(sample, t, text, local_hint, return_dict=False)
+        return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
+
+    @torch.no_grad()
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,
+                      pose_hint: torch.Tensor, local_hint: torch.Tensor, guidance: float = 1.0,
+                      temporal_past=None, temporal_record=None) -> torch.Tensor:
+        """The noise in `sample` ((clips * frames, 4, h, w)) at `timestep`, conditioned on the
+        reference and both hints. With guidance != 1, classifier-free guidance against the
+        released code's unconditional branch: the same UNet with no reference and no controls."""
+        down, mid = self.controls(sample, timestep, pose_hint, local_hint)
+        self._reference.active = reference
+        try:
+            eps = self.unet(sample, timestep, self.text, frames, down, mid, temporal_past, temporal_record)
+        finally:
+            self._reference.active = None
+        if guidance == 1.0:
+            return eps
+        plain = self.unet(sample, timestep, self.text, frames, temporal_past=temporal_past)
+        return plain + guidance * (eps - plain)

@@ -1,0 +1,144 @@
+"""The temporal module M: AnimateDiff's "Vanilla" motion module, as X-Portrait runs it.
+
+Each module attends over frames at every latent pixel: GroupNorm, a linear in, one block of
+two temporal self-attentions (each on a positionally encoded input) and a feed-forward, a
+linear out, plus the residual. Two details follow the released code rather than diffusers'
+AnimateDiff: GroupNorm statistics are per frame, and the modules sit after every output
+block of the UNet, after its upsampler (see unet.py).
+
+Keys, values and positions are kept apart so that frames can come from a cache: with
+to_k and to_v linear and bias-free, K(x + pe[p]) = K(x) + K(pe[p]); a frame's K(x), V(x)
+are computed once, and its position in whatever window it later sits in is added then.
+Parameter names match diffusers' MotionAdapter (`transformer_blocks.0.attn1.to_q`, ...),
+so AnimateDiff-format weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """(1, length, dim): the standard sin/cos table, as AnimateDiff's PositionalEncoding."""
+    position = torch.arange(length).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, length, dim)
+    pe[0, :, 0::2] = torch.sin(position * div)
+    pe[0, :, 1::2] = torch.cos(position * div)
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_positions(max_len, dim))
+
+
+@dataclass
+class FramesKV:
+    """Per attention layer: position-free keys and values of frames, (N, frames, C), where N
+    is batch x latent pixels. What a temporal cache holds."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class TemporalBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=False, out_bias=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, bias=False, out_bias=True)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, activation_fn="geglu")
+        self.pos_embed = PositionalEncoding(dim, max_len)
+
+    def _attend(self, attn: Attention, x: torch.Tensor, past: FramesKV | None, record: list | None) -> torch.Tensor:
+        """Self-attention over frames. x: (N, f, C) normed; `past`: earlier frames' K(x), V(x).
+
+        Positions: the past frames take 0..P-1 and the current ones P..P+f-1.
+        """
+        n, f, c = x.shape
+        pe = self.pos_embed.pe.to(x.dtype)
+        key, value = attn.to_k(x), attn.to_v(x)  # position-free: what a cache keeps
+        if record is not None:
+            record.append(FramesKV(key, value))
+        p = 0
+        if past is not None:
+            p = past.key.shape[1]
+            key = torch.cat([past.key, key], dim=1)
+            value = torch.cat([past.value, value], dim=1)
+        if p + f > pe.shape[1]:
+            raise ValueError(f"a temporal window of {p + f} frames exceeds the module's {pe.shape[1]} positions")
+        # to_k/to_v are bias-free, so projecting the table once gives each position's term.
+        key = key + attn.to_k(pe[:, : p + f])
+        value = value + attn.to_v(pe[:, : p + f])
+        query = attn.to_q(x + pe[:, p : p + f])
+        h, d = attn.heads, c // attn.heads
+        q = query.view(n, f, h, d).transpose(1, 2)
+        k = key.view(n, p + f, h, d).transpose(1, 2)
+        v = value.view(n, p + f, h, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, f, c)
+        return attn.to_out[0](out)
+
+    def forward(self, x: torch.Tensor, past: tuple[FramesKV, FramesKV] | None = None,
+                record: list | None = None) -> torch.Tensor:
+        x = self._attend(self.attn1, self.norm1(x), past[0] if past else None, record) + x
+        x = self._attend(self.attn2, self.norm2(x), past[1] if past else None, record) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class TemporalModule(nn.Module):
+    """One motion module on (batch * frames, C, H, W) features, frames contiguous per clip."""
+
+    def __init__(self, channels: int, heads: int, max_len: int, norm_groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([TemporalBlock(channels, heads, max_len)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, frames: int, past: tuple[FramesKV, FramesKV] | None = None,
+                record: list | None = None) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        b = bf // frames
+        y = self.norm(x)  # per frame, as the released code (a 4-D GroupNorm)
+        y = y.permute(0, 2, 3, 1).reshape(b, frames, h * w, c).transpose(1, 2).reshape(b * h * w, frames, c)
+        y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, past, record)
+        y = self.proj_out(y)
+        y = y.reshape(b, h * w, frames, c).transpose(1, 2).reshape(bf, h, w, c).permute(0, 3, 1, 2)
+        return x + y
+
+
+class MotionLevel(nn.Module):
+    def __init__(self, channels: int, count: int, heads: int, max_len: int, norm_groups: int):
+        super().__init__()
+        self.motion_modules = nn.ModuleList(
+            [TemporalModule(channels, heads, max_len, norm_groups) for _ in range(count)])
+
+
+class MotionModules(nn.Module):
+    """All temporal modules of the UNet: `layers_per_block` per down level, one more per up
+    level (one per output block), none in the middle; named as diffusers' MotionAdapter."""
+
+    def __init__(self, block_out_channels: tuple[int, ...], layers_per_block: int, heads: int, max_len: int,
+                 norm_groups: int = 32):
+        super().__init__()
+        self.down_blocks = nn.ModuleList(
+            [MotionLevel(c, layers_per_block, heads, max_len, norm_groups) for c in block_out_channels])
+        self.up_blocks = nn.ModuleList(
+            [MotionLevel(c, layers_per_block + 1, heads, max_len, norm_groups) for c in reversed(block_out_channels)])
+
+    def in_order(self) -> list[TemporalModule]:
+        """Every module in the order the UNet's forward calls them."""
+        return [m for level in (*self.down_blocks, *self.up_blocks) for m in level.motion_modules]

@@ -1,0 +1,127 @@
+"""The denoising UNet as X-Portrait wires it: diffusers' SD1.5 UNet2DConditionModel with the
+temporal modules placed where the released code places them, and ControlNet residuals.
+
+diffusers' own UNetMotionModel cannot be used as is: the released modules run after every
+ldm block *including its upsampler* (diffusers runs them before it), and normalise per frame.
+So this module walks the diffusers blocks itself, top to bottom:
+
+    conv_in
+    down level k: (resnet, attention?, temporal) x layers, downsample      -> skip features
+    + ControlNet down residuals on the skips
+    mid: resnet, attention, resnet (no temporal module) + ControlNet mid residual
+    up level k: (concat skip, resnet, attention?, [upsample if last], temporal) x (layers + 1)
+    norm, act, conv_out
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from .temporal import FramesKV, MotionModules
+
+
+def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
+    return unet.time_embedding(unet.time_proj(t).to(dtype))
+
+
+def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
+         motion: MotionModules | None = None, frames: int = 1,
+         down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+         temporal_past: Sequence | None = None, temporal_record: list | None = None,
+         with_output: bool = True) -> torch.Tensor | None:
+    """One UNet evaluation. `sample` is (batch * frames, 4, h, w); `text` broadcasts over it.
+
+    Without `with_output` the walk stops after the last up block (the reference net has no
+    output conv: only what its attention layers record matters).
+    `temporal_past[i]` holds cached earlier frames for the i-th temporal module (in call
+    order); `temporal_record` collects each module's new frames' keys/values.
+    """
+    b = sample.shape[0]
+    emb = time_embedding(unet, timestep, b, sample.dtype)
+    if text.shape[0] != b:
+        text = text.expand(b, -1, -1)
+    modules = iter(motion.in_order()) if motion is not None else None
+    pasts = iter(temporal_past) if temporal_past is not None else None
+
+    def temporal(h: torch.Tensor) -> torch.Tensor:
+        if modules is None:
+            return h
+        module = next(modules)
+        past = next(pasts) if pasts is not None else None
+        record = [] if temporal_record is not None else None
+        h = module(h, frames, past, record)
+        if record is not None:
+            temporal_record.append((record[0], record[1]))
+        return h
+
+    h = unet.conv_in(sample)
+    skips = [h]
+    for block in unet.down_blocks:
+        attentions = getattr(block, "attentions", None)
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(h, emb)
+            if attentions is not None:
+                h = attentions[i](h, encoder_hidden_states=text, return_dict=False)[0]
+            h = temporal(h)
+            skips.append(h)
+        if block.downsamplers is not None:
+            h = block.downsamplers[0](h)
+            skips.append(h)
+    if down_residuals is not None:
+        skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+
+    mid = unet.mid_block
+    h = mid.resnets[0](h, emb)
+    h = mid.attentions[0](h, encoder_hidden_states=text, return_dict=False)[0]
+    h = mid.resnets[1](h, emb)
+    if mid_residual is not None:
+        h = h + mid_residual
+
+    for block in unet.up_blocks:
+        attentions = getattr(block, "attentions", None)
+        last = len(block.resnets) - 1
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if attentions is not None:
+                h = attentions[i](h, encoder_hidden_states=text, return_dict=False)[0]
+            if i == last and block.upsamplers is not None:
+                h = block.upsamplers[0](h)
+            h = temporal(h)
+    if not with_output:
+        return None
+    h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+class ReferenceNet(nn.Module):
+    """The appearance module's network: an SD1.5-shaped UNet without the output conv."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        unet.conv_norm_out = None  # not in the released weights: the net's output is never used
+        unet.conv_out = None
+        self.unet = unet
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> None:
+        walk(self.unet, latent, timestep, text, with_output=False)
+
+
+class TemporalUNet(nn.Module):
+    """SD1.5 UNet + temporal modules. Parameters under `unet.` and `motion.`."""
+
+    def __init__(self, unet: UNet2DConditionModel, motion: MotionModules):
+        super().__init__()
+        self.unet = unet
+        self.motion = motion
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
+                down_residuals=None, mid_residual=None, temporal_past=None,
+                temporal_record: list[tuple[FramesKV, FramesKV]] | None = None) -> torch.Tensor:
+        return walk(self.unet, sample, timestep, text, motion=self.motion, frames=frames,
+                    down_residuals=down_residuals, mid_residual=mid_residual,
+                    temporal_past=temporal_past, temporal_record=temporal_record)
