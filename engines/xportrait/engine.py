@@ -1,0 +1,139 @@
+"""The X-Portrait diffusion engine, offline: the Engine protocol over XPortraitPipeline.
+
+The offline method needs the whole clip (windows overlap around every frame, and every
+denoising step runs over all frames), so `step` keeps each aligned driving frame and its
+local control image, and `flush` renders them all. The streaming engine, which renders
+frame by frame, is a separate class.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
+from ..face import local_control_image, local_patch_boxes
+from .config import XPortraitConfig
+from .pipeline import SamplerSettings, XPortraitPipeline
+
+RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS - NOT A REAL MODEL"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"--device {device}: no CUDA GPU is available to torch here")
+    return torch.device(device)
+
+
+def to_tensor(images: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) images -> (N, 3, H, W) in [-1, 1]."""
+    batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
+    return batch.to(dtype) / 127.5 - 1.0
+
+
+def to_images(frames: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 RGB (N, H, W, 3)."""
+    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def stamp(image: np.ndarray, text: str) -> np.ndarray:
+    """Burn a label into a frame, so that no output of random weights passes for a result."""
+    h, w = image.shape[:2]
+    scale = max(w / 900, 0.3)
+    thickness = max(1, round(scale * 2))
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    cv2.rectangle(image, (0, 0), (min(w, tw + 8), th + 10), (0, 0, 0), -1)
+    cv2.putText(image, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 64, 64), thickness, cv2.LINE_AA)
+    return image
+
+
+class XPortraitEngine:
+    name = "xportrait"
+    needs_driving_image = True
+
+    def __init__(self, size: int = 512, base: str | None = None, checkpoint: str | None = None,
+                 lcm_lora: str | None = None, steps: int | None = None, guidance: float | None = None,
+                 random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
+                 dtype: str | None = None, seed: int = 999, window: int = 16, overlap: int = 4,
+                 offsets: str = "random", shared_noise: bool = False):
+        if not random_weights and checkpoint is None:
+            raise EngineError("the xportrait engine needs --checkpoint (the released model_state-*.th) and "
+                              "--base (Stable Diffusion 1.5), or --random-weights to measure cost without weights")
+        if model_size not in ("sd15", "tiny"):
+            raise EngineError(f"model size must be 'sd15' or 'tiny', got {model_size!r}")
+        self.size = size
+        self.random_weights = random_weights
+        self.device = pick_device(device)
+        self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
+                      "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
+        sampler = "lcm" if lcm_lora else "ddim"
+        defaults = SamplerSettings.lcm() if lcm_lora else SamplerSettings.released()
+        self.settings = SamplerSettings(
+            sampler=sampler, steps=steps or defaults.steps,
+            guidance=defaults.guidance if guidance is None else guidance,
+            window=window, overlap=overlap, offsets=offsets, shared_noise=shared_noise, seed=seed)
+        try:
+            self.settings.validate()
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
+        from .loading import load_model
+
+        self.model = load_model(config, base=base, checkpoint=checkpoint, lcm_lora=lcm_lora,
+                                random_weights=random_weights, seed=seed, dtype=self.dtype, device=self.device)
+        self.pipeline = XPortraitPipeline(self.model, self.settings)
+        self._sources: torch.Tensor | None = None
+        self._driving: list[np.ndarray] = []
+        self._local: list[np.ndarray] = []
+        self._tags: list = []
+        self._timings = Timings()
+
+    @property
+    def timings(self) -> Timings:
+        return self._timings
+
+    def prepare(self, sources: Sequence[SourcePortrait]) -> None:
+        if not sources:
+            raise EngineError("the xportrait engine needs at least one source portrait")
+        for s in sources:
+            if s.image.shape[:2] != (self.size, self.size):
+                raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {self.size}")
+        self._sources = to_tensor([s.image for s in sources], self.device, self.dtype)
+        self.reset()
+
+    def step(self, frame: DrivingFrame) -> None:
+        if self._sources is None:
+            raise EngineError("prepare() the engine with a source first")
+        if frame.image is None:
+            raise EngineError("the xportrait engine needs the aligned driving image")
+        self._driving.append(frame.image.copy())  # the caller reuses its buffer
+        self._local.append(local_control_image(frame.image, local_patch_boxes(frame.landmarks, self.size)))
+        self._tags.append(frame.tag)
+        return None
+
+    def flush(self) -> list[Rendered]:
+        if not self._driving:
+            return []
+        t0 = time.perf_counter()
+        frames = self.pipeline(self._sources, to_tensor(self._driving, self.device, self.dtype),
+                               to_tensor(self._local, self.device, self.dtype))
+        images = to_images(frames)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        self._timings.record("pipeline", elapsed)
+        self._timings.record("per_frame", elapsed / len(images))
+        self._timings.steps += len(images)
+        if self.random_weights:
+            images = [stamp(np.ascontiguousarray(im), RANDOM_WEIGHTS_LABEL) for im in images]
+        out = [Rendered(im, tag) for im, tag in zip(images, self._tags)]
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        self._driving, self._local, self._tags = [], [], []
