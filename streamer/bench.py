@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import ENGINES, EngineError, create_engine
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
 from engines.animator import Animator
 from engines.face import NoFaceError
 
@@ -38,13 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-frames", type=int, default=5,
                         help="frames for the slow baseline (0 skips it; default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--offline-steps", default="4,8",
+                        help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
+    add_engine_arguments(parser)
 
 
 def _load_source(spec: str) -> np.ndarray:
-    from .samples import PORTRAITS, portrait
+    if not Path(spec).exists():
+        from .samples import portrait
 
-    if spec in PORTRAITS:
-        return portrait(spec)
+        return portrait(spec)  # a bundled name, or a ValueError naming them
     from PIL import Image
 
     with Image.open(spec) as im:
@@ -131,12 +134,75 @@ def warp_baseline(animator: Animator, frames: list[np.ndarray], count: int) -> d
             "ms_per_frame": float(np.mean(times)) if times else float("nan")}
 
 
+def bench_xportrait_offline(args: argparse.Namespace) -> dict:
+    """The offline diffusion engine on one temporal window: seconds, frames/s and peak GPU
+    memory per sampler setting, the released sampler (DDIM 31 steps + CFG 5) as baseline."""
+    import torch
+
+    from engines.xportrait.pipeline import SamplerSettings, XPortraitPipeline
+
+    import cv2
+
+    from engines.base import DrivingFrame, SourcePortrait
+
+    # Cost does not depend on what the frames show, and GPU hosts may lack the face mesh and
+    # video decoders: the portrait, resized, and turned a little per frame drives the window.
+    engine = create_engine("xportrait", args.size, **engine_options(args))
+    size = args.size
+    source = cv2.resize(_load_source(args.source), (size, size), interpolation=cv2.INTER_AREA)
+    engine.prepare([SourcePortrait(source, np.zeros((478, 3), np.float32))])
+    window = engine.settings.window
+    landmarks = np.zeros((478, 3), np.float32)
+    landmarks[:, :2] = size / 2  # the local patches' centres: the middle of the frame
+    frames = [cv2.warpAffine(source, cv2.getRotationMatrix2D((size / 2, size / 2), 2.0 * k, 1.0), (size, size))
+              for k in range(window)]
+    cuda = engine.device.type == "cuda"
+    settings = [(f"lcm {n} steps", SamplerSettings(**{**SamplerSettings.lcm(int(n)).__dict__, "seed": args.seed}))
+                for n in args.offline_steps.split(",") if n.strip()]
+    settings.append(("baseline: released ddim 30 (31 evaluations) + cfg 5", SamplerSettings.released()))
+    runs = []
+    for i, (label, sampler) in enumerate([("warm-up", SamplerSettings.lcm(1))] + settings):
+        engine.pipeline = XPortraitPipeline(engine.model, sampler)
+        for k, frame in enumerate(frames):
+            engine.step(DrivingFrame(landmarks, landmarks, k / 25, image=frame, tag=k))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        rendered = engine.flush()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if i == 0:
+            continue
+        runs.append({"sampler": label, "frames": len(rendered), "seconds": seconds, "fps": len(rendered) / seconds,
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+    return {"engine": "xportrait (offline, one window)", "size": args.size, "dtype": str(engine.dtype),
+            "device": torch.cuda.get_device_name() if cuda else machine_name(),
+            "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "window": window, "runs": runs}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "xportrait":
+        try:
+            result = bench_xportrait_offline(args)
+        except (EngineError, NoFaceError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, "
+              f"weights: {result['weights']}, window {result['window']} frames")
+        for r in result["runs"]:
+            peak = f", peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+            print(f"  {r['sampler']:<52} {r['seconds']:8.2f} s  {r['fps']:7.2f} frames/s{peak}")
+        return 0
     if args.frames <= args.warmup:
         print("error: --frames must exceed --warmup", file=sys.stderr)
         return 2
     try:
-        engine = create_engine(args.engine, args.size)
+        engine = create_engine(args.engine, args.size, **engine_options(args))
         animator = Animator(engine)
         animator.set_sources([_load_source(args.source)])
         frames = _driving_frames(args.driving, args.frames)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import ENGINES, EngineError, create_engine
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
 
 from .video import VideoError, VideoWriter, probe, read_frames
 
@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-frame", type=_ref_frame, default=None, metavar="INDEX|auto",
                         help="driving frame that stands for the portrait's own pose and expression; "
                              "auto (default) picks the frame whose face is closest to the portrait's")
+    add_engine_arguments(parser)
 
 
 def load_image(path: str) -> np.ndarray:
@@ -156,7 +157,9 @@ def animate(args: argparse.Namespace) -> int:
     from engines.animator import Animator
     from engines.face import FaceTracker, NoFaceError, best_reference_frame
 
-    engine = create_engine(args.engine, size=args.size)
+    engine = create_engine(args.engine, size=args.size, **engine_options(args))
+    if getattr(engine, "random_weights", False):
+        print(f"{PROG}: WARNING: random weights: the output is labelled and shows no real animation", file=sys.stderr)
     animator = Animator(engine, tracker=FaceTracker(video=True))
     try:
         try:

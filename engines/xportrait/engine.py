@@ -58,7 +58,8 @@ class XPortraitEngine:
     needs_driving_image = True
 
     def __init__(self, size: int = 512, base: str | None = None, checkpoint: str | None = None,
-                 lcm_lora: str | None = None, steps: int | None = None, guidance: float | None = None,
+                 lcm_lora: str | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, window: int = 16, overlap: int = 4,
                  offsets: str = "random", shared_noise: bool = False):
@@ -73,8 +74,10 @@ class XPortraitEngine:
         self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
                       "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
-        sampler = "lcm" if lcm_lora else "ddim"
-        defaults = SamplerSettings.lcm() if lcm_lora else SamplerSettings.released()
+        # LCM sampling needs LCM weights; without them the released sampler is the default
+        # (--sampler lcm with --random-weights measures the cost of the few-step path).
+        sampler = sampler or ("lcm" if lcm_lora else "ddim")
+        defaults = SamplerSettings.lcm() if sampler == "lcm" else SamplerSettings.released()
         self.settings = SamplerSettings(
             sampler=sampler, steps=steps or defaults.steps,
             guidance=defaults.guidance if guidance is None else guidance,
