@@ -362,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
     config = Config(engine=args.engine, size=args.size, token=args.token or None, max_sessions=args.max_sessions,
                     max_upload_bytes=int(args.max_upload_mb * 2**20), idle_timeout=args.idle_timeout,
                     connect_timeout=args.connect_timeout)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
+        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
     server = Server(config)
     try:
         server.prepare()
