@@ -29,7 +29,7 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import cv2
@@ -38,7 +38,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engines import EngineError, create_engine
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
 from engines.animator import Animator
 from engines.face import MAX_SIDE, NoFaceError, downscale
 
@@ -99,6 +99,7 @@ def decode_image(data: bytes) -> np.ndarray:
 class Config:
     engine: str = "warp"
     size: int = 512
+    engine_options: dict = field(default_factory=dict)  # create_engine's keyword options
     token: str | None = None
     max_sessions: int = 4
     max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -127,7 +128,7 @@ class Server:
             _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
             self.thumbnails[name] = jpeg.tobytes()
         # Loads mediapipe's models and the engine's code, and proves both work on this machine.
-        animator = Animator(create_engine(self.config.engine, self.config.size))
+        animator = Animator(create_engine(self.config.engine, self.config.size, **self.config.engine_options))
         try:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
@@ -230,8 +231,9 @@ class Server:
                             "try again when one ends")
 
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # a local server needs no STUN
-        session = Session(pc, mode, self.config.engine, self.config.size, self._forget,
-                          self.config.idle_timeout, self.config.connect_timeout)
+        session = Session(pc, mode, lambda: create_engine(self.config.engine, self.config.size,
+                                                          **self.config.engine_options),
+                          self._forget, self.config.idle_timeout, self.config.connect_timeout)
         self.sessions[session.id] = session  # counts against --max-sessions from here on
 
         @pc.on("connectionstatechange")
@@ -324,7 +326,8 @@ def _fit(shape: tuple[int, ...], side: int) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--engine", default="warp", help="animation engine (default: warp)")
+    parser.add_argument("--engine", choices=ENGINES, default="warp",
+                        help="animation engine, one per session (default: warp)")
     parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
     parser.add_argument("--token", help="access token required on /offer, /avatar and /stats")
     parser.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions at most (default 4)")
@@ -334,6 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="close a session whose webcam sends nothing for this many seconds (default 15)")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="close a session that has no media this many seconds after its offer (default 30)")
+    add_engine_arguments(parser)
 
 
 async def serve(server: Server, host: str, port: int) -> None:
@@ -359,9 +363,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sessions < 1 or args.max_upload_mb <= 0 or args.idle_timeout <= 0 or args.connect_timeout <= 0:
         print("xportrait serve: --max-sessions, --max-upload-mb and the timeouts must be positive", file=sys.stderr)
         return 2
-    config = Config(engine=args.engine, size=args.size, token=args.token or None, max_sessions=args.max_sessions,
-                    max_upload_bytes=int(args.max_upload_mb * 2**20), idle_timeout=args.idle_timeout,
-                    connect_timeout=args.connect_timeout)
+    try:
+        options = engine_options(args)
+    except EngineError as exc:
+        print(f"xportrait serve: {exc}", file=sys.stderr)
+        return 2
+    config = Config(engine=args.engine, size=args.size, engine_options=options, token=args.token or None,
+                    max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
     server = Server(config)

@@ -25,7 +25,7 @@ from aiortc.contrib.media import MediaBlackhole
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
-from engines import create_engine
+from engines import Engine
 from engines.animator import Animator
 
 from .stats import SessionStats
@@ -98,7 +98,7 @@ class AvatarTrack(MediaStreamTrack):
 
 
 class Session:
-    def __init__(self, pc: RTCPeerConnection, mode: str, engine: str, size: int,
+    def __init__(self, pc: RTCPeerConnection, mode: str, make_engine: Callable[[], Engine],
                  on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
@@ -113,7 +113,7 @@ class Session:
         self.closed = False
         self.close_reason = ""
         self.errors = 0
-        self._engine_name, self._size = engine, size
+        self._make_engine = make_engine
         self._on_closed = on_closed
         self._idle_timeout, self._connect_timeout = idle_timeout, connect_timeout
         self._created = time.perf_counter()
@@ -140,7 +140,7 @@ class Session:
         return done
 
     def _build(self, image: np.ndarray) -> None:
-        animator = Animator(create_engine(self._engine_name, self._size))
+        animator = Animator(self._make_engine())
         try:
             animator.set_sources([image])
         except BaseException:

@@ -149,7 +149,10 @@ def test_client_reports_refusals_and_bad_input(server, clip, tmp_path):
 def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
     result = subprocess.run(xportrait("serve", "--engine", "nope", "--port", "0"), capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 2 and "unknown engine 'nope'" in result.stderr
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+    result = subprocess.run(xportrait("serve", "--size", "100", "--port", "0"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "size must be a multiple of 8" in result.stderr
     port = server.rsplit(":", 1)[1]
     result = subprocess.run(xportrait("serve", "--port", port), capture_output=True, text=True, timeout=120,
                             env={**os.environ})
