@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import aiohttp
@@ -34,7 +35,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from streamer.rtp import complete_frames_on_marker
+from streamer.rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from streamer.video import VideoError, VideoWriter, open_video, probe
 
 logger = logging.getLogger("xportrait.client")
@@ -186,6 +187,8 @@ async def stream(server: str, path: str, mode: str, *, output: str | None = None
                  connect_timeout: float = 15.0) -> dict:
     """One session: send the file, receive the avatar, return the report."""
     complete_frames_on_marker()  # as the server does: no frame waits for the next one
+    if is_loopback(urlsplit(server).hostname or ""):
+        keep_media_on_loopback()  # a server on this machine: media stays on loopback as well
     webcam = FileTrack(path, duration=duration, loop=loop)
     recorder = Recorder(output, webcam.fps)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

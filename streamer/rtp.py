@@ -39,3 +39,27 @@ class MarkerJitterBuffer(JitterBuffer):
 def complete_frames_on_marker() -> None:
     """Make every RTCRtpReceiver created from now on use MarkerJitterBuffer (idempotent)."""
     aiortc.rtcrtpreceiver.JitterBuffer = MarkerJitterBuffer
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def keep_media_on_loopback() -> None:
+    """Offer ICE host candidates on 127.0.0.1 only (idempotent).
+
+    aioice leaves loopback out of its candidates, so media between two programs on one
+    machine would go over the machine's network address even when signalling is on
+    127.0.0.1. A server bound to loopback serves this machine alone: its media stays on
+    loopback too, and so does a client talking to such a server.
+    """
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = _loopback_addresses
+
+
+def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return (["127.0.0.1"] if use_ipv4 else []) + (["::1"] if use_ipv6 and not use_ipv4 else [])

@@ -42,7 +42,7 @@ from engines import ENGINES, EngineError, add_engine_arguments, create_engine, e
 from engines.animator import Animator
 from engines.face import MAX_SIDE, NoFaceError, downscale
 
-from .rtp import complete_frames_on_marker
+from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from .session import MODES, Session, SessionClosed, worker_threads
 
 logger = logging.getLogger("xportrait.server")
@@ -379,6 +379,8 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
+    if is_loopback(args.host):
+        keep_media_on_loopback()
     try:
         asyncio.run(serve(server, args.host, args.port))
     except OSError as exc:

@@ -38,6 +38,7 @@ CHROMIUM_FLAGS = (
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
     "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
     "--remote-allow-origins=*", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--allow-loopback-in-peer-connection",  # the server offers loopback candidates only
 )
 
 PAGE_STATE = """(() => {
