@@ -38,6 +38,7 @@ class SamplerSettings:
     offsets: str = "random"  # "random" (released) or "fixed"
     shared_noise: bool = False  # one noise image for every frame (steadier) instead of one each
     seed: int = 999
+    decode_batch: int = 4  # frames the VAE decodes at once: its 512² activations dominate peak memory
 
     @classmethod
     def released(cls) -> "SamplerSettings":
@@ -152,4 +153,4 @@ class XPortraitPipeline:
             if progress:
                 progress(i + 1, len(timesteps))
 
-        return torch.cat([model.decode(chunk) for chunk in x.split(s.window)])
+        return torch.cat([model.decode(chunk) for chunk in x.split(s.decode_batch)])
