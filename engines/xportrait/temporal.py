@@ -44,10 +44,20 @@ class PositionalEncoding(nn.Module):
 @dataclass
 class FramesKV:
     """Per attention layer: position-free keys and values of frames, (N, frames, C), where N
-    is batch x latent pixels. What a temporal cache holds."""
+    is clips x latent pixels. What a temporal cache holds."""
 
     key: torch.Tensor
     value: torch.Tensor
+
+
+@dataclass
+class TemporalPast:
+    """Earlier frames for one temporal module: FramesKV for its two attentions, and which
+    cached frames are real, `valid` (clips, P) (None: all). Valid frames are the newest
+    (right-aligned); they take positions 0..c-1 and the current frames follow."""
+
+    kv: tuple[FramesKV, FramesKV]
+    valid: torch.Tensor | None = None
 
 
 class TemporalBlock(nn.Module):
@@ -61,38 +71,49 @@ class TemporalBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.pos_embed = PositionalEncoding(dim, max_len)
 
-    def _attend(self, attn: Attention, x: torch.Tensor, past: FramesKV | None, record: list | None) -> torch.Tensor:
-        """Self-attention over frames. x: (N, f, C) normed; `past`: earlier frames' K(x), V(x).
-
-        Positions: the past frames take 0..P-1 and the current ones P..P+f-1.
-        """
+    def _attend(self, attn: Attention, x: torch.Tensor, past: FramesKV | None, valid: torch.Tensor | None,
+                record: list | None) -> torch.Tensor:
+        """Self-attention over frames. x: (N, f, C) normed; `past`: earlier frames' K(x), V(x)."""
         n, f, c = x.shape
-        pe = self.pos_embed.pe.to(x.dtype)
+        pe = self.pos_embed.pe[0].to(x.dtype)  # (max_len, C)
         key, value = attn.to_k(x), attn.to_v(x)  # position-free: what a cache keeps
         if record is not None:
             record.append(FramesKV(key, value))
-        p = 0
+        p = 0 if past is None else past.key.shape[1]
+        if p + f > pe.shape[0]:
+            raise ValueError(f"a temporal window of {p + f} frames exceeds the module's {pe.shape[0]} positions")
         if past is not None:
-            p = past.key.shape[1]
             key = torch.cat([past.key, key], dim=1)
             value = torch.cat([past.value, value], dim=1)
-        if p + f > pe.shape[1]:
-            raise ValueError(f"a temporal window of {p + f} frames exceeds the module's {pe.shape[1]} positions")
-        # to_k/to_v are bias-free, so projecting the table once gives each position's term.
-        key = key + attn.to_k(pe[:, : p + f])
-        value = value + attn.to_v(pe[:, : p + f])
-        query = attn.to_q(x + pe[:, p : p + f])
+        mask = None
+        if valid is None:  # every frame real: positions 0..p+f-1 for all rows
+            # to_k/to_v are bias-free, so projecting the table gives each position's term.
+            key = key + attn.to_k(pe[: p + f])
+            value = value + attn.to_v(pe[: p + f])
+            query = attn.to_q(x + pe[p : p + f])
+        else:  # per clip: its c real frames at 0..c-1, the current ones from c
+            b = valid.shape[0]
+            rows = n // b
+            count = valid.sum(dim=1, keepdim=True)
+            current = count + torch.arange(f, device=x.device)
+            positions = torch.cat([(valid.cumsum(dim=1) - 1).clamp(min=0), current], dim=1)  # (b, p+f)
+            key = (key.view(b, rows, p + f, c) + attn.to_k(pe)[positions][:, None]).view(n, p + f, c)
+            value = (value.view(b, rows, p + f, c) + attn.to_v(pe)[positions][:, None]).view(n, p + f, c)
+            query = attn.to_q((x.view(b, rows, f, c) + pe[current][:, None]).view(n, f, c))
+            keep = torch.cat([valid, torch.ones(b, f, dtype=torch.bool, device=x.device)], dim=1)
+            mask = keep.repeat_interleave(rows, dim=0)[:, None, None, :]  # (n, 1, 1, p+f)
         h, d = attn.heads, c // attn.heads
         q = query.view(n, f, h, d).transpose(1, 2)
         k = key.view(n, p + f, h, d).transpose(1, 2)
         v = value.view(n, p + f, h, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, f, c)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, f, c)
         return attn.to_out[0](out)
 
-    def forward(self, x: torch.Tensor, past: tuple[FramesKV, FramesKV] | None = None,
-                record: list | None = None) -> torch.Tensor:
-        x = self._attend(self.attn1, self.norm1(x), past[0] if past else None, record) + x
-        x = self._attend(self.attn2, self.norm2(x), past[1] if past else None, record) + x
+    def forward(self, x: torch.Tensor, past: TemporalPast | None = None, record: list | None = None) -> torch.Tensor:
+        kv = past.kv if past is not None else (None, None)
+        valid = past.valid if past is not None else None
+        x = self._attend(self.attn1, self.norm1(x), kv[0], valid, record) + x
+        x = self._attend(self.attn2, self.norm2(x), kv[1], valid, record) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -106,7 +127,7 @@ class TemporalModule(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalBlock(channels, heads, max_len)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, frames: int, past: tuple[FramesKV, FramesKV] | None = None,
+    def forward(self, x: torch.Tensor, frames: int, past: TemporalPast | None = None,
                 record: list | None = None) -> torch.Tensor:
         bf, c, h, w = x.shape
         b = bf // frames

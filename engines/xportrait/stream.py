@@ -1,0 +1,200 @@
+"""Streaming X-Portrait: few-step LCM denoising of a live frame sequence, a stream batch.
+
+With S LCM steps (timesteps t_0 > ... > t_{S-1}), S frames are in flight at once, frame i at
+level k having entered k ticks ago. Each tick one UNet call on the batch of S denoises every
+frame in flight by one level: the new driving frame enters at t_0 (its latent: the source
+latent forward-diffused with fixed noise), the oldest leaves clean and only it is decoded.
+A frame is out S - 1 ticks after it came in.
+
+Temporal attention is causal: at level k a frame attends over the last W - 1 frames' keys
+and values *at level k* (one cache per level), recorded when those frames were there.
+Reference keys/values depend only on the source and the timestep: one set per level,
+computed at prepare.
+
+`render_causal` computes the same frames the plain way, frame after frame and step after
+step: the offline definition the streaming engine is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import LCMScheduler
+
+from .model import ReferenceKV, XPortraitModel
+from .temporal import FramesKV, TemporalPast
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    steps: int = 4  # LCM steps = frames in flight
+    window: int = 16  # temporal window: the current frame and W - 1 before it
+    seed: int = 999
+
+    def validate(self, max_len: int) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if not 1 <= self.window <= max_len:
+            raise ValueError(f"window must be in [1, {max_len}] (the temporal modules' positions), got {self.window}")
+
+
+class LCMLevels:
+    """The LCM step at each level, as per-level coefficients (so a batch of frames at
+    different levels steps at once), with fixed noise per level shared by all frames."""
+
+    def __init__(self, model: XPortraitModel, settings: StreamSettings, device, dtype):
+        config = model.config
+        scheduler = LCMScheduler(num_train_timesteps=config.train_timesteps, beta_start=config.beta_start,
+                                 beta_end=config.beta_end, beta_schedule="scaled_linear", prediction_type="epsilon",
+                                 set_alpha_to_one=True, timestep_spacing="leading")
+        scheduler.set_timesteps(settings.steps)
+        t = scheduler.timesteps
+        self.timesteps = t.to(device)
+        a = scheduler.alphas_cumprod[t].double()
+        skip, out = zip(*(scheduler.get_scalings_for_boundary_condition_discrete(int(x)) for x in t))
+        a_next = torch.cat([a[1:], torch.ones(1, dtype=a.dtype)])  # the last level re-noises nothing
+        shape = (-1, 1, 1, 1)
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float64).view(shape).to(device, dtype)
+        self.sqrt_a, self.sqrt_b = as_tensor(a.sqrt()), as_tensor((1 - a).sqrt())
+        self.c_skip, self.c_out = as_tensor(skip), as_tensor(out)
+        self.next_sqrt_a, self.next_sqrt_b = as_tensor(a_next.sqrt()), as_tensor((1 - a_next).sqrt())
+        self.steps = len(t)
+        latent = (4, config.latent_size, config.latent_size)
+        generator = torch.Generator().manual_seed(settings.seed)
+        # noise[0] seeds each entering frame, noise[k] re-noises into level k: fixed across frames
+        # (no flicker from noise alone).
+        self.noise = torch.randn((self.steps, *latent), generator=generator).to(device, dtype)
+
+    def enter(self, source_latent: torch.Tensor) -> torch.Tensor:
+        return self.sqrt_a[0] * source_latent + self.sqrt_b[0] * self.noise[0]
+
+    def denoise(self, x: torch.Tensor, eps: torch.Tensor, levels: slice) -> torch.Tensor:
+        """The LCM estimate of the clean latent, for frames at `levels`."""
+        x0 = (x - self.sqrt_b[levels] * eps) / self.sqrt_a[levels]
+        return self.c_out[levels] * x0 + self.c_skip[levels] * x
+
+    def renoise(self, clean: torch.Tensor, levels: slice) -> torch.Tensor:
+        """Into the next level: frames that were at `levels`."""
+        noise = self.noise[levels.start + 1 : (levels.stop or self.steps) + 1]
+        return self.next_sqrt_a[levels] * clean + self.next_sqrt_b[levels] * noise
+
+
+def reference_per_level(model: XPortraitModel, source_latents: list[torch.Tensor], timesteps: torch.Tensor) -> ReferenceKV:
+    """Every level's reference keys/values, stacked along the batch: (levels, tokens, C)."""
+    per_level = [model.reference_features(source_latents, t) for t in timesteps]
+    return {name: (torch.cat([r[name][0] for r in per_level]), torch.cat([r[name][1] for r in per_level]))
+            for name in per_level[0]}
+
+
+@torch.no_grad()
+def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torch.Tensor, driving: torch.Tensor,
+                  local: torch.Tensor) -> torch.Tensor:
+    """Offline, causal: frame by frame, each through every LCM step, attending at each step
+    over the previous W - 1 frames at that step. Returns clean latents (N, 4, h, w)."""
+    levels = LCMLevels(model, settings, sources.device, sources.dtype)
+    latents = model.encode(sources)
+    source_latents = [z[None] for z in latents]
+    references = [model.reference_features(source_latents, t) for t in levels.timesteps]
+    history: list[list[list[tuple[FramesKV, FramesKV]]]] = [[] for _ in range(levels.steps)]  # [level][frame][module]
+    out = []
+    for f in range(driving.shape[0]):
+        x = levels.enter(latents[:1])
+        for k, t in enumerate(levels.timesteps):
+            recent = history[k][-(settings.window - 1):] if settings.window > 1 else []
+            past = None
+            if recent:
+                past = [TemporalPast(tuple(FramesKV(torch.cat([frame[m][j].key for frame in recent], dim=1),
+                                                    torch.cat([frame[m][j].value for frame in recent], dim=1))
+                                           for j in range(2)))
+                        for m in range(len(recent[0]))]
+            record: list = []
+            eps = model.predict_noise(x, t, 1, references[k], driving[f : f + 1], local[f : f + 1],
+                                      temporal_past=past, temporal_record=record)
+            history[k].append(record)
+            clean = levels.denoise(x, eps, slice(k, k + 1))
+            x = levels.renoise(clean, slice(k, k + 1)) if k < levels.steps - 1 else clean
+        out.append(x)
+    return torch.cat(out)
+
+
+class StreamingDenoiser:
+    """The stream batch and its caches. `tick` takes one frame's hints and returns the clean
+    latent of the frame that leaves (with its tag), or None while the batch fills."""
+
+    def __init__(self, model: XPortraitModel, settings: StreamSettings, device, dtype):
+        settings.validate(model.config.motion_max_len)
+        self.model, self.settings = model, settings
+        self.levels = LCMLevels(model, settings, device, dtype)
+        self.device, self.dtype = device, dtype
+        self._modules = model.unet.motion.in_order()
+        self.reference: ReferenceKV | None = None
+
+    @torch.no_grad()
+    def prepare(self, sources: torch.Tensor) -> None:
+        """Per source: its latent, the entering latent, every level's reference features."""
+        latents = self.model.encode(sources)
+        self.entering = self.levels.enter(latents[:1])
+        self.reference = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the batch and the temporal caches (a new driving stream)."""
+        s, res = self.levels.steps, self.model.config.resolution
+        c, h = 4, self.model.config.latent_size
+        self.x = torch.zeros((s, c, h, h), device=self.device, dtype=self.dtype)
+        self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=self.dtype)
+        self.local = torch.zeros_like(self.pose)
+        self.occupied = torch.zeros(s, dtype=torch.bool, device=self.device)
+        self.tags: list = [None] * s
+        past = self.settings.window - 1
+        self.valid = torch.zeros((s, past), dtype=torch.bool, device=self.device)
+        self.cache: list[list[torch.Tensor]] | None = None  # per module: K1, V1, K2, V2, (levels*HW, P, C)
+        self._past = past
+
+    def _temporal_past(self) -> list[TemporalPast] | None:
+        if self._past == 0 or self.cache is None:
+            return None
+        return [TemporalPast((FramesKV(k1, v1), FramesKV(k2, v2)), self.valid) for k1, v1, k2, v2 in self.cache]
+
+    def _remember(self, record: list[tuple[FramesKV, FramesKV]]) -> None:
+        """Each level's newest frame joins that level's window; the oldest leaves."""
+        if self._past == 0:
+            return
+        if self.cache is None:  # first tick: shapes are known now
+            self.cache = [[torch.zeros(kv.key.shape[0], self._past, kv.key.shape[2], device=self.device,
+                                       dtype=self.dtype) for kv in (a, a, b, b)] for a, b in record]
+        for tensors, (a, b) in zip(self.cache, record):
+            for tensor, new in zip(tensors, (a.key, a.value, b.key, b.value)):
+                tensor[:, :-1] = tensor[:, 1:].clone()
+                tensor[:, -1:] = new
+        self.valid[:, :-1] = self.valid[:, 1:].clone()
+        self.valid[:, -1] = self.occupied
+
+    @torch.no_grad()
+    def tick(self, pose_hint: torch.Tensor | None, local_hint: torch.Tensor | None, tag=None):
+        """Advance every frame in flight by one level; a new frame enters unless hints are None."""
+        if self.reference is None:
+            raise RuntimeError("prepare() first")
+        levels = self.levels
+        # Everyone moves down a level; the new frame takes level 0.
+        self.pose[1:] = self.pose[:-1].clone()
+        self.local[1:] = self.local[:-1].clone()
+        self.occupied[1:] = self.occupied[:-1].clone()
+        self.tags = [tag] + self.tags[:-1]
+        entering = pose_hint is not None
+        self.occupied[0] = entering
+        if entering:
+            self.pose[0] = pose_hint[0]
+            self.local[0] = local_hint[0]
+        self.x[0] = self.entering
+
+        record: list = []
+        eps = self.model.predict_noise(self.x, levels.timesteps, 1, self.reference, self.pose, self.local,
+                                       temporal_past=self._temporal_past(), temporal_record=record)
+        self._remember(record)
+        clean = levels.denoise(self.x, eps, slice(0, levels.steps))
+        leaving = (clean[-1:].clone(), self.tags[-1]) if self.occupied[-1] else None
+        if levels.steps > 1:
+            self.x[1:] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
+        return leaving
