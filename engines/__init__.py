@@ -19,9 +19,11 @@ def create_engine(name: str, size: int = 512, **options) -> Engine:
 
         return WarpEngine(size=size, **options)
     if name == "xportrait":
-        from .xportrait.engine import XPortraitEngine
+        from .xportrait.engine import XPortraitEngine, XPortraitStreamEngine
 
-        return XPortraitEngine(size=size, **options)
+        if options.pop("stream", False):  # live: frame by frame, a few frames late
+            return XPortraitStreamEngine(size=size, **options)
+        return XPortraitEngine(size=size, **options)  # offline: the whole clip at once
     raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
 
 

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-frames", type=int, default=5,
                         help="frames for the slow baseline (0 skips it; default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--stream", action="store_true",
+                        help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
     parser.add_argument("--offline-steps", default="4,8",
                         help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
     add_engine_arguments(parser)
@@ -182,7 +184,133 @@ def bench_xportrait_offline(args: argparse.Namespace) -> dict:
             "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "window": window, "runs": runs}
 
 
+def _cost_inputs(args: argparse.Namespace, count: int):
+    """A portrait and `count` driving frames at the engine's size, with no face mesh or video
+    decoder needed (GPU hosts may have neither): cost does not depend on what frames show."""
+    import cv2
+
+    from engines.base import DrivingFrame
+
+    size = args.size
+    source = cv2.resize(_load_source(args.source), (size, size), interpolation=cv2.INTER_AREA)
+    landmarks = np.zeros((478, 3), np.float32)
+    landmarks[:, :2] = size / 2  # the local patches' centres: the middle of the frame
+    frames = [DrivingFrame(landmarks, landmarks, k / 30, tag=k,
+                           image=cv2.warpAffine(source, cv2.getRotationMatrix2D((size / 2, size / 2), 2.0 * (k % 16), 1.0),
+                                                (size, size)))
+              for k in range(count)]
+    return source, frames
+
+
+def bench_xportrait_stream(args: argparse.Namespace) -> dict:
+    """The live engine, eager and as a CUDA graph, and the naive baseline, in one run."""
+    import torch
+
+    from engines.base import SourcePortrait
+    from engines.xportrait.engine import XPortraitStreamEngine, to_tensor
+    from engines.xportrait.stream import StreamSettings, render_causal
+
+    options = {k: v for k, v in engine_options(args).items() if k not in ("sampler", "guidance")}
+    source, frames = _cost_inputs(args, args.frames)
+    portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
+    runs = []
+    for label, graph in (("stream batch, eager", False), ("stream batch, CUDA graph", True)):
+        engine = XPortraitStreamEngine(args.size, cuda_graph=graph, **options)
+        cuda = engine.device.type == "cuda"
+        if graph and not engine.cuda_graph:
+            label = "stream batch (no GPU: eager again)"
+        engine.prepare([portrait])
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for frame in frames[: args.warmup]:
+            engine.step(frame)
+        engine.reset()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        entered: dict = {}
+        latency, ticks = [], []
+        sync()
+        start = time.perf_counter()
+        for frame in frames[args.warmup:]:
+            t0 = time.perf_counter()
+            entered[frame.tag] = t0
+            out = engine.step(frame)  # returns once the leaving frame is on the host
+            t1 = time.perf_counter()
+            ticks.append((t1 - t0) * 1e3)
+            if out is not None:
+                latency.append((t1 - entered.pop(out.tag)) * 1e3)
+        sync()
+        elapsed = time.perf_counter() - start
+        runs.append({"engine": label, "frames": len(ticks), "fps": len(ticks) / elapsed,
+                     "tick_ms": {"p50": _percentile(ticks, 50), "p95": _percentile(ticks, 95)},
+                     "latency_ms": {"p50": _percentile(latency, 50), "p95": _percentile(latency, 95)},
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+    # Per module, eager, at the stream batch's shapes (CUDA events).
+    model, dtype, device = engine.model, engine.dtype, engine.device
+    denoiser = engine.denoiser
+    modules = {}
+    if device.type == "cuda":
+        def timed(fn, repeat=10):
+            fn()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(repeat):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return begin.elapsed_time(end) / repeat
+        with torch.no_grad():
+            t = denoiser.levels.timesteps
+            modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
+            modules["unet + reference + temporal"] = timed(lambda: model.unet(
+                denoiser.x, t, model.text, 1, temporal_past=denoiser._temporal_past()))
+            modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
+            modules["reference net (per source, per level)"] = timed(
+                lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)
+    # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
+    count = min(8, len(frames))
+    sources = to_tensor([source], device, dtype)
+    driving = to_tensor([f.image for f in frames[:count]], device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    settings = StreamSettings(steps=denoiser.settings.steps, window=denoiser.settings.window, seed=args.seed)
+    render_causal(model, settings, sources, driving[:2], driving[:2])  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    latents = render_causal(model, settings, sources, driving, driving)
+    for z in latents:
+        model.decode(z[None])
+    sync()
+    naive_ms = (time.perf_counter() - t0) * 1e3 / count
+    best = max(r["fps"] for r in runs)
+    return {"engine": "xportrait (live)", "size": args.size, "dtype": str(dtype),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else machine_name(),
+            "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "lcm_steps": settings.steps,
+            "window": settings.window, "runs": runs, "modules_ms": modules,
+            "baseline": {"name": "naive: frame by frame, eager, S sequential steps, full VAE", "frames": count,
+                         "ms_per_frame": naive_ms, "fps": 1e3 / naive_ms},
+            "speedup_vs_baseline": best / (1e3 / naive_ms)}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "xportrait" and args.stream:
+        try:
+            result = bench_xportrait_stream(args)
+        except (EngineError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, weights: "
+              f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}")
+        for r in result["runs"]:
+            peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+            print(f"  {r['engine']:<28} {r['fps']:7.1f} fps; tick p50 {r['tick_ms']['p50']:.1f} ms; frame in->out "
+                  f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
+        for name, ms in result["modules_ms"].items():
+            print(f"  {name:<40} {ms:7.2f} ms (eager)")
+        b = result["baseline"]
+        print(f"  baseline ({b['name']}): {b['fps']:.2f} fps; best engine run is {result['speedup_vs_baseline']:.1f}x")
+        return 0
     if args.engine == "xportrait":
         try:
             result = bench_xportrait_offline(args)

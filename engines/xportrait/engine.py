@@ -19,6 +19,7 @@ from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
 from ..face import local_control_image, local_patch_boxes
 from .config import XPortraitConfig
 from .pipeline import SamplerSettings, XPortraitPipeline
+from .stream import StreamSettings, StreamingDenoiser
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS - NOT A REAL MODEL"
 
@@ -140,3 +141,118 @@ class XPortraitEngine:
 
     def reset(self) -> None:
         self._driving, self._local, self._tags = [], [], []
+
+
+_models: dict[tuple, torch.nn.Module] = {}
+
+
+def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dtype, **weights):
+    """One model per set of weights in this process: live sessions share it (each has its own
+    stream state), so a second connection loads nothing."""
+    from .loading import load_model
+
+    key = (config, device, dtype, tuple(sorted(weights.items())))
+    if key not in _models:
+        _models[key] = load_model(config, dtype=dtype, device=device, **weights)
+    return _models[key]
+
+
+class XPortraitStreamEngine:
+    """The live engine: frame in, frame out S - 1 frames later (S LCM steps in flight).
+
+    On a GPU the whole tick (ControlNets, UNet with reference and temporal attention, LCM
+    update, VAE decode of the leaving frame) is one CUDA graph; the host copies the new
+    driving frame in and the rendered frame out.
+    """
+
+    name = "xportrait"
+    needs_driving_image = True
+
+    def __init__(self, size: int = 512, base: str | None = None, checkpoint: str | None = None,
+                 lcm_lora: str | None = None, steps: int | None = None, window: int = 16,
+                 random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
+                 dtype: str | None = None, seed: int = 999, cuda_graph: bool = True,
+                 sampler: str | None = None, guidance: float | None = None):
+        if sampler not in (None, "lcm") or guidance not in (None, 1.0):
+            raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
+        if not random_weights and checkpoint is None:
+            raise EngineError("the xportrait engine needs --checkpoint (the released model_state-*.th) and "
+                              "--base (Stable Diffusion 1.5), or --random-weights to measure cost without weights")
+        if model_size not in ("sd15", "tiny"):
+            raise EngineError(f"model size must be 'sd15' or 'tiny', got {model_size!r}")
+        self.size = size
+        self.random_weights = random_weights
+        self.device = pick_device(device)
+        self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
+                      "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
+        settings = StreamSettings(steps=steps or 4, window=window, seed=seed)
+        try:
+            settings.validate(config.motion_max_len)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        self.model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
+                                  lcm_lora=lcm_lora, random_weights=random_weights, seed=seed)
+        self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
+        self.denoiser.decode = True
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.latency_frames = settings.steps - 1
+        self._local = np.zeros((size, size, 3), np.uint8)
+        pinned = self.device.type == "cuda"
+        self._host_in = torch.empty((2, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+        self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+        self._timings = Timings()
+
+    @property
+    def timings(self) -> Timings:
+        return self._timings
+
+    def prepare(self, sources: Sequence[SourcePortrait]) -> None:
+        if not sources:
+            raise EngineError("the xportrait engine needs at least one source portrait")
+        for s in sources:
+            if s.image.shape[:2] != (self.size, self.size):
+                raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {self.size}")
+        self.denoiser.prepare(to_tensor([s.image for s in sources], self.device, self.dtype))
+        if self.cuda_graph and self.denoiser._graph is None:
+            self.denoiser.capture()
+
+    def _hints(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        local_control_image(frame.image, local_patch_boxes(frame.landmarks, self.size), out=self._local)
+        host = self._host_in
+        host[0].numpy()[:] = frame.image
+        host[1].numpy()[:] = self._local
+        both = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+        return both[:1], both[1:]
+
+    def _rendered(self, leaving) -> Rendered | None:
+        if leaving is None:
+            return None
+        self._host_out.copy_(self.denoiser.image)  # waits for the tick: the one sync per frame
+        image = self._host_out.numpy()
+        if self.random_weights:
+            image = stamp(image.copy(), RANDOM_WEIGHTS_LABEL)
+        return Rendered(image, leaving[1])
+
+    def step(self, frame: DrivingFrame) -> Rendered | None:
+        if self.denoiser.reference is None:
+            raise EngineError("prepare() the engine with a source first")
+        if frame.image is None:
+            raise EngineError("the xportrait engine needs the aligned driving image")
+        t0 = time.perf_counter()
+        pose, local = self._hints(frame)
+        out = self._rendered(self.denoiser.tick(pose, local, frame.tag))
+        self._timings.record("engine", (time.perf_counter() - t0) * 1e3)
+        self._timings.steps += 1
+        return out
+
+    def flush(self) -> list[Rendered]:
+        out = []
+        for _ in range(self.latency_frames):
+            rendered = self._rendered(self.denoiser.tick(None, None))
+            if rendered is not None:
+                out.append(Rendered(rendered.image.copy(), rendered.tag))
+        return out
+
+    def reset(self) -> None:
+        self.denoiser.reset()

@@ -120,37 +120,59 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
 
 class StreamingDenoiser:
     """The stream batch and its caches. `tick` takes one frame's hints and returns the clean
-    latent of the frame that leaves (with its tag), or None while the batch fills."""
+    latent of the frame that leaves (with its tag), or None while the batch fills.
+
+    Every tensor the per-tick work touches is allocated once (prepare, or the first tick)
+    and then updated in place, so the whole tick can be captured as one CUDA graph
+    (`capture()`): the host then only copies the new frame in and launches the graph.
+    """
 
     def __init__(self, model: XPortraitModel, settings: StreamSettings, device, dtype):
         settings.validate(model.config.motion_max_len)
         self.model, self.settings = model, settings
         self.levels = LCMLevels(model, settings, device, dtype)
-        self.device, self.dtype = device, dtype
-        self._modules = model.unet.motion.in_order()
+        self.device, self.dtype = torch.device(device), dtype
         self.reference: ReferenceKV | None = None
+        s, res, h = self.levels.steps, model.config.resolution, model.config.latent_size
+        self.x = torch.zeros((s, 4, h, h), device=self.device, dtype=dtype)
+        self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
+        self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=dtype)
+        self.local = torch.zeros_like(self.pose)
+        self.new_pose = torch.zeros((1, 3, res, res), device=self.device, dtype=dtype)  # the host writes here
+        self.new_local = torch.zeros_like(self.new_pose)
+        self.enters = torch.zeros(1, dtype=torch.bool, device=self.device)
+        self.occupied = torch.zeros(s, dtype=torch.bool, device=self.device)
+        self._past = settings.window - 1
+        self.valid = torch.zeros((s, self._past), dtype=torch.bool, device=self.device)
+        self.cache: list[list[torch.Tensor]] | None = None  # per module: K1, V1, K2, V2, (levels*HW, P, C)
+        self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
+        self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
+        self.decode = False  # set by engines that want pixels: the VAE decode joins the tick (and its graph)
+        self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
+        self._graph = None
 
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:
-        """Per source: its latent, the entering latent, every level's reference features."""
+        """Per source: the entering latent and every level's reference features."""
         latents = self.model.encode(sources)
-        self.entering = self.levels.enter(latents[:1])
-        self.reference = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        self.entering.copy_(self.levels.enter(latents[:1]))
+        reference = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        if self.reference is not None and all(self.reference[n][0].shape == k.shape for n, (k, _) in reference.items()):
+            for name, (k, v) in reference.items():  # in place: a captured graph reads these buffers
+                self.reference[name][0].copy_(k), self.reference[name][1].copy_(v)
+        else:
+            self.reference = reference
+            self._graph = None  # another number of references: tokens changed, capture again
         self.reset()
 
     def reset(self) -> None:
         """Empty the batch and the temporal caches (a new driving stream)."""
-        s, res = self.levels.steps, self.model.config.resolution
-        c, h = 4, self.model.config.latent_size
-        self.x = torch.zeros((s, c, h, h), device=self.device, dtype=self.dtype)
-        self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=self.dtype)
-        self.local = torch.zeros_like(self.pose)
-        self.occupied = torch.zeros(s, dtype=torch.bool, device=self.device)
-        self.tags: list = [None] * s
-        past = self.settings.window - 1
-        self.valid = torch.zeros((s, past), dtype=torch.bool, device=self.device)
-        self.cache: list[list[torch.Tensor]] | None = None  # per module: K1, V1, K2, V2, (levels*HW, P, C)
-        self._past = past
+        for t in (self.x, self.pose, self.local, self.occupied, self.valid):
+            t.zero_()
+        for tensors in self.cache or []:
+            for t in tensors:
+                t.zero_()
+        self._in_flight = [(False, None)] * self.levels.steps
 
     def _temporal_past(self) -> list[TemporalPast] | None:
         if self._past == 0 or self.cache is None:
@@ -171,30 +193,65 @@ class StreamingDenoiser:
         self.valid[:, :-1] = self.valid[:, 1:].clone()
         self.valid[:, -1] = self.occupied
 
-    @torch.no_grad()
-    def tick(self, pose_hint: torch.Tensor | None, local_hint: torch.Tensor | None, tag=None):
-        """Advance every frame in flight by one level; a new frame enters unless hints are None."""
-        if self.reference is None:
-            raise RuntimeError("prepare() first")
+    def _advance(self) -> None:
+        """The whole tick on device buffers, host-free: what a CUDA graph replays."""
         levels = self.levels
-        # Everyone moves down a level; the new frame takes level 0.
+        # Everyone moves down a level; the new frame (if any) takes level 0.
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
-        self.tags = [tag] + self.tags[:-1]
-        entering = pose_hint is not None
-        self.occupied[0] = entering
-        if entering:
-            self.pose[0] = pose_hint[0]
-            self.local[0] = local_hint[0]
-        self.x[0] = self.entering
-
+        self.pose[:1] = self.new_pose
+        self.local[:1] = self.new_local
+        self.occupied[:1] = self.enters
+        self.x[:1] = self.entering
         record: list = []
         eps = self.model.predict_noise(self.x, levels.timesteps, 1, self.reference, self.pose, self.local,
                                        temporal_past=self._temporal_past(), temporal_record=record)
         self._remember(record)
         clean = levels.denoise(self.x, eps, slice(0, levels.steps))
-        leaving = (clean[-1:].clone(), self.tags[-1]) if self.occupied[-1] else None
+        self.leaving.copy_(clean[-1:])
         if levels.steps > 1:
             self.x[1:] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
-        return leaving
+        if self.decode:  # only the frame that leaves is decoded
+            pixels = self.model.decode(self.leaving)[0].permute(1, 2, 0)
+            self.image.copy_(((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Record one tick as a CUDA graph (after eager warm-up ticks, which also allocate the
+        caches); the state is reset afterwards. CUDA only."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        if self.reference is None:
+            raise RuntimeError("prepare() first")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._advance()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._advance()
+        self._graph = graph
+        self.reset()
+
+    @torch.no_grad()
+    def tick(self, pose_hint: torch.Tensor | None, local_hint: torch.Tensor | None, tag=None):
+        """Advance every frame in flight by one level; a new frame enters unless hints are None.
+        Returns (clean latent (1, 4, h, w), tag) for the frame that leaves, or None. The latent
+        is the denoiser's buffer: use it before the next tick."""
+        if self.reference is None:
+            raise RuntimeError("prepare() first")
+        entering = pose_hint is not None
+        if entering:
+            self.new_pose.copy_(pose_hint, non_blocking=True)
+            self.new_local.copy_(local_hint, non_blocking=True)
+        self.enters.fill_(entering)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._advance()
+        self._in_flight = [(entering, tag)] + self._in_flight[:-1]
+        real, leaving_tag = self._in_flight[-1]
+        return (self.leaving, leaving_tag) if real else None
