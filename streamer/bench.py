@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--stream", action="store_true",
                         help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
+    parser.add_argument("--compile", action="store_true",
+                        help="xportrait --stream: also time torch.compile (default mode) + CUDA graph")
     parser.add_argument("--offline-steps", default="4,8",
                         help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
     add_engine_arguments(parser)
@@ -214,12 +216,17 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
     source, frames = _cost_inputs(args, args.frames)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
-    for label, graph in (("stream batch, eager", False), ("stream batch, CUDA graph", True)):
-        engine = XPortraitStreamEngine(args.size, cuda_graph=graph, **options)
+    variants = [("stream batch, eager", False, False), ("stream batch, CUDA graph", True, False)]
+    if args.compile:
+        variants.append(("stream batch, torch.compile + CUDA graph", True, True))
+    for label, graph, compiled in variants:
+        built = time.perf_counter()
+        engine = XPortraitStreamEngine(args.size, cuda_graph=graph, compile=compiled, **options)
         cuda = engine.device.type == "cuda"
         if graph and not engine.cuda_graph:
             label = "stream batch (no GPU: eager again)"
-        engine.prepare([portrait])
+        engine.prepare([portrait])  # capture (and compilation) happen here
+        startup_s = time.perf_counter() - built
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for frame in frames[: args.warmup]:
             engine.step(frame)
@@ -240,7 +247,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
                 latency.append((t1 - entered.pop(out.tag)) * 1e3)
         sync()
         elapsed = time.perf_counter() - start
-        runs.append({"engine": label, "frames": len(ticks), "fps": len(ticks) / elapsed,
+        runs.append({"engine": label, "startup_s": startup_s, "frames": len(ticks), "fps": len(ticks) / elapsed,
                      "tick_ms": {"p50": _percentile(ticks, 50), "p95": _percentile(ticks, 95)},
                      "latency_ms": {"p50": _percentile(latency, 50), "p95": _percentile(latency, 95)},
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})

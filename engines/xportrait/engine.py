@@ -171,7 +171,7 @@ class XPortraitStreamEngine:
     def __init__(self, size: int = 512, base: str | None = None, checkpoint: str | None = None,
                  lcm_lora: str | None = None, steps: int | None = None, window: int = 16,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
-                 dtype: str | None = None, seed: int = 999, cuda_graph: bool = True,
+                 dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
                  sampler: str | None = None, guidance: float | None = None):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
@@ -196,6 +196,7 @@ class XPortraitStreamEngine:
         self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
         self.denoiser.decode = True
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.compile = compile and self.cuda_graph
         self.latency_frames = settings.steps - 1
         self._local = np.zeros((size, size, 3), np.uint8)
         pinned = self.device.type == "cuda"
@@ -215,7 +216,7 @@ class XPortraitStreamEngine:
                 raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {self.size}")
         self.denoiser.prepare(to_tensor([s.image for s in sources], self.device, self.dtype))
         if self.cuda_graph and self.denoiser._graph is None:
-            self.denoiser.capture()
+            self.denoiser.capture(compile=self.compile)
 
     def _hints(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
         local_control_image(frame.image, local_patch_boxes(frame.landmarks, self.size), out=self._local)

@@ -194,6 +194,9 @@ class StreamingDenoiser:
         self.valid[:, -1] = self.occupied
 
     def _advance(self) -> None:
+        self._advance_eager()
+
+    def _advance_eager(self) -> None:
         """The whole tick on device buffers, host-free: what a CUDA graph replays."""
         levels = self.levels
         # Everyone moves down a level; the new frame (if any) takes level 0.
@@ -217,22 +220,27 @@ class StreamingDenoiser:
             self.image.copy_(((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
     @torch.no_grad()
-    def capture(self, warmup: int = 2) -> None:
-        """Record one tick as a CUDA graph (after eager warm-up ticks, which also allocate the
-        caches); the state is reset afterwards. CUDA only."""
+    def capture(self, warmup: int = 3, compile: bool = False) -> None:
+        """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
+        and, with `compile`, let torch.compile (default mode) fuse the tick's kernels); the
+        state is reset afterwards. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         if self.reference is None:
             raise RuntimeError("prepare() first")
+        advance = self._advance
+        if compile:
+            self._advance_eager()  # allocates the caches outside the compiled region
+            advance = torch.compile(self._advance_eager, dynamic=False)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                self._advance()
+                advance()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._advance()
+            advance()
         self._graph = graph
         self.reset()
 
