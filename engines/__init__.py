@@ -42,6 +42,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
     g.add_argument("--random-weights", action="store_true",
                    help="no weights: random ones, to measure cost (every output is labelled as such)")
+    g.add_argument("--tiny-decoder", metavar="PATH",
+                   help="live engine: decode with TAESD (a diffusers AutoencoderTiny folder; 'random' with --random-weights)")
     g.add_argument("--model-size", choices=("sd15", "tiny"), default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -57,7 +59,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora, sampler=args.sampler,
                 steps=args.steps,
                 guidance=args.guidance, seed=args.seed, device=args.device, dtype=args.dtype,
-                random_weights=args.random_weights, model_size=args.model_size)
+                random_weights=args.random_weights, model_size=args.model_size,
+                **({"tiny_decoder": args.tiny_decoder} if getattr(args, "tiny_decoder", None) else {}))
 
 
 __all__ = ["DrivingFrame", "Engine", "EngineError", "Rendered", "SourcePortrait", "Timings",

@@ -212,16 +212,18 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
     from engines.xportrait.engine import XPortraitStreamEngine, to_tensor
     from engines.xportrait.stream import StreamSettings, render_causal
 
-    options = {k: v for k, v in engine_options(args).items() if k not in ("sampler", "guidance")}
+    options = {k: v for k, v in engine_options(args).items() if k not in ("sampler", "guidance", "tiny_decoder")}
     source, frames = _cost_inputs(args, args.frames)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
-    variants = [("stream batch, eager", False, False), ("stream batch, CUDA graph", True, False)]
+    variants = [("stream batch, eager", False, False, None), ("stream batch, CUDA graph", True, False, None)]
     if args.compile:
-        variants.append(("stream batch, torch.compile + CUDA graph", True, True))
-    for label, graph, compiled in variants:
+        variants.append(("stream batch, torch.compile + CUDA graph", True, True, None))
+    if args.tiny_decoder:
+        variants.append((f"... + TAESD decoder", True, args.compile, args.tiny_decoder))
+    for label, graph, compiled, decoder in variants:
         built = time.perf_counter()
-        engine = XPortraitStreamEngine(args.size, cuda_graph=graph, compile=compiled, **options)
+        engine = XPortraitStreamEngine(args.size, cuda_graph=graph, compile=compiled, tiny_decoder=decoder, **options)
         cuda = engine.device.type == "cuda"
         if graph and not engine.cuda_graph:
             label = "stream batch (no GPU: eager again)"
@@ -269,7 +271,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
             t = denoiser.levels.timesteps
             modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
-                denoiser.x, t, model.text, 1, temporal_past=denoiser._temporal_past()))
+                denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings()))
             modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
             modules["reference net (per source, per level)"] = timed(
                 lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)

@@ -146,6 +146,21 @@ class XPortraitEngine:
 _models: dict[tuple, torch.nn.Module] = {}
 
 
+def load_small_decoder(path: str, random_weights: bool = False):
+    """TAESD (diffusers AutoencoderTiny) from a local folder; 'random' with --random-weights."""
+    from diffusers import AutoencoderTiny
+
+    if path == "random":
+        if not random_weights:
+            raise EngineError("--tiny-decoder random is only for --random-weights")
+        torch.manual_seed(0)
+        return AutoencoderTiny()
+    try:
+        return AutoencoderTiny.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot load the tiny decoder from {path}: {e}") from None
+
+
 def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dtype, **weights):
     """One model per set of weights in this process: live sessions share it (each has its own
     stream state), so a second connection loads nothing."""
@@ -172,6 +187,7 @@ class XPortraitStreamEngine:
                  lcm_lora: str | None = None, steps: int | None = None, window: int = 16,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
+                 tiny_decoder: str | None = None, channels_last: bool = True,
                  sampler: str | None = None, guidance: float | None = None):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
@@ -193,8 +209,13 @@ class XPortraitStreamEngine:
             raise EngineError(str(e)) from None
         self.model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
                                   lcm_lora=lcm_lora, random_weights=random_weights, seed=seed)
+        if tiny_decoder is not None:
+            self.model.set_small_decoder(load_small_decoder(tiny_decoder, random_weights))
+        if channels_last and self.device.type == "cuda":  # cuDNN's native layout: no NCHW<->NHWC transposes
+            self.model.to(memory_format=torch.channels_last)
         self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
         self.denoiser.decode = True
+        self.denoiser.small_decoder = tiny_decoder is not None
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.compile = compile and self.cuda_graph
         self.latency_frames = settings.steps - 1

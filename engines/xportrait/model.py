@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .config import XPortraitConfig
@@ -38,6 +38,7 @@ class XPortraitModel(nn.Module):
         self.pose_controlnet = ControlNetModel(**config.controlnet_kwargs())
         self.local_controlnet = ControlNetModel(**config.controlnet_kwargs())
         self.vae = AutoencoderKL(**config.vae_kwargs())
+        self.small_decoder: AutoencoderTiny | None = None  # optional, for live decoding (set_small_decoder)
         # The empty prompt's embedding (1, 77, D). Filled from the text encoder's weights at load.
         self.register_buffer("text", torch.zeros(1, 77, config.cross_attention_dim), persistent=False)
         self._recorded, self._reference = install_reference_attention(self.reference_net.unet, self.unet.unet)
@@ -49,9 +50,16 @@ class XPortraitModel(nn.Module):
         return self.vae.encode(images).latent_dist.mean * self.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> (N, 3, H, W) in [-1, 1]."""
+    def decode(self, latents: torch.Tensor, small: bool = False) -> torch.Tensor:
+        """Scaled latents -> (N, 3, H, W) in [-1, 1]; `small`: the tiny decoder, if one is set
+        (TAESD: diffusers' AutoencoderTiny, which takes the scaled latents as they are)."""
+        if small and self.small_decoder is not None:
+            return self.small_decoder.decode(latents).sample.clamp(-1, 1)
         return self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1)
+
+    def set_small_decoder(self, decoder: AutoencoderTiny | None) -> None:
+        """A small decoder (e.g. TAESD) for the live path: a fraction of the full VAE's time."""
+        self.small_decoder = decoder.to(self.vae.device, self.vae.dtype).eval() if decoder is not None else None
 
     # -- the per-source part ---------------------------------------------------------------------
     @torch.no_grad()

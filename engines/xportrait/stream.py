@@ -23,7 +23,7 @@ import torch
 from diffusers import LCMScheduler
 
 from .model import ReferenceKV, XPortraitModel
-from .temporal import FramesKV, TemporalPast
+from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 
 @dataclass(frozen=True)
@@ -142,14 +142,38 @@ class StreamingDenoiser:
         self.new_local = torch.zeros_like(self.new_pose)
         self.enters = torch.zeros(1, dtype=torch.bool, device=self.device)
         self.occupied = torch.zeros(s, dtype=torch.bool, device=self.device)
-        self._past = settings.window - 1
-        self.valid = torch.zeros((s, self._past), dtype=torch.bool, device=self.device)
-        self.cache: list[list[torch.Tensor]] | None = None  # per module: K1, V1, K2, V2, (levels*HW, P, C)
+        # Temporal caches: per module a ring of W frames per level (K1, V1, K2, V2), and which
+        # ring slots hold real frames per level.
+        w = settings.window
+        self.valid = torch.zeros((s, w), dtype=torch.bool, device=self.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._ring_index = torch.arange(w, device=self.device)
+        self.rings = [tuple(torch.zeros((s * hw, m.transformer_blocks[0].attn1.heads, w, c // m.transformer_blocks[0].attn1.heads),
+                                        device=self.device, dtype=dtype) for _ in range(4))
+                      for m, hw, c in self._module_shapes(model)]
+        self._ticks = 0
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
         self.decode = False  # set by engines that want pixels: the VAE decode joins the tick (and its graph)
+        self.small_decoder = False  # decode with the model's small decoder (TAESD) instead of the full VAE
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
         self._graph = None
+
+    @staticmethod
+    def _module_shapes(model: XPortraitModel):
+        """(module, latent pixels, channels) of every temporal module, in call order: down level
+        i works at latent/2^i; in the up path a level's last module follows its upsampler."""
+        config = model.config
+        side, levels = config.latent_size, len(config.block_out_channels)
+        sizes: list[int] = []
+        for i in range(levels):
+            sizes += [side >> i] * config.layers_per_block
+        for j in range(levels):
+            level = levels - 1 - j
+            sizes += [side >> level] * config.layers_per_block
+            sizes.append(side >> max(level - 1, 0) if j < levels - 1 else side)
+        modules = model.unet.motion.in_order()
+        return [(m, size * size, m.norm.num_channels) for m, size in zip(modules, sizes, strict=True)]
 
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:
@@ -167,31 +191,29 @@ class StreamingDenoiser:
 
     def reset(self) -> None:
         """Empty the batch and the temporal caches (a new driving stream)."""
-        for t in (self.x, self.pose, self.local, self.occupied, self.valid):
+        for t in (self.x, self.pose, self.local, self.occupied, self.valid, self.slot):
             t.zero_()
-        for tensors in self.cache or []:
-            for t in tensors:
+        for ring in self.rings:
+            for t in ring:
                 t.zero_()
         self._in_flight = [(False, None)] * self.levels.steps
+        self._ticks = 0
 
-    def _temporal_past(self) -> list[TemporalPast] | None:
-        if self._past == 0 or self.cache is None:
-            return None
-        return [TemporalPast((FramesKV(k1, v1), FramesKV(k2, v2)), self.valid) for k1, v1, k2, v2 in self.cache]
+    def temporal_rings(self) -> list[TemporalRing]:
+        """The temporal caches as the UNet takes them, for the current tick."""
+        tick = self._ring_tick()
+        return [TemporalRing(tensors, tick) for tensors in self.rings]
 
-    def _remember(self, record: list[tuple[FramesKV, FramesKV]]) -> None:
-        """Each level's newest frame joins that level's window; the oldest leaves."""
-        if self._past == 0:
-            return
-        if self.cache is None:  # first tick: shapes are known now
-            self.cache = [[torch.zeros(kv.key.shape[0], self._past, kv.key.shape[2], device=self.device,
-                                       dtype=self.dtype) for kv in (a, a, b, b)] for a, b in record]
-        for tensors, (a, b) in zip(self.cache, record):
-            for tensor, new in zip(tensors, (a.key, a.value, b.key, b.value)):
-                tensor[:, :-1] = tensor[:, 1:].clone()
-                tensor[:, -1:] = new
-        self.valid[:, :-1] = self.valid[:, 1:].clone()
-        self.valid[:, -1] = self.occupied
+    def _ring_tick(self) -> RingTick:
+        """This tick's slot joins each level's window (real if a frame is at that level) and
+        the slot written W ticks ago drops out; positions follow the frames' ages."""
+        self.valid.index_copy_(1, self.slot, self.occupied[:, None])
+        mask = self.valid.index_fill(1, self.slot, True)  # a level's current frame attends to itself
+        w = self.settings.window
+        age = (self.slot - self._ring_index) % w  # 0 for the current slot
+        older = age[None, :] > age[:, None]  # [j, i]: slot i holds an older frame than slot j
+        positions = (mask[:, None, :] & older[None]).sum(dim=-1)
+        return RingTick(self.slot, mask, positions)
 
     def _advance(self) -> None:
         self._advance_eager()
@@ -207,16 +229,14 @@ class StreamingDenoiser:
         self.local[:1] = self.new_local
         self.occupied[:1] = self.enters
         self.x[:1] = self.entering
-        record: list = []
         eps = self.model.predict_noise(self.x, levels.timesteps, 1, self.reference, self.pose, self.local,
-                                       temporal_past=self._temporal_past(), temporal_record=record)
-        self._remember(record)
+                                       temporal_past=self.temporal_rings())
         clean = levels.denoise(self.x, eps, slice(0, levels.steps))
         self.leaving.copy_(clean[-1:])
         if levels.steps > 1:
             self.x[1:] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
         if self.decode:  # only the frame that leaves is decoded
-            pixels = self.model.decode(self.leaving)[0].permute(1, 2, 0)
+            pixels = self.model.decode(self.leaving, small=self.small_decoder)[0].permute(1, 2, 0)
             self.image.copy_(((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
     @torch.no_grad()
@@ -230,7 +250,6 @@ class StreamingDenoiser:
             raise RuntimeError("prepare() first")
         advance = self._advance
         if compile:
-            self._advance_eager()  # allocates the caches outside the compiled region
             advance = torch.compile(self._advance_eager, dynamic=False)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -256,6 +275,8 @@ class StreamingDenoiser:
             self.new_pose.copy_(pose_hint, non_blocking=True)
             self.new_local.copy_(local_hint, non_blocking=True)
         self.enters.fill_(entering)
+        self.slot.fill_(self._ticks % self.settings.window)
+        self._ticks += 1
         if self._graph is not None:
             self._graph.replay()
         else:

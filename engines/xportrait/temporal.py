@@ -60,6 +60,27 @@ class TemporalPast:
     valid: torch.Tensor | None = None
 
 
+@dataclass
+class RingTick:
+    """Shared by every module in one streaming tick: the ring slot the current frames take,
+    which slots attend (`mask`, (clips, W)), and each slot's position in temporal order
+    (`positions`, (clips, W): the number of attending frames older than it)."""
+
+    slot: torch.Tensor  # (1,) long, on the device
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class TemporalRing:
+    """One module's streaming cache: a ring of W frames per clip for each attention,
+    K and V as (clips * HW, heads, W, head_dim). The current frame is written into the ring
+    first and attends over it whole: no concatenation, no shifting."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # K1, V1, K2, V2
+    tick: RingTick
+
+
 class TemporalBlock(nn.Module):
     def __init__(self, dim: int, heads: int, max_len: int):
         super().__init__()
@@ -109,7 +130,40 @@ class TemporalBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, f, c)
         return attn.to_out[0](out)
 
-    def forward(self, x: torch.Tensor, past: TemporalPast | None = None, record: list | None = None) -> torch.Tensor:
+    def _attend_ring(self, attn: Attention, x: torch.Tensor, key_ring: torch.Tensor, value_ring: torch.Tensor,
+                     tick: RingTick) -> torch.Tensor:
+        """One query frame per row against its ring of W frames (streaming).
+
+        Positions enter as separate terms, q.K(pe) and p.V(pe), so the ring holds
+        position-free keys and values and nothing of size rows x W x C is materialised.
+        """
+        n, f, c = x.shape  # f == 1
+        b, w = tick.mask.shape
+        rows, h = n // b, attn.heads
+        d = c // h
+        pe = self.pos_embed.pe[0].to(x.dtype)
+        key_ring.index_copy_(2, tick.slot, attn.to_k(x).view(n, 1, h, d).transpose(1, 2))
+        value_ring.index_copy_(2, tick.slot, attn.to_v(x).view(n, 1, h, d).transpose(1, 2))
+        current = tick.positions.gather(1, tick.slot.expand(b)[:, None])  # (b, 1)
+        query = attn.to_q(x.view(b, rows, c) + pe[current]).view(n, h, 1, d)
+        pos_k = attn.to_k(pe)[tick.positions].view(b, w, h, d)  # (b, W, h, d)
+        pos_v = attn.to_v(pe)[tick.positions].view(b, w, h, d)
+        scores = (query @ key_ring.transpose(-1, -2)).view(b, rows, h, w)  # (n, h, 1, W)
+        scores = scores + torch.einsum("brhd,bwhd->brhw", query.view(b, rows, h, d), pos_k)
+        scores = scores * d ** -0.5
+        scores = scores.masked_fill(~tick.mask[:, None, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)
+        out = (weights.view(n, h, 1, w) @ value_ring).view(b, rows, h, d)
+        out = out + torch.einsum("brhw,bwhd->brhd", weights, pos_v)
+        return attn.to_out[0](out.reshape(n, f, c))
+
+    def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | None" = None,
+                record: list | None = None) -> torch.Tensor:
+        if isinstance(past, TemporalRing):
+            k1, v1, k2, v2 = past.tensors
+            x = self._attend_ring(self.attn1, self.norm1(x), k1, v1, past.tick) + x
+            x = self._attend_ring(self.attn2, self.norm2(x), k2, v2, past.tick) + x
+            return self.ff(self.norm3(x)) + x
         kv = past.kv if past is not None else (None, None)
         valid = past.valid if past is not None else None
         x = self._attend(self.attn1, self.norm1(x), kv[0], valid, record) + x
