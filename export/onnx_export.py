@@ -180,10 +180,11 @@ def export_all(model: XPortraitModel, out_dir: str | Path, steps: int, window: i
     finally:
         if bar is not None:
             bar.close()
+    text = json.dumps(manifest, indent=1)
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, out / MANIFEST)  # a manifest is only ever complete
-    return manifest
+    return json.loads(text)  # as a reader sees it
 
 
 def read_manifest(graph_dir: str | Path) -> dict:

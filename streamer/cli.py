@@ -15,6 +15,7 @@ COMMANDS = {
     "serve": ("streamer.server", "serve the live WebRTC portrait animator"),
     "client": ("client.stream_client", "stream a video file to a running server as a webcam"),
     "bench": ("streamer.bench", "measure an engine's speed"),
+    "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
 }
 
 
