@@ -42,25 +42,37 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
     g.add_argument("--random-weights", action="store_true",
                    help="no weights: random ones, to measure cost (every output is labelled as such)")
+    g.add_argument("--compile", action="store_true",
+                   help="live engine: torch.compile the tick before capturing its CUDA graph (minutes of startup, "
+                        "about twice the frame rate)")
+    g.add_argument("--backend", choices=("torch", "onnx", "tensorrt"), default="torch",
+                   help="live engine: run the modules with torch, or the graphs `xportrait export` wrote (--graphs)")
+    g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")
     g.add_argument("--tiny-decoder", metavar="PATH",
                    help="live engine: decode with TAESD (a diffusers AutoencoderTiny folder; 'random' with --random-weights)")
     g.add_argument("--model-size", choices=("sd15", "tiny"), default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    """The keyword options of create_engine for args.engine, from add_engine_arguments' flags."""
+def engine_options(args: argparse.Namespace, live: bool = False) -> dict:
+    """The keyword options of create_engine for args.engine, from add_engine_arguments' flags.
+    `live`: for the streamer (frame by frame), where the xportrait engine streams."""
     if args.engine != "xportrait":
         given = [f for f in ("base", "checkpoint", "lcm_lora", "steps", "guidance") if getattr(args, f, None)]
         if given or getattr(args, "random_weights", False):
             flags = ", ".join("--" + f.replace("_", "-") for f in given + (["random_weights"] if args.random_weights else []))
             raise EngineError(f"{flags}: only for --engine xportrait")
         return {}
+    live_only = {"compile": args.compile, "tiny_decoder": args.tiny_decoder}
+    if not live and (any(live_only.values()) or args.backend != "torch"):
+        raise EngineError("--compile, --tiny-decoder and --backend are for the live engine (serve, bench --stream)")
+    if args.backend != "torch" and not args.graphs:
+        raise EngineError(f"--backend {args.backend} needs --graphs DIR (written by `xportrait export`)")
     return dict(base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora, sampler=args.sampler,
                 steps=args.steps,
                 guidance=args.guidance, seed=args.seed, device=args.device, dtype=args.dtype,
                 random_weights=args.random_weights, model_size=args.model_size,
-                **({"tiny_decoder": args.tiny_decoder} if getattr(args, "tiny_decoder", None) else {}))
+                **({"stream": True, **live_only, "backend": args.backend, "graphs": args.graphs} if live else {}))
 
 
 __all__ = ["DrivingFrame", "Engine", "EngineError", "Rendered", "SourcePortrait", "Timings",

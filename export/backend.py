@@ -19,7 +19,6 @@ import torch
 
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from types import SimpleNamespace
 
 from engines.xportrait.stream import StreamingDenoiser
 from engines.xportrait.temporal import RingTick, TemporalRing
@@ -192,20 +191,6 @@ class GraphModel:
         return self._no_past[key]
 
 
-class GraphStreamingDenoiser(StreamingDenoiser):
-    """StreamingDenoiser over a GraphModel. The base class lays out its rings from the torch
-    modules (`_module_shapes` reads model.unet.motion); here the shapes come from the graphs.
-    (Cleaner, and asked for: StreamingDenoiser reading (pixels, channels, heads) from a model
-    method, which GraphModel provides as `temporal_shapes`.)"""
-
-    @staticmethod
-    def _module_shapes(model):
-        if not isinstance(model, GraphModel):
-            return StreamingDenoiser._module_shapes(model)
-        return [(SimpleNamespace(transformer_blocks=[SimpleNamespace(attn1=SimpleNamespace(heads=heads))]),
-                 pixels, channels) for pixels, channels, heads in model.temporal_shapes]
-
-
 def load_onnx(graph_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32, verify: bool = True,
               threads: int | None = None) -> GraphModel:
     """A GraphModel running every graph of `graph_dir` through ONNX Runtime (CUDA EP on a GPU)."""
@@ -238,10 +223,23 @@ def use_backend(engine, backend: str, graph_dir: str | Path, **kw):
     old = engine.denoiser
     if model.config.resolution != engine.size:
         raise EngineError(f"{graph_dir}: graphs are for {model.config.resolution} px, the engine is {engine.size} px")
-    denoiser = GraphStreamingDenoiser(model, old.settings, engine.device, engine.dtype)
+    denoiser = StreamingDenoiser(model, old.settings, engine.device, engine.dtype)
     denoiser.decode = old.decode
     denoiser.small_decoder = False  # no small-decoder graph
     engine.denoiser = denoiser
     engine.model = model
     engine.cuda_graph = engine.compile = False
     return engine
+
+
+def live_engine_options(args) -> dict:
+    """engines.engine_options(args, live=True) with --backend resolved: for onnx/tensorrt the
+    exported graphs, loaded here, become the engine's model (engines cannot import export)."""
+    from engines import engine_options
+    from engines.xportrait.engine import pick_device
+
+    options = engine_options(args, live=True)
+    backend, graphs = options.pop("backend", "torch"), options.pop("graphs", None)
+    if backend != "torch":
+        options["model"] = load_backend(backend, graphs, pick_device(options.get("device")))
+    return options

@@ -41,7 +41,6 @@ from torch import nn
 
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.reference import self_attention_layers
-from engines.xportrait.stream import StreamingDenoiser
 from engines.xportrait.temporal import RingTick, TemporalRing
 
 GRAPHS = ("denoiser", "pose_controlnet", "local_controlnet", "reference", "vae_encoder", "vae_decoder")
@@ -242,8 +241,7 @@ def wrappers(model: XPortraitModel) -> dict[str, nn.Module]:
 def temporal_shapes(model: XPortraitModel) -> list[tuple[int, int, int, int]]:
     """(module index, latent pixels, channels, heads) of every temporal module, as the
     streaming denoiser lays out its rings."""
-    return [(i, pixels, channels, m.transformer_blocks[0].attn1.heads)
-            for i, (m, pixels, channels) in enumerate(StreamingDenoiser._module_shapes(model))]
+    return [(i, pixels, channels, heads) for i, (pixels, channels, heads) in enumerate(model.temporal_shapes)]
 
 
 def example_inputs(model: XPortraitModel, steps: int, window: int, sources: int = 1,

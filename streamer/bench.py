@@ -40,8 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--stream", action="store_true",
                         help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
-    parser.add_argument("--compile", action="store_true",
-                        help="xportrait --stream: also time torch.compile (default mode) + CUDA graph")
     parser.add_argument("--offline-steps", default="4,8",
                         help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
     add_engine_arguments(parser)
@@ -212,15 +210,19 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
     from engines.xportrait.engine import XPortraitStreamEngine, to_tensor
     from engines.xportrait.stream import StreamSettings, render_causal
 
-    options = {k: v for k, v in engine_options(args).items() if k not in ("sampler", "guidance", "tiny_decoder")}
+    from export.backend import live_engine_options
+
+    options = {k: v for k, v in live_engine_options(args).items()
+               if k not in ("sampler", "guidance", "tiny_decoder", "compile", "stream")}
     source, frames = _cost_inputs(args, args.frames)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
+    # --compile and --tiny-decoder add variants; the eager and graph runs are the baselines.
     variants = [("stream batch, eager", False, False, None), ("stream batch, CUDA graph", True, False, None)]
     if args.compile:
         variants.append(("stream batch, torch.compile + CUDA graph", True, True, None))
     if args.tiny_decoder:
-        variants.append((f"... + TAESD decoder", True, args.compile, args.tiny_decoder))
+        variants.append(("... + TAESD decoder", True, args.compile, args.tiny_decoder))
     for label, graph, compiled, decoder in variants:
         built = time.perf_counter()
         engine = XPortraitStreamEngine(args.size, cuda_graph=graph, compile=compiled, tiny_decoder=decoder, **options)

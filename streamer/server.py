@@ -38,7 +38,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine
 from engines.animator import Animator
 from engines.face import MAX_SIDE, NoFaceError, downscale
 
@@ -113,6 +113,9 @@ class Server:
         self.sessions: dict[str, Session] = {}
         self.gallery: dict[str, np.ndarray] = {}
         self.thumbnails: dict[str, bytes] = {}
+        # Engines of ended sessions (and the one warmed at startup) wait here for the next
+        # session: a diffusion engine's weights, compilation and CUDA graphs are made once.
+        self._idle_engines: list = []
 
     # -- startup: everything slow happens once, before the first request -------------------
     def prepare(self, portraits: dict[str, np.ndarray] | None = None) -> None:
@@ -128,12 +131,24 @@ class Server:
             _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
             self.thumbnails[name] = jpeg.tobytes()
         # Loads mediapipe's models and the engine's code, and proves both work on this machine.
-        animator = Animator(create_engine(self.config.engine, self.config.size, **self.config.engine_options))
+        animator = Animator(self._take_engine())
         try:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
         finally:
             animator.close()
+        self._return_engine(animator.engine)
+
+    def _take_engine(self):
+        """An idle engine if there is one, else a new one (worker threads call this)."""
+        try:
+            return self._idle_engines.pop()
+        except IndexError:
+            return create_engine(self.config.engine, self.config.size, **self.config.engine_options)
+
+    def _return_engine(self, engine) -> None:
+        engine.reset()
+        self._idle_engines.append(engine)
 
     @property
     def default_portrait(self) -> np.ndarray:
@@ -231,9 +246,8 @@ class Server:
                             "try again when one ends")
 
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # a local server needs no STUN
-        session = Session(pc, mode, lambda: create_engine(self.config.engine, self.config.size,
-                                                          **self.config.engine_options),
-                          self._forget, self.config.idle_timeout, self.config.connect_timeout)
+        session = Session(pc, mode, self._take_engine, self._forget, self.config.idle_timeout,
+                          self.config.connect_timeout, return_engine=self._return_engine)
         self.sessions[session.id] = session  # counts against --max-sessions from here on
 
         @pc.on("connectionstatechange")
@@ -330,7 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="animation engine, one per session (default: warp)")
     parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
     parser.add_argument("--token", help="access token required on /offer, /avatar and /stats")
-    parser.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions at most (default 4)")
+    parser.add_argument("--max-sessions", type=int,
+                        help="concurrent sessions at most (default 4; 1 for --engine xportrait: one GPU, one stream)")
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
                         help="largest portrait upload, MiB (default 10)")
     parser.add_argument("--idle-timeout", type=float, default=15.0,
@@ -360,11 +375,15 @@ async def serve(server: Server, host: str, port: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.max_sessions is None:
+        args.max_sessions = 1 if args.engine == "xportrait" else 4
     if args.max_sessions < 1 or args.max_upload_mb <= 0 or args.idle_timeout <= 0 or args.connect_timeout <= 0:
         print("xportrait serve: --max-sessions, --max-upload-mb and the timeouts must be positive", file=sys.stderr)
         return 2
     try:
-        options = engine_options(args)
+        from export.backend import live_engine_options
+
+        options = live_engine_options(args)
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
@@ -374,6 +393,11 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
     server = Server(config)
+    steps = ["the face mesh", f"the {args.engine} engine"]
+    if args.engine == "xportrait":
+        steps[1] += " (weights" + (", torch.compile: minutes" if options.get("compile") else "") + \
+                    (", CUDA graph capture" if options.get("device") != "cpu" else "") + ")"
+    print(f"xportrait serve: preparing {' and '.join(steps)}, once, before accepting connections...", flush=True)
     try:
         server.prepare()
     except EngineError as exc:

@@ -99,7 +99,8 @@ class AvatarTrack(MediaStreamTrack):
 
 class Session:
     def __init__(self, pc: RTCPeerConnection, mode: str, make_engine: Callable[[], Engine],
-                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float):
+                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float,
+                 return_engine: Callable[[Engine], None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         self.id = secrets.token_hex(6)
@@ -114,6 +115,7 @@ class Session:
         self.close_reason = ""
         self.errors = 0
         self._make_engine = make_engine
+        self._return_engine = return_engine
         self._on_closed = on_closed
         self._idle_timeout, self._connect_timeout = idle_timeout, connect_timeout
         self._created = time.perf_counter()
@@ -302,4 +304,6 @@ class Session:
     def _release(self) -> None:
         if self._animator is not None:
             self._animator.close()
+            if self._return_engine is not None:
+                self._return_engine(self._animator.engine)
             self._animator = None

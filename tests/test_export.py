@@ -17,7 +17,7 @@ from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.loading import load_model
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser
-from export.backend import GraphStreamingDenoiser, load_backend, load_onnx
+from export.backend import load_backend, load_onnx
 from export.graphs import GRAPHS, example_inputs, specs, wrappers
 from export.onnx_export import ExportError, describe_values, export_all, export_graph, file_hash, weights_hash
 from export.tensorrt import engine_key, profile_shapes
@@ -109,7 +109,7 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     torch_latents, torch_images, torch_tags = stream(StreamingDenoiser(model, settings, "cpu", torch.float32),
                                                      sources, driving, local)
     graphs = load_onnx(out)
-    onnx_latents, onnx_images, onnx_tags = stream(GraphStreamingDenoiser(graphs, settings, "cpu", torch.float32),
+    onnx_latents, onnx_images, onnx_tags = stream(StreamingDenoiser(graphs, settings, "cpu", torch.float32),
                                                   sources, driving, local)
     assert onnx_tags == torch_tags == list(range(6))
     assert float((onnx_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE

@@ -38,11 +38,11 @@ def stream(model, settings, sources, driving, local):
     for i in range(driving.shape[0]):
         leaving = denoiser.tick(driving[i : i + 1], local[i : i + 1], tag=i)
         if leaving is not None:
-            out.append(leaving[0]), tags.append(leaving[1])
+            out.append(leaving[0].clone()), tags.append(leaving[1])
     for _ in range(settings.steps - 1):  # drain the frames still in flight
         leaving = denoiser.tick(None, None)
         if leaving is not None:
-            out.append(leaving[0]), tags.append(leaving[1])
+            out.append(leaving[0].clone()), tags.append(leaving[1])
     return torch.cat(out), tags
 
 

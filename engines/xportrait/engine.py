@@ -187,11 +187,11 @@ class XPortraitStreamEngine:
                  lcm_lora: str | None = None, steps: int | None = None, window: int = 16,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
-                 tiny_decoder: str | None = None, channels_last: bool = True,
+                 tiny_decoder: str | None = None, channels_last: bool = True, model=None,
                  sampler: str | None = None, guidance: float | None = None):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
-        if not random_weights and checkpoint is None:
+        if model is None and not random_weights and checkpoint is None:
             raise EngineError("the xportrait engine needs --checkpoint (the released model_state-*.th) and "
                               "--base (Stable Diffusion 1.5), or --random-weights to measure cost without weights")
         if model_size not in ("sd15", "tiny"):
@@ -199,6 +199,8 @@ class XPortraitStreamEngine:
         self.size = size
         self.random_weights = random_weights
         self.device = pick_device(device)
+        # `model`: anything with XPortraitModel's inference interface, e.g. exported graphs run by
+        # ONNX Runtime or TensorRT (export.backend); those own their launches: no CUDA graph here.
         self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
                       "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
@@ -207,16 +209,23 @@ class XPortraitStreamEngine:
             settings.validate(config.motion_max_len)
         except ValueError as e:
             raise EngineError(str(e)) from None
-        self.model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
-                                  lcm_lora=lcm_lora, random_weights=random_weights, seed=seed)
+        native = model is None
+        if native:
+            model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
+                                 lcm_lora=lcm_lora, random_weights=random_weights, seed=seed)
+        elif model.config.resolution != size:
+            raise EngineError(f"the given model renders {model.config.resolution} px, the engine is {size} px")
+        self.model = model
         if tiny_decoder is not None:
+            if not native:
+                raise EngineError("--tiny-decoder works with the torch backend only")
             self.model.set_small_decoder(load_small_decoder(tiny_decoder, random_weights))
-        if channels_last and self.device.type == "cuda":  # cuDNN's native layout: no NCHW<->NHWC transposes
+        if native and channels_last and self.device.type == "cuda":  # cuDNN's layout: no NCHW<->NHWC transposes
             self.model.to(memory_format=torch.channels_last)
         self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
         self.denoiser.decode = True
         self.denoiser.small_decoder = tiny_decoder is not None
-        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.cuda_graph = native and cuda_graph and self.device.type == "cuda"
         self.compile = compile and self.cuda_graph
         self.latency_frames = settings.steps - 1
         self._local = np.zeros((size, size, 3), np.uint8)

@@ -57,6 +57,22 @@ class XPortraitModel(nn.Module):
             return self.small_decoder.decode(latents).sample.clamp(-1, 1)
         return self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1)
 
+    @property
+    def temporal_shapes(self) -> list[tuple[int, int, int]]:
+        """(latent pixels, channels, heads) of every temporal module, in call order: down level
+        i works at latent/2^i; in the up path a level's last module follows its upsampler."""
+        config = self.config
+        side, levels, layers = config.latent_size, len(config.block_out_channels), config.layers_per_block
+        sizes: list[int] = []
+        for i in range(levels):
+            sizes += [side >> i] * layers
+        for j in range(levels):
+            level = levels - 1 - j
+            sizes += [side >> level] * layers + [side >> max(level - 1, 0) if j < levels - 1 else side]
+        modules = self.unet.motion.in_order()
+        return [(size * size, m.norm.num_channels, m.transformer_blocks[0].attn1.heads)
+                for m, size in zip(modules, sizes, strict=True)]
+
     def set_small_decoder(self, decoder: AutoencoderTiny | None) -> None:
         """A small decoder (e.g. TAESD) for the live path: a fraction of the full VAE's time."""
         self.small_decoder = decoder.to(self.vae.device, self.vae.dtype).eval() if decoder is not None else None

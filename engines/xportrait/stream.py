@@ -148,9 +148,9 @@ class StreamingDenoiser:
         self.valid = torch.zeros((s, w), dtype=torch.bool, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self._ring_index = torch.arange(w, device=self.device)
-        self.rings = [tuple(torch.zeros((s * hw, m.transformer_blocks[0].attn1.heads, w, c // m.transformer_blocks[0].attn1.heads),
-                                        device=self.device, dtype=dtype) for _ in range(4))
-                      for m, hw, c in self._module_shapes(model)]
+        self.rings = [tuple(torch.zeros((s * pixels, heads, w, channels // heads), device=self.device, dtype=dtype)
+                            for _ in range(4))
+                      for pixels, channels, heads in model.temporal_shapes]
         self._ticks = 0
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
@@ -158,22 +158,6 @@ class StreamingDenoiser:
         self.small_decoder = False  # decode with the model's small decoder (TAESD) instead of the full VAE
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
         self._graph = None
-
-    @staticmethod
-    def _module_shapes(model: XPortraitModel):
-        """(module, latent pixels, channels) of every temporal module, in call order: down level
-        i works at latent/2^i; in the up path a level's last module follows its upsampler."""
-        config = model.config
-        side, levels = config.latent_size, len(config.block_out_channels)
-        sizes: list[int] = []
-        for i in range(levels):
-            sizes += [side >> i] * config.layers_per_block
-        for j in range(levels):
-            level = levels - 1 - j
-            sizes += [side >> level] * config.layers_per_block
-            sizes.append(side >> max(level - 1, 0) if j < levels - 1 else side)
-        modules = model.unet.motion.in_order()
-        return [(m, size * size, m.norm.num_channels) for m, size in zip(modules, sizes, strict=True)]
 
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:

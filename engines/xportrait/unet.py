@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .temporal import FramesKV, MotionModules, TemporalPast
+from .temporal import FramesKV, MotionModules
 
 
 def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
