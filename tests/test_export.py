@@ -116,6 +116,44 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     assert int((onnx_images.int() - torch_images.int()).abs().max()) <= 1  # uint8 rounding at most
 
 
+def test_the_live_engine_runs_on_the_graphs_chosen_by_its_flags(model, exported):
+    """Through the Engine protocol, as serve runs it: `--backend onnx --graphs DIR` gives the
+    live engine the exported graphs, and its frames are the torch engine's."""
+    import argparse
+
+    import numpy as np
+
+    from engines import add_engine_arguments
+    from engines.base import DrivingFrame, SourcePortrait
+    from engines.xportrait.engine import XPortraitStreamEngine
+    from export.backend import GraphModel, live_engine_options
+
+    out, _ = exported
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", default="xportrait")
+    add_engine_arguments(parser)
+    options = live_engine_options(parser.parse_args(["--backend", "onnx", "--graphs", str(out), "--device", "cpu",
+                                                     "--steps", str(STEPS), "--model-size", "tiny"]))
+    assert isinstance(options["model"], GraphModel)
+    rng = np.random.default_rng(0)
+    portrait = SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))
+    landmarks = np.full((478, 3), RES / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, image=rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), tag=i)
+              for i in range(6)]
+
+    def run(engine):
+        engine.prepare([portrait])
+        rendered = [r for r in (engine.step(f) for f in frames) if r is not None]
+        rendered = [(r.image.copy(), r.tag) for r in rendered] + [(r.image, r.tag) for r in engine.flush()]
+        return np.stack([im for im, _ in rendered]).astype(int), [tag for _, tag in rendered]
+
+    flags = {k: v for k, v in options.items() if k not in ("stream", "model")}
+    on_graphs, tags = run(XPortraitStreamEngine(RES, model=options["model"], window=WINDOW, **flags))
+    on_torch, torch_tags = run(XPortraitStreamEngine(RES, model=model, window=WINDOW, **flags))
+    assert tags == torch_tags == list(range(6))
+    assert np.abs(on_graphs - on_torch).max() <= 1  # uint8 rounding at most
+
+
 def test_a_weight_change_changes_the_hash_and_the_engine_key(model, exported, tmp_path):
     out, manifest = exported
     entry = manifest["graphs"]["vae_decoder"]
