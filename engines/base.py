@@ -93,3 +93,12 @@ class Engine(Protocol):
 
 class EngineError(RuntimeError):
     """A user-facing engine failure (missing weights, missing backend, bad configuration)."""
+
+
+def check_sources(sources: Sequence[SourcePortrait], size: int, engine: str) -> None:
+    """What every engine's prepare() asks of its sources: at least one, at its resolution."""
+    if not sources:
+        raise EngineError(f"the {engine} engine needs at least one source portrait")
+    for s in sources:
+        if s.image.shape[:2] != (size, size):
+            raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {size}")

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from .base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
+from .base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
 from .face import (
     FACE_OVAL,
     LEFT_LID_PAIRS,
@@ -372,11 +372,8 @@ class WarpEngine:
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         # The warp animates the first portrait; further references are for engines that
         # can blend appearance (the diffusion engine concatenates their features).
-        if not sources:
-            raise EngineError("the warp engine needs a source portrait")
+        check_sources(sources, self.size, self.name)
         source = sources[0]
-        if source.image.shape[:2] != (self.size, self.size):
-            raise EngineError(f"source is {source.image.shape[1]}x{source.image.shape[0]}, engine is {self.size}")
         self._reenactor = Reenactor(source, self._grid)
 
     def step(self, frame: DrivingFrame) -> Rendered:

@@ -15,13 +15,15 @@ import cv2
 import numpy as np
 import torch
 
-from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings
+from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
 from ..face import local_control_image, local_patch_boxes
 from .config import XPortraitConfig
 from .pipeline import SamplerSettings, XPortraitPipeline
 from .stream import StreamSettings, StreamingDenoiser
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS - NOT A REAL MODEL"
+NEEDS_WEIGHTS = ("the xportrait engine needs --checkpoint (the released model_state-*.th) and --base "
+                 "(Stable Diffusion 1.5), or --random-weights to measure cost without weights")
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -30,6 +32,19 @@ def pick_device(device: str | None) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EngineError(f"--device {device}: no CUDA GPU is available to torch here")
     return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """fp16 on a GPU, fp32 on a CPU, unless asked."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def model_config(model_size: str, size: int) -> XPortraitConfig:
+    if model_size not in ("sd15", "tiny"):
+        raise EngineError(f"model size must be 'sd15' or 'tiny', got {model_size!r}")
+    return (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
 
 
 def to_tensor(images: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -65,16 +80,11 @@ class XPortraitEngine:
                  dtype: str | None = None, seed: int = 999, window: int = 16, overlap: int = 4,
                  offsets: str = "random", shared_noise: bool = False):
         if not random_weights and checkpoint is None:
-            raise EngineError("the xportrait engine needs --checkpoint (the released model_state-*.th) and "
-                              "--base (Stable Diffusion 1.5), or --random-weights to measure cost without weights")
-        if model_size not in ("sd15", "tiny"):
-            raise EngineError(f"model size must be 'sd15' or 'tiny', got {model_size!r}")
+            raise EngineError(NEEDS_WEIGHTS)
         self.size = size
         self.random_weights = random_weights
         self.device = pick_device(device)
-        self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
-                      "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
+        self.dtype, config = resolve_dtype(dtype, self.device), model_config(model_size, size)
         # LCM sampling needs LCM weights; without them the released sampler is the default
         # (--sampler lcm with --random-weights measures the cost of the few-step path).
         sampler = sampler or ("lcm" if lcm_lora else "ddim")
@@ -104,11 +114,7 @@ class XPortraitEngine:
         return self._timings
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
-        if not sources:
-            raise EngineError("the xportrait engine needs at least one source portrait")
-        for s in sources:
-            if s.image.shape[:2] != (self.size, self.size):
-                raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {self.size}")
+        check_sources(sources, self.size, self.name)
         self._sources = to_tensor([s.image for s in sources], self.device, self.dtype)
         self.reset()
 
@@ -192,18 +198,13 @@ class XPortraitStreamEngine:
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
         if model is None and not random_weights and checkpoint is None:
-            raise EngineError("the xportrait engine needs --checkpoint (the released model_state-*.th) and "
-                              "--base (Stable Diffusion 1.5), or --random-weights to measure cost without weights")
-        if model_size not in ("sd15", "tiny"):
-            raise EngineError(f"model size must be 'sd15' or 'tiny', got {model_size!r}")
+            raise EngineError(NEEDS_WEIGHTS)
         self.size = size
         self.random_weights = random_weights
         self.device = pick_device(device)
         # `model`: anything with XPortraitModel's inference interface, e.g. exported graphs run by
         # ONNX Runtime or TensorRT (export.backend); those own their launches: no CUDA graph here.
-        self.dtype = {None: torch.float16 if self.device.type == "cuda" else torch.float32,
-                      "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        config = (XPortraitConfig.tiny if model_size == "tiny" else XPortraitConfig.sd15)(resolution=size)
+        self.dtype, config = resolve_dtype(dtype, self.device), model_config(model_size, size)
         settings = StreamSettings(steps=steps or 4, window=window, seed=seed)
         try:
             settings.validate(config.motion_max_len)
@@ -239,11 +240,7 @@ class XPortraitStreamEngine:
         return self._timings
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
-        if not sources:
-            raise EngineError("the xportrait engine needs at least one source portrait")
-        for s in sources:
-            if s.image.shape[:2] != (self.size, self.size):
-                raise EngineError(f"source is {s.image.shape[1]}x{s.image.shape[0]}, engine is {self.size}")
+        check_sources(sources, self.size, self.name)
         self.denoiser.prepare(to_tensor([s.image for s in sources], self.device, self.dtype))
         if self.cuda_graph and self.denoiser._graph is None:
             self.denoiser.capture(compile=self.compile)
