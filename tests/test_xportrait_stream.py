@@ -64,3 +64,15 @@ def test_temporal_window_matters(model):
     b = render_causal(model, StreamSettings(steps=2, window=1), sources, driving, local)
     assert torch.allclose(a[0], b[0], atol=1e-6)  # the first frame has no past either way
     assert not torch.allclose(a[3], b[3], atol=1e-4)
+
+
+def test_the_offline_engine_with_causal_windows_renders_the_streamed_frames(model):
+    """The offline pipeline's causal mode is the live engine's definition: same decoded frames."""
+    from engines.xportrait.pipeline import SamplerSettings, XPortraitPipeline
+
+    settings = StreamSettings(steps=2, window=3)
+    sources, driving, local = inputs(5)
+    streamed, _ = stream(model, settings, sources, driving, local)
+    offline = XPortraitPipeline(model, SamplerSettings(sampler="lcm", steps=2, guidance=1.0, window=3,
+                                                       offsets="causal"))(sources, driving, local)
+    torch.testing.assert_close(offline, model.decode(streamed), rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ class SamplerSettings:
     guidance: float = 5.0
     window: int = 16
     overlap: int = 4
-    offsets: str = "random"  # "random" (released) or "fixed"
+    offsets: str = "random"  # "random" (released), "fixed", or "causal" (the live engine's frames, offline)
     shared_noise: bool = False  # one noise image for every frame (steadier) instead of one each
     seed: int = 999
     decode_batch: int = 4  # frames the VAE decodes at once: its 512² activations dominate peak memory
@@ -53,10 +53,12 @@ class SamplerSettings:
             raise ValueError(f"sampler must be 'ddim' or 'lcm', got {self.sampler!r}")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
-        if not 0 <= self.overlap < self.window:
+        if self.offsets != "causal" and not 0 <= self.overlap < self.window:
             raise ValueError(f"overlap must be in [0, window), got {self.overlap} with window {self.window}")
-        if self.offsets not in ("random", "fixed"):
-            raise ValueError(f"offsets must be 'random' or 'fixed', got {self.offsets!r}")
+        if self.offsets not in ("random", "fixed", "causal"):
+            raise ValueError(f"offsets must be 'random', 'fixed' or 'causal', got {self.offsets!r}")
+        if self.offsets == "causal" and (self.sampler != "lcm" or self.guidance != 1.0):
+            raise ValueError("causal windows are the live engine's: LCM sampling without guidance")
 
 
 def make_scheduler(config: XPortraitConfig, settings: SamplerSettings):
@@ -128,6 +130,12 @@ class XPortraitPipeline:
         device and dtype -> N frames (N, 3, H, W) in [-1, 1]. The first source is the one
         whose latent seeds the initial noise; all are appearance references."""
         model, s = self.model, self.settings
+        if s.offsets == "causal":  # each frame attends over the W - 1 before it, step by step, fixed noise
+            from .stream import StreamSettings, render_causal
+
+            latents = render_causal(model, StreamSettings(s.steps, s.window, s.seed), sources, driving, local)
+            self.reference_calls += len(sources) * s.steps
+            return torch.cat([model.decode(chunk) for chunk in latents.split(s.decode_batch)])
         n = driving.shape[0]
         generator = torch.Generator("cpu").manual_seed(s.seed)
         scheduler = make_scheduler(model.config, s)
