@@ -14,14 +14,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import running_server
 
 from streamer import samples
 
@@ -96,22 +95,8 @@ class DevTools:
 
 @pytest.fixture
 def server():
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamer", "serve", "--port", "0", "--token", TOKEN, "--idle-timeout", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = None
-    deadline = time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        url = match and match.group(1)
-    if url is None:
-        process.kill()
-        pytest.fail("xportrait serve did not start")
-    yield url
-    process.send_signal(signal.SIGTERM)
+    with running_server("--token", TOKEN, "--idle-timeout", "3") as (process, url):
+        yield url
     process.wait(timeout=30)
 
 

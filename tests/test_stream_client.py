@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import urllib.request
 
 import av
 import pytest
+from conftest import running_server
 
 from streamer import samples
 
@@ -41,22 +41,8 @@ def clip(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server():
-    process = subprocess.Popen(
-        xportrait("serve", "--port", "0", "--token", TOKEN, "--idle-timeout", "2", "--max-sessions", "2"),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and url is None:
-        line = process.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        url = match and match.group(1)
-    if url is None:
-        process.kill()
-        pytest.fail("xportrait serve did not start")
-    yield url
-    process.send_signal(signal.SIGTERM)
+    with running_server("--token", TOKEN, "--idle-timeout", "2", "--max-sessions", "2") as (process, url):
+        yield url
     assert process.wait(timeout=30) == 0  # a clean shutdown, sessions closed
 
 
