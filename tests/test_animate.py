@@ -7,7 +7,6 @@ Clips are small (320x240, 25 fps, under 2 s) and the output is 256 px, to stay f
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from fractions import Fraction
