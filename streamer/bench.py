@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--stream", action="store_true",
                         help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
+    parser.add_argument("--fast-only", action="store_true",
+                        help="xportrait --stream: time only the fastest configuration asked for (and the naive baseline)")
     parser.add_argument("--offline-steps", default="4,8",
                         help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
     add_engine_arguments(parser)
@@ -223,6 +225,8 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
         variants.append(("stream batch, torch.compile + CUDA graph", True, True, None))
     if args.tiny_decoder:
         variants.append(("... + TAESD decoder", True, args.compile, args.tiny_decoder))
+    if args.fast_only:
+        variants = variants[-1:]
     for label, graph, compiled, decoder in variants:
         built = time.perf_counter()
         engine = XPortraitStreamEngine(args.size, cuda_graph=graph, compile=compiled, tiny_decoder=decoder, **options)
@@ -255,6 +259,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
                      "tick_ms": {"p50": _percentile(ticks, 50), "p95": _percentile(ticks, 95)},
                      "latency_ms": {"p50": _percentile(latency, 50), "p95": _percentile(latency, 95)},
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
     # Per module, eager, at the stream batch's shapes (CUDA events).
     model, dtype, device = engine.model, engine.dtype, engine.device
     denoiser = engine.denoiser
