@@ -276,8 +276,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
             return begin.elapsed_time(end) / repeat
         with torch.no_grad():
             t = denoiser.levels.timesteps
-            modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local,
-                                                                     embedded=denoiser._embedded))
+            modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
                 denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings()))
             modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
