@@ -152,21 +152,3 @@ def test_guidance_uses_the_plain_unet_as_the_unconditional_branch(model):
     plain = model.unet(x, t, model.text, 4)
     guided = model.predict_noise(x, t, 4, ref, driving, local, guidance=5.0)
     torch.testing.assert_close(guided, plain + 5.0 * (cond - plain), rtol=1e-4, atol=1e-5)
-
-
-def test_control_residuals_from_an_embedded_hint_equal_diffusers_controlnet(model):
-    """The live engine embeds each hint once and walks the ControlNet itself: same residuals."""
-    from engines.xportrait.unet import control_residuals
-
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 4, RES // 8, RES // 8, generator=g)
-    hint = torch.rand(3, 3, RES, RES, generator=g) * 2 - 1
-    t = torch.tensor([900, 500, 100])
-    cn = model.pose_controlnet
-    with torch.no_grad():
-        down, mid = cn(x, t, model.text.expand(3, -1, -1), hint, return_dict=False)
-        ours_down, ours_mid = control_residuals(cn, x, t, model.text, cn.controlnet_cond_embedding(hint))
-    assert len(ours_down) == len(down) == 12
-    for a, b in zip(ours_down, down):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours_mid, mid, rtol=1e-5, atol=1e-6)

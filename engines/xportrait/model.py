@@ -22,7 +22,7 @@ from torch import nn
 from .config import XPortraitConfig
 from .reference import install_reference_attention, project_reference
 from .temporal import MotionModules
-from .unet import ReferenceNet, TemporalUNet, control_residuals
+from .unet import ReferenceNet, TemporalUNet
 
 ReferenceKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,29 +94,23 @@ class XPortraitModel(nn.Module):
         return project_reference(self.unet.unet, recorded)
 
     # -- the per-frame part ----------------------------------------------------------------------
-    def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both ControlNets' hint encoders: (N, 3, H, W) images -> their (N, C, h, w) embeddings."""
-        return (self.pose_controlnet.controlnet_cond_embedding(pose_hint),
-                self.local_controlnet.controlnet_cond_embedding(local_hint))
-
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
-                 local_hint: torch.Tensor, embedded: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Both ControlNets' residuals, summed (the released code adds them unscaled). With
-        `embedded`, the hints are already embed_hints()' output."""
-        if not embedded:
-            pose_hint, local_hint = self.embed_hints(pose_hint, local_hint)
-        pose_down, pose_mid = control_residuals(self.pose_controlnet, sample, timestep, self.text, pose_hint)
-        local_down, local_mid = control_residuals(self.local_controlnet, sample, timestep, self.text, local_hint)
+                 local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
+        text = self.text.expand(sample.shape[0], -1, -1)
+        t = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
+        pose_down, pose_mid = self.pose_controlnet(sample, t, text, pose_hint, return_dict=False)
+        local_down, local_mid = self.local_controlnet(sample, t, text, local_hint, return_dict=False)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
 
     @torch.no_grad()
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,
                       pose_hint: torch.Tensor, local_hint: torch.Tensor, guidance: float = 1.0,
-                      temporal_past=None, temporal_record=None, embedded: bool = False) -> torch.Tensor:
+                      temporal_past=None, temporal_record=None) -> torch.Tensor:
         """The noise in `sample` ((clips * frames, 4, h, w)) at `timestep`, conditioned on the
         reference and both hints. With guidance != 1, classifier-free guidance against the
         released code's unconditional branch: the same UNet with no reference and no controls."""
-        down, mid = self.controls(sample, timestep, pose_hint, local_hint, embedded)
+        down, mid = self.controls(sample, timestep, pose_hint, local_hint)
         self._reference.active = reference
         try:
             eps = self.unet(sample, timestep, self.text, frames, down, mid, temporal_past, temporal_record)

@@ -118,11 +118,6 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     return torch.cat(out)
 
 
-def config_channels(model) -> int:
-    """Channels of the ControlNets' hint embeddings (the UNet's first width)."""
-    return model.config.block_out_channels[0]
-
-
 class StreamingDenoiser:
     """The stream batch and its caches. `tick` takes one frame's hints and returns the clean
     latent of the frame that leaves (with its tag), or None while the batch fills.
@@ -141,11 +136,7 @@ class StreamingDenoiser:
         s, res, h = self.levels.steps, model.config.resolution, model.config.latent_size
         self.x = torch.zeros((s, 4, h, h), device=self.device, dtype=dtype)
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
-        # Each frame in flight keeps its ControlNet hints. Where the model can (embed_hints), they
-        # are kept embedded: a frame's hint never changes, so it is encoded once, on entry.
-        self._embedded = hasattr(model, "embed_hints")
-        hint = (config_channels(model), h, h) if self._embedded else (3, res, res)
-        self.pose = torch.zeros((s, *hint), device=self.device, dtype=dtype)
+        self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=dtype)
         self.local = torch.zeros_like(self.pose)
         self.new_pose = torch.zeros((1, 3, res, res), device=self.device, dtype=dtype)  # the host writes here
         self.new_local = torch.zeros_like(self.new_pose)
@@ -218,16 +209,12 @@ class StreamingDenoiser:
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
-        if self._embedded:
-            self.pose[:1], self.local[:1] = self.model.embed_hints(self.new_pose, self.new_local)
-        else:
-            self.pose[:1] = self.new_pose
-            self.local[:1] = self.new_local
+        self.pose[:1] = self.new_pose
+        self.local[:1] = self.new_local
         self.occupied[:1] = self.enters
         self.x[:1] = self.entering
         eps = self.model.predict_noise(self.x, levels.timesteps, 1, self.reference, self.pose, self.local,
-                                       temporal_past=self.temporal_rings(),
-                                       **({"embedded": True} if self._embedded else {}))
+                                       temporal_past=self.temporal_rings())
         clean = levels.denoise(self.x, eps, slice(0, levels.steps))
         self.leaving.copy_(clean[-1:])
         if levels.steps > 1:

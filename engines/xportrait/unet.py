@@ -98,28 +98,6 @@ def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tenso
     return unet.conv_out(h)
 
 
-def control_residuals(controlnet, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A diffusers ControlNetModel's residuals (scale 1, no guess mode) from its hint already
-    embedded (`controlnet.controlnet_cond_embedding(hint)`): a streamed frame's hint never
-    changes while it is in flight, so it is embedded once, when it enters."""
-    b = sample.shape[0]
-    emb = time_embedding(controlnet, timestep, b, sample.dtype)
-    if text.shape[0] != b:
-        text = text.expand(b, -1, -1)
-    h = controlnet.conv_in(sample) + hint_embedding
-    skips = [h]
-    for block in controlnet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=text)
-        else:
-            h, res = block(hidden_states=h, temb=emb)
-        skips.extend(res)
-    h = controlnet.mid_block(h, emb, encoder_hidden_states=text)
-    return ([zero(s) for zero, s in zip(controlnet.controlnet_down_blocks, skips, strict=True)],
-            controlnet.controlnet_mid_block(h))
-
-
 class ReferenceNet(nn.Module):
     """The appearance module's network: an SD1.5-shaped UNet without the output conv."""
 
