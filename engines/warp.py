@@ -155,6 +155,7 @@ class Reenactor:
         self._affines = np.empty((len(self.triangles) + 1, 2, 3), np.float32)
         self._affines[0] = [[1, 0, 0], [0, 1, 0]]  # id 0: pixels no triangle covers stay put
         self._coarse = np.empty((g * g, 2), np.float32)
+        self._chosen = np.empty((g * g, 2, 3), np.float32)
         self._map_x = np.empty((size, size), np.float32)
         self._map_y = np.empty((size, size), np.float32)
         self._vertices = self.src_vertices.copy()
@@ -339,8 +340,8 @@ class Reenactor:
         points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
         for k, triangle in enumerate(points, start=1):
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
-        chosen = self._affines[ids.reshape(-1)]  # (G*G, 2, 3)
-        np.einsum("nij,nj->ni", chosen, self._grid_xy1, out=self._coarse)
+        np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
+        np.einsum("nij,nj->ni", self._chosen, self._grid_xy1, out=self._coarse)
 
 
 def _gaps(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
