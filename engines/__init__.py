@@ -40,6 +40,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=999, help="noise seed (default: 999, as released)")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cuda, cuda:1, cpu")
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
+    g.add_argument("--allow-hub", action="store_true",
+                   help="let --base/--checkpoint/--lcm-lora name Hugging Face hub ids (downloads); default: local paths only")
     g.add_argument("--random-weights", action="store_true",
                    help="no weights: random ones, to measure cost (every output is labelled as such)")
     g.add_argument("--compile", action="store_true",
@@ -71,7 +73,7 @@ def engine_options(args: argparse.Namespace, live: bool = False) -> dict:
     return dict(base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora, sampler=args.sampler,
                 steps=args.steps,
                 guidance=args.guidance, seed=args.seed, device=args.device, dtype=args.dtype,
-                random_weights=args.random_weights, model_size=args.model_size,
+                random_weights=args.random_weights, model_size=args.model_size, allow_hub=args.allow_hub,
                 **({"stream": True, **live_only, "backend": args.backend, "graphs": args.graphs} if live else {}))
 
 

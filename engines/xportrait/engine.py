@@ -78,7 +78,7 @@ class XPortraitEngine:
                  guidance: float | None = None,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, window: int = 16, overlap: int = 4,
-                 offsets: str = "random", shared_noise: bool = False):
+                 offsets: str = "random", shared_noise: bool = False, allow_hub: bool = False):
         if not random_weights and checkpoint is None:
             raise EngineError(NEEDS_WEIGHTS)
         self.size = size
@@ -101,7 +101,8 @@ class XPortraitEngine:
         from .loading import load_model
 
         self.model = load_model(config, base=base, checkpoint=checkpoint, lcm_lora=lcm_lora,
-                                random_weights=random_weights, seed=seed, dtype=self.dtype, device=self.device)
+                                random_weights=random_weights, seed=seed, dtype=self.dtype, device=self.device,
+                                allow_hub=allow_hub)
         self.pipeline = XPortraitPipeline(self.model, self.settings)
         self._sources: torch.Tensor | None = None
         self._driving: list[np.ndarray] = []
@@ -193,7 +194,7 @@ class XPortraitStreamEngine:
                  lcm_lora: str | None = None, steps: int | None = None, window: int = 16,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
-                 tiny_decoder: str | None = None, channels_last: bool = True, model=None,
+                 tiny_decoder: str | None = None, channels_last: bool = True, model=None, allow_hub: bool = False,
                  sampler: str | None = None, guidance: float | None = None):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
@@ -213,7 +214,7 @@ class XPortraitStreamEngine:
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
-                                 lcm_lora=lcm_lora, random_weights=random_weights, seed=seed)
+                                 lcm_lora=lcm_lora, random_weights=random_weights, seed=seed, allow_hub=allow_hub)
         elif model.config.resolution != size:
             raise EngineError(f"the given model renders {model.config.resolution} px, the engine is {size} px")
         self.model = model

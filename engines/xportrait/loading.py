@@ -283,7 +283,7 @@ def resolve(path: str | Path, what: str, allow_hub: bool, hub_filename: str | No
         return local
     if not allow_hub:
         raise WeightsError(f"{what} not found: {local} (a local file or folder is expected; "
-                           "hub ids are downloaded only when allowed: allow_hub=True)")
+                           "hub ids are downloaded only when allowed: --allow-hub, or allow_hub=True in Python)")
     from huggingface_hub import hf_hub_download, snapshot_download
 
     parts = str(path).strip("/").split("/")
