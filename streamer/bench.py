@@ -306,41 +306,39 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
             "speedup_vs_baseline": best / (1e3 / naive_ms)}
 
 
+def _print_stream(result: dict, args: argparse.Namespace) -> None:
+    print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, weights: "
+          f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}")
+    for r in result["runs"]:
+        peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+        print(f"  {r['engine']:<28} {r['fps']:7.1f} fps; tick p50 {r['tick_ms']['p50']:.1f} ms; frame in->out "
+              f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
+    for name, ms in result["modules_ms"].items():
+        print(f"  {name:<40} {ms:7.2f} ms (eager)")
+    b = result["baseline"]
+    print(f"  baseline ({b['name']}): {b['fps']:.2f} fps; best engine run is {result['speedup_vs_baseline']:.1f}x")
+
+
+def _print_offline(result: dict, args: argparse.Namespace) -> None:
+    print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, "
+          f"weights: {result['weights']}, window {result['window']} frames")
+    for r in result["runs"]:
+        peak = f", peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+        print(f"  {r['sampler']:<52} {r['seconds']:8.2f} s  {r['fps']:7.2f} frames/s{peak}")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.engine == "xportrait" and args.stream:
-        try:
-            result = bench_xportrait_stream(args)
-        except (EngineError, OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.json:
-            print(json.dumps(result, indent=2))
-            return 0
-        print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, weights: "
-              f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}")
-        for r in result["runs"]:
-            peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-            print(f"  {r['engine']:<28} {r['fps']:7.1f} fps; tick p50 {r['tick_ms']['p50']:.1f} ms; frame in->out "
-                  f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
-        for name, ms in result["modules_ms"].items():
-            print(f"  {name:<40} {ms:7.2f} ms (eager)")
-        b = result["baseline"]
-        print(f"  baseline ({b['name']}): {b['fps']:.2f} fps; best engine run is {result['speedup_vs_baseline']:.1f}x")
-        return 0
     if args.engine == "xportrait":
+        measure, show = (bench_xportrait_stream, _print_stream) if args.stream else (bench_xportrait_offline, _print_offline)
         try:
-            result = bench_xportrait_offline(args)
+            result = measure(args)
         except (EngineError, NoFaceError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.json:
             print(json.dumps(result, indent=2))
-            return 0
-        print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, "
-              f"weights: {result['weights']}, window {result['window']} frames")
-        for r in result["runs"]:
-            peak = f", peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-            print(f"  {r['sampler']:<52} {r['seconds']:8.2f} s  {r['fps']:7.2f} frames/s{peak}")
+        else:
+            show(result, args)
         return 0
     if args.frames <= args.warmup:
         print("error: --frames must exceed --warmup", file=sys.stderr)

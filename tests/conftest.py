@@ -40,3 +40,13 @@ def running_server(*args: str):
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
+
+
+def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a browser (or any child), killing it if it will not go."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import running_server
+from conftest import running_server, stop
 
 from streamer import samples
 
@@ -119,12 +119,7 @@ def test_page_streams_the_webcam_and_shows_avatar_frames_and_stats(server, webca
     try:
         asyncio.run(drive_page(server, profile, browser))
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait(timeout=10)
+        stop(browser)
 
 
 async def poll(devtools: DevTools, condition, timeout: float, what: str) -> dict:

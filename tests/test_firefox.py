@@ -21,7 +21,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import running_server
+from conftest import running_server, stop
 
 FIREFOX = os.environ.get("FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
 pytestmark = pytest.mark.skipif(FIREFOX is None, reason="firefox is not installed (Debian: apt-get install firefox-esr)")
@@ -98,12 +98,7 @@ def test_page_streams_in_firefox(server, tmp_path):
     try:
         asyncio.run(drive(server, port, browser))
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait(timeout=10)
+        stop(browser)
 
 
 async def drive(url: str, port: int, browser: subprocess.Popen) -> None:
