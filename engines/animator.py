@@ -5,10 +5,18 @@ raw frame -> face mesh -> alignment to the source head box -> One-Euro smoothing
 The alignment (translation + scale) and the motion reference are fixed by one driving frame:
 the first frame with a face unless the caller chooses one (offline, the released code picks
 the frame closest to the source). A frame with no face holds the last good pose.
+
+`drive` does it all for one frame. `track` and `render` are its two halves, for a caller that
+runs them on two threads (the streamer: frame n+1 is tracked while frame n is in the engine).
+`track` writes each driving frame into one of `buffers` sets of arrays and the frame keeps its
+set until `render` (or `release`) gives it back, so the engine never reads arrays that the
+next frame is being written into.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time as _time
 from typing import Any, Sequence
 
@@ -17,6 +25,7 @@ import numpy as np
 
 from .base import DrivingFrame, Engine, Rendered, SourcePortrait
 from .face import (
+    NUM_LANDMARKS,
     FaceTracker,
     OneEuroFilter,
     alignment_affine,
@@ -29,8 +38,57 @@ from .face import (
 _MISSING = object()
 
 
+class _BufferSets:
+    """The arrays behind the DrivingFrames that `Animator.track` hands out, in a few sets.
+
+    A set is busy from its hand-out until every frame handed out on it is released: a held
+    pose hands out the last good frame's set again, so each set counts its users. Only the
+    tracking thread picks and hands out sets; releases may come from any thread.
+    """
+
+    def __init__(self, count: int, size: int, with_image: bool):
+        if count < 1:
+            raise ValueError("at least one set of driving buffers is needed")
+        self.landmarks = [np.empty((NUM_LANDMARKS, 3), np.float32) for _ in range(count)]
+        self.images = [np.empty((size, size, 3), np.uint8) if with_image else None for _ in range(count)]
+        self._users = [0] * count
+        self._lock = threading.Lock()
+
+    def idle(self, held: DrivingFrame | None) -> int:
+        """A set nobody uses, other than the held pose's if there is a choice: the held pose
+        stays intact even if this frame fails half-written."""
+        with self._lock:
+            idle = [i for i, users in enumerate(self._users) if users == 0]
+        if not idle:
+            raise RuntimeError(f"all {len(self._users)} sets of driving buffers are in use: "
+                               "render() or release() each frame that track() hands out")
+        return next((i for i in idle if held is None or self.landmarks[i] is not held.landmarks), idle[0])
+
+    def hand_out(self, frame: DrivingFrame) -> DrivingFrame:
+        with self._lock:
+            self._users[self._index(frame)] += 1
+        return frame
+
+    def release(self, frame: DrivingFrame) -> None:
+        with self._lock:
+            index = self._index(frame)
+            if self._users[index] == 0:
+                raise RuntimeError("a driving frame was released twice")
+            self._users[index] -= 1
+
+    def _index(self, frame: DrivingFrame) -> int:
+        for index, landmarks in enumerate(self.landmarks):
+            if landmarks is frame.landmarks:
+                return index
+        raise ValueError("not a driving frame of this animator")
+
+
 class Animator:
-    def __init__(self, engine: Engine, tracker: FaceTracker | None = None, smoothing: bool = True):
+    def __init__(self, engine: Engine, tracker: FaceTracker | None = None, smoothing: bool = True,
+                 buffers: int = 1):
+        """`buffers`: how many driving frames may be handed out by `track` and not yet
+        rendered or released (one for `drive`; a pipelined caller needs one per frame in
+        flight plus the one being tracked)."""
         self.engine = engine
         self.size = engine.size
         self.tracker = tracker or FaceTracker(video=True)
@@ -42,8 +100,8 @@ class Animator:
         self._affine: np.ndarray | None = None
         self._reference: np.ndarray | None = None
         self._last: DrivingFrame | None = None
-        self._aligned = np.empty((478, 3), np.float32)
-        self._driving_image = np.empty((self.size, self.size, 3), np.uint8)
+        self._aligned = np.empty((NUM_LANDMARKS, 3), np.float32)  # before smoothing
+        self._buffers = _BufferSets(buffers, self.size, engine.needs_driving_image)
 
     # -- per source ---------------------------------------------------------------------------
     def set_sources(self, images: Sequence[np.ndarray]) -> None:
@@ -86,6 +144,18 @@ class Animator:
 
         Pass `landmarks` (or None for 'no face') to skip tracking when they are known.
         """
+        return self.render(self.track(frame, time, tag, landmarks))
+
+    def track(self, frame: np.ndarray, time: float, tag: Any = None,
+              landmarks: Any = _MISSING) -> DrivingFrame | Rendered:
+        """Everything `drive` does before the engine: face mesh, alignment, smoothing and the
+        aligned driving image of one raw RGB frame taken at `time` seconds.
+
+        Returns the DrivingFrame to `render`, or, while no face has been seen since the last
+        recalibration, the portrait as it is (a Rendered: there is nothing to step the engine
+        with). A frame with no face holds the last good pose. Pass `landmarks` (or None for
+        'no face') to skip tracking when they are known.
+        """
         if not self.sources:
             raise RuntimeError("set_sources() first")
         self.frames += 1
@@ -97,18 +167,37 @@ class Animator:
             self.frames_without_face += 1
             if self._last is None:  # nothing to hold yet: the portrait as it is
                 return Rendered(self.sources[0].image, tag)
-            held = self._last
-            held.time, held.tag = time, tag
-            return self.engine.step(held)
-        aligned = self.align(landmarks, out=self._aligned)
+            # A new frame on the same arrays: the last one may still be in the engine.
+            return self._buffers.hand_out(dataclasses.replace(self._last, time=time, tag=tag))
+        buffers = self._buffers
+        index = buffers.idle(self._last)
+        aligned = buffers.landmarks[index]
         if self.smoother:
-            aligned = self.smoother(aligned, time)
+            # The filter returns its own state, which the next frame updates in place.
+            np.copyto(aligned, self.smoother(self.align(landmarks, out=self._aligned), time))
+        else:
+            self.align(landmarks, out=aligned)
         image = None
         if self.engine.needs_driving_image:
-            image = cv2.warpAffine(frame, self._affine, (self.size, self.size), dst=self._driving_image,
+            image = cv2.warpAffine(frame, self._affine, (self.size, self.size), dst=buffers.images[index],
                                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._last = DrivingFrame(landmarks=aligned, reference=self._reference, time=time, image=image, tag=tag)
-        return self.engine.step(self._last)
+        return buffers.hand_out(self._last)
+
+    def render(self, driving: DrivingFrame | Rendered) -> Rendered | None:
+        """Everything `drive` does from the engine on: step it with what `track` returned (a
+        Rendered passes through), then give the frame's buffers back."""
+        if isinstance(driving, Rendered):
+            return driving
+        try:
+            return self.engine.step(driving)
+        finally:
+            self._buffers.release(driving)
+
+    def release(self, driving: DrivingFrame | Rendered) -> None:
+        """Give back the buffers of a frame from `track` that will not be rendered (dropped)."""
+        if isinstance(driving, DrivingFrame):
+            self._buffers.release(driving)
 
     def flush(self) -> list[Rendered]:
         return self.engine.flush()
