@@ -2,7 +2,8 @@
 
 In the manner of aiortc's examples/server/server.py: the page POSTs its SDP offer to /offer
 and gets the answer back; the peer's webcam track goes into a `Session` (streamer/session.py),
-which animates it on its own worker thread and sends the result back on an `AvatarTrack`.
+which animates it on its own two threads (face tracking, engine) and sends the result back on
+an `AvatarTrack`.
 
 Routes:
   GET  /                the page (client/index.html, app.js, style.css)
@@ -140,7 +141,7 @@ class Server:
         self._return_engine(animator.engine)
 
     def _take_engine(self):
-        """An idle engine if there is one, else a new one (worker threads call this)."""
+        """An idle engine if there is one, else a new one (sessions' engine threads call this)."""
         try:
             return self._idle_engines.pop()
         except IndexError:
@@ -300,7 +301,7 @@ class Server:
         else:
             data = await self._read_upload(request)
             name = "upload"
-            load = lambda: decode_image(data)  # noqa: E731  (decoded on the worker thread)
+            load = lambda: decode_image(data)  # noqa: E731  (decoded on the session's engine thread)
         try:
             width, height = await session.set_portrait(load, name)
         except UploadError as exc:

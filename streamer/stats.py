@@ -1,8 +1,8 @@
 """Per-session live statistics: frame rates, drops, per-stage timings and latency percentiles.
 
-Only the event loop writes these (the worker thread hands its timings back with each frame),
-so nothing here needs a lock. Windows are fixed-size rings: a session that runs for hours
-keeps the same small memory, and percentiles describe the recent past, not the whole run.
+Only the event loop writes these (the session's threads hand their timings back with each
+frame), so nothing here needs a lock. Windows are fixed-size rings: a session that runs for
+hours keeps the same small memory, and percentiles describe the recent past, not the whole run.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import numpy as np
 
 # Stages of one frame, in order. The VP8 decode itself happens inside aiortc's decoder
 # thread and is not observable from here; `wait` is how long a decoded frame sat in the
-# newest-frame slot before the worker took it.
-STAGES = ("wait", "convert_in", "face", "engine", "convert_out", "encode_send")
+# newest-frame slot before the prep thread took it; `face` is everything that thread does
+# after the colour conversion (face mesh, alignment, smoothing, the aligned driving image);
+# `wait_engine` is how long the prepared frame then waited for the engine thread.
+STAGES = ("wait", "convert_in", "face", "wait_engine", "engine", "convert_out", "encode_send")
 
 
 class Ring:
@@ -73,9 +75,10 @@ class SessionStats:
     def __init__(self, window: int = 300):
         self.started = time.monotonic()
         self.frames_in = 0  # decoded frames taken from the webcam track
-        self.frames_processed = 0  # frames the worker turned into output
+        self.frames_processed = 0  # frames the engine thread turned into output
         self.frames_out = 0  # frames handed to the encoder
-        self.dropped_stale = 0  # input frames replaced by a newer one before the worker took them
+        self.dropped_stale = 0  # input frames replaced by a newer one before the prep thread took them
+        self.dropped_prepared = 0  # prepared frames replaced by a newer one before the engine thread took them
         self.dropped_output = 0  # output frames replaced before the encoder asked for one
         self.frames_without_face = 0
         self.last_input_at: float | None = None
@@ -94,8 +97,9 @@ class SessionStats:
             "frames_in": self.frames_in,
             "frames_processed": self.frames_processed,
             "frames_out": self.frames_out,
-            "dropped": self.dropped_stale + self.dropped_output,
+            "dropped": self.dropped_stale + self.dropped_prepared + self.dropped_output,
             "dropped_stale": self.dropped_stale,
+            "dropped_prepared": self.dropped_prepared,
             "dropped_output": self.dropped_output,
             "frames_without_face": self.frames_without_face,
             "latency_ms": {

@@ -2,7 +2,8 @@
 
 The server runs in the test's own event loop on 127.0.0.1; the "browser" is an aiortc peer
 sending a synthetic webcam (streamer.samples' driving clip of a real portrait) at a fixed
-rate, with known pts, and collecting what comes back.
+rate, with known pts, and collecting what comes back. The pipeline tests swap in a fake
+engine and a slowed tracker: their costs are sleeps, as a GPU engine's step mostly is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from av import VideoFrame
 from PIL import Image
 
 from engines.animator import Animator
+from engines.base import DrivingFrame, Rendered, Timings
 from streamer import samples
 from streamer.server import Config, Server
 from streamer.session import WORKER_PREFIX
@@ -291,7 +293,7 @@ def test_animated_frames_come_back_with_their_input_pts_and_stats(prepared, clip
             await until(lambda: len(peer.received) >= 2 * FPS and peer.stats and peer.stats[-1]["frames_out"] >= 2 * FPS,
                         20)
             stats = (await (await http.get("/stats")).json())
-            assert stats["sessions_active"] == 1 and stats["worker_threads"] == 1
+            assert stats["sessions_active"] == 1 and stats["worker_threads"] == 2  # prep and engine
             await peer.close()
             assert await freed(prepared), "the session or its worker thread outlived the peer"
             return peer, stats
@@ -357,16 +359,18 @@ def test_no_face_holds_the_last_pose(prepared, clip):
     assert peer.stats[-1]["errors"] == 0
 
 
-def test_a_slow_engine_drops_stale_frames_and_latency_does_not_creep(prepared, clip, monkeypatch):
-    """With each frame costing 3 frame periods, a queue would add ~80 ms per frame; the newest-
-    frame slot keeps the round trip flat and counts what it skips."""
-    drive = Animator.drive
+@pytest.mark.parametrize("stage, counter", [("track", "dropped_stale"), ("render", "dropped_prepared")])
+def test_a_slow_stage_drops_stale_frames_and_latency_does_not_creep(prepared, clip, monkeypatch, stage, counter):
+    """With one stage costing 3 frame periods, a queue would add ~80 ms per frame; the newest-
+    frame slots keep the round trip flat and count what they skip: input frames the prep thread
+    had no time for, or prepared frames the engine thread had no time for."""
+    slowed = getattr(Animator, stage)
 
-    def slow_drive(self, *args, **kwargs):
+    def slow(self, *args, **kwargs):
         time.sleep(3 / FPS)
-        return drive(self, *args, **kwargs)
+        return slowed(self, *args, **kwargs)
 
-    monkeypatch.setattr(Animator, "drive", slow_drive)
+    monkeypatch.setattr(Animator, stage, slow)
 
     async def main():
         async with running(prepared) as http:
@@ -381,11 +385,165 @@ def test_a_slow_engine_drops_stale_frames_and_latency_does_not_creep(prepared, c
     peer = asyncio.run(main())
     round_trips = [(arrived - peer.webcam.sent[sent_pts(peer, pts)]) * 1e3 for pts, arrived, _ in peer.received]
     stats = peer.stats[-1]
-    assert stats["dropped_stale"] > 2 * FPS  # most frames were skipped, and counted
+    assert stats[counter] > 2 * FPS  # most frames were skipped, and counted
+    assert stats["dropped"] >= stats[counter] and stats["errors"] == 0
     assert stats["frames_processed"] < 3 * FPS
     early, late = np.median(round_trips[3:10]), np.median(round_trips[-7:])
     assert late < early + 60, (early, late)  # flat: a queue would be seconds behind by now
     assert max(round_trips) < 600
+
+
+# -------------------------------------------------------------------------- the two-stage pipeline
+TRACK_S, STEP_S = 0.040, 0.045  # each stage's cost, as sleeps: the GIL is free meanwhile
+SERIAL_FPS = 1 / (TRACK_S + STEP_S)  # the most one thread doing both could reach: 11.8
+
+
+class Stages:
+    """Which of a session's two stages are at work right now, seen from inside them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.tracking = self.stepping = 0
+        self.overlaps = 0  # a step started or ended while a frame was being tracked, or the reverse
+        self.clashes: list[str] = []  # an engine change made while a frame was in either stage
+
+    @contextlib.contextmanager
+    def busy(self, stage: str):
+        with self._lock:
+            setattr(self, stage, getattr(self, stage) + 1)
+            self.overlaps += self.tracking > 0 and self.stepping > 0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.overlaps += self.tracking > 0 and self.stepping > 0
+                setattr(self, stage, getattr(self, stage) - 1)
+
+    def check_idle(self, change: str) -> None:
+        with self._lock:
+            if self.tracking or self.stepping:
+                self.clashes.append(f"{change} while tracking {self.tracking}, stepping {self.stepping}")
+
+
+class SlowEngine:
+    """A GPU engine's shape: `step` waits STEP_S with the GIL released, as a device sync does,
+    and checks that its driving frame stayed as it was for the whole step."""
+
+    name = "slow"
+    size = 128
+    needs_driving_image = True
+
+    def __init__(self, stages: Stages):
+        self.stages = stages
+        self.steps = self.corrupted = self.prepares = self.resets = 0
+        self._portrait: np.ndarray | None = None
+        self._timings = Timings()
+
+    @property
+    def timings(self) -> Timings:
+        return self._timings
+
+    def prepare(self, sources) -> None:
+        self.stages.check_idle("prepare")
+        self.prepares += 1
+        self._portrait = sources[0].image.copy()
+
+    def step(self, frame: DrivingFrame) -> Rendered:
+        with self.stages.busy("stepping"):
+            landmarks, image, when, tag = frame.landmarks.copy(), frame.image.copy(), frame.time, frame.tag
+            time.sleep(STEP_S)
+            intact = (np.array_equal(frame.landmarks, landmarks) and np.array_equal(frame.image, image)
+                      and frame.time == when and frame.tag is tag)
+            self.steps += 1
+            self.corrupted += not intact
+            return Rendered(self._portrait, frame.tag)
+
+    def flush(self) -> list[Rendered]:
+        return []
+
+    def reset(self) -> None:
+        self.stages.check_idle("reset")
+        self.resets += 1
+
+
+@pytest.fixture
+def slow_pipeline(prepared, monkeypatch):
+    """A server whose sessions run SlowEngine, with tracking slowed to TRACK_S a frame."""
+    stages = Stages()
+    engines: list[SlowEngine] = []
+    track = Animator.track
+
+    def slow_track(self, *args, **kwargs):
+        with stages.busy("tracking"):
+            time.sleep(TRACK_S)
+            return track(self, *args, **kwargs)
+
+    def take_engine() -> SlowEngine:
+        engines.append(SlowEngine(stages))
+        return engines[-1]
+
+    monkeypatch.setattr(Animator, "track", slow_track)
+    server = configured(prepared)
+    server._take_engine = take_engine
+    return server, stages, engines
+
+
+def test_frame_n_plus_1_is_tracked_while_frame_n_is_in_the_engine(slow_pipeline, clip):
+    """Tracking and the engine step overlap: the session renders at about 1/max(stage), well
+    above what one thread doing both could (1/sum), and no step sees its frame change."""
+    server, stages, engines = slow_pipeline
+
+    async def main():
+        async with running(server) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 8 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = server.sessions[peer.session]
+            await until(lambda: session.stats.frames_processed >= 5, 20)
+            start, processed = time.perf_counter(), session.stats.frames_processed
+            await asyncio.sleep(3)
+            fps = (session.stats.frames_processed - processed) / (time.perf_counter() - start)
+            snapshot = session.snapshot()
+            await peer.close()
+            assert await freed(server)
+            return fps, snapshot
+
+    fps, snapshot = asyncio.run(main())
+    ideal = 1 / max(TRACK_S, STEP_S)
+    assert fps > 1.3 * SERIAL_FPS, f"{fps:.1f} fps: one thread doing both reaches {SERIAL_FPS:.1f}, two {ideal:.1f}"
+    assert stages.overlaps > 10
+    engine = engines[0]
+    assert engine.steps > 30 and engine.corrupted == 0
+    assert snapshot["errors"] == 0 and snapshot["stages_ms"]["engine"] >= STEP_S * 1e3
+
+
+def test_a_new_portrait_and_recalibration_wait_for_both_threads(slow_pipeline, clip):
+    """Changes to the engine (prepare, reset) happen with no frame in either stage, while
+    frames keep coming before and after."""
+    server, stages, engines = slow_pipeline
+
+    async def main():
+        async with running(server) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 8 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = server.sessions[peer.session]
+            await until(lambda: peer.stats and session.stats.frames_processed >= 5, 20)
+            url = f"/avatar?session={peer.session}"
+            for portrait in ("grace_hopper", "astronaut", "grace_hopper"):
+                for _ in range(2):
+                    peer.channel.send(json.dumps({"type": "recalibrate"}))
+                    await asyncio.sleep(0.07)
+                assert (await http.post(f"{url}&portrait={portrait}")).status == 200
+            shown = session.stats.frames_processed
+            await until(lambda: session.stats.frames_processed >= shown + 10, 10)
+            errors = session.errors
+            await peer.close()
+            assert await freed(server)
+            return errors
+
+    assert asyncio.run(main()) == 0
+    engine = engines[0]
+    assert engine.prepares == 4 and engine.resets >= 4 + 6  # each portrait resets; so does each recalibration
+    assert stages.clashes == [] and engine.corrupted == 0
 
 
 # --------------------------------------------------------------------------------------- uploads
@@ -459,7 +617,8 @@ def test_a_silent_or_unanswered_peer_is_freed_by_the_timeouts(prepared, clip):
             # Offers, then never applies the answer, so ICE never starts: the connect timeout (2 s).
             unanswered = Peer(Webcam(lambda i: clip[i % len(clip)], FPS))
             assert (await unanswered.offer(http, answer=False)).status == 200
-            assert len(prepared.sessions) == 2 and len(worker_threads()) == 2
+            assert len(prepared.sessions) == 2
+            assert len(worker_threads()) >= 2  # each engine thread; a prep thread starts with the first frame
             await until(lambda: len(silent.received) > 5, 10)
             assert await freed(prepared, timeout=10)
             await silent.close()
