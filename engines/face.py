@@ -243,18 +243,6 @@ def local_patch_boxes(landmarks: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([centres - half, centres + half], axis=1)
 
 
-def local_control_image(image: np.ndarray, boxes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The local control image: the eye and mouth patches of `image`, everything else 0
-    (which is -1 once scaled to [-1, 1], as in the released code)."""
-    if out is None:
-        out = np.zeros_like(image)
-    else:
-        out.fill(0)
-    for x0, y0, x1, y1 in boxes:
-        out[y0:y1, x0:x1] = image[y0:y1, x0:x1]
-    return out
-
-
 def aperture(landmarks: np.ndarray, lids: tuple[int, int], corners: tuple[int, int]) -> float:
     """Opening of an eye or the mouth: lid-to-lid distance over corner-to-corner width."""
     gap = np.linalg.norm(landmarks[lids[0], :2] - landmarks[lids[1], :2])

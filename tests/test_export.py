@@ -88,13 +88,13 @@ def test_manifest_describes_the_graphs(exported):
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
-def stream(denoiser, sources, driving, local):
+def stream(denoiser, sources, driving, boxes):
     denoiser.decode = True
     denoiser.prepare(sources)
     latents, images, tags = [], [], []
     for i in range(driving.shape[0] + denoiser.settings.steps - 1):  # and drain the frames in flight
-        hints = (driving[i : i + 1], local[i : i + 1]) if i < driving.shape[0] else (None, None)
-        leaving = denoiser.tick(*hints, tag=i)
+        frame = (driving[i], boxes[i]) if i < driving.shape[0] else (None, None)
+        leaving = denoiser.tick(*frame, tag=i)
         if leaving is not None:
             latents.append(leaving[0].clone()), images.append(denoiser.image.clone()), tags.append(leaving[1])
     return torch.cat(latents), torch.stack(images), tags
@@ -104,13 +104,15 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     out, _ = exported
     g = torch.Generator().manual_seed(5)
     sources = torch.rand(2, 3, RES, RES, generator=g) * 2 - 1
-    driving, local = (torch.rand(6, 3, RES, RES, generator=g) * 2 - 1 for _ in range(2))
+    driving = torch.randint(0, 256, (6, RES, RES, 3), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, RES // 4, RES // 4], [RES // 2, 0, 3 * RES // 4, RES // 4],
+                          [RES // 4, RES // 2, RES // 2, 3 * RES // 4]]).expand(6, 3, 4)
     settings = StreamSettings(steps=STEPS, window=WINDOW)  # 6 frames: the window slides
     torch_latents, torch_images, torch_tags = stream(StreamingDenoiser(model, settings, "cpu", torch.float32),
-                                                     sources, driving, local)
+                                                     sources, driving, boxes)
     graphs = load_onnx(out)
     onnx_latents, onnx_images, onnx_tags = stream(StreamingDenoiser(graphs, settings, "cpu", torch.float32),
-                                                  sources, driving, local)
+                                                  sources, driving, boxes)
     assert onnx_tags == torch_tags == list(range(6))
     assert float((onnx_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
     assert int((onnx_images.int() - torch_images.int()).abs().max()) <= 1  # uint8 rounding at most

@@ -18,7 +18,6 @@ from engines.face import (
     best_reference_frame,
     downscale,
     head_box,
-    local_control_image,
     local_patch_boxes,
     portrait_crop_affine,
     prepare_source,
@@ -97,16 +96,6 @@ def test_local_patches_are_a_quarter_of_the_frame_and_inside_it(astronaut_landma
     edge = src.landmarks.copy()
     edge[:, 0] -= edge[:, 0].min()
     assert local_patch_boxes(edge, size).min() >= 0
-
-
-def test_local_control_image_keeps_only_the_patches():
-    image = np.full((512, 512, 3), 200, np.uint8)
-    boxes = np.array([[10, 20, 138, 148], [300, 20, 428, 148], [150, 300, 278, 428]])
-    out = local_control_image(image, boxes)
-    assert out.sum() == 200 * 3 * 3 * 128 * 128
-    assert (out[20:148, 10:138] == 200).all() and (out[0:10] == 0).all()
-    reused = np.full_like(image, 7)
-    assert local_control_image(image, boxes, out=reused) is reused and reused.sum() == out.sum()
 
 
 def test_one_euro_filter_smooths_jitter_and_follows_motion():

@@ -7,7 +7,7 @@ import torch
 
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.model import XPortraitModel
-from engines.xportrait.stream import StreamSettings, StreamingDenoiser, render_causal
+from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
 
 RES = 64
 
@@ -23,20 +23,27 @@ def model() -> XPortraitModel:
     return m
 
 
+def random_frames(frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 driving frames (N, RES, RES, 3) and eye/mouth patch boxes (N, 3, 4) inside them."""
+    images = torch.randint(0, 256, (frames, RES, RES, 3), generator=generator, dtype=torch.uint8)
+    half = RES // 8
+    centres = torch.randint(half, RES - half + 1, (frames, 3, 2), generator=generator)
+    return images, torch.cat([centres - half, centres + half], dim=-1)
+
+
 def inputs(frames: int):
+    """Source images, then driving frames with boxes (what the live engine ticks on)."""
     g = torch.Generator().manual_seed(7)
     sources = torch.rand(2, 3, RES, RES, generator=g) * 2 - 1
-    driving = torch.rand(frames, 3, RES, RES, generator=g) * 2 - 1
-    local = torch.rand(frames, 3, RES, RES, generator=g) * 2 - 1
-    return sources, driving, local
+    return (sources, *random_frames(frames, g))
 
 
-def stream(model, settings, sources, driving, local):
+def stream(model, settings, sources, driving, boxes):
     denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
-        leaving = denoiser.tick(driving[i : i + 1], local[i : i + 1], tag=i)
+        leaving = denoiser.tick(driving[i], boxes[i], tag=i)
         if leaving is not None:
             out.append(leaving[0].clone()), tags.append(leaving[1])
     for _ in range(settings.steps - 1):  # drain the frames still in flight
@@ -50,18 +57,19 @@ def stream(model, settings, sources, driving, local):
 def test_streaming_equals_the_offline_causal_frames(model, steps, window):
     settings = StreamSettings(steps=steps, window=window)
     frames = 7  # longer than the window: the sliding window and the warm-up are both exercised
-    sources, driving, local = inputs(frames)
-    streamed, tags = stream(model, settings, sources, driving, local)
-    reference = render_causal(model, settings, sources, driving, local)
+    sources, driving, boxes = inputs(frames)
+    streamed, tags = stream(model, settings, sources, driving, boxes)
+    reference = render_causal(model, settings, sources, *control_hints(driving, boxes, torch.float32))
     assert tags == list(range(frames))  # every frame leaves once, in order, S - 1 ticks late
     torch.testing.assert_close(streamed, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_temporal_window_matters(model):
     """Not vacuous: a different window gives different frames."""
-    sources, driving, local = inputs(5)
-    a = render_causal(model, StreamSettings(steps=2, window=4), sources, driving, local)
-    b = render_causal(model, StreamSettings(steps=2, window=1), sources, driving, local)
+    sources, driving, boxes = inputs(5)
+    hints = control_hints(driving, boxes, torch.float32)
+    a = render_causal(model, StreamSettings(steps=2, window=4), sources, *hints)
+    b = render_causal(model, StreamSettings(steps=2, window=1), sources, *hints)
     assert torch.allclose(a[0], b[0], atol=1e-6)  # the first frame has no past either way
     assert not torch.allclose(a[3], b[3], atol=1e-4)
 
@@ -71,8 +79,60 @@ def test_the_offline_engine_with_causal_windows_renders_the_streamed_frames(mode
     from engines.xportrait.pipeline import SamplerSettings, XPortraitPipeline
 
     settings = StreamSettings(steps=2, window=3)
-    sources, driving, local = inputs(5)
-    streamed, _ = stream(model, settings, sources, driving, local)
+    sources, driving, boxes = inputs(5)
+    streamed, _ = stream(model, settings, sources, driving, boxes)
     offline = XPortraitPipeline(model, SamplerSettings(sampler="lcm", steps=2, guidance=1.0, window=3,
-                                                       offsets="causal"))(sources, driving, local)
+                                                       offsets="causal"))(sources, *control_hints(driving, boxes, torch.float32))
     torch.testing.assert_close(offline, model.decode(streamed), rtol=1e-4, atol=1e-4)
+
+
+def test_control_hints_keep_the_frame_and_only_the_patches():
+    frames = torch.full((1, 64, 64, 3), 200, dtype=torch.uint8)
+    frames[0, :, :, 1] = 100
+    boxes = torch.tensor([[[4, 6, 20, 22], [40, 6, 56, 22], [10, 40, 26, 56]]])
+    pose, local = control_hints(frames, boxes, torch.float32)
+    expected_pose = torch.tensor([200, 100, 200]) / 127.5 - 1
+    assert torch.allclose(pose[0, :, 30, 30], expected_pose)
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes[0].tolist():
+        inside[y0:y1, x0:x1] = True  # x1, y1 exclusive, as numpy slicing
+    assert int(inside.sum()) == 3 * 16 * 16
+    assert torch.equal(local[0][:, inside], pose[0][:, inside])
+    assert bool((local[0][:, ~inside] == -1).all())  # black, scaled to [-1, 1]
+
+
+def test_frozen_ring_projections_render_the_same_frames(model):
+    """The live engine precomputes the temporal attentions' fused q/k/v weights and position
+    tables once; the frames must not change."""
+    settings = StreamSettings(steps=2, window=3)
+    sources, driving, boxes = inputs(5)
+    plain, _ = stream(model, settings, sources, driving, boxes)
+    model.unet.motion.freeze_ring_projections()
+    try:
+        frozen, _ = stream(model, settings, sources, driving, boxes)
+    finally:
+        model.unet.motion.freeze_ring_projections(False)
+    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_live_engine_burns_the_random_weights_label_into_every_frame():
+    import numpy as np
+
+    from engines.base import DrivingFrame, SourcePortrait
+    from engines.xportrait.engine import RANDOM_WEIGHTS_LABEL, XPortraitStreamEngine, label_overlay
+
+    engine = XPortraitStreamEngine(RES, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4)
+    rng = np.random.default_rng(1)
+    engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
+    landmarks = np.full((478, 3), RES / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, image=rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), tag=i)
+              for i in range(3)]
+    rendered = [r for r in (engine.step(f) for f in frames) if r is not None]
+    rendered = [r.image.copy() for r in rendered] + [r.image for r in engine.flush()]
+    assert len(rendered) == 3
+    mask, pixels = label_overlay(RES, RES, RANDOM_WEIGHTS_LABEL)
+    label = mask[..., 0]
+    assert 0 < label.mean() < 0.5  # a corner, not the frame
+    for image in rendered:
+        assert np.array_equal(image[label], pixels[label])
+        assert image[~label].std() > 1  # the render shows around it

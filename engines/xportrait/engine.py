@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
-from ..face import local_control_image, local_patch_boxes
+from ..face import local_patch_boxes
 from .config import XPortraitConfig
 from .pipeline import SamplerSettings, XPortraitPipeline
-from .stream import StreamSettings, StreamingDenoiser
+from .stream import StreamSettings, StreamingDenoiser, control_hints
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS - NOT A REAL MODEL"
 NEEDS_WEIGHTS = ("the xportrait engine needs --checkpoint (the released model_state-*.th) and --base "
@@ -58,14 +58,22 @@ def to_images(frames: torch.Tensor) -> np.ndarray:
     return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def stamp(image: np.ndarray, text: str) -> np.ndarray:
-    """Burn a label into a frame, so that no output of random weights passes for a result."""
-    h, w = image.shape[:2]
-    scale = max(w / 900, 0.3)
+def label_overlay(height: int, width: int, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label in the top-left corner: (mask (H, W, 1) bool, pixels (H, W, 3) uint8)."""
+    scale = max(width / 900, 0.3)
     thickness = max(1, round(scale * 2))
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    cv2.rectangle(image, (0, 0), (min(w, tw + 8), th + 10), (0, 0, 0), -1)
-    cv2.putText(image, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 64, 64), thickness, cv2.LINE_AA)
+    pixels = np.zeros((height, width, 3), np.uint8)  # the label's box is black
+    cv2.putText(pixels, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 64, 64), thickness, cv2.LINE_AA)
+    mask = np.zeros((height, width, 1), bool)
+    mask[: th + 11, : min(width, tw + 9)] = True
+    return mask, pixels
+
+
+def stamp(image: np.ndarray, text: str) -> np.ndarray:
+    """Burn a label into a frame, so that no output of random weights passes for a result."""
+    mask, pixels = label_overlay(*image.shape[:2], text)
+    np.copyto(image, pixels, where=mask)
     return image
 
 
@@ -106,7 +114,7 @@ class XPortraitEngine:
         self.pipeline = XPortraitPipeline(self.model, self.settings)
         self._sources: torch.Tensor | None = None
         self._driving: list[np.ndarray] = []
-        self._local: list[np.ndarray] = []
+        self._boxes: list[np.ndarray] = []
         self._tags: list = []
         self._timings = Timings()
 
@@ -125,7 +133,7 @@ class XPortraitEngine:
         if frame.image is None:
             raise EngineError("the xportrait engine needs the aligned driving image")
         self._driving.append(frame.image.copy())  # the caller reuses its buffer
-        self._local.append(local_control_image(frame.image, local_patch_boxes(frame.landmarks, self.size)))
+        self._boxes.append(local_patch_boxes(frame.landmarks, self.size))
         self._tags.append(frame.tag)
         return None
 
@@ -133,8 +141,9 @@ class XPortraitEngine:
         if not self._driving:
             return []
         t0 = time.perf_counter()
-        frames = self.pipeline(self._sources, to_tensor(self._driving, self.device, self.dtype),
-                               to_tensor(self._local, self.device, self.dtype))
+        pose, local = control_hints(torch.from_numpy(np.stack(self._driving)).to(self.device),
+                                    torch.from_numpy(np.stack(self._boxes)).to(self.device), self.dtype)
+        frames = self.pipeline(self._sources, pose, local)
         images = to_images(frames)
         elapsed = (time.perf_counter() - t0) * 1e3
         self._timings.record("pipeline", elapsed)
@@ -147,7 +156,7 @@ class XPortraitEngine:
         return out
 
     def reset(self) -> None:
-        self._driving, self._local, self._tags = [], [], []
+        self._driving, self._boxes, self._tags = [], [], []
 
 
 _models: dict[tuple, torch.nn.Module] = {}
@@ -224,15 +233,25 @@ class XPortraitStreamEngine:
             self.model.set_small_decoder(load_small_decoder(tiny_decoder, random_weights))
         if native and channels_last and self.device.type == "cuda":  # cuDNN's layout: no NCHW<->NHWC transposes
             self.model.to(memory_format=torch.channels_last)
+        if native:  # weight-only terms of the temporal attentions, once (after any dtype/layout change)
+            self.model.unet.motion.freeze_ring_projections()
         self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
         self.denoiser.decode = True
         self.denoiser.small_decoder = tiny_decoder is not None
+        if random_weights:  # the label is burnt in on the device, inside the tick
+            mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
+            self.denoiser.overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
         self.cuda_graph = native and cuda_graph and self.device.type == "cuda"
         self.compile = compile and self.cuda_graph
         self.latency_frames = settings.steps - 1
-        self._local = np.zeros((size, size, 3), np.uint8)
+        # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
+        # the device may still be copying from the other (a tick that returns no frame does not
+        # wait for the device).
         pinned = self.device.type == "cuda"
-        self._host_in = torch.empty((2, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+        self._host_frames = torch.empty((2, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+        self._host_boxes = torch.empty((2, 3, 4), dtype=torch.long, pin_memory=pinned)
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self._slot = 0
         self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=pinned)
         self._timings = Timings()
 
@@ -246,22 +265,27 @@ class XPortraitStreamEngine:
         if self.cuda_graph and self.denoiser._graph is None:
             self.denoiser.capture(compile=self.compile)
 
-    def _hints(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        local_control_image(frame.image, local_patch_boxes(frame.landmarks, self.size), out=self._local)
-        host = self._host_in
-        host[0].numpy()[:] = frame.image
-        host[1].numpy()[:] = self._local
-        both = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
-        return both[:1], both[1:]
+    def _staged(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame and its patch boxes in pinned memory; the tick builds both hints from them."""
+        slot = self._slot = 1 - self._slot
+        if self._copied is not None:
+            self._copied[slot].synchronize()  # the device has read this slot's previous frame
+        frames, boxes = self._host_frames[slot], self._host_boxes[slot]
+        frames.numpy()[:] = frame.image
+        boxes.numpy()[:] = local_patch_boxes(frame.landmarks, self.size)
+        return frames, boxes
+
+    def _tick(self, staged: tuple[torch.Tensor, torch.Tensor] | None, tag=None):
+        leaving = self.denoiser.tick(*(staged or (None, None)), tag=tag)
+        if self._copied is not None:
+            self._copied[self._slot].record()
+        return leaving
 
     def _rendered(self, leaving) -> Rendered | None:
         if leaving is None:
             return None
         self._host_out.copy_(self.denoiser.image)  # waits for the tick: the one sync per frame
-        image = self._host_out.numpy()
-        if self.random_weights:
-            image = stamp(image.copy(), RANDOM_WEIGHTS_LABEL)
-        return Rendered(image, leaving[1])
+        return Rendered(self._host_out.numpy(), leaving[1])
 
     def step(self, frame: DrivingFrame) -> Rendered | None:
         if self.denoiser.reference is None:
@@ -269,8 +293,7 @@ class XPortraitStreamEngine:
         if frame.image is None:
             raise EngineError("the xportrait engine needs the aligned driving image")
         t0 = time.perf_counter()
-        pose, local = self._hints(frame)
-        out = self._rendered(self.denoiser.tick(pose, local, frame.tag))
+        out = self._rendered(self._tick(self._staged(frame), frame.tag))
         self._timings.record("engine", (time.perf_counter() - t0) * 1e3)
         self._timings.steps += 1
         return out
@@ -278,7 +301,7 @@ class XPortraitStreamEngine:
     def flush(self) -> list[Rendered]:
         out = []
         for _ in range(self.latency_frames):
-            rendered = self._rendered(self.denoiser.tick(None, None))
+            rendered = self._rendered(self._tick(None))
             if rendered is not None:
                 out.append(Rendered(rendered.image.copy(), rendered.tag))
         return out

@@ -71,6 +71,39 @@ class RingTick:
     positions: torch.Tensor
 
 
+def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torch.Tensor, pos_key: torch.Tensor,
+                   pos_value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """One query frame per row against its ring of W cached frames (streaming).
+
+    query (n, h, d); key_ring, value_ring (n, h, W, d), position-free; pos_key, pos_value
+    (b, W, h, d): each slot's position term for the b clips (n = b * rows); keep (b, W): the
+    slots that attend. Positions enter as separate terms, q.K(pe) and p.V(pe), so nothing of
+    size rows x W x C is materialised. Returns (n, h, d).
+    """
+    n, h, d = query.shape
+    b, w = keep.shape
+    rows = n // b
+    # Multiply-and-sum, not a batched matmul: with one query row per matmul cuBLAS runs
+    # thousands of near-empty tiles (13 ms a tick on the H100). Compiled, these sums read
+    # each ring once; a hand-written fused Triton kernel was no faster inside the tick.
+    scores = (query[:, :, None, :] * key_ring).sum(dim=-1).view(b, rows, h, w)
+    scores = scores + torch.einsum("brhd,bwhd->brhw", query.view(b, rows, h, d), pos_key)
+    scores = (scores * d ** -0.5).masked_fill(~keep[:, None, None, :], float("-inf"))
+    weights = scores.softmax(dim=-1)
+    out = (weights.view(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
+    return (out + torch.einsum("brhw,bwhd->brhd", weights, pos_value)).view(n, h, d)
+
+
+@dataclass(frozen=True)
+class RingProjections:
+    """One temporal attention's weight-only terms for the streaming path."""
+
+    qkv: torch.Tensor  # (3C, C): to_q, to_k, to_v stacked
+    query: torch.Tensor  # (max_len, C): to_q of each position's encoding
+    key: torch.Tensor
+    value: torch.Tensor
+
+
 @dataclass
 class TemporalRing:
     """One module's streaming cache: a ring of W frames per clip for each attention,
@@ -91,6 +124,7 @@ class TemporalBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.pos_embed = PositionalEncoding(dim, max_len)
+        self._frozen: tuple[RingProjections, RingProjections] | None = None  # freeze_ring_projections
 
     def _attend(self, attn: Attention, x: torch.Tensor, past: FramesKV | None, valid: torch.Tensor | None,
                 record: list | None) -> torch.Tensor:
@@ -130,41 +164,43 @@ class TemporalBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, f, c)
         return attn.to_out[0](out)
 
-    def _attend_ring(self, attn: Attention, x: torch.Tensor, key_ring: torch.Tensor, value_ring: torch.Tensor,
-                     tick: RingTick) -> torch.Tensor:
-        """One query frame per row against its ring of W frames (streaming).
+    def freeze_ring_projections(self, enable: bool = True) -> None:
+        """Precompute what the streaming path derives from the weights alone: each attention's
+        q/k/v weights as one matrix (one GEMM reads x once) and its projected position table.
+        Call again if the weights change (False: derive them on every call again)."""
+        with torch.no_grad():
+            self._frozen = (self._ring_projections(self.attn1), self._ring_projections(self.attn2)) if enable else None
 
-        Positions enter as separate terms, q.K(pe) and p.V(pe), so the ring holds
-        position-free keys and values and nothing of size rows x W x C is materialised.
-        """
+    def _ring_projections(self, attn: Attention) -> "RingProjections":
+        pe = self.pos_embed.pe[0].to(attn.to_q.weight.dtype)
+        qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+        # to_q/to_k/to_v are bias-free: a position's term is the projection of its table row.
+        return RingProjections(qkv, attn.to_q(pe), attn.to_k(pe), attn.to_v(pe))
+
+    def _attend_ring(self, attn: Attention, which: int, x: torch.Tensor, key_ring: torch.Tensor,
+                     value_ring: torch.Tensor, tick: RingTick) -> torch.Tensor:
+        """Write this frame's keys and values into its ring slot, then attend over the ring."""
         n, f, c = x.shape  # f == 1
         b, w = tick.mask.shape
         rows, h = n // b, attn.heads
         d = c // h
-        pe = self.pos_embed.pe[0].to(x.dtype)
-        key_ring.index_copy_(2, tick.slot, attn.to_k(x).view(n, 1, h, d).transpose(1, 2))
-        value_ring.index_copy_(2, tick.slot, attn.to_v(x).view(n, 1, h, d).transpose(1, 2))
+        proj = self._frozen[which] if self._frozen is not None else self._ring_projections(attn)
+        query, key, value = F.linear(x.view(n, c), proj.qkv).split(c, dim=-1)
+        key_ring.index_copy_(2, tick.slot, key.view(n, h, 1, d))
+        value_ring.index_copy_(2, tick.slot, value.view(n, h, 1, d))
         current = tick.positions.gather(1, tick.slot.expand(b)[:, None])  # (b, 1)
-        query = attn.to_q(x.view(b, rows, c) + pe[current]).view(n, h, 1, d)
-        pos_k = attn.to_k(pe)[tick.positions].view(b, w, h, d)  # (b, W, h, d)
-        pos_v = attn.to_v(pe)[tick.positions].view(b, w, h, d)
-        # One query against W keys per row: a multiply-and-sum that reads the ring once (a
-        # batched matmul with M = 1 runs as thousands of near-empty GEMM tiles: 13 ms a tick).
-        scores = (query * key_ring).sum(dim=-1).view(b, rows, h, w)  # (n, h, W)
-        scores = scores + torch.einsum("brhd,bwhd->brhw", query.view(b, rows, h, d), pos_k)
-        scores = scores * d ** -0.5
-        scores = scores.masked_fill(~tick.mask[:, None, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1)
-        out = (weights.view(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
-        out = out + torch.einsum("brhw,bwhd->brhd", weights, pos_v)
+        query = (query.view(b, rows, c) + proj.query[current]).view(n, h, d)
+        pos_k = proj.key[tick.positions].view(b, w, h, d)  # each slot's position term, (b, W, h, d)
+        pos_v = proj.value[tick.positions].view(b, w, h, d)
+        out = ring_attention(query, key_ring, value_ring, pos_k, pos_v, tick.mask)
         return attn.to_out[0](out.reshape(n, f, c))
 
     def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | None" = None,
                 record: list | None = None) -> torch.Tensor:
         if isinstance(past, TemporalRing):
             k1, v1, k2, v2 = past.tensors
-            x = self._attend_ring(self.attn1, self.norm1(x), k1, v1, past.tick) + x
-            x = self._attend_ring(self.attn2, self.norm2(x), k2, v2, past.tick) + x
+            x = self._attend_ring(self.attn1, 0, self.norm1(x), k1, v1, past.tick) + x
+            x = self._attend_ring(self.attn2, 1, self.norm2(x), k2, v2, past.tick) + x
             return self.ff(self.norm3(x)) + x
         kv = past.kv if past is not None else (None, None)
         valid = past.valid if past is not None else None
@@ -219,3 +255,9 @@ class MotionModules(nn.Module):
     def in_order(self) -> list[TemporalModule]:
         """Every module in the order the UNet's forward calls them."""
         return [m for level in (*self.down_blocks, *self.up_blocks) for m in level.motion_modules]
+
+    def freeze_ring_projections(self, enable: bool = True) -> None:
+        """TemporalBlock.freeze_ring_projections on every module (the live engine, once)."""
+        for module in self.in_order():
+            for block in module.transformer_blocks:
+                block.freeze_ring_projections(enable)

@@ -1,0 +1,38 @@
+"""The streaming temporal attention over a ring equals plain masked attention."""
+
+from __future__ import annotations
+
+import torch
+
+from engines.xportrait.temporal import ring_attention
+
+
+def random_case(b=2, rows=5, h=8, w=16, d=40, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = b * rows
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    keep = torch.rand(b, w, generator=g) > 0.4
+    keep[:, -1] = True  # the current slot always attends
+    return (make(n, h, d), make(n, h, w, d), make(n, h, w, d), make(b, w, h, d), make(b, w, h, d), keep.to(device))
+
+
+def plain_attention(query, key_ring, value_ring, pos_key, pos_value, keep):
+    """Materialise keys and values with their positions, then softmax attention with a mask."""
+    n, h, d = query.shape
+    b, w = keep.shape
+    rows = n // b
+    clip = torch.arange(n) // rows
+    keys = key_ring + pos_key[clip].permute(0, 2, 1, 3)  # (n, h, W, d)
+    values = value_ring + pos_value[clip].permute(0, 2, 1, 3)
+    mask = keep[clip][:, None, None, :]  # (n, 1, 1, W)
+    return torch.nn.functional.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask)[:, :, 0]
+
+
+def test_the_definition_is_masked_attention_over_positioned_keys():
+    case = random_case()
+    out = ring_attention(*case)
+    torch.testing.assert_close(out, plain_attention(*case), rtol=1e-5, atol=1e-5)
+    # Not vacuous: the mask and the positions both change the result.
+    q, k, v, pk, pv, keep = case
+    assert not torch.allclose(out, ring_attention(q, k, v, pk, pv, torch.ones_like(keep)), atol=1e-3)
+    assert not torch.allclose(out, ring_attention(q, k, v, pk * 0, pv, keep), atol=1e-3)
