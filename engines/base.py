@@ -74,6 +74,10 @@ class Engine(Protocol):
     name: str
     size: int  # square output resolution
     needs_driving_image: bool  # False lets the caller skip warping driving pixels
+    # True when `step` mostly waits on another device (a GPU) with the GIL released: a live
+    # caller then tracks the next frame meanwhile. False for engines that compute on the CPU,
+    # where tracking alongside would only compete with the step for the same cores.
+    waits_on_device: bool
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         """Do all per-source work once. The first source is the one animated."""

@@ -359,6 +359,7 @@ class WarpEngine:
 
     name = "warp"
     needs_driving_image = False
+    waits_on_device = False
 
     def __init__(self, size: int = 512, grid: int | None = None):
         self.size = size

@@ -7,7 +7,9 @@ the engine is.
 
 The per-frame work is a two-stage pipeline with a thread per stage, so that frame n+1 is
 tracked while frame n is in the engine (a GPU engine's step mostly waits on the device with
-the GIL released; the face mesh is ~5 ms of CPU):
+the GIL released; the face mesh is ~5 ms of CPU). Only engines that say so
+(`waits_on_device`) overlap: for a CPU engine the prep stage takes the newest frame once the
+engine stage is idle, because the two would only compete for the same cores:
 
   prep thread     colour conversion, face mesh, alignment, smoothing, the aligned driving
                   image (`Animator.track`)
@@ -164,6 +166,8 @@ class Session:
         self._prepared_ready = asyncio.Event()
         self._preparing = asyncio.Lock()  # held by the prep stage while a frame is on its thread
         self._rendering = asyncio.Lock()  # held by the engine stage while a frame is on its thread
+        self._engine_done = asyncio.Event()  # no prepared frame waits for, or is in, the engine
+        self._engine_done.set()
         self._tasks: set[asyncio.Task] = {asyncio.ensure_future(self._report())}
         self._blackhole = MediaBlackhole()  # drains tracks we do not use (audio), so they cannot queue up
         self._closing: asyncio.Task | None = None
@@ -192,6 +196,11 @@ class Session:
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+    @property
+    def _overlap(self) -> bool:
+        """Track frame n+1 while frame n is in the engine: for engines that wait on a GPU."""
+        return self._animator is not None and self._animator.engine.waits_on_device
 
     def _build(self, image: np.ndarray) -> None:
         animator = Animator(self._make_engine(), buffers=PIPELINE_BUFFERS)
@@ -269,6 +278,11 @@ class Session:
         while True:
             await self._input_ready.wait()
             self._input_ready.clear()
+            if not self._overlap:
+                # A CPU engine: tracking beside its step would only compete for the same cores
+                # (measured: same fps, twice the latency once 2 cores are busy), so the newest
+                # frame is taken once the engine is done with the last one, as one thread would.
+                await self._engine_done.wait()
             async with self._preparing:
                 if self._latest is None:
                     continue
@@ -287,6 +301,7 @@ class Session:
                     stats.frames_without_face = self._animator.frames_without_face
                 self._drop_prepared()  # the engine thread is still busy: only the newest waits
                 self._prepared = prepared
+                self._engine_done.clear()
                 self._prepared_ready.set()
 
     async def _engine_stage(self) -> None:
@@ -305,6 +320,8 @@ class Session:
                     self.errors += 1
                     logger.exception("session %s: rendering a frame failed", self.id)
                     continue
+                finally:
+                    self._engine_done.set()
                 if result is None:  # the engine is holding frames in flight
                     continue
                 out, arrived, engine_ms, convert_out_ms = result
@@ -320,6 +337,7 @@ class Session:
             if self._animator is not None:
                 self._animator.release(self._prepared.driving)
             self._prepared = None
+            self._engine_done.set()
 
     def _prepare(self, frame: VideoFrame, arrived: float) -> Prepared:
         """Prep thread: one webcam frame in, what the engine thread needs for it out."""

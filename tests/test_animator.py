@@ -20,6 +20,7 @@ class RecordingEngine:
     name = "recording"
     size = SIZE
     needs_driving_image = True
+    waits_on_device = False
 
     def __init__(self):
         self.seen: list[tuple[np.ndarray, np.ndarray, float]] = []

@@ -80,6 +80,7 @@ def stamp(image: np.ndarray, text: str) -> np.ndarray:
 class XPortraitEngine:
     name = "xportrait"
     needs_driving_image = True
+    waits_on_device = False  # offline: frames are kept, not rendered, until flush
 
     def __init__(self, size: int = 512, base: str | None = None, checkpoint: str | None = None,
                  lcm_lora: str | None = None, sampler: str | None = None, steps: int | None = None,
@@ -241,6 +242,7 @@ class XPortraitStreamEngine:
         if random_weights:  # the label is burnt in on the device, inside the tick
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             self.denoiser.overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
+        self.waits_on_device = self.device.type == "cuda"
         self.cuda_graph = native and cuda_graph and self.device.type == "cuda"
         self.compile = compile and self.cuda_graph
         self.latency_frames = settings.steps - 1
