@@ -38,8 +38,9 @@ def inputs(frames: int):
     return (sources, *random_frames(frames, g))
 
 
-def stream(model, settings, sources, driving, boxes):
+def stream(model, settings, sources, driving, boxes, split=False):
     denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
+    denoiser.split = split
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
@@ -136,3 +137,12 @@ def test_the_live_engine_burns_the_random_weights_label_into_every_frame():
     for image in rendered:
         assert np.array_equal(image[label], pixels[label])
         assert image[~label].std() > 1  # the render shows around it
+
+
+def test_the_split_tick_renders_the_same_frames(model):
+    """ControlNets beside the UNet's down path (three streams on a GPU) is the same arithmetic."""
+    settings = StreamSettings(steps=3, window=4)
+    sources, driving, boxes = inputs(6)
+    whole, _ = stream(model, settings, sources, driving, boxes)
+    split, _ = stream(model, settings, sources, driving, boxes, split=True)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)

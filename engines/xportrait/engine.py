@@ -239,6 +239,9 @@ class XPortraitStreamEngine:
         self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype)
         self.denoiser.decode = True
         self.denoiser.small_decoder = tiny_decoder is not None
+        # The ControlNets beside the UNet's down path on three streams: same frames, and on the
+        # H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
+        self.denoiser.split = native and self.device.type == "cuda"
         if random_weights:  # the label is burnt in on the device, inside the tick
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             self.denoiser.overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))

@@ -94,14 +94,37 @@ class XPortraitModel(nn.Module):
         return project_reference(self.unet.unet, recorded)
 
     # -- the per-frame part ----------------------------------------------------------------------
+    def control(self, controlnet: ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor,
+                hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ControlNet's residuals (down list, mid)."""
+        text = self.text.expand(sample.shape[0], -1, -1)
+        t = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
+        down, mid = controlnet(sample, t, text, hint, return_dict=False)
+        return list(down), mid
+
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
                  local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
-        text = self.text.expand(sample.shape[0], -1, -1)
-        t = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
-        pose_down, pose_mid = self.pose_controlnet(sample, t, text, pose_hint, return_dict=False)
-        local_down, local_mid = self.local_controlnet(sample, t, text, local_hint, return_dict=False)
+        pose_down, pose_mid = self.control(self.pose_controlnet, sample, timestep, pose_hint)
+        local_down, local_mid = self.control(self.local_controlnet, sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
+
+    # The UNet in two halves, for a caller that runs the ControlNets beside the first one.
+    def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
+                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        self._reference.active = reference
+        try:
+            return self.unet.down(sample, timestep, self.text, 1, temporal_past)
+        finally:
+            self._reference.active = None
+
+    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, reference: ReferenceKV,
+                down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor:
+        self._reference.active = reference
+        try:
+            return self.unet.up(h, skips, emb, self.text, 1, down_residuals, mid_residual, temporal_past)
+        finally:
+            self._reference.active = None
 
     @torch.no_grad()
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,

@@ -177,6 +177,9 @@ class StreamingDenoiser:
         self.small_decoder = False  # decode with the model's small decoder (TAESD) instead of the full VAE
         # Burnt into every decoded frame, in the tick: (mask (res, res, 1) bool, pixels (res, res, 3) uint8).
         self.overlay: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Run the ControlNets beside the UNet's down path (on their own streams on a GPU).
+        self.split = False
+        self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if self.device.type == "cuda" else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
         self._graph = None
 
@@ -221,20 +224,29 @@ class StreamingDenoiser:
         return RingTick(self.slot, mask, positions)
 
     def _advance(self) -> None:
-        self._advance_eager()
+        if self.split:
+            self._advance_split(self._pose_control, self._local_control, self._down, self._up)
+        else:
+            self._advance_eager()
 
     def _advance_eager(self) -> None:
         """The whole tick on device buffers, host-free: what a CUDA graph replays."""
-        levels = self.levels
-        # Everyone moves down a level; the new frame (if any) takes level 0.
+        self._enter()
+        self._finish(self.model.predict_noise(self.x, self.levels.timesteps, 1, self.reference, self.pose, self.local,
+                                              temporal_past=self.temporal_rings()))
+
+    def _enter(self) -> None:
+        """Everyone moves down a level; the new frame (if any) takes level 0."""
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
         self.pose[:1], self.local[:1] = control_hints(self.new_frame, self.new_boxes, self.dtype)
         self.occupied[:1] = self.enters
         self.x[:1] = self.entering
-        eps = self.model.predict_noise(self.x, levels.timesteps, 1, self.reference, self.pose, self.local,
-                                       temporal_past=self.temporal_rings())
+
+    def _finish(self, eps: torch.Tensor) -> None:
+        """The LCM step at every level; the leaving frame is decoded."""
+        levels = self.levels
         clean = levels.denoise(self.x, eps, slice(0, levels.steps))
         self.leaving.copy_(clean[-1:])
         if levels.steps > 1:
@@ -246,6 +258,42 @@ class StreamingDenoiser:
                 image = torch.where(self.overlay[0], self.overlay[1], image)
             self.image.copy_(image)
 
+    # The split tick: the two ControlNets and the UNet's down path need nothing from each other,
+    # so on a GPU they run on three streams (at the 16² and 8² levels a batch of S frames leaves
+    # most of the GPU idle). Each part may be compiled on its own; the whole is one CUDA graph.
+    def _advance_split(self, pose_control, local_control, down, up) -> None:
+        self._enter()
+        t = self.levels.timesteps
+        if self._side_streams is None:
+            pose, local = pose_control(self.x, t, self.pose), local_control(self.x, t, self.local)
+            up(*down(self.x, t), pose, local)
+            return
+        main = torch.cuda.current_stream()
+        for side in self._side_streams:
+            side.wait_stream(main)
+        with torch.cuda.stream(self._side_streams[0]):
+            pose = pose_control(self.x, t, self.pose)
+        with torch.cuda.stream(self._side_streams[1]):
+            local = local_control(self.x, t, self.local)
+        h, skips, emb = down(self.x, t)
+        for side in self._side_streams:
+            main.wait_stream(side)
+        up(h, skips, emb, pose, local)
+
+    def _pose_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
+        return self.model.control(self.model.pose_controlnet, x, t, hint)
+
+    def _local_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
+        return self.model.control(self.model.local_controlnet, x, t, hint)
+
+    def _down(self, x: torch.Tensor, t: torch.Tensor):
+        return self.model.unet_down(x, t, self.reference, self.temporal_rings())
+
+    def _up(self, h, skips, emb, pose, local) -> None:
+        down = [p + q for p, q in zip(pose[0], local[0])]  # the released code adds both unscaled
+        self._finish(self.model.unet_up(h, skips, emb, self.reference, down, pose[1] + local[1],
+                                        self.temporal_rings()))
+
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False) -> None:
         """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
@@ -255,11 +303,15 @@ class StreamingDenoiser:
             raise RuntimeError("CUDA graphs need a CUDA device")
         if self.reference is None:
             raise RuntimeError("prepare() first")
-        advance = self._advance
-        if compile:
-            # 1x1 convolutions as matrix products: the tick has many, and cuBLAS beats cuDNN there
-            # (measured on the H100: 0.7 ms a tick).
-            advance = torch.compile(self._advance_eager, dynamic=False, options={"conv_1x1_as_mm": True})
+        # 1x1 convolutions as matrix products: the tick has many, and cuBLAS beats cuDNN there
+        # (measured on the H100: 0.7 ms a tick).
+        compiled = (lambda fn: torch.compile(fn, dynamic=False, options={"conv_1x1_as_mm": True})) if compile \
+            else (lambda fn: fn)
+        if self.split:
+            parts = [compiled(fn) for fn in (self._pose_control, self._local_control, self._down, self._up)]
+            advance = lambda: self._advance_split(*parts)
+        else:
+            advance = compiled(self._advance_eager) if compile else self._advance
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -252,6 +252,11 @@ class MotionModules(nn.Module):
         self.up_blocks = nn.ModuleList(
             [MotionLevel(c, layers_per_block + 1, heads, max_len, norm_groups) for c in reversed(block_out_channels)])
 
+    @property
+    def down_count(self) -> int:
+        """How many modules the down path calls (the rest follow the up blocks)."""
+        return sum(len(level.motion_modules) for level in self.down_blocks)
+
     def in_order(self) -> list[TemporalModule]:
         """Every module in the order the UNet's forward calls them."""
         return [m for level in (*self.down_blocks, *self.up_blocks) for m in level.motion_modules]

@@ -29,36 +29,32 @@ def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: in
     return unet.time_embedding(unet.time_proj(t).to(dtype))
 
 
-def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
-         motion: MotionModules | None = None, frames: int = 1,
-         down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
-         temporal_past: Sequence | None = None, temporal_record: list | None = None,
-         with_output: bool = True) -> torch.Tensor | None:
-    """One UNet evaluation. `sample` is (batch * frames, 4, h, w); `text` broadcasts over it.
+class TemporalCalls:
+    """The temporal modules in call order, each with its cached past (if any) and recording of
+    new keys/values (if asked): the walk calls this after every place a module sits."""
 
-    Without `with_output` the walk stops after the last up block (the reference net has no
-    output conv: only what its attention layers record matters).
-    `temporal_past[i]` holds cached earlier frames for the i-th temporal module (in call
-    order); `temporal_record` collects each module's new frames' keys/values.
-    """
-    b = sample.shape[0]
-    emb = time_embedding(unet, timestep, b, sample.dtype)
-    if text.shape[0] != b:
-        text = text.expand(b, -1, -1)
-    modules = iter(motion.in_order()) if motion is not None else None
-    pasts = iter(temporal_past) if temporal_past is not None else None
+    def __init__(self, modules: Sequence[nn.Module] | None, frames: int = 1, temporal_past: Sequence | None = None,
+                 temporal_record: list | None = None):
+        self._modules = iter(modules) if modules is not None else None
+        self._pasts = iter(temporal_past) if temporal_past is not None else None
+        self.frames, self.record = frames, temporal_record
 
-    def temporal(h: torch.Tensor) -> torch.Tensor:
-        if modules is None:
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self._modules is None:
             return h
-        module = next(modules)
-        past = next(pasts) if pasts is not None else None
-        record = [] if temporal_record is not None else None
-        h = module(h, frames, past, record)
+        module = next(self._modules)
+        past = next(self._pasts) if self._pasts is not None else None
+        record = [] if self.record is not None else None
+        h = module(h, self.frames, past, record)
         if record is not None:
-            temporal_record.append((record[0], record[1]))
+            self.record.append((record[0], record[1]))
         return h
 
+
+def walk_down(unet: UNet2DConditionModel, sample: torch.Tensor, emb: torch.Tensor, text: torch.Tensor,
+              temporal: TemporalCalls) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
+    residual, so it can run while the ControlNets do."""
     h = unet.conv_in(sample)
     skips = [h]
     for block in unet.down_blocks:
@@ -72,16 +68,22 @@ def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tenso
         if block.downsamplers is not None:
             h = block.downsamplers[0](h)
             skips.append(h)
-    if down_residuals is not None:
-        skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
-
     mid = unet.mid_block
     h = mid.resnets[0](h, emb)
     h = mid.attentions[0](h, encoder_hidden_states=text, return_dict=False)[0]
-    h = mid.resnets[1](h, emb)
+    return mid.resnets[1](h, emb), skips
+
+
+def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+            text: torch.Tensor, temporal: TemporalCalls, down_residuals: Sequence[torch.Tensor] | None = None,
+            mid_residual: torch.Tensor | None = None, with_output: bool = True) -> torch.Tensor | None:
+    """The ControlNet residuals, the up levels and the output."""
+    if down_residuals is not None:
+        skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+    else:
+        skips = list(skips)
     if mid_residual is not None:
         h = h + mid_residual
-
     for block in unet.up_blocks:
         attentions = getattr(block, "attentions", None)
         last = len(block.resnets) - 1
@@ -96,6 +98,32 @@ def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tenso
         return None
     h = unet.conv_act(unet.conv_norm_out(h))
     return unet.conv_out(h)
+
+
+def embed(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+          text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The time embedding and the text broadcast over the batch."""
+    b = sample.shape[0]
+    return time_embedding(unet, timestep, b, sample.dtype), text.expand(b, -1, -1) if text.shape[0] != b else text
+
+
+def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
+         motion: MotionModules | None = None, frames: int = 1,
+         down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+         temporal_past: Sequence | None = None, temporal_record: list | None = None,
+         with_output: bool = True) -> torch.Tensor | None:
+    """One UNet evaluation. `sample` is (batch * frames, 4, h, w); `text` broadcasts over it.
+
+    Without `with_output` the walk stops after the last up block (the reference net has no
+    output conv: only what its attention layers record matters).
+    `temporal_past[i]` holds cached earlier frames for the i-th temporal module (in call
+    order); `temporal_record` collects each module's new frames' keys/values.
+    """
+    emb, text = embed(unet, sample, timestep, text)
+    temporal = TemporalCalls(motion.in_order() if motion is not None else None, frames, temporal_past,
+                             temporal_record)
+    h, skips = walk_down(unet, sample, emb, text, temporal)
+    return walk_up(unet, h, skips, emb, text, temporal, down_residuals, mid_residual, with_output)
 
 
 class ReferenceNet(nn.Module):
@@ -125,3 +153,19 @@ class TemporalUNet(nn.Module):
         return walk(self.unet, sample, timestep, text, motion=self.motion, frames=frames,
                     down_residuals=down_residuals, mid_residual=mid_residual,
                     temporal_past=temporal_past, temporal_record=temporal_record)
+
+    # The same evaluation in two halves, for callers that overlap the first with the ControlNets.
+    def down(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
+             temporal_past: Sequence) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(features, skips, time embedding) after the mid block."""
+        emb, text = embed(self.unet, sample, timestep, text)
+        modules = self.motion.in_order()[: self.motion.down_count]
+        h, skips = walk_down(self.unet, sample, emb, text, TemporalCalls(modules, frames, temporal_past[: len(modules)]))
+        return h, skips, emb
+
+    def up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: torch.Tensor, frames: int,
+           down_residuals, mid_residual, temporal_past: Sequence) -> torch.Tensor:
+        text = text.expand(h.shape[0], -1, -1) if text.shape[0] != h.shape[0] else text
+        d = self.motion.down_count
+        temporal = TemporalCalls(self.motion.in_order()[d:], frames, temporal_past[d:])
+        return walk_up(self.unet, h, skips, emb, text, temporal, down_residuals, mid_residual)
