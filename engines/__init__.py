@@ -52,6 +52,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")
     g.add_argument("--tiny-decoder", metavar="PATH",
                    help="live engine: decode with TAESD (a diffusers AutoencoderTiny folder; 'random' with --random-weights)")
+    g.add_argument("--lookahead", type=int, default=0, metavar="K",
+                   help="live engine: each frame also attends to the next K frames in flight, for K frames more "
+                        "latency and (S+K)/S the work per frame (default: 0, causal)")
     g.add_argument("--model-size", choices=("sd15", "tiny"), default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -65,9 +68,10 @@ def engine_options(args: argparse.Namespace, live: bool = False) -> dict:
             flags = ", ".join("--" + f.replace("_", "-") for f in given + (["random_weights"] if args.random_weights else []))
             raise EngineError(f"{flags}: only for --engine xportrait")
         return {}
-    live_only = {"compile": args.compile, "tiny_decoder": args.tiny_decoder}
+    live_only = {"compile": args.compile, "tiny_decoder": args.tiny_decoder, "lookahead": args.lookahead}
     if not live and (any(live_only.values()) or args.backend != "torch"):
-        raise EngineError("--compile, --tiny-decoder and --backend are for the live engine (serve, bench --stream)")
+        raise EngineError("--compile, --tiny-decoder, --lookahead and --backend are for the live engine "
+                          "(serve, bench --stream)")
     if args.backend != "torch" and not args.graphs:
         raise EngineError(f"--backend {args.backend} needs --graphs DIR (written by `xportrait export`)")
     return dict(base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora, sampler=args.sampler,

@@ -275,7 +275,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
             return begin.elapsed_time(end) / repeat
         with torch.no_grad():
-            t = denoiser.levels.timesteps
+            t = denoiser.timesteps
             modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
                 denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings()))

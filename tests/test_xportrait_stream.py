@@ -47,7 +47,7 @@ def stream(model, settings, sources, driving, boxes, split=False):
         leaving = denoiser.tick(driving[i], boxes[i], tag=i)
         if leaving is not None:
             out.append(leaving[0].clone()), tags.append(leaving[1])
-    for _ in range(settings.steps - 1):  # drain the frames still in flight
+    for _ in range(settings.steps - 1 + settings.lookahead):  # drain the frames still in flight
         leaving = denoiser.tick(None, None)
         if leaving is not None:
             out.append(leaving[0].clone()), tags.append(leaving[1])
@@ -146,3 +146,61 @@ def test_the_split_tick_renders_the_same_frames(model):
     whole, _ = stream(model, settings, sources, driving, boxes)
     split, _ = stream(model, settings, sources, driving, boxes, split=True)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_lookahead_lets_a_frame_see_the_next_frames_and_costs_k_frames_of_latency(model):
+    settings = StreamSettings(steps=2, window=3, lookahead=1)
+    sources, driving, boxes = inputs(5)
+    out, tags = stream(model, settings, sources, driving, boxes)
+    assert tags == list(range(5))  # every frame leaves once, in order
+
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
+    denoiser.prepare(sources)
+    held = [denoiser.tick(driving[i], boxes[i], tag=i) for i in range(3)]
+    assert held[:2] == [None, None] and held[2][1] == 0  # out S - 1 + k = 2 ticks after entering
+
+    # Frame 0 depends on frame 1 with look-ahead, not without.
+    changed = driving.clone()
+    changed[1] = 255 - changed[1]
+    causal = StreamSettings(steps=2, window=3)
+    for lookahead_settings, should_change in ((settings, True), (causal, False)):
+        a, _ = stream(model, lookahead_settings, sources, driving, boxes)
+        b, _ = stream(model, lookahead_settings, sources, changed, boxes)
+        assert torch.allclose(a[0], b[0], atol=1e-6) != should_change
+    # With no look-ahead the engine is the causal one, frame for frame.
+    plain, _ = stream(model, causal, sources, driving, boxes)
+    torch.testing.assert_close(plain, render_causal(model, causal, sources, *control_hints(driving, boxes, torch.float32)),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-4)
+
+
+def test_lookahead_is_bounded_by_the_temporal_positions(model):
+    max_len = model.config.motion_max_len
+    with pytest.raises(ValueError, match="look-ahead"):
+        StreamingDenoiser(model, StreamSettings(steps=2, window=max_len, lookahead=1), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="look-ahead"):
+        StreamingDenoiser(model, StreamSettings(steps=2, window=3, lookahead=-1), torch.device("cpu"), torch.float32)
+
+
+def test_the_live_engine_takes_a_lookahead_and_flushes_every_frame():
+    import numpy as np
+
+    from engines import EngineError, create_engine
+    from engines.base import DrivingFrame, SourcePortrait
+
+    engine = create_engine("xportrait", RES, stream=True, random_weights=True, model_size="tiny", device="cpu",
+                           steps=2, window=4, lookahead=2)
+    assert engine.latency_frames == 3
+    rng = np.random.default_rng(2)
+    engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
+    landmarks = np.full((478, 3), RES / 2, np.float32)
+    tags = []
+    for i in range(5):
+        rendered = engine.step(DrivingFrame(landmarks, landmarks, i / 25, tag=i,
+                                            image=rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)))
+        tags.append(None if rendered is None else rendered.tag)
+    assert tags == [None, None, None, 0, 1]
+    assert [r.tag for r in engine.flush()] == [2, 3, 4]
+    with pytest.raises(EngineError, match="look-ahead"):
+        create_engine("xportrait", RES, stream=True, random_weights=True, model_size="tiny", device="cpu", window=4,
+                      lookahead=99)

@@ -190,7 +190,7 @@ def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dty
 
 
 class XPortraitStreamEngine:
-    """The live engine: frame in, frame out S - 1 frames later (S LCM steps in flight).
+    """The live engine: frame in, frame out S - 1 (+ k with look-ahead k) frames later (S LCM steps in flight).
 
     On a GPU the whole tick (ControlNets, UNet with reference and temporal attention, LCM
     update, VAE decode of the leaving frame) is one CUDA graph; the host copies the new
@@ -205,7 +205,7 @@ class XPortraitStreamEngine:
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
                  tiny_decoder: str | None = None, channels_last: bool = True, model=None, allow_hub: bool = False,
-                 sampler: str | None = None, guidance: float | None = None):
+                 sampler: str | None = None, guidance: float | None = None, lookahead: int = 0):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
         if model is None and not random_weights and checkpoint is None:
@@ -216,7 +216,7 @@ class XPortraitStreamEngine:
         # `model`: anything with XPortraitModel's inference interface, e.g. exported graphs run by
         # ONNX Runtime or TensorRT (export.backend); those own their launches: no CUDA graph here.
         self.dtype, config = resolve_dtype(dtype, self.device), model_config(model_size, size)
-        settings = StreamSettings(steps=steps or 4, window=window, seed=seed)
+        settings = StreamSettings(steps=steps or 4, window=window, seed=seed, lookahead=lookahead)
         try:
             settings.validate(config.motion_max_len)
         except ValueError as e:
@@ -225,6 +225,8 @@ class XPortraitStreamEngine:
         if native:
             model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
                                  lcm_lora=lcm_lora, random_weights=random_weights, seed=seed, allow_hub=allow_hub)
+        elif lookahead:
+            raise EngineError("--lookahead works with the torch backend only (the exported graphs attend causally)")
         elif model.config.resolution != size:
             raise EngineError(f"the given model renders {model.config.resolution} px, the engine is {size} px")
         self.model = model
@@ -248,7 +250,7 @@ class XPortraitStreamEngine:
         self.waits_on_device = self.device.type == "cuda"
         self.cuda_graph = native and cuda_graph and self.device.type == "cuda"
         self.compile = compile and self.cuda_graph
-        self.latency_frames = settings.steps - 1
+        self.latency_frames = settings.steps - 1 + lookahead
         # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
         # the device may still be copying from the other (a tick that returns no frame does not
         # wait for the device).

@@ -31,12 +31,17 @@ class StreamSettings:
     steps: int = 4  # LCM steps = frames in flight
     window: int = 16  # temporal window: the current frame and W - 1 before it
     seed: int = 999
+    lookahead: int = 0  # k newer frames each frame also attends to, for k more frames of latency
 
     def validate(self, max_len: int) -> None:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if not 1 <= self.window <= max_len:
             raise ValueError(f"window must be in [1, {max_len}] (the temporal modules' positions), got {self.window}")
+        if self.lookahead < 0 or self.window + self.lookahead > max_len:
+            raise ValueError(f"look-ahead must be in [0, {max_len - self.window}] with a window of {self.window} "
+                             f"(window + look-ahead <= {max_len}, the temporal modules' positions), "
+                             f"got {self.lookahead}")
 
 
 class LCMLevels:
@@ -140,6 +145,13 @@ class StreamingDenoiser:
     eye/mouth patch boxes and returns the clean latent of the frame that leaves (with its
     tag), or None while the batch fills.
 
+    Look-ahead k (`settings.lookahead`): k more batch entries in front of the levels hold the
+    k newest frames at the first timestep, not yet stepped (every frame enters with the same
+    latent, so they are exactly what level 0 will see). Each entry attends over its own ring
+    and the k entries before it: the next k frames as they are now, one level noisier each, as
+    in FIFO-Diffusion's diagonal denoising. A frame leaves S - 1 + k ticks after it entered;
+    each tick costs (S + k) / S as much.
+
     Every tensor the per-tick work touches is allocated once (prepare, or the first tick)
     and then updated in place, so the whole tick can be captured as one CUDA graph
     (`capture()`): the host then only copies the new frame in and launches the graph.
@@ -151,7 +163,11 @@ class StreamingDenoiser:
         self.levels = LCMLevels(model, settings, device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.reference: ReferenceKV | None = None
-        s, res, h = self.levels.steps, model.config.resolution, model.config.latent_size
+        res, h, k = model.config.resolution, model.config.latent_size, settings.lookahead
+        s = self.entries = self.levels.steps + k  # batch entries: k look-ahead, then the S levels
+        # Each entry's level: the look-ahead entries wait at level 0's timestep.
+        self.entry_levels = torch.tensor([0] * k + list(range(self.levels.steps)), device=self.device)
+        self.timesteps = self.levels.timesteps[self.entry_levels]
         self.x = torch.zeros((s, 4, h, h), device=self.device, dtype=dtype)
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=dtype)
@@ -167,6 +183,9 @@ class StreamingDenoiser:
         self.valid = torch.zeros((s, w), dtype=torch.bool, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self._ring_index = torch.arange(w, device=self.device)
+        # Look-ahead: entry i's o-th newer frame is entry i - 1 - o.
+        newer = torch.arange(s, device=self.device)[:, None] - 1 - torch.arange(k, device=self.device)[None]
+        self._newer, self._has_newer = newer.clamp(min=0), newer >= 0
         self.rings = [tuple(torch.zeros((s * pixels, heads, w, channels // heads), device=self.device, dtype=dtype)
                             for _ in range(4))
                       for pixels, channels, heads in model.temporal_shapes]
@@ -188,7 +207,8 @@ class StreamingDenoiser:
         """Per source: the entering latent and every level's reference features."""
         latents = self.model.encode(sources)
         self.entering.copy_(self.levels.enter(latents[:1]))
-        reference = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        reference = {name: (k[self.entry_levels], v[self.entry_levels]) for name, (k, v) in per_level.items()}
         if self.reference is not None and all(self.reference[n][0].shape == k.shape for n, (k, _) in reference.items()):
             for name, (k, v) in reference.items():  # in place: a captured graph reads these buffers
                 self.reference[name][0].copy_(k), self.reference[name][1].copy_(v)
@@ -204,7 +224,7 @@ class StreamingDenoiser:
         for ring in self.rings:
             for t in ring:
                 t.zero_()
-        self._in_flight = [(False, None)] * self.levels.steps
+        self._in_flight = [(False, None)] * self.entries
         self._ticks = 0
 
     def temporal_rings(self) -> list[TemporalRing]:
@@ -221,7 +241,8 @@ class StreamingDenoiser:
         age = (self.slot - self._ring_index) % w  # 0 for the current slot
         older = age[None, :] > age[:, None]  # [j, i]: slot i holds an older frame than slot j
         positions = (mask[:, None, :] & older[None]).sum(dim=-1)
-        return RingTick(self.slot, mask, positions)
+        ahead = self._has_newer & self.occupied[self._newer] if self.settings.lookahead else None
+        return RingTick(self.slot, mask, positions, ahead)
 
     def _advance(self) -> None:
         if self.split:
@@ -232,7 +253,7 @@ class StreamingDenoiser:
     def _advance_eager(self) -> None:
         """The whole tick on device buffers, host-free: what a CUDA graph replays."""
         self._enter()
-        self._finish(self.model.predict_noise(self.x, self.levels.timesteps, 1, self.reference, self.pose, self.local,
+        self._finish(self.model.predict_noise(self.x, self.timesteps, 1, self.reference, self.pose, self.local,
                                               temporal_past=self.temporal_rings()))
 
     def _enter(self) -> None:
@@ -242,15 +263,15 @@ class StreamingDenoiser:
         self.occupied[1:] = self.occupied[:-1].clone()
         self.pose[:1], self.local[:1] = control_hints(self.new_frame, self.new_boxes, self.dtype)
         self.occupied[:1] = self.enters
-        self.x[:1] = self.entering
+        self.x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
 
     def _finish(self, eps: torch.Tensor) -> None:
         """The LCM step at every level; the leaving frame is decoded."""
-        levels = self.levels
-        clean = levels.denoise(self.x, eps, slice(0, levels.steps))
+        levels, k = self.levels, self.settings.lookahead
+        clean = levels.denoise(self.x[k:], eps[k:], slice(0, levels.steps))  # look-ahead entries wait
         self.leaving.copy_(clean[-1:])
         if levels.steps > 1:
-            self.x[1:] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
+            self.x[k + 1 :] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
         if self.decode:  # only the frame that leaves is decoded
             pixels = self.model.decode(self.leaving, small=self.small_decoder)[0].permute(1, 2, 0)
             image = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -263,7 +284,7 @@ class StreamingDenoiser:
     # most of the GPU idle). Each part may be compiled on its own; the whole is one CUDA graph.
     def _advance_split(self, pose_control, local_control, down, up) -> None:
         self._enter()
-        t = self.levels.timesteps
+        t = self.timesteps
         if self._side_streams is None:
             pose, local = pose_control(self.x, t, self.pose), local_control(self.x, t, self.local)
             up(*down(self.x, t), pose, local)

@@ -69,11 +69,15 @@ class RingTick:
     slot: torch.Tensor  # (1,) long, on the device
     mask: torch.Tensor
     positions: torch.Tensor
+    # Look-ahead: (clips, k) which of the k batch entries before each (the newer frames in
+    # flight, entry i - 1 - o for o < k) it attends to; None without look-ahead.
+    ahead: torch.Tensor | None = None
 
 
 def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torch.Tensor, pos_key: torch.Tensor,
-                   pos_value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """One query frame per row against its ring of W cached frames (streaming).
+                   pos_value: torch.Tensor, keep: torch.Tensor, ahead: "LookAhead | None" = None) -> torch.Tensor:
+    """One query frame per row against its ring of W cached frames (streaming), and the k
+    newer frames in flight (`ahead`, look-ahead).
 
     query (n, h, d); key_ring, value_ring (n, h, W, d), position-free; pos_key, pos_value
     (b, W, h, d): each slot's position term for the b clips (n = b * rows); keep (b, W): the
@@ -83,15 +87,37 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
     n, h, d = query.shape
     b, w = keep.shape
     rows = n // b
+    q = query.view(b, rows, h, d)
     # Multiply-and-sum, not a batched matmul: with one query row per matmul cuBLAS runs
     # thousands of near-empty tiles (13 ms a tick on the H100). Compiled, these sums read
     # each ring once; a hand-written fused Triton kernel was no faster inside the tick.
     scores = (query[:, :, None, :] * key_ring).sum(dim=-1).view(b, rows, h, w)
-    scores = scores + torch.einsum("brhd,bwhd->brhw", query.view(b, rows, h, d), pos_key)
-    scores = (scores * d ** -0.5).masked_fill(~keep[:, None, None, :], float("-inf"))
-    weights = scores.softmax(dim=-1)
-    out = (weights.view(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
-    return (out + torch.einsum("brhw,bwhd->brhd", weights, pos_value)).view(n, h, d)
+    scores = scores + torch.einsum("brhd,bwhd->brhw", q, pos_key)
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    if ahead is not None:
+        extra = (q[:, :, :, None, :] * ahead.key).sum(dim=-1) + torch.einsum("brhd,bkhd->brhk", q, ahead.pos_key)
+        scores = torch.cat([scores, extra.masked_fill(~ahead.keep[:, None, None, :], float("-inf"))], dim=-1)
+    weights = (scores * d ** -0.5).softmax(dim=-1)
+    ring_weights = weights[..., :w]
+    out = (ring_weights.reshape(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
+    out = out + torch.einsum("brhw,bwhd->brhd", ring_weights, pos_value)
+    if ahead is not None:
+        ahead_weights = weights[..., w:]
+        out = out + (ahead_weights[..., None] * ahead.value).sum(dim=-2)
+        out = out + torch.einsum("brhk,bkhd->brhd", ahead_weights, ahead.pos_value)
+    return out.reshape(n, h, d)
+
+
+@dataclass
+class LookAhead:
+    """The k newer frames a streaming frame also attends to: keys and values (b, rows, h, k, d),
+    position terms (b, k, h, d), and which of them exist (b, k)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pos_key: torch.Tensor
+    pos_value: torch.Tensor
+    keep: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -192,7 +218,17 @@ class TemporalBlock(nn.Module):
         query = (query.view(b, rows, c) + proj.query[current]).view(n, h, d)
         pos_k = proj.key[tick.positions].view(b, w, h, d)  # each slot's position term, (b, W, h, d)
         pos_v = proj.value[tick.positions].view(b, w, h, d)
-        out = ring_attention(query, key_ring, value_ring, pos_k, pos_v, tick.mask)
+        ahead = None
+        if tick.ahead is not None:  # entry i also sees entries i-1 .. i-k: the next frames, in flight
+            k = tick.ahead.shape[1]
+            key, value = key.view(b, rows, h, d), value.view(b, rows, h, d)
+            # entry i's o-th newer frame is entry i - 1 - o (none before entry 0): (b, rows, h, k, d)
+            shifted = lambda t: torch.stack([torch.cat([torch.zeros_like(t[: o + 1]), t[: b - o - 1]])
+                                             for o in range(k)], dim=3)
+            later = current + torch.arange(1, k + 1, device=x.device)  # their positions follow this frame's
+            ahead = LookAhead(shifted(key), shifted(value), proj.key[later].view(b, k, h, d),
+                              proj.value[later].view(b, k, h, d), tick.ahead)
+        out = ring_attention(query, key_ring, value_ring, pos_k, pos_v, tick.mask, ahead)
         return attn.to_out[0](out.reshape(n, f, c))
 
     def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | None" = None,
