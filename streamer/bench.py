@@ -300,7 +300,7 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
     return {"engine": "xportrait (live)", "size": args.size, "dtype": str(dtype),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else machine_name(),
             "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "lcm_steps": settings.steps,
-            "window": settings.window, "runs": runs, "modules_ms": modules,
+            "window": settings.window, "lookahead": denoiser.settings.lookahead, "runs": runs, "modules_ms": modules,
             "baseline": {"name": "naive: frame by frame, eager, S sequential steps, full VAE", "frames": count,
                          "ms_per_frame": naive_ms, "fps": 1e3 / naive_ms},
             "speedup_vs_baseline": best / (1e3 / naive_ms)}
@@ -308,7 +308,8 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
 
 def _print_stream(result: dict, args: argparse.Namespace) -> None:
     print(f"{result['engine']} at {args.size}x{args.size}, {result['dtype']} on {result['device']}, weights: "
-          f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}")
+          f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}"
+          + (f", look-ahead {result['lookahead']}" if result["lookahead"] else ""))
     for r in result["runs"]:
         peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps; tick p50 {r['tick_ms']['p50']:.1f} ms; frame in->out "

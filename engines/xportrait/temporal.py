@@ -74,8 +74,20 @@ class RingTick:
     ahead: torch.Tensor | None = None
 
 
+@dataclass
+class LookAhead:
+    """The k newer frames a streaming frame also attends to: keys and values (b, rows, h, k, d),
+    position terms (b, k, h, d), and which of them exist (b, k)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pos_key: torch.Tensor
+    pos_value: torch.Tensor
+    keep: torch.Tensor
+
+
 def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torch.Tensor, pos_key: torch.Tensor,
-                   pos_value: torch.Tensor, keep: torch.Tensor, ahead: "LookAhead | None" = None) -> torch.Tensor:
+                   pos_value: torch.Tensor, keep: torch.Tensor, ahead: LookAhead | None = None) -> torch.Tensor:
     """One query frame per row against its ring of W cached frames (streaming), and the k
     newer frames in flight (`ahead`, look-ahead).
 
@@ -106,18 +118,6 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
         out = out + (ahead_weights[..., None] * ahead.value).sum(dim=-2)
         out = out + torch.einsum("brhk,bkhd->brhd", ahead_weights, ahead.pos_value)
     return out.reshape(n, h, d)
-
-
-@dataclass
-class LookAhead:
-    """The k newer frames a streaming frame also attends to: keys and values (b, rows, h, k, d),
-    position terms (b, k, h, d), and which of them exist (b, k)."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    pos_key: torch.Tensor
-    pos_value: torch.Tensor
-    keep: torch.Tensor
 
 
 @dataclass(frozen=True)
