@@ -186,6 +186,10 @@ class StreamingDenoiser:
         # Look-ahead: entry i's o-th newer frame is entry i - 1 - o.
         newer = torch.arange(s, device=self.device)[:, None] - 1 - torch.arange(k, device=self.device)[None]
         self._newer, self._has_newer = newer.clamp(min=0), newer >= 0
+        # This tick's view of the rings, rewritten in place each tick (`_update_ring_tick`).
+        self._tick = RingTick(self.slot, torch.zeros((s, w), dtype=torch.bool, device=self.device),
+                              torch.zeros((s, w), dtype=torch.long, device=self.device),
+                              torch.zeros((s, k), dtype=torch.bool, device=self.device) if k else None)
         self.rings = [tuple(torch.zeros((s * pixels, heads, w, channels // heads), device=self.device, dtype=dtype)
                             for _ in range(4))
                       for pixels, channels, heads in model.temporal_shapes]
@@ -228,21 +232,22 @@ class StreamingDenoiser:
         self._ticks = 0
 
     def temporal_rings(self) -> list[TemporalRing]:
-        """The temporal caches as the UNet takes them, for the current tick."""
-        tick = self._ring_tick()
-        return [TemporalRing(tensors, tick) for tensors in self.rings]
+        """The temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
+        return [TemporalRing(tensors, self._tick) for tensors in self.rings]
 
-    def _ring_tick(self) -> RingTick:
+    def _update_ring_tick(self) -> None:
         """This tick's slot joins each level's window (real if a frame is at that level) and
-        the slot written W ticks ago drops out; positions follow the frames' ages."""
+        the slot written W ticks ago drops out; positions follow the frames' ages. Once a tick,
+        in place: every temporal module (in either half of a split tick) reads the result."""
+        tick = self._tick
         self.valid.index_copy_(1, self.slot, self.occupied[:, None])
-        mask = self.valid.index_fill(1, self.slot, True)  # a level's current frame attends to itself
+        tick.mask.copy_(self.valid.index_fill(1, self.slot, True))  # a level's current frame attends to itself
         w = self.settings.window
         age = (self.slot - self._ring_index) % w  # 0 for the current slot
         older = age[None, :] > age[:, None]  # [j, i]: slot i holds an older frame than slot j
-        positions = (mask[:, None, :] & older[None]).sum(dim=-1)
-        ahead = self._has_newer & self.occupied[self._newer] if self.settings.lookahead else None
-        return RingTick(self.slot, mask, positions, ahead)
+        tick.positions.copy_((tick.mask[:, None, :] & older[None]).sum(dim=-1))
+        if tick.ahead is not None:
+            tick.ahead.copy_(self._has_newer & self.occupied[self._newer])
 
     def _advance(self) -> None:
         if self.split:
@@ -264,6 +269,7 @@ class StreamingDenoiser:
         self.pose[:1], self.local[:1] = control_hints(self.new_frame, self.new_boxes, self.dtype)
         self.occupied[:1] = self.enters
         self.x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
+        self._update_ring_tick()
 
     def _finish(self, eps: torch.Tensor) -> None:
         """The LCM step at every level; the leaving frame is decoded."""
