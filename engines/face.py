@@ -227,6 +227,18 @@ def best_reference_frame(source: np.ndarray, driving: Sequence[np.ndarray | None
     return best_index
 
 
+def _patch_weights(count: int = 478) -> np.ndarray:
+    """(3, count): row i averages the landmarks of patch i (right eye, left eye, mouth)."""
+    weights = np.zeros((3, count))
+    for row, ids in enumerate((RIGHT_EYE, LEFT_EYE, INNER_LIPS + OUTER_LIPS)):
+        weights[row, list(ids)] = 1 / len(ids)
+    return weights
+
+
+# Built once: the live engine computes the boxes on every frame.
+_PATCH_WEIGHTS = _patch_weights()
+
+
 def local_patch_boxes(landmarks: np.ndarray, size: int) -> np.ndarray:
     """(3, 4) int boxes x0, y0, x1, y1 around the right eye, left eye and mouth.
 
@@ -234,11 +246,7 @@ def local_patch_boxes(landmarks: np.ndarray, size: int) -> np.ndarray:
     [size/8, 7*size/8] so every patch lies inside the frame.
     """
     half = size // 8
-    centres = np.stack([
-        landmarks[list(RIGHT_EYE), :2].mean(axis=0),
-        landmarks[list(LEFT_EYE), :2].mean(axis=0),
-        landmarks[list(INNER_LIPS + OUTER_LIPS), :2].mean(axis=0),
-    ])
+    centres = _PATCH_WEIGHTS @ landmarks[:, :2]  # each patch's landmark mean, one product
     centres = np.clip(np.rint(centres), half, size - half).astype(np.int64)
     return np.concatenate([centres - half, centres + half], axis=1)
 

@@ -181,7 +181,9 @@ class StreamingDenoiser:
         # ring slots hold real frames per level.
         w = settings.window
         self.valid = torch.zeros((s, w), dtype=torch.bool, device=self.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        # The ring slot this tick's frames take: advanced on the device at the start of every
+        # tick (no host write per tick); W - 1 after a reset, so the first tick takes slot 0.
+        self.slot = torch.full((1,), w - 1, dtype=torch.long, device=self.device)
         self._ring_index = torch.arange(w, device=self.device)
         # Look-ahead: entry i's o-th newer frame is entry i - 1 - o.
         newer = torch.arange(s, device=self.device)[:, None] - 1 - torch.arange(k, device=self.device)[None]
@@ -193,7 +195,7 @@ class StreamingDenoiser:
         self.rings = [tuple(torch.zeros((s * pixels, heads, w, channels // heads), device=self.device, dtype=dtype)
                             for _ in range(4))
                       for pixels, channels, heads in model.temporal_shapes]
-        self._ticks = 0
+        self._entering = False  # what `enters` holds: written only when it changes
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
         self.decode = False  # set by engines that want pixels: the VAE decode joins the tick (and its graph)
@@ -223,13 +225,13 @@ class StreamingDenoiser:
 
     def reset(self) -> None:
         """Empty the batch and the temporal caches (a new driving stream)."""
-        for t in (self.x, self.pose, self.local, self.occupied, self.valid, self.slot):
+        for t in (self.x, self.pose, self.local, self.occupied, self.valid):
             t.zero_()
+        self.slot.fill_(self.settings.window - 1)
         for ring in self.rings:
             for t in ring:
                 t.zero_()
         self._in_flight = [(False, None)] * self.entries
-        self._ticks = 0
 
     def temporal_rings(self) -> list[TemporalRing]:
         """The temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
@@ -262,7 +264,8 @@ class StreamingDenoiser:
                                               temporal_past=self.temporal_rings()))
 
     def _enter(self) -> None:
-        """Everyone moves down a level; the new frame (if any) takes level 0."""
+        """Everyone moves down a level; the new frame (if any) takes level 0 and the next ring slot."""
+        self.slot.copy_((self.slot + 1) % self.settings.window)
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
@@ -369,9 +372,9 @@ class StreamingDenoiser:
         if entering:
             self.new_frame[0].copy_(frame, non_blocking=True)
             self.new_boxes[0].copy_(boxes, non_blocking=True)
-        self.enters.fill_(entering)
-        self.slot.fill_(self._ticks % self.settings.window)
-        self._ticks += 1
+        if entering != self._entering:  # only around flushes: a steady stream launches nothing here
+            self.enters.fill_(entering)
+            self._entering = entering
         if self._graph is not None:
             self._graph.replay()
         else:
