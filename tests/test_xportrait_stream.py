@@ -204,3 +204,22 @@ def test_the_live_engine_takes_a_lookahead_and_flushes_every_frame():
     with pytest.raises(EngineError, match="look-ahead"):
         create_engine("xportrait", RES, stream=True, random_weights=True, model_size="tiny", device="cpu", window=4,
                       lookahead=99)
+
+
+def test_a_reset_stream_renders_what_a_fresh_one_does(model):
+    """After reset() (a new driving stream) nothing of the old one is left: not the frames in
+    flight, not the temporal rings, not the ring slot the device advances each tick."""
+    settings = StreamSettings(steps=2, window=3)
+    sources, driving, boxes = inputs(5)
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
+    denoiser.prepare(sources)
+    for i in range(4):  # a stream broken off mid-window, with a frame still in flight
+        denoiser.tick(driving[4 - i], boxes[4 - i])
+    denoiser.reset()
+    again = []
+    for i in range(5):
+        leaving = denoiser.tick(driving[i], boxes[i], tag=i)
+        again.append(None if leaving is None else (leaving[0].clone(), leaving[1]))  # the buffer is reused
+    fresh, _ = stream(model, settings, sources, driving, boxes)
+    assert again[0] is None and [t for _, t in again[1:]] == [0, 1, 2, 3]
+    torch.testing.assert_close(torch.cat([x for x, _ in again[1:]]), fresh[:4], rtol=1e-5, atol=1e-6)
