@@ -227,9 +227,9 @@ def best_reference_frame(source: np.ndarray, driving: Sequence[np.ndarray | None
     return best_index
 
 
-def _patch_weights(count: int = 478) -> np.ndarray:
-    """(3, count): row i averages the landmarks of patch i (right eye, left eye, mouth)."""
-    weights = np.zeros((3, count))
+def _patch_weights() -> np.ndarray:
+    """(3, NUM_LANDMARKS): row i averages the landmarks of patch i (right eye, left eye, mouth)."""
+    weights = np.zeros((3, NUM_LANDMARKS))
     for row, ids in enumerate((RIGHT_EYE, LEFT_EYE, INNER_LIPS + OUTER_LIPS)):
         weights[row, list(ids)] = 1 / len(ids)
     return weights
