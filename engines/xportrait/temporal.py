@@ -24,6 +24,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from . import ring_kernels
+
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """(1, length, dim): the standard sin/cos table, as AnimateDiff's PositionalEncoding."""
@@ -101,9 +103,14 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
     rows = n // b
     q = query.view(b, rows, h, d)
     # Multiply-and-sum, not a batched matmul: with one query row per matmul cuBLAS runs
-    # thousands of near-empty tiles (13 ms a tick on the H100). Compiled, these sums read
-    # each ring once; a hand-written fused Triton kernel was no faster inside the tick.
-    scores = (query[:, :, None, :] * key_ring).sum(dim=-1).view(b, rows, h, w)
+    # thousands of near-empty tiles (13 ms a tick on the H100). On CUDA the two sums that read
+    # the rings are Triton kernels (ring_kernels.py: torch.compile's reductions reach half the
+    # bandwidth there); elsewhere, torch's.
+    kernels = ring_kernels.available(key_ring)
+    if kernels:
+        scores = torch.ops.xportrait.ring_scores(query.contiguous(), key_ring).view(b, rows, h, w)
+    else:
+        scores = (query[:, :, None, :] * key_ring).sum(dim=-1).view(b, rows, h, w)
     scores = scores + torch.einsum("brhd,bwhd->brhw", q, pos_key)
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     if ahead is not None:
@@ -111,7 +118,10 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
         scores = torch.cat([scores, extra.masked_fill(~ahead.keep[:, None, None, :], float("-inf"))], dim=-1)
     weights = (scores * d ** -0.5).softmax(dim=-1)
     ring_weights = weights[..., :w]
-    out = (ring_weights.reshape(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
+    if kernels:
+        out = torch.ops.xportrait.ring_values(ring_weights.reshape(n * h, w), value_ring).view(b, rows, h, d)
+    else:
+        out = (ring_weights.reshape(n, h, w, 1) * value_ring).sum(dim=-2).view(b, rows, h, d)
     out = out + torch.einsum("brhw,bwhd->brhd", ring_weights, pos_value)
     if ahead is not None:
         ahead_weights = weights[..., w:]
