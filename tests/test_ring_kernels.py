@@ -1,4 +1,4 @@
-"""The Triton ring sums (engines/xportrait/ring_kernels.py) equal torch's, run in Triton's
+"""The Triton ring kernels (engines/xportrait/ring_kernels.py) equal torch, run in Triton's
 interpreter on the CPU (a subprocess: the interpreter is chosen when the kernels are defined)."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ CHECK = textwrap.dedent("""
         torch.testing.assert_close(out.float(), (p[..., None].float() * v.float()).sum(-2), rtol=2e-3, atol=2e-2)
         assert not torch.allclose(out.float(), (p[..., None].float() * v.roll(1, 2).float()).sum(-2), atol=0.1)
 
-    # Wired into the attention: the same result as the torch sums, with and without look-ahead.
+    # Wired into the attention: the same result as torch, in one kernel (no look-ahead) or the
+    # two sums (look-ahead).
     b, rows, h, w, d, k = 3, 5, 8, 16, 40, 2
     n = b * rows
     keep = torch.rand(b, w, generator=g) > 0.4

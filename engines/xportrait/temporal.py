@@ -102,11 +102,14 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
     b, w = keep.shape
     rows = n // b
     q = query.view(b, rows, h, d)
-    # Multiply-and-sum, not a batched matmul: with one query row per matmul cuBLAS runs
-    # thousands of near-empty tiles (13 ms a tick on the H100). On CUDA the two sums that read
-    # the rings are Triton kernels (ring_kernels.py: torch.compile's reductions reach half the
-    # bandwidth there); elsewhere, torch's.
+    # On CUDA, Triton kernels that read the rings at full bandwidth (ring_kernels.py; the
+    # compiled torch below reaches half of it): without look-ahead the whole attention is one
+    # kernel, with it the two ring sums are. Elsewhere: multiply-and-sum, not a batched matmul
+    # (with one query row per matmul cuBLAS runs thousands of near-empty tiles).
     kernels = ring_kernels.available(key_ring)
+    if kernels and ahead is None:
+        return torch.ops.xportrait.ring_attend(query.contiguous(), key_ring, value_ring, pos_key.contiguous(),
+                                               pos_value.contiguous(), keep.contiguous())
     if kernels:
         scores = torch.ops.xportrait.ring_scores(query.contiguous(), key_ring).view(b, rows, h, w)
     else:
