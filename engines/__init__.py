@@ -63,7 +63,7 @@ def engine_options(args: argparse.Namespace, live: bool = False) -> dict:
     """The keyword options of create_engine for args.engine, from add_engine_arguments' flags.
     `live`: for the streamer (frame by frame), where the xportrait engine streams."""
     if args.engine != "xportrait":
-        given = [f for f in ("base", "checkpoint", "lcm_lora", "steps", "guidance") if getattr(args, f, None)]
+        given = [f for f in ("base", "checkpoint", "lcm_lora", "steps", "guidance") if getattr(args, f, None) is not None]
         if given or getattr(args, "random_weights", False):
             flags = ", ".join("--" + f.replace("_", "-") for f in given + (["random_weights"] if args.random_weights else []))
             raise EngineError(f"{flags}: only for --engine xportrait")

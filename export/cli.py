@@ -79,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.size < 64 or args.size % 8:
         print(f"xportrait export: --size must be a multiple of 8 and at least 64, got {args.size}", file=sys.stderr)
         return 2
-    steps = args.steps or DEFAULT_STEPS
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        print(f"xportrait export: --steps must be at least 1, got {steps}", file=sys.stderr)
+        return 2
     if args.repeat < 1:
         print("xportrait export: --repeat must be at least 1", file=sys.stderr)
         return 2

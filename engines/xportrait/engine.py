@@ -99,7 +99,7 @@ class XPortraitEngine:
         sampler = sampler or ("lcm" if lcm_lora else "ddim")
         defaults = SamplerSettings.lcm() if sampler == "lcm" else SamplerSettings.released()
         self.settings = SamplerSettings(
-            sampler=sampler, steps=steps or defaults.steps,
+            sampler=sampler, steps=defaults.steps if steps is None else steps,
             guidance=defaults.guidance if guidance is None else guidance,
             window=window, overlap=overlap, offsets=offsets, shared_noise=shared_noise, seed=seed)
         try:
@@ -216,7 +216,7 @@ class XPortraitStreamEngine:
         # `model`: anything with XPortraitModel's inference interface, e.g. exported graphs run by
         # ONNX Runtime or TensorRT (export.backend); those own their launches: no CUDA graph here.
         self.dtype, config = resolve_dtype(dtype, self.device), model_config(model_size, size)
-        settings = StreamSettings(steps=steps or 4, window=window, seed=seed, lookahead=lookahead)
+        settings = StreamSettings(steps=4 if steps is None else steps, window=window, seed=seed, lookahead=lookahead)
         try:
             settings.validate(config.motion_max_len)
         except ValueError as e:
