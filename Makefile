@@ -14,10 +14,18 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# The test extra on top (pytest, and Triton for its CPU interpreter: a large download that
+# serving on the CPU does not need).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
 
 # Debian's Chromium and Firefox ESR, for the end-to-end browser tests (installed when missing
 # and we are root; otherwise those tests are skipped with the reason).
@@ -32,5 +40,5 @@ browser:
 serve: setup
 	$(BIN)/xportrait serve --host $(HOST) --port $(PORT)
 
-test: setup browser
+test: setup-test browser
 	$(BIN)/python -m pytest -q

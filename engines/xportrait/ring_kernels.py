@@ -27,8 +27,9 @@ try:
 except ImportError:  # CPU-only installs: the torch sums serve
     triton = None
 
-# Rows per program and warps, by padded head dim: the fastest in a sweep on the H100 at the
-# tick's ring sizes (BENCHMARKS.md); most choices are within a few percent.
+# Rows per program and warps, by padded head dim, from sweeps on the H100 at the tick's ring
+# sizes (BENCHMARKS.md): `_ATTEND` the fastest for the one-pass kernel; `_LAUNCH` (the two sums,
+# look-ahead only) within a few percent of the fastest, as most choices were.
 _LAUNCH = {64: (8, 4), 128: (4, 4), 256: (2, 4)}
 _ATTEND = {64: (1, 1), 128: (1, 1), 256: (2, 2)}
 
