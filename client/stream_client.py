@@ -35,6 +35,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from streamer.options import ClientOptions, client_options
 from streamer.rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from streamer.video import VideoError, VideoWriter, open_video, probe
 
@@ -303,7 +304,7 @@ def _output_for(output: str | None, mode: str, both: bool) -> str | None:
     return str(path.with_name(f"{path.stem}.{mode}{path.suffix}"))
 
 
-async def measure(args: argparse.Namespace) -> dict:
+async def measure(args: ClientOptions) -> dict:
     modes = ("echo", "animate") if args.mode == "both" else (args.mode,)
     report = {}
     for mode in modes:
@@ -334,15 +335,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = client_options(args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    if args.duration is not None and args.duration <= 0:
-        print("xportrait client: --duration must be positive", file=sys.stderr)
-        return 2
-    if args.loop and args.duration is None:
-        print("xportrait client: --loop needs --duration", file=sys.stderr)
-        return 2
     try:
-        report = asyncio.run(measure(args))
+        report = asyncio.run(measure(options))
     except VideoError as exc:
         print(f"xportrait client: {exc}", file=sys.stderr)
         return 2
@@ -354,6 +350,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     text = json.dumps(report, indent=2)
     print(text)
-    if args.report:
-        Path(args.report).write_text(text + "\n")
+    if options.report:
+        Path(options.report).write_text(text + "\n")
     return 0

@@ -2,6 +2,8 @@
 
     xportrait export --to DIR [--size 512] [--steps 4] [--window 16] (--checkpoint ... --base ... | --random-weights)
 
+The graphs are the live engine's: its LCM steps (the stream batch) and temporal window.
+
 With `--compare`, each graph then runs through ONNX Runtime next to the torch module on the
 same inputs: the largest relative difference and the milliseconds per call of both.
 """
@@ -16,28 +18,28 @@ from pathlib import Path
 
 import torch
 
-from engines import EngineError, add_engine_arguments
-
-DEFAULT_STEPS = 4
+from engines import EngineError
+from engines.options import DEFAULT_WINDOW
+from streamer.options import add_engine_arguments, export_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, metavar="DIR", help="folder for the graphs and manifest.json")
-    parser.add_argument("--size", type=int, default=512, help="square resolution the graphs take (default: 512)")
-    parser.add_argument("--window", type=int, default=16, help="temporal window of the stream (default: 16)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"temporal window of the stream (default: {DEFAULT_WINDOW})")
     parser.add_argument("--compare", action="store_true",
                         help="after export, run every graph in ONNX Runtime next to torch: difference and ms per call")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per module for --compare (default: 5)")
-    add_engine_arguments(parser)  # weights (--checkpoint/--base/--lcm-lora or --random-weights), --steps, --seed
+    add_engine_arguments(parser, choose_engine=False)  # --size, the weights, --steps, --seed
 
 
 def compare(model, graph_dir: Path, steps: int, window: int, repeat: int, out=sys.stdout) -> dict[str, dict]:
     """Per graph: max relative difference of ONNX Runtime against torch, and the median ms
     per call of each, on the traced inputs, in this process."""
-    from .backend import load_onnx
+    from .graph_model import load_graphs
     from .graphs import example_inputs, wrappers
 
-    runners = load_onnx(graph_dir).runners
+    runners = load_graphs(graph_dir, "onnx").runners
     modules = wrappers(model)
     inputs = example_inputs(model, steps, window, sources=1)
     results = {}
@@ -67,38 +69,25 @@ def compare(model, graph_dir: Path, steps: int, window: int, repeat: int, out=sy
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.xportrait.config import XPortraitConfig
+    options = export_options(args)
     from engines.xportrait.loading import load_model
+    from engines.xportrait.runtime import model_config
 
-    from .onnx_export import ExportError, export_all
+    from .onnx_export import export_all
 
-    out = Path(args.to)
+    engine, out = options.engine, Path(options.to)
     if out.exists() and not out.is_dir():
         print(f"xportrait export: --to {out}: not a folder", file=sys.stderr)
         return 2
-    if args.size < 64 or args.size % 8:
-        print(f"xportrait export: --size must be a multiple of 8 and at least 64, got {args.size}", file=sys.stderr)
-        return 2
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    if steps < 1:
-        print(f"xportrait export: --steps must be at least 1, got {steps}", file=sys.stderr)
-        return 2
-    if args.repeat < 1:
-        print("xportrait export: --repeat must be at least 1", file=sys.stderr)
-        return 2
-    config = (XPortraitConfig.tiny if args.model_size == "tiny" else XPortraitConfig.sd15)(resolution=args.size)
-    if not args.random_weights and args.checkpoint is None:
-        print("xportrait export: pass --checkpoint (the released model_state-*.th) and --base (SD1.5), "
-              "or --random-weights", file=sys.stderr)
-        return 2
+    steps, window = engine.stream_steps, engine.window
     try:
         t0 = time.perf_counter()
-        model = load_model(config, base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora,
-                           random_weights=args.random_weights, seed=args.seed, dtype=torch.float32, device="cpu")
+        model = load_model(model_config(engine.model_size, engine.size), dtype=torch.float32, device="cpu",
+                           **engine.weights)
         print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
-        manifest = export_all(model, out, steps=steps, window=args.window, show_progress=True)
-    except (EngineError, ExportError, OSError) as e:
+        manifest = export_all(model, out, steps=steps, window=window, show_progress=True)
+    except (EngineError, OSError) as e:
         print(f"xportrait export: {e}", file=sys.stderr)
         return 1
     total = time.perf_counter() - t0
@@ -106,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         external = f" + {entry['external_data']}" if entry["external_data"] else ""
         print(f"{name:18s} {entry['bytes'] / 2**20:9.1f} MiB  {entry['export_s']:6.1f} s  {entry['file']}{external}")
     print(f"exported {len(manifest['graphs'])} graphs to {out} in {total:.1f} s (opset {manifest['opset']}, "
-          f"{steps} steps, window {args.window}, {args.size} px)")
-    if args.compare:
-        compare(model, out, steps, args.window, args.repeat)
+          f"{steps} steps, window {window}, {engine.size} px)")
+    if options.compare:
+        compare(model, out, steps, window, options.repeat)
     return 0

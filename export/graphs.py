@@ -43,8 +43,8 @@ from engines.xportrait.model import XPortraitModel
 from engines.xportrait.reference import self_attention_layers
 from engines.xportrait.temporal import RingTick, TemporalRing
 
-GRAPHS = ("denoiser", "pose_controlnet", "local_controlnet", "reference", "vae_encoder", "vae_decoder")
-KV_PARTS = ("key1", "value1", "key2", "value2")  # per temporal module: its two attentions' K and V
+from .manifest import KV_PARTS
+
 
 
 @dataclass

@@ -29,17 +29,11 @@ from torch import nn
 
 from engines.xportrait.model import XPortraitModel
 
-from .graphs import GRAPHS, example_inputs, reference_layers, register_symbolics, specs, temporal_count, wrappers
+from .graphs import example_inputs, reference_layers, register_symbolics, specs, temporal_count, wrappers
+from .manifest import FORMAT, GRAPHS, MANIFEST, ExportError, file_hash
 
 OPSET = 17
-MANIFEST = "manifest.json"
-FORMAT = 1
 TWO_GB = 2**31  # protobuf's limit on one serialised message
-CHUNK = 1 << 24
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done or did not produce a valid graph; the message says why."""
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -50,15 +44,6 @@ def weights_hash(module: nn.Module) -> str:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_hash(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
     return h.hexdigest()
 
 
@@ -185,16 +170,3 @@ def export_all(model: XPortraitModel, out_dir: str | Path, steps: int, window: i
     tmp.write_text(text)
     os.replace(tmp, out / MANIFEST)  # a manifest is only ever complete
     return json.loads(text)  # as a reader sees it
-
-
-def read_manifest(graph_dir: str | Path) -> dict:
-    path = Path(graph_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{graph_dir}: no {MANIFEST} (export the graphs first: xportrait export --to {graph_dir})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: not a readable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path}: manifest format {manifest.get('format')!r}, this version reads {FORMAT}")
-    return manifest

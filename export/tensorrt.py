@@ -20,9 +20,7 @@ import torch
 
 from engines.base import EngineError
 
-from .backend import GraphModel, verify_files
-from .graphs import GRAPHS
-from .onnx_export import read_manifest
+from .manifest import GRAPHS
 
 INSTALL_HINT = ("--backend tensorrt needs NVIDIA TensorRT 10 for Python and a CUDA GPU: "
                 "pip install 'tensorrt>=10' (wheels come from NVIDIA's index, https://pypi.nvidia.com), "
@@ -136,21 +134,16 @@ class TrtRunner:
         return list(outputs)
 
 
-def load_tensorrt(graph_dir: str | Path, device="cuda", dtype: torch.dtype = torch.float16,
-                  cache_dir: str | Path | None = None, verify: bool = True,
-                  max_sources: int = MAX_SOURCES) -> GraphModel:
-    """A GraphModel running every graph of `graph_dir` as a TensorRT engine (built once, cached
-    under `cache_dir`, default `graph_dir`/tensorrt)."""
+def trt_runners(graph_dir: Path, manifest: dict, device: torch.device, cache_dir: str | Path | None = None,
+                max_sources: int = MAX_SOURCES) -> dict[str, TrtRunner]:
+    """One TensorRT engine per graph of `graph_dir` (built once, cached under `cache_dir`,
+    default `graph_dir`/tensorrt), as the runners of a GraphModel (graph_model.py)."""
     require_tensorrt()
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda" or not torch.cuda.is_available():
         raise EngineError("--backend tensorrt runs on a CUDA GPU: none is available to torch here")
-    graph_dir = Path(graph_dir)
-    manifest = read_manifest(graph_dir)
-    if verify:
-        verify_files(graph_dir, manifest)
     cache = Path(cache_dir) if cache_dir else graph_dir / "tensorrt"
     runners = {}
     for name in GRAPHS:
         entry = manifest["graphs"][name]
         runners[name] = TrtRunner(build_engine(graph_dir / entry["file"], entry, cache, max_sources), entry)
-    return GraphModel(manifest, runners, device, dtype)
+    return runners

@@ -1,7 +1,9 @@
 """`xportrait`: one console script, one subcommand per job.
 
 Each subcommand's module owns its arguments (`add_arguments(parser)`) and its work
-(`run(args) -> exit code`); modules are imported only when their subcommand runs.
+(`run(args) -> exit code`), which first turns the flags into the command's options
+(streamer/options.py); modules are imported only when their subcommand runs. An option that
+breaks a rule is a usage error: the command's usage, the rule, exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from engines.options import OptionError
 
 COMMANDS = {
     "animate": ("streamer.offline", "animate a portrait with a driving video, offline"),
@@ -19,23 +23,28 @@ COMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and each subcommand's (for its usage errors)."""
     parser = argparse.ArgumentParser(prog="xportrait", description="Real-time portrait animation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    commands = {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # import only the module that will run
             importlib.import_module(module).add_arguments(p)
-    return parser
+    return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser, commands = build_parser(argv)
+    args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
+    except OptionError as e:
+        commands[args.command].error(str(e))  # exits with status 2
     except KeyboardInterrupt:
         return 130
 

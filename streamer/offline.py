@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
+from engines import EngineError, create_engine
 
+from .options import AnimateOptions, add_engine_arguments, animate_options
 from .video import VideoError, VideoWriter, probe, read_frames
 
 EXIT_BAD_INPUT = 2
@@ -43,16 +44,6 @@ class OutputError(RuntimeError):
     """The output could not be written (disk full, permissions): one line, exit status 1."""
 
 
-def _size(text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if size < 64 or size % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 and at least 64, got {size}")
-    return size
-
-
 def _ref_frame(text: str) -> int | None:
     if text == "auto":
         return None
@@ -60,9 +51,7 @@ def _ref_frame(text: str) -> int | None:
         index = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a frame index or 'auto', got {text!r}") from None
-    if index < 0:
-        raise argparse.ArgumentTypeError(f"frame index must be 0 or more, got {index}")
-    return index
+    return index  # AnimateOptions checks the range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="portrait image(s); the first is animated, the others are extra appearance references")
     parser.add_argument("driving", metavar="DRIVING", help="driving video (any format ffmpeg reads)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="H.264 MP4 to write")
-    parser.add_argument("--engine", choices=ENGINES, default="warp", help="animation engine (default: %(default)s)")
-    parser.add_argument("--size", type=_size, default=512, help="output width and height in pixels (default: 512)")
     parser.add_argument("--ref-frame", type=_ref_frame, default=None, metavar="INDEX|auto",
                         help="driving frame that stands for the portrait's own pose and expression; "
                              "auto (default) picks the frame whose face is closest to the portrait's")
@@ -109,7 +96,7 @@ def load_image(path: str) -> np.ndarray:
         raise InputError(f"cannot read source image {path}: {e}") from None
 
 
-def _output_paths(args: argparse.Namespace) -> Path:
+def _output_paths(args: AnimateOptions) -> Path:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"output is a directory, expected a file name: {out}")
@@ -129,8 +116,9 @@ def _fmt_rate(fps) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = animate_options(args)
     try:
-        return animate(args)
+        return animate(options)
     except InputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -138,11 +126,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except EngineError as e:
-        print(f"{PROG}: error: engine {args.engine!r}: {e}", file=sys.stderr)
+        print(f"{PROG}: error: engine {options.engine.name!r}: {e}", file=sys.stderr)
         return EXIT_FAILURE
 
 
-def animate(args: argparse.Namespace) -> int:
+def animate(args: AnimateOptions) -> int:
     started = time.perf_counter()
     out = _output_paths(args)
     # Cheap checks first: the face mesh and the engine are only loaded for valid input.
@@ -157,7 +145,8 @@ def animate(args: argparse.Namespace) -> int:
     from engines.animator import Animator
     from engines.face import FaceTracker, NoFaceError, best_reference_frame
 
-    engine = create_engine(args.engine, size=args.size, **engine_options(args))
+    size = args.engine.size
+    engine = create_engine(args.engine)
     if getattr(engine, "random_weights", False):
         print(f"{PROG}: WARNING: random weights: the output is labelled and shows no real animation", file=sys.stderr)
     animator = Animator(engine, tracker=FaceTracker(video=True))
@@ -165,7 +154,7 @@ def animate(args: argparse.Namespace) -> int:
         try:
             animator.set_sources(images)
         except NoFaceError:
-            raise InputError(_which_source_has_no_face(args.sources, images, args.size)) from None
+            raise InputError(_which_source_has_no_face(args.sources, images, size)) from None
 
         # Pass 1: the face mesh of every frame, with one tracker (it follows the face from
         # frame to frame, re-detecting only when it loses it).
@@ -195,13 +184,13 @@ def animate(args: argparse.Namespace) -> int:
 
         # Pass 2: animate and write. The file is hidden until complete; any failure,
         # Ctrl-C included, removes it.
-        written, audio = _render(animator, args.driving, landmarks, times, info, out, args.size)
+        written, audio = _render(animator, args.driving, landmarks, times, info, out, size)
     finally:
         animator.close()
 
     elapsed = time.perf_counter() - started
     held = animator.frames_without_face
-    print(f"wrote {out}: {written} frames, {args.size}x{args.size} at {_fmt_rate(info.fps)} fps"
+    print(f"wrote {out}: {written} frames, {size}x{size} at {_fmt_rate(info.fps)} fps"
           + (f", audio {audio}" if audio else ", no audio"))
     print(f"frames without a face: {held}" + (" (the last good pose was held)" if held else "")
           + f"; reference frame {reference}")

@@ -30,7 +30,6 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
 from importlib import resources
 
 import cv2
@@ -39,17 +38,16 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engines import ENGINES, EngineError, add_engine_arguments, create_engine
+from engines import EngineError
 from engines.animator import Animator
 from engines.face import MAX_SIDE, NoFaceError, downscale
 
+from .options import DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, engine_factory, serve_options
 from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from .session import MODES, Session, SessionClosed, worker_threads
 
 logger = logging.getLogger("xportrait.server")
 
-DEFAULT_PORT = 8080
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Pixels decoded at most for one upload (after JPEG's decode-time reduction): 8000 x 8000.
 # Larger images are refused before decoding; anything up to it is downscaled to MAX_SIDE.
 MAX_UPLOAD_PIXELS = 64_000_000
@@ -96,21 +94,14 @@ def decode_image(data: bytes) -> np.ndarray:
     return downscale(rgb)
 
 
-@dataclass
-class Config:
-    engine: str = "warp"
-    size: int = 512
-    engine_options: dict = field(default_factory=dict)  # create_engine's keyword options
-    token: str | None = None
-    max_sessions: int = 4
-    max_upload_bytes: int = MAX_UPLOAD_BYTES
-    idle_timeout: float = 15.0
-    connect_timeout: float = 30.0
+Config = ServeOptions  # the server's configuration: its command's options
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: ServeOptions, make_engine=None):
+        """`make_engine`: a new engine per call (default: streamer.options.engine_factory)."""
         self.config = config
+        self._make_engine = make_engine or engine_factory(config.engine)
         self.sessions: dict[str, Session] = {}
         self.gallery: dict[str, np.ndarray] = {}
         self.thumbnails: dict[str, bytes] = {}
@@ -145,7 +136,7 @@ class Server:
         try:
             return self._idle_engines.pop()
         except IndexError:
-            return create_engine(self.config.engine, self.config.size, **self.config.engine_options)
+            return self._make_engine()
 
     def _return_engine(self, engine) -> None:
         engine.reset()
@@ -315,8 +306,8 @@ class Server:
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
         return web.json_response({
-            "engine": self.config.engine,
-            "size": self.config.size,
+            "engine": self.config.engine.name,
+            "size": self.config.engine.size,
             "max_sessions": self.config.max_sessions,
             "sessions_active": len(self.sessions),
             "worker_threads": worker_threads(),
@@ -341,9 +332,6 @@ def _fit(shape: tuple[int, ...], side: int) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--engine", choices=ENGINES, default="warp",
-                        help="animation engine, one per session (default: warp)")
-    parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
     parser.add_argument("--token", help="access token required on /offer, /avatar and /stats")
     parser.add_argument("--max-sessions", type=int,
                         help="concurrent sessions at most (default 4; 1 for --engine xportrait: one GPU, one stream)")
@@ -363,8 +351,8 @@ async def serve(server: Server, host: str, port: int) -> None:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]
-        print(f"xportrait serve: http://{bound[0]}:{bound[1]}/ (engine {server.config.engine}, "
-              f"size {server.config.size})", flush=True)
+        print(f"xportrait serve: http://{bound[0]}:{bound[1]}/ (engine {server.config.engine.name}, "
+              f"size {server.config.engine.size})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -375,40 +363,27 @@ async def serve(server: Server, host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = serve_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.max_sessions is None:
-        args.max_sessions = 1 if args.engine == "xportrait" else 4
-    if args.max_sessions < 1 or args.max_upload_mb <= 0 or args.idle_timeout <= 0 or args.connect_timeout <= 0:
-        print("xportrait serve: --max-sessions, --max-upload-mb and the timeouts must be positive", file=sys.stderr)
-        return 2
-    try:
-        from export.backend import live_engine_options
-
-        options = live_engine_options(args)
-    except EngineError as exc:
-        print(f"xportrait serve: {exc}", file=sys.stderr)
-        return 2
-    config = Config(engine=args.engine, size=args.size, engine_options=options, token=args.token or None,
-                    max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                    idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
-        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
-    server = Server(config)
-    steps = ["the face mesh", f"the {args.engine} engine"]
-    if args.engine == "xportrait":
-        steps[1] += " (weights" + (", torch.compile: minutes" if options.get("compile") else "") + \
-                    (", CUDA graph capture" if options.get("device") != "cpu" else "") + ")"
+    engine = options.engine
+    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.token:
+        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", options.host)
+    steps = ["the face mesh", f"the {engine.name} engine"]
+    if engine.name == "xportrait":
+        steps[1] += " (weights" + (", torch.compile: minutes" if engine.live.compile else "") + \
+                    (", CUDA graph capture" if engine.device != "cpu" else "") + ")"
     print(f"xportrait serve: preparing {' and '.join(steps)}, once, before accepting connections...", flush=True)
     try:
+        server = Server(options)
         server.prepare()
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
-    if is_loopback(args.host):
+    if is_loopback(options.host):
         keep_media_on_loopback()
     try:
-        asyncio.run(serve(server, args.host, args.port))
+        asyncio.run(serve(server, options.host, options.port))
     except OSError as exc:
-        print(f"xportrait serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         return 2
     return 0

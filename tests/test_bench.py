@@ -1,14 +1,38 @@
-"""`xportrait bench --engine xportrait --stream` on the CPU with the tiny model: what it reports
-and the naive baseline beside it (the GPU figures in BENCHMARKS.md come from this command)."""
+"""`xportrait bench`: the README's warp command as written, and `--engine xportrait --stream`
+on the CPU with the tiny model: what it reports and the naive baseline beside it (the GPU
+figures in BENCHMARKS.md come from this command)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from streamer.cli import main
 
 TINY = ["bench", "--engine", "xportrait", "--stream", "--random-weights", "--model-size", "tiny", "--size", "64",
         "--frames", "7", "--warmup", "2", "--fast-only"]
+
+
+def test_the_readme_warp_bench_runs_as_written(capsys):
+    """README: `xportrait bench --engine warp --size 512` (it once died of an UnboundLocalError)."""
+    assert main(["bench", "--engine", "warp", "--size", "512"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("engine warp at 512x512 on ")
+    assert "  290 frames: " in out  # the default 300, less the 10 warm-up frames
+    assert "baseline (scikit-image PiecewiseAffineTransform warp)" in out
+
+
+def test_the_warp_bench_reports_its_run_next_to_the_textbook_baseline(capsys):
+    assert main(["bench", "--engine", "warp", "--size", "128", "--frames", "12", "--warmup", "2",
+                 "--baseline-frames", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == "warp" and result["size"] == 128 and result["frames"] == 10
+    assert result["fps"] > 0 and 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]
+    assert result["frames_without_face"] == 0  # the synthetic clip always shows a face
+    assert result["baseline"]["frames"] == 2
+    assert result["speedup_vs_baseline"] == pytest.approx(
+        result["baseline"]["ms_per_frame"] / result["stages_ms"]["align+engine"])
 
 
 def test_the_stream_bench_reports_its_run_next_to_the_naive_baseline(capsys):
@@ -31,6 +55,17 @@ def test_no_baseline_frames_skips_the_baseline(capsys):
     assert "fps; tick p50" in out and "baseline" not in out
 
 
-def test_a_bad_bench_request_is_a_clear_error(capsys):
-    assert main(TINY + ["--steps", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+@pytest.mark.parametrize("argv, message", [
+    (TINY + ["--steps", "0"], "--steps must be at least 1, got 0"),
+    (TINY + ["--frames", "2"], "--frames must exceed --warmup, got 2 and 2"),
+    (TINY + ["--engine", "warp"], "--stream is for --engine xportrait"),
+    (["bench", "--random-weights", "--model-size", "tiny"], "--random-weights, --model-size: only for --engine xportrait"),
+    (["bench", "--engine", "xportrait", "--random-weights", "--lookahead", "1"],
+     "--lookahead: only for the live engine (serve, bench --stream)"),
+    (TINY + ["--backend", "onnx"], "--backend onnx needs --graphs DIR"),
+])
+def test_a_bad_bench_request_is_a_usage_error_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(argv)
+    assert usage.value.code == 2
+    assert f"xportrait bench: error: {message}" in capsys.readouterr().err

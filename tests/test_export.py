@@ -17,9 +17,10 @@ from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.loading import load_model
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser
-from export.backend import load_backend, load_onnx
-from export.graphs import GRAPHS, example_inputs, specs, wrappers
-from export.onnx_export import ExportError, describe_values, export_all, export_graph, file_hash, weights_hash
+from export.graph_model import load_graphs
+from export.graphs import example_inputs, specs, wrappers
+from export.manifest import GRAPHS, ExportError, file_hash
+from export.onnx_export import describe_values, export_all, export_graph, weights_hash
 from export.tensorrt import engine_key, profile_shapes
 
 RES, STEPS, WINDOW = 64, 3, 4
@@ -89,7 +90,6 @@ def test_manifest_describes_the_graphs(exported):
 
 
 def stream(denoiser, sources, driving, boxes):
-    denoiser.decode = True
     denoiser.prepare(sources)
     latents, images, tags = [], [], []
     for i in range(driving.shape[0] + denoiser.settings.steps - 1):  # and drain the frames in flight
@@ -108,11 +108,11 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     boxes = torch.tensor([[0, 0, RES // 4, RES // 4], [RES // 2, 0, 3 * RES // 4, RES // 4],
                           [RES // 4, RES // 2, RES // 2, 3 * RES // 4]]).expand(6, 3, 4)
     settings = StreamSettings(steps=STEPS, window=WINDOW)  # 6 frames: the window slides
-    torch_latents, torch_images, torch_tags = stream(StreamingDenoiser(model, settings, "cpu", torch.float32),
-                                                     sources, driving, boxes)
-    graphs = load_onnx(out)
-    onnx_latents, onnx_images, onnx_tags = stream(StreamingDenoiser(graphs, settings, "cpu", torch.float32),
-                                                  sources, driving, boxes)
+    torch_latents, torch_images, torch_tags = stream(
+        StreamingDenoiser(model, settings, "cpu", torch.float32, decode=model.decode), sources, driving, boxes)
+    graphs = load_graphs(out)
+    onnx_latents, onnx_images, onnx_tags = stream(
+        StreamingDenoiser(graphs, settings, "cpu", torch.float32, decode=graphs.decode), sources, driving, boxes)
     assert onnx_tags == torch_tags == list(range(6))
     assert float((onnx_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
     assert int((onnx_images.int() - torch_images.int()).abs().max()) <= 1  # uint8 rounding at most
@@ -125,18 +125,19 @@ def test_the_live_engine_runs_on_the_graphs_chosen_by_its_flags(model, exported)
 
     import numpy as np
 
-    from engines import add_engine_arguments
+    from engines import create_engine
     from engines.base import DrivingFrame, SourcePortrait
-    from engines.xportrait.engine import XPortraitStreamEngine
-    from export.backend import GraphModel, live_engine_options
+    from export.graph_model import GraphModel, graph_model
+    from streamer.options import add_engine_arguments, engine_options
 
     out, _ = exported
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", default="xportrait")
     add_engine_arguments(parser)
-    options = live_engine_options(parser.parse_args(["--backend", "onnx", "--graphs", str(out), "--device", "cpu",
-                                                     "--steps", str(STEPS), "--model-size", "tiny"]))
-    assert isinstance(options["model"], GraphModel)
+    options = engine_options(parser.parse_args(["--engine", "xportrait", "--size", str(RES), "--backend", "onnx",
+                                                "--graphs", str(out), "--device", "cpu", "--steps", str(STEPS),
+                                                "--model-size", "tiny"]), live=True, window=WINDOW)
+    graphs = graph_model(options)
+    assert isinstance(graphs, GraphModel)
     rng = np.random.default_rng(0)
     portrait = SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))
     landmarks = np.full((478, 3), RES / 2, np.float32)
@@ -149,9 +150,8 @@ def test_the_live_engine_runs_on_the_graphs_chosen_by_its_flags(model, exported)
         rendered = [(r.image.copy(), r.tag) for r in rendered] + [(r.image, r.tag) for r in engine.flush()]
         return np.stack([im for im, _ in rendered]).astype(int), [tag for _, tag in rendered]
 
-    flags = {k: v for k, v in options.items() if k not in ("stream", "model")}
-    on_graphs, tags = run(XPortraitStreamEngine(RES, model=options["model"], window=WINDOW, **flags))
-    on_torch, torch_tags = run(XPortraitStreamEngine(RES, model=model, window=WINDOW, **flags))
+    on_graphs, tags = run(create_engine(options, model=graphs))
+    on_torch, torch_tags = run(create_engine(options, model=model))  # the same engine on the torch modules
     assert tags == torch_tags == list(range(6))
     assert np.abs(on_graphs - on_torch).max() <= 1  # uint8 rounding at most
 
@@ -206,19 +206,19 @@ def test_graphs_over_the_limit_keep_their_weights_outside(model, tmp_path):
 
 def test_missing_or_changed_graphs_are_clear_errors(exported, tmp_path):
     with pytest.raises(ExportError, match="no manifest.json"):
-        load_onnx(tmp_path)
+        load_graphs(tmp_path)
     out, _ = exported
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     with open(copy / "vae_encoder.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ExportError, match="changed since export"):
-        load_onnx(copy)
+        load_graphs(copy)
     (copy / "denoiser.onnx").unlink()
     with pytest.raises(ExportError, match="missing"):
-        load_onnx(copy)
+        load_graphs(copy)
     with pytest.raises(EngineError, match="unknown backend"):
-        load_backend("tflite", out)
+        load_graphs(out, "tflite")
 
 
 def test_tensorrt_without_tensorrt_names_what_to_install(exported):
@@ -226,7 +226,7 @@ def test_tensorrt_without_tensorrt_names_what_to_install(exported):
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(EngineError, match=r"pip install 'tensorrt>=10'"):
-            load_backend("tensorrt", exported[0], device="cuda")
+            load_graphs(exported[0], "tensorrt", device="cuda")
     else:
         pytest.skip("tensorrt is installed: the error for its absence cannot be shown here")
 
@@ -236,8 +236,8 @@ def test_tensorrt_engine_runs_like_onnx_runtime(exported):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     out, manifest = exported
-    trt_model = load_backend("tensorrt", out, device="cuda", dtype=torch.float32)
-    onnx_model = load_onnx(out)
+    trt_model = load_graphs(out, "tensorrt", device="cuda", dtype=torch.float32)
+    onnx_model = load_graphs(out)
     latents = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
     got = trt_model.decode(latents.cuda()).cpu()
     expected = onnx_model.decode(latents)
@@ -247,14 +247,16 @@ def test_tensorrt_engine_runs_like_onnx_runtime(exported):
 def test_cli_export_and_its_errors(tmp_path, capsys):
     from streamer.cli import main
 
-    assert main(["export", "--to", str(tmp_path / "g"), "--size", "64", "--model-size", "tiny"]) == 2
-    assert "--random-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a broken option is a usage error
+        main(["export", "--to", str(tmp_path / "g"), "--size", "64", "--model-size", "tiny"])
+    assert usage.value.code == 2 and "--random-weights" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["export", "--to", str(tmp_path / "file"), "--size", "64", "--model-size", "tiny",
                  "--random-weights"]) == 2
     assert "not a folder" in capsys.readouterr().err
-    assert main(["export", "--to", str(tmp_path / "g"), "--size", "60", "--model-size", "tiny",
-                 "--random-weights"]) == 2
+    with pytest.raises(SystemExit) as usage:
+        main(["export", "--to", str(tmp_path / "g"), "--size", "60", "--model-size", "tiny", "--random-weights"])
+    assert usage.value.code == 2 and "--size must be a multiple of 8" in capsys.readouterr().err
     assert main(["export", "--to", str(tmp_path / "g"), "--size", "64", "--model-size", "tiny", "--random-weights",
                  "--window", "99"]) == 1
     assert "window must be in" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from matplotlib import cbook
 from PIL import Image
 from skimage import data
 
-from engines import Engine, EngineError, create_engine
+from engines import Engine, EngineError, OptionError, WarpOptions, create_engine
 from engines.animator import Animator
 from engines.base import DrivingFrame, SourcePortrait
 from engines.face import (
@@ -100,22 +100,22 @@ def test_similarity_fit_recovers_a_known_transform():
 
 
 def test_engine_meets_the_protocol_and_rejects_misuse(astronaut):
-    engine = create_engine("warp", SIZE)
+    engine = create_engine(WarpOptions(SIZE))
     assert isinstance(engine, Engine)
     frame = DrivingFrame(astronaut.landmarks, astronaut.landmarks, 0.0)
     with pytest.raises(EngineError, match="prepare"):
         engine.step(frame)
     with pytest.raises(EngineError, match="256x256"):
         engine.prepare([SourcePortrait(np.zeros((256, 256, 3), np.uint8), astronaut.landmarks)])
-    with pytest.raises(EngineError, match="unknown engine"):
+    with pytest.raises(EngineError, match="not engine options"):
         create_engine("nope")
-    with pytest.raises(EngineError, match="multiple of 8"):
-        create_engine("warp", 100)
+    with pytest.raises(OptionError, match="--size must be a multiple of 8"):
+        WarpOptions(size=100)
 
 
 def test_driver_at_its_reference_renders_the_source_unchanged(astronaut, hopper):
     """Zero motion must be a no-op, whoever drives: the source is not pulled to the driver's face."""
-    engine = create_engine("warp", SIZE)
+    engine = create_engine(WarpOptions(SIZE))
     engine.prepare([astronaut])
     out = engine.step(DrivingFrame(hopper.landmarks, hopper.landmarks, 0.0, tag="t0"))
     assert out.tag == "t0"
@@ -189,7 +189,7 @@ def test_the_source_keeps_its_face_shape_under_a_different_driver(astronaut, hop
 
 
 def test_animator_holds_the_last_pose_when_the_face_leaves(hopper):
-    engine = create_engine("warp", SIZE)
+    engine = create_engine(WarpOptions(SIZE))
     animator = Animator(engine, smoothing=False)
     animator.set_sources([data.astronaut()])
     first = animator.drive(np.zeros((240, 320, 3), np.uint8), 0.0, tag=0)
@@ -207,7 +207,7 @@ def test_animator_holds_the_last_pose_when_the_face_leaves(hopper):
 
 
 def test_bad_sources_are_refused_and_the_previous_source_kept():
-    animator = Animator(create_engine("warp", 256))
+    animator = Animator(create_engine(WarpOptions(256)))
     animator.set_sources([data.astronaut()])
     kept = animator.sources
     gradient = np.tile(np.linspace(0, 255, 400, dtype=np.uint8)[None, :, None], (300, 1, 3))
@@ -240,7 +240,7 @@ def test_a_driving_clip_end_to_end_tracks_roll_mouth_and_blinks():
     measured by their own mediapipe tracker, frame by frame."""
     from streamer.samples import driving_clip
 
-    animator = Animator(create_engine("warp", SIZE))
+    animator = Animator(create_engine(WarpOptions(SIZE)))
     animator.set_sources([data.astronaut()])
     rows = []
     with FaceTracker(video=True) as driver_eye, FaceTracker(video=True) as output_eye:

@@ -39,8 +39,7 @@ def inputs(frames: int):
 
 
 def stream(model, settings, sources, driving, boxes, split=False):
-    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
-    denoiser.split = split
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
@@ -119,10 +118,12 @@ def test_frozen_ring_projections_render_the_same_frames(model):
 def test_the_live_engine_burns_the_random_weights_label_into_every_frame():
     import numpy as np
 
+    from engines import LiveOptions, XPortraitOptions, create_engine
     from engines.base import DrivingFrame, SourcePortrait
-    from engines.xportrait.engine import RANDOM_WEIGHTS_LABEL, XPortraitStreamEngine, label_overlay
+    from engines.xportrait.runtime import RANDOM_WEIGHTS_LABEL, label_overlay
 
-    engine = XPortraitStreamEngine(RES, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4)
+    engine = create_engine(XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu", steps=2,
+                                            window=4, live=LiveOptions()))
     rng = np.random.default_rng(1)
     engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
     landmarks = np.full((478, 3), RES / 2, np.float32)
@@ -185,11 +186,12 @@ def test_lookahead_is_bounded_by_the_temporal_positions(model):
 def test_the_live_engine_takes_a_lookahead_and_flushes_every_frame():
     import numpy as np
 
-    from engines import EngineError, create_engine
+    from engines import EngineError, LiveOptions, XPortraitOptions, create_engine
     from engines.base import DrivingFrame, SourcePortrait
 
-    engine = create_engine("xportrait", RES, stream=True, random_weights=True, model_size="tiny", device="cpu",
-                           steps=2, window=4, lookahead=2)
+    options = XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4,
+                               live=LiveOptions(lookahead=2))
+    engine = create_engine(options)
     assert engine.latency_frames == 3
     rng = np.random.default_rng(2)
     engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
@@ -201,9 +203,9 @@ def test_the_live_engine_takes_a_lookahead_and_flushes_every_frame():
         tags.append(None if rendered is None else rendered.tag)
     assert tags == [None, None, None, 0, 1]
     assert [r.tag for r in engine.flush()] == [2, 3, 4]
-    with pytest.raises(EngineError, match="look-ahead"):
-        create_engine("xportrait", RES, stream=True, random_weights=True, model_size="tiny", device="cpu", window=4,
-                      lookahead=99)
+    with pytest.raises(EngineError, match="--lookahead must be in"):
+        create_engine(XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu", window=4,
+                                       live=LiveOptions(lookahead=99)))
 
 
 def test_a_reset_stream_renders_what_a_fresh_one_does(model):

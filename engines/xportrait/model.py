@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .config import XPortraitConfig
@@ -38,7 +38,6 @@ class XPortraitModel(nn.Module):
         self.pose_controlnet = ControlNetModel(**config.controlnet_kwargs())
         self.local_controlnet = ControlNetModel(**config.controlnet_kwargs())
         self.vae = AutoencoderKL(**config.vae_kwargs())
-        self.small_decoder: AutoencoderTiny | None = None  # optional, for live decoding (set_small_decoder)
         # The empty prompt's embedding (1, 77, D). Filled from the text encoder's weights at load.
         self.register_buffer("text", torch.zeros(1, 77, config.cross_attention_dim), persistent=False)
         self._recorded, self._reference = install_reference_attention(self.reference_net.unet, self.unet.unet)
@@ -50,11 +49,8 @@ class XPortraitModel(nn.Module):
         return self.vae.encode(images).latent_dist.mean * self.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, small: bool = False) -> torch.Tensor:
-        """Scaled latents -> (N, 3, H, W) in [-1, 1]; `small`: the tiny decoder, if one is set
-        (TAESD: diffusers' AutoencoderTiny, which takes the scaled latents as they are)."""
-        if small and self.small_decoder is not None:
-            return self.small_decoder.decode(latents).sample.clamp(-1, 1)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (N, 3, H, W) in [-1, 1]."""
         return self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1)
 
     @property
@@ -72,10 +68,6 @@ class XPortraitModel(nn.Module):
         modules = self.unet.motion.in_order()
         return [(size * size, m.norm.num_channels, m.transformer_blocks[0].attn1.heads)
                 for m, size in zip(modules, sizes, strict=True)]
-
-    def set_small_decoder(self, decoder: AutoencoderTiny | None) -> None:
-        """A small decoder (e.g. TAESD) for the live path: a fraction of the full VAE's time."""
-        self.small_decoder = decoder.to(self.vae.device, self.vae.dtype).eval() if decoder is not None else None
 
     # -- the per-source part ---------------------------------------------------------------------
     @torch.no_grad()
@@ -102,11 +94,19 @@ class XPortraitModel(nn.Module):
         down, mid = controlnet(sample, t, text, hint, return_dict=False)
         return list(down), mid
 
+    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                     hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.control(self.pose_controlnet, sample, timestep, hint)
+
+    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                      hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.control(self.local_controlnet, sample, timestep, hint)
+
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
                  local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
-        pose_down, pose_mid = self.control(self.pose_controlnet, sample, timestep, pose_hint)
-        local_down, local_mid = self.control(self.local_controlnet, sample, timestep, local_hint)
+        pose_down, pose_mid = self.pose_control(sample, timestep, pose_hint)
+        local_down, local_mid = self.local_control(sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
 
     # The UNet in two halves, for a caller that runs the ControlNets beside the first one.

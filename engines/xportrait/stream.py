@@ -18,28 +18,77 @@ step: the offline definition the streaming engine is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from diffusers import LCMScheduler
 
+from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
+from .config import XPortraitConfig
 from .model import ReferenceKV, XPortraitModel
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 
+@runtime_checkable
+class DenoiserModel(Protocol):
+    """What the StreamingDenoiser runs: met by the torch `XPortraitModel` and by exported
+    graphs (`export.graph_model.GraphModel`). Tensors in and out are on the denoiser's device."""
+
+    config: XPortraitConfig
+
+    @property
+    def temporal_shapes(self) -> list[tuple[int, int, int]]:
+        """(latent pixels, channels, heads) of every temporal module, in call order."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, h, w)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (N, 3, H, W) in [-1, 1]."""
+
+    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor) -> ReferenceKV:
+        """Every reference's keys and values at `timestep`, sources joined along the tokens."""
+
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,
+                      pose_hint: torch.Tensor, local_hint: torch.Tensor, guidance: float = 1.0,
+                      temporal_past=None) -> torch.Tensor:
+        """The noise in `sample`; `temporal_past`: the stream's TemporalRings, into which the
+        current frames' keys and values are written at the tick's slot."""
+
+
+@runtime_checkable
+class SplitDenoiserModel(DenoiserModel, Protocol):
+    """A DenoiserModel in parts, for the split tick (the ControlNets beside the UNet's down path)."""
+
+    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                     hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                      hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+    def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
+                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]: ...
+
+    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, reference: ReferenceKV,
+                down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class StreamSettings:
-    steps: int = 4  # LCM steps = frames in flight
-    window: int = 16  # temporal window: the current frame and W - 1 before it
-    seed: int = 999
-    lookahead: int = 0  # k newer frames each frame also attends to, for k more frames of latency
+    steps: int = LIVE_STEPS  # LCM steps = frames in flight
+    window: int = DEFAULT_WINDOW  # temporal window: the current frame and W - 1 before it
+    seed: int = DEFAULT_SEED
+    lookahead: int = 0  # K newer frames each frame also attends to, for K more frames of latency
 
     def validate(self, max_len: int) -> None:
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
+        """The bounds a model with `max_len` temporal positions sets (XPortraitOptions checks
+        the rest where the options are made)."""
+        at_least(self.steps, 1, "steps")
         if not 1 <= self.window <= max_len:
-            raise ValueError(f"window must be in [1, {max_len}] (the temporal modules' positions), got {self.window}")
+            raise ValueError(f"--window must be in [1, {max_len}] (the temporal modules' positions), "
+                             f"got {self.window}")
         if self.lookahead < 0 or self.window + self.lookahead > max_len:
-            raise ValueError(f"look-ahead must be in [0, {max_len - self.window}] with a window of {self.window} "
+            raise ValueError(f"--lookahead must be in [0, {max_len - self.window}] with a window of {self.window} "
                              f"(window + look-ahead <= {max_len}, the temporal modules' positions), "
                              f"got {self.lookahead}")
 
@@ -122,8 +171,8 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     out = []
     for f in range(driving.shape[0]):
         x = levels.enter(latents[:1])
-        for k, t in enumerate(levels.timesteps):
-            recent = history[k][-(settings.window - 1):] if settings.window > 1 else []
+        for level, t in enumerate(levels.timesteps):
+            recent = history[level][-(settings.window - 1):] if settings.window > 1 else []
             past = None
             if recent:
                 past = [TemporalPast(tuple(FramesKV(torch.cat([frame[m][j].key for frame in recent], dim=1),
@@ -131,11 +180,11 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
                                            for j in range(2)))
                         for m in range(len(recent[0]))]
             record: list = []
-            eps = model.predict_noise(x, t, 1, references[k], driving[f : f + 1], local[f : f + 1],
+            eps = model.predict_noise(x, t, 1, references[level], driving[f : f + 1], local[f : f + 1],
                                       temporal_past=past, temporal_record=record)
-            history[k].append(record)
-            clean = levels.denoise(x, eps, slice(k, k + 1))
-            x = levels.renoise(clean, slice(k, k + 1)) if k < levels.steps - 1 else clean
+            history[level].append(record)
+            clean = levels.denoise(x, eps, slice(level, level + 1))
+            x = levels.renoise(clean, slice(level, level + 1)) if level < levels.steps - 1 else clean
         out.append(x)
     return torch.cat(out)
 
@@ -145,68 +194,80 @@ class StreamingDenoiser:
     eye/mouth patch boxes and returns the clean latent of the frame that leaves (with its
     tag), or None while the batch fills.
 
-    Look-ahead k (`settings.lookahead`): k more batch entries in front of the levels hold the
-    k newest frames at the first timestep, not yet stepped (every frame enters with the same
+    Look-ahead K (`settings.lookahead`): K more batch entries in front of the levels hold the
+    K newest frames at the first timestep, not yet stepped (every frame enters with the same
     latent, so they are exactly what level 0 will see). Each entry attends over its own ring
-    and the k entries before it: the next k frames as they are now, one level noisier each, as
-    in FIFO-Diffusion's diagonal denoising. A frame leaves S - 1 + k ticks after it entered;
-    each tick costs (S + k) / S as much.
+    and the K entries before it: the next K frames as they are now, one level noisier each, as
+    in FIFO-Diffusion's diagonal denoising. A frame leaves S - 1 + K ticks after it entered;
+    each tick costs (S + K) / S as much.
 
     Every tensor the per-tick work touches is allocated once (prepare, or the first tick)
     and then updated in place, so the whole tick can be captured as one CUDA graph
     (`capture()`): the host then only copies the new frame in and launches the graph.
     """
 
-    def __init__(self, model: XPortraitModel, settings: StreamSettings, device, dtype):
+    def __init__(self, model: DenoiserModel, settings: StreamSettings, device, dtype, *,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False):
+        """`decode`: scaled latents -> images in [-1, 1] (e.g. `model.decode`, or TAESD's): the
+        leaving frame is decoded inside the tick (and its graph) into `image`; None: latents only.
+        `overlay`: (mask (res, res, 1) bool, pixels (res, res, 3) uint8) burnt into every decoded
+        frame, in the tick. `split`: run the ControlNets beside the UNet's down path (on their
+        own streams on a GPU); the model must be a `SplitDenoiserModel`."""
         settings.validate(model.config.motion_max_len)
+        if split and not isinstance(model, SplitDenoiserModel):
+            raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
+        if overlay is not None and decode is None:
+            raise ValueError("an overlay is burnt into decoded frames: give a decoder too")
         self.model, self.settings = model, settings
         self.levels = LCMLevels(model, settings, device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.reference: ReferenceKV | None = None
-        res, h, k = model.config.resolution, model.config.latent_size, settings.lookahead
-        s = self.entries = self.levels.steps + k  # batch entries: k look-ahead, then the S levels
+        res, h, ahead = model.config.resolution, model.config.latent_size, settings.lookahead
+        entries = self.entries = self.levels.steps + ahead  # batch entries: the look-ahead ones, then the S levels
         # Each entry's level: the look-ahead entries wait at level 0's timestep.
-        self.entry_levels = torch.tensor([0] * k + list(range(self.levels.steps)), device=self.device)
+        self.entry_levels = torch.tensor([0] * ahead + list(range(self.levels.steps)), device=self.device)
         self.timesteps = self.levels.timesteps[self.entry_levels]
-        self.x = torch.zeros((s, 4, h, h), device=self.device, dtype=dtype)
+        self.x = torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype)
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
-        self.pose = torch.zeros((s, 3, res, res), device=self.device, dtype=dtype)
+        self.pose = torch.zeros((entries, 3, res, res), device=self.device, dtype=dtype)
         self.local = torch.zeros_like(self.pose)
         # The host writes the entering frame here; the tick turns it into both hints.
         self.new_frame = torch.zeros((1, res, res, 3), device=self.device, dtype=torch.uint8)
         self.new_boxes = torch.zeros((1, 3, 4), device=self.device, dtype=torch.long)
         self.enters = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self.occupied = torch.zeros(s, dtype=torch.bool, device=self.device)
+        self.occupied = torch.zeros(entries, dtype=torch.bool, device=self.device)
         # Temporal caches: per module a ring of W frames per level (K1, V1, K2, V2), and which
         # ring slots hold real frames per level.
         w = settings.window
-        self.valid = torch.zeros((s, w), dtype=torch.bool, device=self.device)
+        self.valid = torch.zeros((entries, w), dtype=torch.bool, device=self.device)
         # The ring slot this tick's frames take: advanced on the device at the start of every
         # tick (no host write per tick); W - 1 after a reset, so the first tick takes slot 0.
         self.slot = torch.full((1,), w - 1, dtype=torch.long, device=self.device)
         self._ring_index = torch.arange(w, device=self.device)
         # Look-ahead: entry i's o-th newer frame is entry i - 1 - o.
-        newer = torch.arange(s, device=self.device)[:, None] - 1 - torch.arange(k, device=self.device)[None]
+        newer = torch.arange(entries, device=self.device)[:, None] - 1 - torch.arange(ahead, device=self.device)[None]
         self._newer, self._has_newer = newer.clamp(min=0), newer >= 0
         # This tick's view of the rings, rewritten in place each tick (`_update_ring_tick`).
-        self._tick = RingTick(self.slot, torch.zeros((s, w), dtype=torch.bool, device=self.device),
-                              torch.zeros((s, w), dtype=torch.long, device=self.device),
-                              torch.zeros((s, k), dtype=torch.bool, device=self.device) if k else None)
-        self.rings = [tuple(torch.zeros((s * pixels, heads, w, channels // heads), device=self.device, dtype=dtype)
+        self._tick = RingTick(self.slot, torch.zeros((entries, w), dtype=torch.bool, device=self.device),
+                              torch.zeros((entries, w), dtype=torch.long, device=self.device),
+                              torch.zeros((entries, ahead), dtype=torch.bool, device=self.device) if ahead else None)
+        self.rings = [tuple(torch.zeros((entries * pixels, heads, w, channels // heads), device=self.device,
+                                        dtype=dtype)
                             for _ in range(4))
                       for pixels, channels, heads in model.temporal_shapes]
         self._entering = False  # what `enters` holds: written only when it changes
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
-        self.decode = False  # set by engines that want pixels: the VAE decode joins the tick (and its graph)
-        self.small_decoder = False  # decode with the model's small decoder (TAESD) instead of the full VAE
-        # Burnt into every decoded frame, in the tick: (mask (res, res, 1) bool, pixels (res, res, 3) uint8).
-        self.overlay: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Run the ControlNets beside the UNet's down path (on their own streams on a GPU).
-        self.split = False
-        self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if self.device.type == "cuda" else None
-        self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
+        self.decode, self.overlay, self.split = decode, overlay, split
+        self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if split and self.device.type == "cuda" else None
+        self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether a tick is recorded as a CUDA graph (`capture`), which `tick` replays."""
+        return self._graph is not None
 
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:
@@ -214,10 +275,12 @@ class StreamingDenoiser:
         latents = self.model.encode(sources)
         self.entering.copy_(self.levels.enter(latents[:1]))
         per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
-        reference = {name: (k[self.entry_levels], v[self.entry_levels]) for name, (k, v) in per_level.items()}
-        if self.reference is not None and all(self.reference[n][0].shape == k.shape for n, (k, _) in reference.items()):
-            for name, (k, v) in reference.items():  # in place: a captured graph reads these buffers
-                self.reference[name][0].copy_(k), self.reference[name][1].copy_(v)
+        reference = {name: (key[self.entry_levels], value[self.entry_levels])
+                     for name, (key, value) in per_level.items()}
+        if self.reference is not None and all(self.reference[name][0].shape == key.shape
+                                              for name, (key, _) in reference.items()):
+            for name, (key, value) in reference.items():  # in place: a captured graph reads these buffers
+                self.reference[name][0].copy_(key), self.reference[name][1].copy_(value)
         else:
             self.reference = reference
             self._graph = None  # another number of references: tokens changed, capture again
@@ -276,13 +339,13 @@ class StreamingDenoiser:
 
     def _finish(self, eps: torch.Tensor) -> None:
         """The LCM step at every level; the leaving frame is decoded."""
-        levels, k = self.levels, self.settings.lookahead
-        clean = levels.denoise(self.x[k:], eps[k:], slice(0, levels.steps))  # look-ahead entries wait
+        levels, ahead = self.levels, self.settings.lookahead
+        clean = levels.denoise(self.x[ahead:], eps[ahead:], slice(0, levels.steps))  # look-ahead entries wait
         self.leaving.copy_(clean[-1:])
         if levels.steps > 1:
-            self.x[k + 1 :] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
-        if self.decode:  # only the frame that leaves is decoded
-            pixels = self.model.decode(self.leaving, small=self.small_decoder)[0].permute(1, 2, 0)
+            self.x[ahead + 1 :] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
+        if self.decode is not None:  # only the frame that leaves is decoded
+            pixels = self.decode(self.leaving)[0].permute(1, 2, 0)
             image = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
             if self.overlay is not None:
                 image = torch.where(self.overlay[0], self.overlay[1], image)
@@ -311,10 +374,10 @@ class StreamingDenoiser:
         up(h, skips, emb, pose, local)
 
     def _pose_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
-        return self.model.control(self.model.pose_controlnet, x, t, hint)
+        return self.model.pose_control(x, t, hint)
 
     def _local_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
-        return self.model.control(self.model.local_controlnet, x, t, hint)
+        return self.model.local_control(x, t, hint)
 
     def _down(self, x: torch.Tensor, t: torch.Tensor):
         return self.model.unet_down(x, t, self.reference, self.temporal_rings())

@@ -1,0 +1,170 @@
+"""Every engine's options, typed and validated once, where they are built.
+
+`create_engine` (engines/__init__.py) takes one of these: `WarpOptions`, or `XPortraitOptions`,
+offline or, with `live=LiveOptions(...)`, the live streaming engine. The command line builds
+them from its flags once (streamer/options.py); code builds them directly. Each rule and each
+default is written here and nowhere else; a broken rule raises `OptionError`, whose message
+names the option as the command line spells it (`--lcm-lora` for `lcm_lora`).
+
+No torch here: `xportrait serve --engine warp` imports this module and never loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+ENGINES = ("warp", "xportrait")
+BACKENDS = ("torch", "onnx", "tensorrt")
+SAMPLERS = ("ddim", "lcm")
+MODEL_SIZES = ("sd15", "tiny")
+DTYPES = ("fp16", "bf16", "fp32")
+
+DEFAULT_SIZE = 512
+DEFAULT_SEED = 999  # the released code's
+LIVE_STEPS = 4  # LCM steps of the live engine (= frames in flight), and of the exported graphs
+DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
+
+
+class OptionError(ValueError):
+    """An option that breaks a rule; the message names the option (as its flag) and the rule."""
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option: lcm_lora -> --lcm-lora."""
+    return "--" + name.replace("_", "-")
+
+
+def check_size(size: int, name: str = "size") -> int:
+    if not isinstance(size, int) or size < 64 or size % 8:
+        raise OptionError(f"{flag(name)} must be a multiple of 8 and at least 64, got {size}")
+    return size
+
+
+def at_least(value, minimum, name: str):
+    """`value` >= `minimum`, or an OptionError naming the option."""
+    if value < minimum:
+        raise OptionError(f"{flag(name)} must be at least {minimum}, got {value}")
+    return value
+
+
+def positive(value, name: str):
+    if not value > 0:
+        raise OptionError(f"{flag(name)} must be positive, got {value}")
+    return value
+
+
+def one_of(value, choices: tuple, name: str):
+    if value not in choices:
+        raise OptionError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class WarpOptions:
+    """The weight-free warp engine."""
+
+    name: ClassVar[str] = "warp"
+    size: int = DEFAULT_SIZE  # square output resolution
+    grid: int | None = None  # the warp map's grid (default: half the size, at least 64)
+
+    def __post_init__(self):
+        check_size(self.size)
+        if self.grid is not None:
+            at_least(self.grid, 2, "grid")
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """What only the live (streaming) diffusion engine takes."""
+
+    lookahead: int = 0  # each frame also attends to the next K frames in flight (K frames later)
+    compile: bool = False  # torch.compile the tick before capturing its CUDA graph
+    cuda_graph: bool = True  # replay the tick as one CUDA graph (on a GPU, with the torch backend)
+    tiny_decoder: str | None = None  # TAESD folder ('random' with random weights) instead of the full VAE
+    channels_last: bool = True  # cuDNN's layout on a GPU
+    backend: str = "torch"  # or the graphs `xportrait export` wrote, run by onnx / tensorrt
+    graphs: str | None = None  # the exported graphs' folder, for backend onnx / tensorrt
+
+    def __post_init__(self):
+        at_least(self.lookahead, 0, "lookahead")
+        one_of(self.backend, BACKENDS, "backend")
+        if self.backend != "torch":
+            if not self.graphs:
+                raise OptionError(f"--backend {self.backend} needs --graphs DIR (written by `xportrait export`)")
+            if self.lookahead:
+                raise OptionError("--lookahead works with the torch backend only (the exported graphs attend causally)")
+            if self.tiny_decoder is not None:
+                raise OptionError("--tiny-decoder works with the torch backend only (no small-decoder graph)")
+        elif self.graphs:
+            raise OptionError("--graphs is for --backend onnx or tensorrt")
+
+
+@dataclass(frozen=True)
+class XPortraitOptions:
+    """The X-Portrait diffusion engine: offline (the whole clip at once, `live` None) or live
+    (frame by frame, a few frames late: `live` set)."""
+
+    name: ClassVar[str] = "xportrait"
+    size: int = DEFAULT_SIZE
+    # Weights: the released checkpoint on Stable Diffusion 1.5 (and an LCM-LoRA), or random ones.
+    base: str | None = None
+    checkpoint: str | None = None
+    lcm_lora: str | None = None
+    random_weights: bool = False
+    model_size: str = "sd15"  # "tiny": the same architecture a few channels wide
+    allow_hub: bool = False  # base/checkpoint/lcm_lora may name Hugging Face hub ids
+    # Sampling. None: the sampler's default (offline: the released DDIM, 30 steps, guidance 5,
+    # or LCM with an LCM-LoRA, 4 steps, no guidance; live: LCM, LIVE_STEPS, no guidance).
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = DEFAULT_SEED
+    window: int = DEFAULT_WINDOW  # temporal window (frames)
+    # The offline engine's windows: overlap, start offsets, one noise image for every frame.
+    overlap: int = 4
+    offsets: str = "random"
+    shared_noise: bool = False
+    # Where it runs: a torch device (auto: cuda if present) and dtype (None: fp16 on a GPU, fp32 on a CPU).
+    device: str = "auto"
+    dtype: str | None = None
+    live: LiveOptions | None = None
+
+    def __post_init__(self):
+        check_size(self.size)
+        one_of(self.model_size, MODEL_SIZES, "model_size")
+        if self.sampler is not None:
+            one_of(self.sampler, SAMPLERS, "sampler")
+        if self.dtype is not None:
+            one_of(self.dtype, DTYPES, "dtype")
+        if self.steps is not None:
+            at_least(self.steps, 1, "steps")
+        at_least(self.window, 1, "window")
+        if not self.device:
+            raise OptionError("--device must name a torch device (auto, cpu, cuda, cuda:1)")
+        graphs = self.live is not None and self.live.backend != "torch"
+        if not (self.random_weights or self.checkpoint is not None or graphs):
+            raise OptionError("the xportrait engine needs --checkpoint (the released model_state-*.th) and --base "
+                              "(Stable Diffusion 1.5), or --random-weights to measure cost without weights")
+        if self.live is not None:
+            if self.sampler not in (None, "lcm") or self.guidance not in (None, 1.0):
+                raise OptionError("the live xportrait engine samples with LCM and no guidance "
+                                  "(--sampler lcm, --guidance 1)")
+            if (self.overlap, self.offsets, self.shared_noise) != (4, "random", False):
+                raise OptionError("overlap, offsets and shared_noise are the offline engine's windows")
+            if self.live.tiny_decoder == "random" and not self.random_weights:
+                raise OptionError("--tiny-decoder random is only for --random-weights")
+
+    @property
+    def stream_steps(self) -> int:
+        """The live engine's LCM steps (frames in flight)."""
+        return LIVE_STEPS if self.steps is None else self.steps
+
+    @property
+    def weights(self) -> dict:
+        """What `load_model` takes to find the weights."""
+        return dict(base=self.base, checkpoint=self.checkpoint, lcm_lora=self.lcm_lora,
+                    random_weights=self.random_weights, seed=self.seed, allow_hub=self.allow_hub)
+
+
+EngineOptions = Union[WarpOptions, XPortraitOptions]

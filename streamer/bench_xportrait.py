@@ -1,0 +1,221 @@
+"""`xportrait bench --engine xportrait`: the diffusion engine's cost, next to its baselines.
+
+- offline: one temporal window, per sampler setting (seconds, frames/s, peak GPU memory),
+  the released sampler (DDIM 31 evaluations + CFG 5) as the baseline;
+- `--stream`: the live engine, eager and as a CUDA graph (and compiled, and with TAESD, when
+  asked), against the naive baseline (frame after frame, S sequential steps, full VAE).
+
+Cost does not depend on what the frames show, and GPU hosts may lack the face mesh and video
+decoders: the portrait, resized and turned a little per frame, drives the engine directly.
+The generic part (the warp engine, the CLI, the tables) is bench.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import numpy as np
+
+from engines import create_engine
+from engines.base import DrivingFrame, SourcePortrait
+
+from .bench import load_source, machine_name, percentile
+from .options import BenchOptions
+
+
+def _cost_inputs(options: BenchOptions, count: int, fps: float) -> tuple[np.ndarray, list[DrivingFrame]]:
+    """A portrait and `count` driving frames at the engine's size, no face mesh needed."""
+    import cv2
+
+    size = options.engine.size
+    source = cv2.resize(load_source(options.source), (size, size), interpolation=cv2.INTER_AREA)
+    landmarks = np.zeros((478, 3), np.float32)
+    landmarks[:, :2] = size / 2  # the local patches' centres: the middle of the frame
+    frames = [DrivingFrame(landmarks, landmarks, k / fps, tag=k,
+                           image=cv2.warpAffine(source, cv2.getRotationMatrix2D((size / 2, size / 2), 2.0 * (k % 16), 1.0),
+                                                (size, size)))
+              for k in range(count)]
+    return source, frames
+
+
+def bench_offline(options: BenchOptions) -> dict:
+    """The offline diffusion engine on one temporal window: seconds, frames/s and peak GPU
+    memory per sampler setting, the released sampler (DDIM 31 steps + CFG 5) as baseline."""
+    import torch
+
+    from engines.xportrait.offline import XPortraitEngine
+    from engines.xportrait.pipeline import SamplerSettings
+
+    engine_options = options.engine
+    first = create_engine(engine_options)
+    window = first.settings.window
+    source, frames = _cost_inputs(options, window, fps=25)
+    cuda = first.device.type == "cuda"
+    settings = [(f"lcm {n} steps", dataclasses.replace(SamplerSettings.lcm(n), seed=engine_options.seed, window=window))
+                for n in options.offline_steps]
+    if options.baseline_frames != 0:
+        settings.append(("baseline: released ddim 30 (31 evaluations) + cfg 5",
+                         dataclasses.replace(SamplerSettings.released(), window=window)))
+    runs = []
+    for i, (label, sampler) in enumerate([("warm-up", dataclasses.replace(SamplerSettings.lcm(1), window=window))]
+                                         + settings):
+        # One model, one engine per sampler setting.
+        engine = XPortraitEngine(engine_options, model=first.model, settings=sampler)
+        engine.prepare([SourcePortrait(source, np.zeros((478, 3), np.float32))])
+        for frame in frames:
+            engine.step(frame)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        rendered = engine.flush()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if i == 0:
+            continue
+        runs.append({"sampler": label, "frames": len(rendered), "seconds": seconds, "fps": len(rendered) / seconds,
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+    return {"engine": "xportrait (offline, one window)", "size": engine_options.size, "dtype": str(first.dtype),
+            "device": torch.cuda.get_device_name() if cuda else machine_name(),
+            "weights": "RANDOM WEIGHTS" if first.random_weights else "real", "window": window, "runs": runs}
+
+
+def bench_stream(options: BenchOptions) -> dict:
+    """The live engine, eager and as a CUDA graph, and the naive baseline, in one run."""
+    import torch
+
+    from engines.xportrait.runtime import to_tensor
+    from engines.xportrait.stream import StreamSettings, render_causal
+
+    from .options import engine_factory
+
+    engine_options, live = options.engine, options.engine.live
+    source, frames = _cost_inputs(options, options.frames, fps=30)
+    portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
+    runs = []
+    # --compile and --tiny-decoder add variants; the eager and graph runs are the baselines.
+    plain = dataclasses.replace(live, compile=False, tiny_decoder=None)
+    variants = [("stream batch, eager", dataclasses.replace(plain, cuda_graph=False)),
+                ("stream batch, CUDA graph", plain)]
+    if live.compile:
+        variants.append(("stream batch, torch.compile + CUDA graph", dataclasses.replace(plain, compile=True)))
+    if live.tiny_decoder:
+        variants.append(("... + TAESD decoder", dataclasses.replace(plain, compile=live.compile,
+                                                                     tiny_decoder=live.tiny_decoder)))
+    if options.fast_only:
+        variants = variants[-1:]
+    for label, variant in variants:
+        built = time.perf_counter()
+        engine = engine_factory(dataclasses.replace(engine_options, live=variant))()
+        cuda = engine.device.type == "cuda"
+        if variant.cuda_graph and not engine.cuda_graph:
+            label = "stream batch (no GPU: eager again)"
+        engine.prepare([portrait])  # capture (and compilation) happen here
+        startup_s = time.perf_counter() - built
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for frame in frames[: options.warmup]:
+            engine.step(frame)
+        engine.reset()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        entered: dict = {}
+        latency, ticks = [], []
+        sync()
+        start = time.perf_counter()
+        for frame in frames[options.warmup:]:
+            t0 = time.perf_counter()
+            entered[frame.tag] = t0
+            out = engine.step(frame)  # returns once the leaving frame is on the host
+            t1 = time.perf_counter()
+            ticks.append((t1 - t0) * 1e3)
+            if out is not None:
+                latency.append((t1 - entered.pop(out.tag)) * 1e3)
+        sync()
+        elapsed = time.perf_counter() - start
+        runs.append({"engine": label, "startup_s": startup_s, "frames": len(ticks), "fps": len(ticks) / elapsed,
+                     "tick_ms": {"p50": percentile(ticks, 50), "p95": percentile(ticks, 95)},
+                     "latency_ms": {"p50": percentile(latency, 50), "p95": percentile(latency, 95)},
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
+    # Per module, eager, at the stream batch's shapes (CUDA events).
+    model, dtype, device = engine.model, engine.dtype, engine.device
+    denoiser = engine.denoiser
+    modules = {}
+    if device.type == "cuda" and isinstance(model, torch.nn.Module):
+        def timed(fn, repeat=10):
+            fn()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(repeat):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return begin.elapsed_time(end) / repeat
+        with torch.no_grad():
+            t = denoiser.timesteps
+            modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
+            modules["unet + reference + temporal"] = timed(lambda: model.unet(
+                denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings()))
+            modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
+            modules["reference net (per source, per level)"] = timed(
+                lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)
+    settings = denoiser.settings
+    result = {"engine": "xportrait (live)", "size": engine_options.size, "dtype": str(dtype),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else machine_name(),
+              "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "lcm_steps": settings.steps,
+              "window": settings.window, "lookahead": settings.lookahead, "runs": runs, "modules_ms": modules}
+    # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
+    count = min(8 if options.baseline_frames is None else options.baseline_frames, len(frames))
+    if count <= 0:
+        return result
+    if not isinstance(model, torch.nn.Module):  # the naive baseline is the torch model's; graphs run the stream only
+        result["baseline_skipped"] = f"--backend {live.backend}: the naive baseline runs the torch model"
+        return result
+    sources = to_tensor([source], device, dtype)
+    driving = to_tensor([f.image for f in frames[:count]], device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    naive = StreamSettings(steps=settings.steps, window=settings.window, seed=engine_options.seed)
+    render_causal(model, naive, sources, driving[:2], driving[:2])  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    latents = render_causal(model, naive, sources, driving, driving)
+    for z in latents:
+        model.decode(z[None])
+    sync()
+    naive_ms = (time.perf_counter() - t0) * 1e3 / count
+    best = max(r["fps"] for r in runs)
+    result["baseline"] = {"name": "naive: frame by frame, eager, S sequential steps, full VAE", "frames": count,
+                          "ms_per_frame": naive_ms, "fps": 1e3 / naive_ms}
+    result["speedup_vs_baseline"] = best / (1e3 / naive_ms)
+    return result
+
+
+def print_stream(result: dict) -> None:
+    size = result["size"]
+    print(f"{result['engine']} at {size}x{size}, {result['dtype']} on {result['device']}, weights: "
+          f"{result['weights']}, {result['lcm_steps']} LCM steps in flight, temporal window {result['window']}"
+          + (f", look-ahead {result['lookahead']}" if result["lookahead"] else ""))
+    for r in result["runs"]:
+        peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+        print(f"  {r['engine']:<28} {r['fps']:7.1f} fps; tick p50 {r['tick_ms']['p50']:.1f} ms; frame in->out "
+              f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
+    for name, ms in result["modules_ms"].items():
+        print(f"  {name:<40} {ms:7.2f} ms (eager)")
+    if "baseline_skipped" in result:
+        print(f"  baseline skipped: {result['baseline_skipped']}")
+    if "baseline" in result:
+        b = result["baseline"]
+        print(f"  baseline ({b['name']}): {b['fps']:.2f} fps; best engine run is {result['speedup_vs_baseline']:.1f}x")
+
+
+def print_offline(result: dict) -> None:
+    size = result["size"]
+    print(f"{result['engine']} at {size}x{size}, {result['dtype']} on {result['device']}, "
+          f"weights: {result['weights']}, window {result['window']} frames")
+    for r in result["runs"]:
+        peak = f", peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+        print(f"  {r['sampler']:<52} {r['seconds']:8.2f} s  {r['fps']:7.2f} frames/s{peak}")

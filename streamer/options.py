@@ -1,0 +1,285 @@
+"""The command line's edge: every command's options as one typed, frozen object, built once
+from its flags and validated where it is made.
+
+Each command module keeps `add_arguments(parser)` (its flags; the engine flags every command
+shares are `add_engine_arguments` here) and its `run(args)`, which calls the matching
+`*_options(args)` below first and passes the object down: nothing past this module reads an
+argparse Namespace. A broken rule raises `OptionError` naming the flag; `xportrait` reports it
+as a usage error (exit status 2).
+
+The engines' own options are engines/options.py; this module only maps flags onto them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from engines.options import (
+    BACKENDS,
+    DEFAULT_SEED,
+    DEFAULT_SIZE,
+    DEFAULT_WINDOW,
+    DTYPES,
+    ENGINES,
+    LIVE_STEPS,
+    MODEL_SIZES,
+    SAMPLERS,
+    EngineOptions,
+    LiveOptions,
+    OptionError,
+    WarpOptions,
+    XPortraitOptions,
+    at_least,
+    flag,
+    positive,
+)
+
+DEFAULT_PORT = 8080
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+
+# The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
+XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
+                   "allow_hub", "random_weights", "model_size")
+LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs")
+
+
+# -- flags ------------------------------------------------------------------------------------------
+def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = True) -> None:
+    """--engine (unless the command has one engine), --size, and the diffusion engine's flags."""
+    if choose_engine:
+        parser.add_argument("--engine", choices=ENGINES, default="warp", help="animation engine (default: warp)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"square output resolution, a multiple of 8, at least 64 (default: {DEFAULT_SIZE})")
+    g = parser.add_argument_group("xportrait engine (--engine xportrait)")
+    g.add_argument("--base", metavar="PATH", help="Stable Diffusion 1.5: a diffusers folder or one .safetensors/.ckpt")
+    g.add_argument("--checkpoint", metavar="PATH", help="the released X-Portrait checkpoint (model_state-*.th)")
+    g.add_argument("--lcm-lora", metavar="PATH", help="an LCM-LoRA for SD1.5, fused into the UNet (few-step sampling)")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="default: lcm with --lcm-lora, else the released DDIM (30 steps, guidance 5)")
+    g.add_argument("--steps", type=int,
+                   help=f"denoising steps (default: 30 DDIM as released; {LIVE_STEPS} with --lcm-lora and live)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 5 as released; 1 with --lcm-lora)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed (default: {DEFAULT_SEED}, as released)")
+    g.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cuda, cuda:1, cpu")
+    g.add_argument("--dtype", choices=DTYPES, help="default: fp16 on a GPU, fp32 on a CPU")
+    g.add_argument("--allow-hub", action="store_true",
+                   help="let --base/--checkpoint/--lcm-lora name Hugging Face hub ids (downloads); default: local paths only")
+    g.add_argument("--random-weights", action="store_true",
+                   help="no weights: random ones, to measure cost (every output is labelled as such)")
+    g.add_argument("--compile", action="store_true",
+                   help="live engine: torch.compile the tick before capturing its CUDA graph (minutes of startup, "
+                        "about twice the frame rate)")
+    g.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="live engine: run the modules with torch, or the graphs `xportrait export` wrote (--graphs)")
+    g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")
+    g.add_argument("--tiny-decoder", metavar="PATH",
+                   help="live engine: decode with TAESD (a diffusers AutoencoderTiny folder; 'random' with --random-weights)")
+    g.add_argument("--lookahead", type=int, default=0, metavar="K",
+                   help="live engine: each frame also attends to the next K frames in flight, for K frames more "
+                        "latency and (S+K)/S the work per frame (default: 0, causal)")
+    g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
+                   help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    """The flags among `names` set to something other than their default."""
+    defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0}
+    return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
+
+
+def engine_options(args: argparse.Namespace, live: bool = False, engine: str | None = None,
+                   window: int = DEFAULT_WINDOW) -> EngineOptions:
+    """The engine options add_engine_arguments' flags describe. `live`: for a command that runs
+    the engine frame by frame (serve, bench --stream), where the xportrait engine streams."""
+    engine = engine or args.engine
+    if engine == "warp":
+        given = _given(args, XPORTRAIT_FLAGS + LIVE_FLAGS)
+        if given:
+            raise OptionError(f"{', '.join(given)}: only for --engine xportrait")
+        return WarpOptions(size=args.size)
+    if not live:
+        given = _given(args, LIVE_FLAGS)
+        if given:
+            raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
+    live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
+                               backend=args.backend, graphs=args.graphs) if live else None
+    return XPortraitOptions(size=args.size, window=window, live=live_options,
+                            **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
+
+
+def engine_factory(options: EngineOptions) -> Callable[[], object]:
+    """How a command that makes engines on demand (one per live session) makes them: the
+    graphs of --backend onnx|tensorrt are loaded here, once, and every engine shares them."""
+    from engines import create_engine
+
+    model = None
+    if isinstance(options, XPortraitOptions) and options.live is not None and options.live.backend != "torch":
+        from export.graph_model import graph_model
+
+        model = graph_model(options)
+    return lambda: create_engine(options, model)
+
+
+def _positive_fields(options, names) -> None:
+    for name in names:
+        positive(getattr(options, name), name)
+
+
+# -- serve ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeOptions:
+    """`xportrait serve`: the live server. `max_sessions` None: 1 for the diffusion engine (one
+    GPU, one stream), 4 otherwise."""
+
+    engine: EngineOptions = field(default_factory=WarpOptions)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    max_sessions: int | None = None
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    idle_timeout: float = 15.0
+    connect_timeout: float = 30.0
+
+    def __post_init__(self):
+        if self.max_sessions is None:
+            object.__setattr__(self, "max_sessions", 1 if isinstance(self.engine, XPortraitOptions) else 4)
+        at_least(self.max_sessions, 1, "max_sessions")
+        if self.max_upload_bytes < 1:
+            raise OptionError(f"--max-upload-mb must be positive, got {self.max_upload_bytes / 2**20:g}")
+        _positive_fields(self, ("idle_timeout", "connect_timeout"))
+        if not 0 <= self.port <= 65535:
+            raise OptionError(f"--port must be in [0, 65535], got {self.port}")
+        if self.token == "":
+            object.__setattr__(self, "token", None)
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    if not args.max_upload_mb > 0:
+        raise OptionError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+    return ServeOptions(engine=engine_options(args, live=True), host=args.host, port=args.port, token=args.token,
+                        max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                        idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout)
+
+
+# -- animate ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AnimateOptions:
+    """`xportrait animate`: the first source is animated, the others are extra references.
+    `ref_frame` None: the driving frame whose face is closest to the portrait's."""
+
+    sources: tuple[str, ...]
+    driving: str
+    output: str
+    engine: EngineOptions = field(default_factory=WarpOptions)
+    ref_frame: int | None = None
+
+    def __post_init__(self):
+        if not self.sources:
+            raise OptionError("animate needs at least one SOURCE portrait")
+        if self.ref_frame is not None:
+            at_least(self.ref_frame, 0, "ref_frame")
+
+
+def animate_options(args: argparse.Namespace) -> AnimateOptions:
+    return AnimateOptions(sources=tuple(args.sources), driving=args.driving, output=args.output,
+                          engine=engine_options(args), ref_frame=args.ref_frame)
+
+
+# -- bench ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchOptions:
+    """`xportrait bench`. `engine` is live (XPortraitOptions.live set) for `--stream`.
+    `baseline_frames` None: each bench's default (5 for the warp engine, 8 for the stream)."""
+
+    engine: EngineOptions = field(default_factory=WarpOptions)
+    frames: int = 300
+    warmup: int = 10
+    source: str = "astronaut"
+    driving: str | None = None
+    baseline_frames: int | None = None
+    json: bool = False
+    fast_only: bool = False
+    offline_steps: tuple[int, ...] = (4, 8)
+
+    def __post_init__(self):
+        at_least(self.warmup, 0, "warmup")
+        if self.frames <= self.warmup:
+            raise OptionError(f"--frames must exceed --warmup, got {self.frames} and {self.warmup}")
+        if self.baseline_frames is not None:
+            at_least(self.baseline_frames, 0, "baseline_frames")
+        if not self.offline_steps:
+            raise OptionError("--offline-steps must name at least one step count")
+        for steps in self.offline_steps:
+            at_least(steps, 1, "offline_steps")
+
+    @property
+    def stream(self) -> bool:
+        return isinstance(self.engine, XPortraitOptions) and self.engine.live is not None
+
+
+def bench_options(args: argparse.Namespace) -> BenchOptions:
+    if args.fast_only and not args.stream:
+        raise OptionError("--fast-only is for --engine xportrait --stream")
+    if args.stream and args.engine != "xportrait":
+        raise OptionError("--stream is for --engine xportrait (the warp engine always runs frame by frame)")
+    try:
+        offline_steps = tuple(int(n) for n in args.offline_steps.split(",") if n.strip())
+    except ValueError:
+        raise OptionError(f"--offline-steps must be step counts separated by commas, got {args.offline_steps!r}") from None
+    return BenchOptions(engine=engine_options(args, live=args.stream), frames=args.frames, warmup=args.warmup,
+                        source=args.source, driving=args.driving, baseline_frames=args.baseline_frames,
+                        json=args.json, fast_only=args.fast_only, offline_steps=offline_steps)
+
+
+# -- export -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportOptions:
+    """`xportrait export`: the live engine's modules as graphs, for `engine.size`, its LCM steps
+    (`engine.stream_steps`) and temporal window (`engine.window`)."""
+
+    to: str
+    engine: XPortraitOptions
+    compare: bool = False
+    repeat: int = 5
+
+    def __post_init__(self):
+        at_least(self.repeat, 1, "repeat")
+
+
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    engine = engine_options(args, live=True, engine="xportrait", window=args.window)
+    if engine.live != LiveOptions():
+        raise OptionError(f"{', '.join(_given(args, LIVE_FLAGS))}: not for export (the graphs are the torch modules)")
+    return ExportOptions(to=args.to, engine=engine, compare=args.compare, repeat=args.repeat)
+
+
+# -- client -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientOptions:
+    """`xportrait client`: a video file played as a webcam to a running server."""
+
+    input: str
+    server: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    output: str | None = None
+    mode: str = "animate"  # animate, echo, or both
+    portrait: str | None = None
+    token: str | None = None
+    duration: float | None = None
+    loop: bool = False
+    connect_timeout: float = 15.0
+    report: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("animate", "echo", "both"):
+            raise OptionError(f"--mode must be animate, echo or both, got {self.mode!r}")
+        if self.duration is not None:
+            positive(self.duration, "duration")
+        if self.loop and self.duration is None:
+            raise OptionError("--loop needs --duration")
+        positive(self.connect_timeout, "connect_timeout")
+
+
+def client_options(args: argparse.Namespace) -> ClientOptions:
+    return ClientOptions(**{f.name: getattr(args, f.name) for f in fields(ClientOptions)})
