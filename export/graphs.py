@@ -133,7 +133,6 @@ class DenoiserGraph(nn.Module):
         super().__init__()
         self.unet = model.unet
         self.register_buffer("text", model.text, persistent=True)
-        self._state = model._reference  # the UNet's reference-attention processors read it
         self._layers = reference_layers(model)
         self._controls = control_count(model)
         self._temporal = temporal_count(model)
@@ -151,11 +150,7 @@ class DenoiserGraph(nn.Module):
         # The model writes the current frames into the rings; in the graph that write is on
         # copies, and what was written comes out as the records.
         rings = [tuple(t.clone() for t in flat[at + 4 * m : at + 4 * m + 4]) for m in range(self._temporal)]
-        self._state.active = reference
-        try:
-            eps = self.unet(sample, timesteps, self.text, 1, down, mid, [TemporalRing(r, tick) for r in rings])
-        finally:
-            self._state.active = None
+        eps = self.unet(sample, timesteps, self.text, 1, down, mid, [TemporalRing(r, tick) for r in rings], reference)
         return (eps, *[t.index_select(2, slot) for ring in rings for t in ring])
 
 

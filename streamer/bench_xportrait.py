@@ -159,7 +159,7 @@ def bench_stream(options: BenchOptions) -> dict:
             t = denoiser.timesteps
             modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
-                denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings()))
+                denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(), reference=denoiser.reference))
             modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
             modules["reference net (per source, per level)"] = timed(
                 lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)

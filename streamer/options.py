@@ -143,6 +143,8 @@ class ServeOptions:
     connect_timeout: float = 30.0
 
     def __post_init__(self):
+        if isinstance(self.engine, XPortraitOptions) and self.engine.live is None:
+            raise OptionError("serve runs the live engine: XPortraitOptions(live=LiveOptions(...))")
         if self.max_sessions is None:
             object.__setattr__(self, "max_sessions", 1 if isinstance(self.engine, XPortraitOptions) else 4)
         at_least(self.max_sessions, 1, "max_sessions")

@@ -16,7 +16,7 @@ import torch
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.loading import load_model
-from engines.xportrait.stream import StreamSettings, StreamingDenoiser
+from engines.xportrait.stream import DenoiserModel, SplitDenoiserModel, StreamSettings, StreamingDenoiser
 from export.graph_model import load_graphs
 from export.graphs import example_inputs, specs, wrappers
 from export.manifest import GRAPHS, ExportError, file_hash
@@ -113,6 +113,9 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     graphs = load_graphs(out)
     onnx_latents, onnx_images, onnx_tags = stream(
         StreamingDenoiser(graphs, settings, "cpu", torch.float32, decode=graphs.decode), sources, driving, boxes)
+    # Both meet the denoiser's protocol; only the torch model comes in parts (the split tick).
+    assert isinstance(model, SplitDenoiserModel) and isinstance(graphs, DenoiserModel)
+    assert not isinstance(graphs, SplitDenoiserModel)
     assert onnx_tags == torch_tags == list(range(6))
     assert float((onnx_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
     assert int((onnx_images.int() - torch_images.int()).abs().max()) <= 1  # uint8 rounding at most

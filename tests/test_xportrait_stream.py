@@ -225,3 +225,26 @@ def test_a_reset_stream_renders_what_a_fresh_one_does(model):
     fresh, _ = stream(model, settings, sources, driving, boxes)
     assert again[0] is None and [t for _, t in again[1:]] == [0, 1, 2, 3]
     torch.testing.assert_close(torch.cat([x for x, _ in again[1:]]), fresh[:4], rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_is_an_argument_of_each_call_not_state_left_behind(model, caplog):
+    """Reference keys/values travel with the call (diffusers hands them to the attention
+    processors), so interleaved calls with other references cannot see each other's, and no
+    attention processor is handed an argument it ignores with a warning."""
+    import logging
+
+    sources, driving, boxes = inputs(2)
+    pose, local = control_hints(driving, boxes, torch.float32)
+    latents = model.encode(sources)
+    t = torch.tensor(500)
+    first = model.reference_features([latents[:1]], t)
+    second = model.reference_features([latents[1:]], t)
+    x = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING):
+        a = model.predict_noise(x, t, 2, first, pose, local)
+        b = model.predict_noise(x, t, 2, second, pose, local)
+        again = model.predict_noise(x, t, 2, first, pose, local, guidance=3.0)  # the CFG branch has none
+    assert not torch.allclose(a, b, atol=1e-4)
+    plain = model.unet(x, t, model.text, 2)  # no reference, no controls: the unconditional branch
+    torch.testing.assert_close(again, plain + 3.0 * (a - plain), rtol=1e-5, atol=1e-5)
+    assert not [r for r in caplog.records if "not expected" in r.getMessage()]

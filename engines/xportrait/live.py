@@ -23,7 +23,7 @@ from .stream import DenoiserModel, StreamingDenoiser, StreamSettings
 _models: dict[tuple, torch.nn.Module] = {}
 
 
-def load_small_decoder(path: str, device: torch.device, dtype: torch.dtype):
+def load_small_decoder(path: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False):
     """TAESD (diffusers AutoencoderTiny) from a local folder, or 'random' (XPortraitOptions
     allows it with random weights only): latents -> images in [-1, 1], as the denoiser decodes."""
     from diffusers import AutoencoderTiny
@@ -37,6 +37,8 @@ def load_small_decoder(path: str, device: torch.device, dtype: torch.dtype):
         except (OSError, ValueError) as e:
             raise EngineError(f"cannot load the tiny decoder from {path}: {e}") from None
     decoder = decoder.to(device, dtype).eval()
+    if channels_last:  # as the model it decodes for
+        decoder.to(memory_format=torch.channels_last)
     # TAESD takes the scaled latents as they are.
     return lambda latents: decoder.decode(latents).sample.clamp(-1, 1)
 
@@ -92,7 +94,7 @@ class XPortraitLiveEngine:
             raise EngineError("--tiny-decoder works with the torch backend only")
         self.model = model
         decode = model.decode if live.tiny_decoder is None else \
-            load_small_decoder(live.tiny_decoder, self.device, self.dtype)
+            load_small_decoder(live.tiny_decoder, self.device, self.dtype, native and live.channels_last and cuda)
         overlay = None
         if options.random_weights:  # the label is burnt in on the device, inside the tick
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)

@@ -20,11 +20,9 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .config import XPortraitConfig
-from .reference import install_reference_attention, project_reference
+from .reference import ReferenceKV, install_reference_attention, project_reference
 from .temporal import MotionModules
-from .unet import ReferenceNet, TemporalUNet
-
-ReferenceKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
+from .unet import ReferenceNet, TemporalKV, TemporalUNet
 
 
 class XPortraitModel(nn.Module):
@@ -40,7 +38,7 @@ class XPortraitModel(nn.Module):
         self.vae = AutoencoderKL(**config.vae_kwargs())
         # The empty prompt's embedding (1, 77, D). Filled from the text encoder's weights at load.
         self.register_buffer("text", torch.zeros(1, 77, config.cross_attention_dim), persistent=False)
-        self._recorded, self._reference = install_reference_attention(self.reference_net.unet, self.unet.unet)
+        self._recorded = install_reference_attention(self.reference_net.unet, self.unet.unet)
 
     # -- images <-> latents ----------------------------------------------------------------------
     @torch.no_grad()
@@ -112,34 +110,31 @@ class XPortraitModel(nn.Module):
     # The UNet in two halves, for a caller that runs the ControlNets beside the first one.
     def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
                   temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        self._reference.active = reference
-        try:
-            return self.unet.down(sample, timestep, self.text, 1, temporal_past)
-        finally:
-            self._reference.active = None
+        return self.unet.down(sample, timestep, self.text, 1, temporal_past, reference)
 
     def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, reference: ReferenceKV,
                 down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor:
-        self._reference.active = reference
-        try:
-            return self.unet.up(h, skips, emb, self.text, 1, down_residuals, mid_residual, temporal_past)
-        finally:
-            self._reference.active = None
+        return self.unet.up(h, skips, emb, self.text, 1, down_residuals, mid_residual, temporal_past, reference)
 
     @torch.no_grad()
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,
                       pose_hint: torch.Tensor, local_hint: torch.Tensor, guidance: float = 1.0,
-                      temporal_past=None, temporal_record=None) -> torch.Tensor:
+                      temporal_past=None) -> torch.Tensor:
         """The noise in `sample` ((clips * frames, 4, h, w)) at `timestep`, conditioned on the
         reference and both hints. With guidance != 1, classifier-free guidance against the
         released code's unconditional branch: the same UNet with no reference and no controls."""
         down, mid = self.controls(sample, timestep, pose_hint, local_hint)
-        self._reference.active = reference
-        try:
-            eps = self.unet(sample, timestep, self.text, frames, down, mid, temporal_past, temporal_record)
-        finally:
-            self._reference.active = None
+        eps = self.unet(sample, timestep, self.text, frames, down, mid, temporal_past, reference)
         if guidance == 1.0:
             return eps
         plain = self.unet(sample, timestep, self.text, frames, temporal_past=temporal_past)
         return plain + guidance * (eps - plain)
+
+    @torch.no_grad()
+    def predict_noise_with_keys(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int,
+                                reference: ReferenceKV, pose_hint: torch.Tensor, local_hint: torch.Tensor,
+                                temporal_past=None) -> tuple[torch.Tensor, list[TemporalKV]]:
+        """`predict_noise` without guidance, and every temporal module's position-free keys and
+        values of these frames (in call order): what a causal cache of them keeps."""
+        down, mid = self.controls(sample, timestep, pose_hint, local_hint)
+        return self.unet.forward_with_keys(sample, timestep, self.text, frames, down, mid, temporal_past, reference)

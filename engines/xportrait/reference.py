@@ -7,7 +7,9 @@ and those recorded tokens together: keys and values of [own ; reference ; more r
 projected with the denoising UNet's own weights (released code: attn1(x, context=cat(x, bank))).
 
 Those reference keys and values depend only on the source and the timestep, so they are
-computed once per source per timestep (`ReferenceCache`) and every frame reuses them.
+computed once per source per timestep (`XPortraitModel.reference_features`) and every frame
+reuses them: the UNet's caller hands them in (`reference`), and diffusers passes them down to
+every attention processor of a transformer block (its `cross_attention_kwargs`).
 """
 
 from __future__ import annotations
@@ -39,17 +41,20 @@ class RecordInput:
         return _attention(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
 
 
-class ReadReference:
-    """attn1 processor of the denoising UNet: own keys/values plus the reference's, when a
-    reference is active (`state.active`); plain self-attention otherwise (the CFG branch)."""
+ReferenceKV = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per self-attention layer: keys, values
 
-    def __init__(self, name: str, state: "ReferenceState"):
-        self.name, self.state = name, state
+
+class ReadReference:
+    """attn1 processor of the denoising UNet: own keys/values plus the reference's, when the
+    call has a `reference`; plain self-attention otherwise (the CFG branch)."""
+
+    def __init__(self, name: str):
+        self.name = name
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+                 attention_mask=None, temb=None, reference: ReferenceKV | None = None) -> torch.Tensor:
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        kv = self.state.active.get(self.name) if self.state.active is not None else None
+        kv = reference.get(self.name) if reference is not None else None
         if kv is not None:
             ref_key, ref_value = kv
             b = hidden_states.shape[0]
@@ -71,28 +76,41 @@ def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: t
     return attn.to_out[0](out)
 
 
-class ReferenceState:
-    """Which reference keys/values the denoising UNet reads now (set per call, None = none)."""
+class WithoutReference:
+    """attn2 (cross-attention) processor of the denoising UNet: its own processor, unchanged;
+    it takes the `reference` that diffusers hands every attention of a block, and leaves it."""
 
-    def __init__(self):
-        self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, reference: ReferenceKV | None = None) -> torch.Tensor:
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def install_reference_attention(reference_net: nn.Module, unet: nn.Module) -> tuple[dict, ReferenceState]:
-    """Put the recording processors on the reference net and the reading ones on the UNet."""
+def reference_kwargs(reference: ReferenceKV | None) -> dict | None:
+    """The `cross_attention_kwargs` of a transformer block that carry the reference."""
+    return None if reference is None else {"reference": reference}
+
+
+def install_reference_attention(reference_net: nn.Module, unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Put the recording processors on the reference net and the reading ones on the UNet.
+    Returns the reference net's record: each self-attention's input, by layer name."""
     recorded: dict[str, torch.Tensor] = {}
-    state = ReferenceState()
     ref_layers, unet_layers = self_attention_layers(reference_net), self_attention_layers(unet)
     if set(ref_layers) != set(unet_layers):
         raise ValueError("the reference net and the UNet do not have the same transformer blocks")
     for name, layer in ref_layers.items():
         layer.set_processor(RecordInput(name, recorded))
     for name, layer in unet_layers.items():
-        layer.set_processor(ReadReference(name, state))
-    return recorded, state
+        layer.set_processor(ReadReference(name))
+    for name, module in unet.named_modules():
+        if name.endswith("transformer_blocks.0.attn2") and isinstance(module, Attention):
+            module.set_processor(WithoutReference(module.processor))
+    return recorded
 
 
-def project_reference(unet: nn.Module, recorded: Iterable[dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def project_reference(unet: nn.Module, recorded: Iterable[dict[str, torch.Tensor]]) -> ReferenceKV:
     """The denoising UNet's keys and values of the recorded reference tokens; several
     references (one dict each) are joined along the tokens, as the released code does."""
     layers = self_attention_layers(unet)

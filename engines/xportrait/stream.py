@@ -179,10 +179,9 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
                                                     torch.cat([frame[m][j].value for frame in recent], dim=1))
                                            for j in range(2)))
                         for m in range(len(recent[0]))]
-            record: list = []
-            eps = model.predict_noise(x, t, 1, references[level], driving[f : f + 1], local[f : f + 1],
-                                      temporal_past=past, temporal_record=record)
-            history[level].append(record)
+            eps, keys = model.predict_noise_with_keys(x, t, 1, references[level], driving[f : f + 1],
+                                                      local[f : f + 1], temporal_past=past)
+            history[level].append(keys)
             clean = levels.denoise(x, eps, slice(level, level + 1))
             x = levels.renoise(clean, slice(level, level + 1)) if level < levels.steps - 1 else clean
         out.append(x)

@@ -166,13 +166,13 @@ class TemporalBlock(nn.Module):
         self._frozen: tuple[RingProjections, RingProjections] | None = None  # freeze_ring_projections
 
     def _attend(self, attn: Attention, x: torch.Tensor, past: FramesKV | None, valid: torch.Tensor | None,
-                record: list | None) -> torch.Tensor:
-        """Self-attention over frames. x: (N, f, C) normed; `past`: earlier frames' K(x), V(x)."""
+                record: bool) -> tuple[torch.Tensor, FramesKV | None]:
+        """Self-attention over frames. x: (N, f, C) normed; `past`: earlier frames' K(x), V(x).
+        Returns the output and, with `record`, the current frames' K(x), V(x)."""
         n, f, c = x.shape
         pe = self.pos_embed.pe[0].to(x.dtype)  # (max_len, C)
         key, value = attn.to_k(x), attn.to_v(x)  # position-free: what a cache keeps
-        if record is not None:
-            record.append(FramesKV(key, value))
+        recorded = FramesKV(key, value) if record else None
         p = 0 if past is None else past.key.shape[1]
         if p + f > pe.shape[0]:
             raise ValueError(f"a temporal window of {p + f} frames exceeds the module's {pe.shape[0]} positions")
@@ -201,7 +201,7 @@ class TemporalBlock(nn.Module):
         k = key.view(n, p + f, h, d).transpose(1, 2)
         v = value.view(n, p + f, h, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, f, c)
-        return attn.to_out[0](out)
+        return attn.to_out[0](out), recorded
 
     def freeze_ring_projections(self, enable: bool = True) -> None:
         """Precompute what the streaming path derives from the weights alone: each attention's
@@ -245,17 +245,24 @@ class TemporalBlock(nn.Module):
         return attn.to_out[0](out.reshape(n, f, c))
 
     def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | None" = None,
-                record: list | None = None) -> torch.Tensor:
+                record: bool = False) -> tuple[torch.Tensor, tuple[FramesKV, FramesKV] | None]:
+        """The block on (N, f, C) tokens, and with `record` its two attentions' position-free
+        keys/values of these frames. A TemporalRing `past` is written at its tick's slot
+        instead (the stream's cache: nothing to record)."""
         if isinstance(past, TemporalRing):
+            if record:
+                raise ValueError("a temporal ring records the current frames itself")
             k1, v1, k2, v2 = past.tensors
             x = self._attend_ring(self.attn1, 0, self.norm1(x), k1, v1, past.tick) + x
             x = self._attend_ring(self.attn2, 1, self.norm2(x), k2, v2, past.tick) + x
-            return self.ff(self.norm3(x)) + x
+            return self.ff(self.norm3(x)) + x, None
         kv = past.kv if past is not None else (None, None)
         valid = past.valid if past is not None else None
-        x = self._attend(self.attn1, self.norm1(x), kv[0], valid, record) + x
-        x = self._attend(self.attn2, self.norm2(x), kv[1], valid, record) + x
-        return self.ff(self.norm3(x)) + x
+        out, first = self._attend(self.attn1, self.norm1(x), kv[0], valid, record)
+        x = out + x
+        out, second = self._attend(self.attn2, self.norm2(x), kv[1], valid, record)
+        x = out + x
+        return self.ff(self.norm3(x)) + x, ((first, second) if record else None)
 
 
 class TemporalModule(nn.Module):
@@ -268,18 +275,19 @@ class TemporalModule(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalBlock(channels, heads, max_len)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, frames: int, past: TemporalPast | None = None,
-                record: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, past: "TemporalPast | TemporalRing | None" = None,
+                record: bool = False) -> tuple[torch.Tensor, tuple[FramesKV, FramesKV] | None]:
+        """The module's output and, with `record`, its new frames' keys/values (TemporalBlock)."""
         bf, c, h, w = x.shape
         b = bf // frames
         y = self.norm(x)  # per frame, as the released code (a 4-D GroupNorm)
         y = y.permute(0, 2, 3, 1).reshape(b, frames, h * w, c).transpose(1, 2).reshape(b * h * w, frames, c)
         y = self.proj_in(y)
-        for block in self.transformer_blocks:
-            y = block(y, past, record)
+        (block,) = self.transformer_blocks  # one block, as released (its keys are what a cache keeps)
+        y, keys = block(y, past, record)
         y = self.proj_out(y)
         y = y.reshape(b, h * w, frames, c).transpose(1, 2).reshape(bf, h, w, c).permute(0, 3, 1, 2)
-        return x + y
+        return x + y, keys
 
 
 class MotionLevel(nn.Module):

@@ -21,7 +21,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .reference import ReferenceKV, reference_kwargs
 from .temporal import FramesKV, MotionModules
+
+TemporalKV = tuple[FramesKV, FramesKV]  # one temporal module's new keys/values: its two attentions'
 
 
 def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -30,31 +33,34 @@ def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: in
 
 
 class TemporalCalls:
-    """The temporal modules in call order, each with its cached past (if any) and recording of
-    new keys/values (if asked): the walk calls this after every place a module sits."""
+    """The temporal modules in call order, each with its cached past (if any): the walk calls
+    this after every place a module sits. With `record`, `keys` collects what each module
+    returns of the current frames (position-free keys/values), in call order."""
 
     def __init__(self, modules: Sequence[nn.Module] | None, frames: int = 1, temporal_past: Sequence | None = None,
-                 temporal_record: list | None = None):
+                 record: bool = False):
         self._modules = iter(modules) if modules is not None else None
         self._pasts = iter(temporal_past) if temporal_past is not None else None
-        self.frames, self.record = frames, temporal_record
+        self.frames, self.record = frames, record
+        self.keys: list[TemporalKV] = []
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if self._modules is None:
             return h
         module = next(self._modules)
         past = next(self._pasts) if self._pasts is not None else None
-        record = [] if self.record is not None else None
-        h = module(h, self.frames, past, record)
-        if record is not None:
-            self.record.append((record[0], record[1]))
+        h, keys = module(h, self.frames, past, record=self.record)
+        if self.record:
+            self.keys.append(keys)
         return h
 
 
 def walk_down(unet: UNet2DConditionModel, sample: torch.Tensor, emb: torch.Tensor, text: torch.Tensor,
-              temporal: TemporalCalls) -> tuple[torch.Tensor, list[torch.Tensor]]:
+              temporal: TemporalCalls, reference: ReferenceKV | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
-    residual, so it can run while the ControlNets do."""
+    residual, so it can run while the ControlNets do. `reference`: the appearance reference's
+    keys/values, which every self-attention joins (reference.py); None: plain attention."""
+    kwargs = reference_kwargs(reference)
     h = unet.conv_in(sample)
     skips = [h]
     for block in unet.down_blocks:
@@ -62,7 +68,7 @@ def walk_down(unet: UNet2DConditionModel, sample: torch.Tensor, emb: torch.Tenso
         for i, resnet in enumerate(block.resnets):
             h = resnet(h, emb)
             if attentions is not None:
-                h = attentions[i](h, encoder_hidden_states=text, return_dict=False)[0]
+                h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
             h = temporal(h)
             skips.append(h)
         if block.downsamplers is not None:
@@ -70,14 +76,16 @@ def walk_down(unet: UNet2DConditionModel, sample: torch.Tensor, emb: torch.Tenso
             skips.append(h)
     mid = unet.mid_block
     h = mid.resnets[0](h, emb)
-    h = mid.attentions[0](h, encoder_hidden_states=text, return_dict=False)[0]
+    h = mid.attentions[0](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
     return mid.resnets[1](h, emb), skips
 
 
 def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
             text: torch.Tensor, temporal: TemporalCalls, down_residuals: Sequence[torch.Tensor] | None = None,
-            mid_residual: torch.Tensor | None = None, with_output: bool = True) -> torch.Tensor | None:
+            mid_residual: torch.Tensor | None = None, with_output: bool = True,
+            reference: ReferenceKV | None = None) -> torch.Tensor | None:
     """The ControlNet residuals, the up levels and the output."""
+    kwargs = reference_kwargs(reference)
     if down_residuals is not None:
         skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
     else:
@@ -90,7 +98,7 @@ def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tenso
         for i, resnet in enumerate(block.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if attentions is not None:
-                h = attentions[i](h, encoder_hidden_states=text, return_dict=False)[0]
+                h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
             if i == last and block.upsamplers is not None:
                 h = block.upsamplers[0](h)
             h = temporal(h)
@@ -108,22 +116,19 @@ def embed(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tens
 
 
 def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
-         motion: MotionModules | None = None, frames: int = 1,
-         down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
-         temporal_past: Sequence | None = None, temporal_record: list | None = None,
+         temporal: TemporalCalls | None = None, down_residuals: Sequence[torch.Tensor] | None = None,
+         mid_residual: torch.Tensor | None = None, reference: ReferenceKV | None = None,
          with_output: bool = True) -> torch.Tensor | None:
     """One UNet evaluation. `sample` is (batch * frames, 4, h, w); `text` broadcasts over it.
 
     Without `with_output` the walk stops after the last up block (the reference net has no
-    output conv: only what its attention layers record matters).
-    `temporal_past[i]` holds cached earlier frames for the i-th temporal module (in call
-    order); `temporal_record` collects each module's new frames' keys/values.
+    output conv: only what its attention layers record matters). `temporal`: the temporal
+    modules to call, with their pasts (None: no temporal modules).
     """
     emb, text = embed(unet, sample, timestep, text)
-    temporal = TemporalCalls(motion.in_order() if motion is not None else None, frames, temporal_past,
-                             temporal_record)
-    h, skips = walk_down(unet, sample, emb, text, temporal)
-    return walk_up(unet, h, skips, emb, text, temporal, down_residuals, mid_residual, with_output)
+    temporal = temporal or TemporalCalls(None)
+    h, skips = walk_down(unet, sample, emb, text, temporal, reference)
+    return walk_up(unet, h, skips, emb, text, temporal, down_residuals, mid_residual, with_output, reference)
 
 
 class ReferenceNet(nn.Module):
@@ -149,23 +154,37 @@ class TemporalUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
                 down_residuals=None, mid_residual=None, temporal_past=None,
-                temporal_record: list[tuple[FramesKV, FramesKV]] | None = None) -> torch.Tensor:
-        return walk(self.unet, sample, timestep, text, motion=self.motion, frames=frames,
-                    down_residuals=down_residuals, mid_residual=mid_residual,
-                    temporal_past=temporal_past, temporal_record=temporal_record)
+                reference: ReferenceKV | None = None) -> torch.Tensor:
+        """`temporal_past[i]`: cached earlier frames for the i-th temporal module (in call
+        order): TemporalPasts, or the stream's TemporalRings (written at the tick's slot)."""
+        temporal = TemporalCalls(self.motion.in_order(), frames, temporal_past)
+        return walk(self.unet, sample, timestep, text, temporal=temporal, down_residuals=down_residuals,
+                    mid_residual=mid_residual, reference=reference)
+
+    def forward_with_keys(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
+                          down_residuals=None, mid_residual=None, temporal_past=None,
+                          reference: ReferenceKV | None = None) -> tuple[torch.Tensor, list[TemporalKV]]:
+        """`forward`, and every temporal module's position-free keys/values of the current
+        frames, in call order: what a causal cache keeps of them."""
+        temporal = TemporalCalls(self.motion.in_order(), frames, temporal_past, record=True)
+        out = walk(self.unet, sample, timestep, text, temporal=temporal, down_residuals=down_residuals,
+                   mid_residual=mid_residual, reference=reference)
+        return out, temporal.keys
 
     # The same evaluation in two halves, for callers that overlap the first with the ControlNets.
     def down(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
-             temporal_past: Sequence) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+             temporal_past: Sequence, reference: ReferenceKV | None = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """(features, skips, time embedding) after the mid block."""
         emb, text = embed(self.unet, sample, timestep, text)
         modules = self.motion.in_order()[: self.motion.down_count]
-        h, skips = walk_down(self.unet, sample, emb, text, TemporalCalls(modules, frames, temporal_past[: len(modules)]))
+        temporal = TemporalCalls(modules, frames, temporal_past[: len(modules)])
+        h, skips = walk_down(self.unet, sample, emb, text, temporal, reference)
         return h, skips, emb
 
     def up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: torch.Tensor, frames: int,
-           down_residuals, mid_residual, temporal_past: Sequence) -> torch.Tensor:
+           down_residuals, mid_residual, temporal_past: Sequence, reference: ReferenceKV | None = None) -> torch.Tensor:
         text = text.expand(h.shape[0], -1, -1) if text.shape[0] != h.shape[0] else text
         d = self.motion.down_count
         temporal = TemporalCalls(self.motion.in_order()[d:], frames, temporal_past[d:])
-        return walk_up(self.unet, h, skips, emb, text, temporal, down_residuals, mid_residual)
+        return walk_up(self.unet, h, skips, emb, text, temporal, down_residuals, mid_residual, reference=reference)

@@ -1,0 +1,103 @@
+"""Typed options: each command's flags become one frozen object, validated where it is made,
+with errors that name the flag; the engines take those objects (engines/options.py,
+streamer/options.py). No engine is built here: these run in milliseconds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engines.options import LIVE_STEPS, LiveOptions, OptionError, WarpOptions, XPortraitOptions
+from streamer.cli import build_parser, main
+from streamer.options import (
+    AnimateOptions,
+    BenchOptions,
+    ClientOptions,
+    ServeOptions,
+    animate_options,
+    bench_options,
+    client_options,
+    serve_options,
+)
+
+RANDOM = dict(random_weights=True, model_size="tiny")
+
+
+def parsed(*argv: str):
+    parser, _ = build_parser(list(argv))
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: WarpOptions(size=100), "--size must be a multiple of 8 and at least 64, got 100"),
+    (lambda: WarpOptions(size=56), "--size must be a multiple of 8 and at least 64, got 56"),
+    (lambda: XPortraitOptions(size=60, **RANDOM), "--size must be a multiple of 8"),
+    (lambda: XPortraitOptions(steps=0, **RANDOM), "--steps must be at least 1, got 0"),
+    (lambda: XPortraitOptions(window=0, **RANDOM), "--window must be at least 1, got 0"),
+    (lambda: XPortraitOptions(sampler="euler", **RANDOM), "--sampler must be one of ddim, lcm, got 'euler'"),
+    (lambda: XPortraitOptions(model_size="xl", random_weights=True), "--model-size must be one of sd15, tiny"),
+    (lambda: XPortraitOptions(), "needs --checkpoint"),
+    (lambda: LiveOptions(lookahead=-1), "--lookahead must be at least 0, got -1"),
+    (lambda: LiveOptions(backend="onnx"), "--backend onnx needs --graphs DIR"),
+    (lambda: LiveOptions(backend="onnx", graphs="g", lookahead=1), "--lookahead works with the torch backend only"),
+    (lambda: LiveOptions(graphs="g"), "--graphs is for --backend onnx or tensorrt"),
+    (lambda: XPortraitOptions(sampler="ddim", live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
+    (lambda: XPortraitOptions(guidance=5.0, live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
+    (lambda: XPortraitOptions(live=LiveOptions(tiny_decoder="random"), checkpoint="x.th"),
+     "--tiny-decoder random is only for --random-weights"),
+    (lambda: ServeOptions(max_sessions=0), "--max-sessions must be at least 1, got 0"),
+    (lambda: ServeOptions(idle_timeout=0), "--idle-timeout must be positive, got 0"),
+    (lambda: ServeOptions(engine=XPortraitOptions(**RANDOM)), "serve runs the live engine"),
+    (lambda: BenchOptions(frames=10, warmup=10), "--frames must exceed --warmup, got 10 and 10"),
+    (lambda: AnimateOptions(("a.jpg",), "d.mp4", "o.mp4", ref_frame=-1), "--ref-frame must be at least 0, got -1"),
+    (lambda: ClientOptions("clip.mp4", loop=True), "--loop needs --duration"),
+    (lambda: ClientOptions("clip.mp4", duration=-2.0), "--duration must be positive, got -2.0"),
+])
+def test_every_rule_names_the_flag(make, message):
+    with pytest.raises(OptionError) as error:
+        make()
+    assert message in str(error.value)
+
+
+def test_options_are_frozen_and_the_defaults_are_the_documented_ones():
+    options = XPortraitOptions(**RANDOM)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.steps = 2
+    assert options.stream_steps == LIVE_STEPS and XPortraitOptions(steps=2, **RANDOM).stream_steps == 2
+    assert ServeOptions().max_sessions == 4  # the warp engine: four sessions
+    assert ServeOptions(engine=XPortraitOptions(live=LiveOptions(), **RANDOM)).max_sessions == 1  # one GPU stream
+    assert LiveOptions(backend="onnx", graphs="g") and XPortraitOptions(live=LiveOptions(backend="onnx", graphs="g"))
+
+
+def test_flags_map_onto_the_options_once():
+    serve = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--model-size", "tiny",
+                                 "--size", "64", "--lookahead", "2", "--max-upload-mb", "1", "--token", ""))
+    assert serve.engine == XPortraitOptions(size=64, live=LiveOptions(lookahead=2), **RANDOM)
+    assert serve.max_upload_bytes == 2**20 and serve.token is None and serve.max_sessions == 1
+    animate = animate_options(parsed("animate", "a.jpg", "b.jpg", "d.mp4", "-o", "o.mp4", "--ref-frame", "3"))
+    assert animate == AnimateOptions(("a.jpg", "b.jpg"), "d.mp4", "o.mp4", WarpOptions(), 3)
+    bench = bench_options(parsed("bench", "--engine", "xportrait", "--stream", "--random-weights", "--compile",
+                                 "--offline-steps", "2, 6"))
+    assert bench.stream and bench.engine.live.compile and bench.offline_steps == (2, 6)
+    client = client_options(parsed("client", "clip.mp4", "--loop", "--duration", "3"))
+    assert client == ClientOptions("clip.mp4", loop=True, duration=3.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--engine", "warp", "--steps", "4", "--lcm-lora", "x"], "--lcm-lora, --steps: only for --engine xportrait"),
+    (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--engine", "xportrait", "--random-weights", "--compile"],
+     "--compile: only for the live engine (serve, bench --stream)"),
+    (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--size", "100"], "--size must be a multiple of 8"),
+    (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be positive"),
+    (["serve", "--engine", "xportrait", "--random-weights", "--backend", "tensorrt"], "--backend tensorrt needs --graphs"),
+    (["client", "clip.mp4", "--loop"], "--loop needs --duration"),
+    (["export", "--to", "g", "--random-weights", "--repeat", "0"], "--repeat must be at least 1, got 0"),
+    (["export", "--to", "g", "--random-weights", "--lookahead", "1"], "--lookahead: not for export"),
+])
+def test_a_broken_option_is_a_usage_error_of_its_command(argv, message, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(argv)
+    err = capsys.readouterr().err
+    assert usage.value.code == 2
+    assert err.startswith(f"usage: xportrait {argv[0]} ") and f"xportrait {argv[0]}: error: {message}" in err
