@@ -70,8 +70,8 @@ function cameraUnavailable() {
   if (!window.isSecureContext) {
     return `This browser gives the camera only to pages served over HTTPS or from this machine ` +
       `(localhost), and this page is ${here}. Start the server with --self-signed (or --tls-cert and ` +
-      `--tls-key) and open https://${location.host}/, or keep the server on 127.0.0.1 and tunnel to it: ` +
-      `ssh -L ${location.port || 8080}:127.0.0.1:${location.port || 8080} SERVER, then open ` +
+      `--tls-key) and open https://${location.host}/; or serve on 127.0.0.1 with --tunnel and reach it ` +
+      `through SSH: ssh -L ${location.port || 8080}:127.0.0.1:${location.port || 8080} SERVER, then open ` +
       `http://127.0.0.1:${location.port || 8080}/.`;
   }
   return 'This browser has no camera API (navigator.mediaDevices): use a current Chromium, Firefox or Safari.';

@@ -148,6 +148,7 @@ class ServeOptions:
     self_signed: bool = False  # HTTPS with a certificate made for this machine (streamer/tls.py)
     allow_origins: tuple[str, ...] = ()  # other pages that may call the API: scheme://host[:port]
     insecure: bool = False  # plain HTTP on a network address, knowingly
+    tunnel: bool = False  # the page comes through an SSH tunnel: media on the network addresses anyway
     verbose: bool = False  # aioice/aiortc at INFO too
 
     @property
@@ -182,9 +183,9 @@ class ServeOptions:
             raise OptionError(
                 f"refusing to serve --host {self.host} over plain HTTP: the token and the page would cross the "
                 "network unencrypted, and browsers give the camera only to https:// pages (or localhost). Use "
-                "--self-signed (or --tls-cert FILE --tls-key FILE); or keep the default --host and tunnel: "
-                "ssh -L 8080:127.0.0.1:8080 THIS_HOST, then open http://127.0.0.1:8080; or pass --insecure "
-                "on a network you trust.")
+                "--self-signed (or --tls-cert FILE --tls-key FILE); or keep the default --host, add --tunnel and "
+                "reach it with ssh -L 8080:127.0.0.1:8080 THIS_HOST, then open http://127.0.0.1:8080; or pass "
+                "--insecure on a network you trust.")
 
 
 def _loopback(host: str) -> bool:
@@ -203,7 +204,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                         max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
                         idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, self_signed=args.self_signed,
-                        allow_origins=tuple(args.allow_origin), insecure=args.insecure, verbose=args.verbose)
+                        allow_origins=tuple(args.allow_origin), insecure=args.insecure, tunnel=args.tunnel,
+                        verbose=args.verbose)
 
 
 # -- animate ----------------------------------------------------------------------------------------

@@ -484,6 +484,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="allow plain HTTP on a non-loopback --host (the token and the page cross the network "
                              "unencrypted, and browsers refuse the camera to such pages)")
+    parser.add_argument("--tunnel", action="store_true",
+                        help="the page is reached through an SSH tunnel (ssh -L 8080:127.0.0.1:8080 THIS_HOST): "
+                             "HTTP stays on loopback, WebRTC media (UDP, which no SSH tunnel carries) is offered "
+                             "on this machine's network addresses")
     parser.add_argument("--verbose", action="store_true",
                         help="log WebRTC details too (ICE and DTLS state changes of aioice and aiortc)")
     add_engine_arguments(parser)
@@ -555,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
-    if is_loopback(options.host):
+    if is_loopback(options.host) and not options.tunnel:
         keep_media_on_loopback()
     try:
         asyncio.run(serve(server, options.host, options.port, tls))

@@ -90,7 +90,9 @@ def test_https_serves_the_page_and_a_session(prepared, clip, tmp_path):
 
 def test_serve_self_signed_prints_an_https_url_and_the_fingerprint(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--self-signed", "--port", "0"],
+    # The README's command, on a free port.
+    process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--host", "0.0.0.0", "--self-signed",
+                                "--token", "SECRET", "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         lines, url = [], None
@@ -100,8 +102,8 @@ def test_serve_self_signed_prints_an_https_url_and_the_fingerprint(tmp_path):
             if not line:
                 break
             lines.append(line)
-            match = re.search(r"(https://127\.0\.0\.1:\d+)/", line)
-            url = match and match.group(1)
+            match = re.search(r"https://0\.0\.0\.0:(\d+)/", line)
+            url = match and f"https://127.0.0.1:{match.group(1)}"
         assert url, lines
         cert = tmp_path / "xportrait" / "tls" / "cert.pem"
         assert any(fingerprint(cert) in line for line in lines), lines
@@ -109,7 +111,7 @@ def test_serve_self_signed_prints_an_https_url_and_the_fingerprint(tmp_path):
         async def get() -> int:
             tls = ssl.create_default_context(cafile=str(cert))
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http:
-                async with http.get(f"{url}/portraits") as response:
+                async with http.get(f"{url}/stats?token=SECRET") as response:
                     return response.status
 
         assert asyncio.run(get()) == 200
@@ -149,3 +151,42 @@ def test_stats_and_offer_over_tls_refuse_a_missing_key_file(tmp_path):
     cert_path, _ = self_signed(["localhost"], tmp_path)
     with pytest.raises(TLSError, match="key file not found"):
         server_context(cert_path, Path(tmp_path) / "missing.pem")
+
+
+def test_tunnel_offers_media_on_the_network_addresses(tmp_path):
+    """Through `ssh -L` only the page and the signalling travel (TCP); the media (UDP) goes
+    straight between the machines, so with --tunnel the answer names this machine's network
+    addresses, not just 127.0.0.1."""
+    import ifaddr
+
+    addresses = {ip.ip for a in ifaddr.get_adapters() for ip in a.ips
+                 if isinstance(ip.ip, str) and not ip.ip.startswith("127.")}
+    if not addresses:
+        pytest.skip("this machine has no network address besides loopback")
+    process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--tunnel", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = match and match.group(1)
+        assert url, "serve --tunnel did not start"
+
+        async def answer() -> str:
+            peer = Peer(Webcam(lambda i: None, 0))
+            async with aiohttp.ClientSession(url) as http:
+                response = await peer.offer(http, answer=False)
+                assert response.status == 200, await response.text()
+                sdp = (await response.json())["sdp"]
+            await peer.close()
+            return sdp
+
+        candidates = set(re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+ typ host", asyncio.run(answer())))
+        assert candidates & addresses, candidates
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
