@@ -34,6 +34,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,10 +102,12 @@ class TokenBucket:
 
 class Server:
     def __init__(self, config: ServeOptions, engines: EnginePool | None = None,
-                 portrait_changes: tuple[int, float] = PORTRAIT_CHANGES):
+                 portrait_changes: tuple[int, float] = PORTRAIT_CHANGES, tls: ssl.SSLContext | None = None):
         """`engines`: where sessions take their engine (default: made from config.engine);
-        `portrait_changes`: each session's (burst, seconds per change after it)."""
+        `portrait_changes`: each session's (burst, seconds per change after it); `tls`: serve
+        HTTPS with it (streamer/tls.py makes one from the options)."""
         self.config = config
+        self.tls = tls
         self.engines = engines or EnginePool(engine_factory(config.engine))
         self.portrait_changes = portrait_changes
         self.sessions: dict[str, Session] = {}
@@ -493,14 +496,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-async def serve(server: Server, host: str, port: int, tls=None) -> None:
+async def serve(server: Server, host: str, port: int) -> None:
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls)
+        site = web.TCPSite(runner, host, port, ssl_context=server.tls)
         await site.start()
         bound = runner.addresses[0]
-        scheme = "https" if tls else "http"
+        scheme = "https" if server.tls else "http"
         address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         print(f"xportrait serve: {scheme}://{address}:{bound[1]}/ (engine {server.config.engine.name}, "
               f"size {server.config.engine.size})", flush=True)
@@ -554,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
                     (", CUDA graph capture" if engine.device != "cpu" else "") + ")"
     print(f"xportrait serve: preparing {' and '.join(steps)}, once, before accepting connections...", flush=True)
     try:
-        server = Server(options)
+        server = Server(options, tls=tls)
         server.prepare()
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
@@ -562,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
     if is_loopback(options.host) and not options.tunnel:
         keep_media_on_loopback()
     try:
-        asyncio.run(serve(server, options.host, options.port, tls))
+        asyncio.run(serve(server, options.host, options.port))
     except OSError as exc:
         print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         return 2
