@@ -98,6 +98,7 @@ class Animator:
         self.frames_without_face = 0
         self.face_ms = 0.0  # last frame's face tracking time
         self._affine: np.ndarray | None = None
+        self._realign = False  # re-derive the alignment at the next face, the reference kept
         self._reference: np.ndarray | None = None
         self._last: DrivingFrame | None = None
         self._aligned = np.empty((NUM_LANDMARKS, 3), np.float32)  # before smoothing
@@ -107,12 +108,13 @@ class Animator:
     def set_sources(self, images: Sequence[np.ndarray]) -> None:
         """Crop and mesh each portrait (raises NoFaceError), then prepare the engine once.
         On error the previous sources stay in place."""
-        if not images:
-            raise ValueError("at least one source portrait is needed")
-        with FaceTracker(video=False) as still:
-            sources = [prepare_source(image, self.size, still) for image in images]
+        self.use_sources(prepare_sources(images, self.size))
+
+    def use_sources(self, sources: Sequence[SourcePortrait]) -> None:
+        """Prepare the engine with sources made by `prepare_sources` (which may run on another
+        thread, beside the frames); on error the previous sources stay in place."""
         self.engine.prepare(sources)
-        self.sources = sources
+        self.sources = list(sources)
         self.recalibrate()
 
     def recalibrate(self) -> None:
@@ -121,6 +123,12 @@ class Animator:
         if self.smoother:
             self.smoother.reset()
         self.engine.reset()
+
+    def realign(self) -> None:
+        """Re-derive the alignment from the next frame with a face, keeping the motion reference,
+        the smoothing and the engine's state: for a driving video that changed size (a webcam
+        switching resolution), where the head is now elsewhere in pixels."""
+        self._realign = True
 
     def set_reference(self, landmarks: np.ndarray) -> None:
         """Fix alignment and motion reference from a driving frame's raw landmarks."""
@@ -136,6 +144,9 @@ class Animator:
         """Raw driving landmarks -> source crop pixels; the first call fixes the reference."""
         if self._affine is None:
             self.set_reference(landmarks)
+        elif self._realign:
+            self._affine = alignment_affine(head_box(self.sources[0].landmarks), head_box(landmarks))
+        self._realign = False
         return transform_landmarks(landmarks, self._affine, out=out)
 
     # -- per frame ----------------------------------------------------------------------------
@@ -204,3 +215,12 @@ class Animator:
 
     def close(self) -> None:
         self.tracker.close()
+
+
+def prepare_sources(images: Sequence[np.ndarray], size: int) -> list[SourcePortrait]:
+    """Crop and mesh each portrait for an engine of `size` (raises NoFaceError); touches no
+    Animator, so it may run on any thread."""
+    if not images:
+        raise ValueError("at least one source portrait is needed")
+    with FaceTracker(video=False) as still:
+        return [prepare_source(image, size, still) for image in images]

@@ -20,7 +20,6 @@ import os
 import sys
 import secrets
 import time
-import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -66,34 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Any image Pillow reads, as uint8 RGB, upright (EXIF orientation applied)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Any image Pillow reads, as uint8 RGB, upright: the loader `serve` uses for uploads."""
+    from .images import ImageError, read_image
 
-    from engines.face import MAX_SIDE
-
-    if not os.path.exists(path):
-        raise InputError(f"source image not found: {path}")
-    if os.path.isdir(path):
-        raise InputError(f"expected a source image, got a directory: {path}")
     try:
-        with warnings.catch_warnings():
-            # Large images are expected here and downscaled at once; Pillow still refuses
-            # true decompression bombs (DecompressionBombError below).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: a huge photo never
-                # needs its full-resolution buffer, as it is downscaled to MAX_SIDE anyway.
-                k = MAX_SIDE / max(image.size)
-                if k < 1:
-                    image.draft("RGB", (max(1, int(image.width * k)), max(1, int(image.height * k))))
-                image = ImageOps.exif_transpose(image)
-                return np.asarray(image.convert("RGB"))
-    except Image.DecompressionBombError as e:
-        raise InputError(f"source image {path} is too large to read safely: {e}") from None
-    except UnidentifiedImageError:
-        raise InputError(f"cannot read source image {path}: not an image format Pillow knows") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data, unreadable file
-        raise InputError(f"cannot read source image {path}: {e}") from None
+        return read_image(path, what="source image")
+    except ImageError as e:
+        raise InputError(str(e)) from None
 
 
 def _output_paths(args: AnimateOptions) -> Path:

@@ -2,22 +2,25 @@
 
 In the manner of aiortc's examples/server/server.py: the page POSTs its SDP offer to /offer
 and gets the answer back; the peer's webcam track goes into a `Session` (streamer/session.py),
-which animates it on its own two threads (face tracking, engine) and sends the result back on
-an `AvatarTrack`.
+whose `Pipeline` (streamer/pipeline.py) animates it on two threads with an engine from the
+server's `EnginePool`, and the result goes back on the session's `AvatarTrack`.
 
 Routes:
-  GET  /                the page (client/index.html, app.js, style.css)
+  GET  /                the page (client/index.html, app.js, style.css, favicon.ico)
   GET  /portraits       the bundled portraits, as JSON [{name, thumbnail}]
   GET  /portraits/NAME  a portrait's thumbnail (JPEG)
-  POST /offer           {"sdp", "type": "offer", "mode"?: "animate"|"echo", "portrait"?: NAME}
-                        -> {"sdp", "type": "answer", "session"}
-  POST /avatar?session=ID[&portrait=NAME]  switch to a bundled portrait, or upload one
-                        (the image as the body, or as the first file of a multipart form)
-  GET  /stats           every session's live statistics, as JSON
+  POST /offer           application/json {"sdp", "type": "offer", "mode"?: "animate"|"echo",
+                        "portrait"?: NAME} -> {"sdp", "type": "answer", "session", "secret"}
+  POST /avatar?session=ID[&portrait=NAME]  with the header `X-Session-Secret: SECRET`:
+                        switch to a bundled portrait, or upload one (the image as the body, or
+                        as the first file of a multipart form), once the session's video flows
+  GET  /stats           every session's live statistics, as JSON (nothing that controls one)
 
 /offer, /avatar and /stats need the token when the server has one (--token): an
-`Authorization: Bearer TOKEN` header or a `token=TOKEN` query parameter. Errors are JSON
-{"error": message} with a 4xx/5xx status.
+`Authorization: Bearer TOKEN` header or a `token=TOKEN` query parameter. A session is
+controlled only with the secret its offer's answer gave. Every request's Host must name this
+server (DNS rebinding) and a browser's Origin must be the page's own or one --allow-origin
+names (cross-site requests). Errors are JSON {"error": message} with a 4xx/5xx status.
 """
 
 from __future__ import annotations
@@ -26,93 +29,111 @@ import argparse
 import asyncio
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import signal
+import socket
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engines import EngineError
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine
 from engines.animator import Animator
-from engines.face import MAX_SIDE, NoFaceError, downscale
+from engines.face import NoFaceError
 
-from .options import DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, engine_factory, serve_options
+from .images import ImageError, ImageTooLarge, read_image
+from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
 from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
-from .session import MODES, Session, SessionClosed, worker_threads
+from .session import Session
+from .signalling import OfferError, check_offer
 
 logger = logging.getLogger("xportrait.server")
 
-# Pixels decoded at most for one upload (after JPEG's decode-time reduction): 8000 x 8000.
-# Larger images are refused before decoding; anything up to it is downscaled to MAX_SIDE.
-MAX_UPLOAD_PIXELS = 64_000_000
+DEFAULT_PORT = 8080
+MODES = ("animate", "echo")  # echo: the same pipeline with the webcam frame as its output
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_OFFER_BYTES = 256 * 1024
 THUMBNAIL_SIDE = 160
 CLIENT_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+SECRET_HEADER = "X-Session-Secret"
+PORTRAIT_CHANGES = (5, 1.0)  # per session: 5 portrait changes at once, then one a second
 
 
-class UploadError(ValueError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+@dataclass
+class Config:
+    engine: str = "warp"
+    size: int = 512
+    engine_options: dict | None = None  # create_engine's keyword options
+    token: str | None = None
+    max_sessions: int = 4
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    idle_timeout: float = 15.0
+    connect_timeout: float = 30.0
+    host: str = "127.0.0.1"  # the bound address: names that may appear in Host headers
+    allow_origins: tuple[str, ...] = ()  # other pages that may call the API (scheme://host[:port])
+    portrait_changes: tuple[int, float] = PORTRAIT_CHANGES  # (burst, seconds per change after it)
 
 
 class JSONError(web.HTTPException):
     """An HTTP error of any status whose body is JSON {"error": message}."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         self.status_code = status  # read by HTTPException.__init__
-        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
 
 
-def fail(status: int, message: str) -> web.HTTPException:
-    return JSONError(status, message)
+def _fail(status: int, message: str, headers: dict | None = None) -> web.HTTPException:
+    return JSONError(status, message, headers)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """An uploaded file's bytes -> RGB uint8, upright (EXIF), at most MAX_SIDE pixels a side."""
-    if not data:
-        raise UploadError(400, "the upload is empty: send an image file (JPEG, PNG, WebP, ...)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes straight at 1/2..1/8 scale
-            width, height = image.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise UploadError(413, f"the image is {width}x{height} pixels; at most "
-                                       f"{MAX_UPLOAD_PIXELS // 1_000_000} megapixels are accepted")
-            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"the image has too many pixels: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, UploadError):
-            raise
-        raise UploadError(400, f"not an image this server can read ({type(exc).__name__}: {exc})") from None
-    return downscale(rgb)
+class TokenBucket:
+    """`burst` events at once, then one per `interval` seconds."""
 
+    def __init__(self, burst: int, interval: float):
+        self.burst, self.interval = burst, interval
+        self._tokens, self._at = float(burst), time.monotonic()
 
-Config = ServeOptions  # the server's configuration: its command's options
+    def take(self) -> float:
+        """0 when an event may happen now (and counts it), else seconds until one may."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) / self.interval)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) * self.interval
 
 
 class Server:
-    def __init__(self, config: ServeOptions, make_engine=None):
-        """`make_engine`: a new engine per call (default: streamer.options.engine_factory)."""
+    def __init__(self, config: Config, engines: EnginePool | None = None):
         self.config = config
-        self._make_engine = make_engine or engine_factory(config.engine)
+        self.engines = engines or EnginePool(
+            lambda: create_engine(config.engine, config.size, **(config.engine_options or {})))
         self.sessions: dict[str, Session] = {}
         self.gallery: dict[str, np.ndarray] = {}
         self.thumbnails: dict[str, bytes] = {}
-        # Engines of ended sessions (and the one warmed at startup) wait here for the next
-        # session: a diffusion engine's weights, compilation and CUDA graphs are made once.
-        self._idle_engines: list = []
+        # Uploads are decoded and meshed here, one at a time, never on a session's threads:
+        # memory stays at one image's budget, and no stream waits for another's upload.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="xportrait-decode")
+        self._portrait_limits: dict[str, TokenBucket] = {}
+        self._changing: set[str] = set()  # sessions with a portrait change in progress
+        self._names = _server_names(config.host, config.allow_origins)
+        self._origins = {origin.rstrip("/").lower() for origin in config.allow_origins}
+        self._favicon = _favicon()
 
     # -- startup: everything slow happens once, before the first request -------------------
     def prepare(self, portraits: dict[str, np.ndarray] | None = None) -> None:
-        """Load the gallery (default: the bundled portraits) and run one frame through the
-        engine. Raises EngineError."""
+        """Load the gallery (default: the bundled portraits) and run one frame through an
+        engine, which then waits in the pool for the first session. Raises EngineError."""
         if portraits is None:
             from . import samples
 
@@ -123,24 +144,14 @@ class Server:
             _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
             self.thumbnails[name] = jpeg.tobytes()
         # Loads mediapipe's models and the engine's code, and proves both work on this machine.
-        animator = Animator(self._take_engine())
+        engine = self.engines.take()
+        animator = Animator(engine)
         try:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
         finally:
             animator.close()
-        self._return_engine(animator.engine)
-
-    def _take_engine(self):
-        """An idle engine if there is one, else a new one (sessions' engine threads call this)."""
-        try:
-            return self._idle_engines.pop()
-        except IndexError:
-            return self._make_engine()
-
-    def _return_engine(self, engine) -> None:
-        engine.reset()
-        self._idle_engines.append(engine)
+            self.engines.give_back(engine)
 
     @property
     def default_portrait(self) -> np.ndarray:
@@ -148,8 +159,10 @@ class Server:
 
     def app(self) -> web.Application:
         complete_frames_on_marker()  # one frame interval less latency on every incoming frame
-        app = web.Application()
+        app = web.Application(middlewares=[self._errors_as_json, self._same_site_only],
+                              client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self.page)
+        app.router.add_get("/favicon.ico", self.favicon)
         app.router.add_get("/portraits", self.portraits)
         app.router.add_get("/portraits/{name}", self.thumbnail)
         app.router.add_post("/offer", self.offer)
@@ -160,6 +173,56 @@ class Server:
         app.on_shutdown.append(self.close_all)
         return app
 
+    # -- middlewares ------------------------------------------------------------------------------
+    @web.middleware
+    async def _errors_as_json(self, request: web.Request, handler):
+        """Every error answers JSON {"error": message}, aiohttp's own (404, 405, 413) too."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.content_type == "application/json" or exc.status < 400:
+                raise
+            if isinstance(exc, web.HTTPRequestEntityTooLarge):
+                message = f"the request body is larger than {MAX_OFFER_BYTES // 1024} KiB"
+            elif isinstance(exc, web.HTTPMethodNotAllowed):
+                message = f"{request.method} is not allowed on {request.path}"
+            elif isinstance(exc, web.HTTPNotFound):
+                message = f"nothing at {request.path}"
+            else:
+                message = exc.reason
+            raise _fail(exc.status, message) from None
+        except ConnectionResetError:
+            raise
+        except Exception:
+            logger.exception("%s %s failed", request.method, request.path)
+            raise _fail(500, "internal server error (logged on the server)") from None
+
+    @web.middleware
+    async def _same_site_only(self, request: web.Request, handler):
+        """Refuse a Host that does not name this server (a DNS-rebinding page) and a browser
+        request sent by another site's page (its Origin)."""
+        host = request.headers.get("Host", "")
+        if not self._host_allowed(host):
+            raise _fail(403, f"this server does not answer to the host name {host[:100]!r}: open it by its "
+                             "address or a name given to --allow-origin")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            own = f"{request.scheme}://{host}".lower()
+            if origin.lower() != own and origin.rstrip("/").lower() not in self._origins:
+                raise _fail(403, f"requests from pages at {origin[:100]} are refused: open the page from this "
+                                 f"server, or start serve with --allow-origin {origin[:100]}")
+        return await handler(request)
+
+    def _host_allowed(self, host: str) -> bool:
+        name = urlsplit(f"//{host}").hostname if host else None
+        if not name:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True  # an address typed by the user; a rebinding page has a domain name
+        except ValueError:
+            return name == "localhost" or name.endswith(".localhost") or name in self._names
+
     # -- helpers ------------------------------------------------------------------------------------
     def _authorize(self, request: web.Request) -> None:
         token = self.config.token
@@ -169,32 +232,42 @@ class Server:
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             given = header[len("Bearer "):]
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise fail(401, "missing or wrong access token (send 'Authorization: Bearer TOKEN')")
+        # Header bytes that are not UTF-8 arrive as surrogates: they compare unequal, no 500.
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
+            raise _fail(401, "missing or wrong access token: open the page as http(s)://HOST:PORT/?token=TOKEN, "
+                             "or send the header 'Authorization: Bearer TOKEN'")
 
-    def _session(self, request: web.Request) -> Session:
+    def _controlled_session(self, request: web.Request) -> Session:
+        """The session named by ?session=ID, if the request holds its secret."""
         session_id = request.query.get("session", "")
         session = self.sessions.get(session_id)
         if session is None or session.closed:
-            raise fail(404, f"no live session {session_id!r}: start the stream first")
+            raise _fail(404, f"no live session {session_id[:40]!r}: start the stream first")
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), session.secret.encode()):
+            raise _fail(403, f"session {session.id} is controlled only by the peer that started it: send "
+                             f"the header '{SECRET_HEADER}' with the secret from the offer's answer")
         return session
 
     async def _read_upload(self, request: web.Request) -> bytes:
         limit = self.config.max_upload_bytes
-        too_big = fail(413, f"the upload is larger than {limit / 2**20:g} MiB")
+        too_big = _fail(413, f"the upload is larger than {limit / 2**20:g} MiB; the previous portrait is kept")
         if request.content_length is not None and request.content_length > limit:
             raise too_big
         if request.content_type.startswith("multipart/"):
-            reader = await request.multipart()
-            part = await reader.next()
-            while part is not None and getattr(part, "filename", None) is None:
+            try:
+                reader = await request.multipart()
                 part = await reader.next()
+                while part is not None and getattr(part, "filename", None) is None:
+                    part = await reader.next()
+            except (ValueError, AssertionError):
+                raise _fail(400, "the multipart form is malformed; the previous portrait is kept") from None
             if part is None:
-                raise fail(400, "the form has no file in it")
-            chunks, read = [], part.read_chunk
+                raise _fail(400, "the form has no file in it; the previous portrait is kept")
+            read = part.read_chunk
         else:
-            chunks, read = [], request.content.read
-        total = 0
+            read = request.content.read
+        chunks, total = [], 0
         while chunk := await read(65536):
             total += len(chunk)
             if total > limit:
@@ -208,38 +281,50 @@ class Server:
         body = resources.files("client").joinpath(name).read_bytes()
         return web.Response(body=body, content_type=CLIENT_FILES[name], headers={"Cache-Control": "no-cache"})
 
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._favicon, content_type="image/x-icon",
+                            headers={"Cache-Control": "max-age=86400"})
+
     async def portraits(self, request: web.Request) -> web.Response:
         return web.json_response([{"name": name, "thumbnail": f"/portraits/{name}"} for name in self.gallery])
 
     async def thumbnail(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.thumbnails:
-            raise fail(404, f"no bundled portrait {name!r}")
+            raise _fail(404, f"no bundled portrait {name[:60]!r}")
         return web.Response(body=self.thumbnails[name], content_type="image/jpeg")
 
     async def offer(self, request: web.Request) -> web.Response:
         self._authorize(request)
+        shape = 'the body must be JSON: {"sdp": "...", "type": "offer"}'
+        if request.content_type != "application/json":
+            raise _fail(415, f"send the offer with 'Content-Type: application/json'; {shape}")
         try:
-            params = await request.json()
+            params = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
-            raise fail(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}') from None
+            raise _fail(400, shape) from None
+        except RecursionError:
+            raise _fail(400, f"the JSON is nested too deeply; {shape}") from None
         if not isinstance(params, dict) or not isinstance(params.get("sdp"), str) or params.get("type") != "offer":
-            raise fail(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}')
-        if "\nm=" not in params["sdp"].replace("\r\n", "\n"):
-            raise fail(400, "invalid SDP offer: it has no media section (no m= line)")
+            raise _fail(400, shape)
         mode = params.get("mode", "animate")
-        if mode not in MODES:
-            raise fail(400, f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise _fail(400, f"unknown mode {_short(mode)}; choose one of: {', '.join(MODES)}")
         name = params.get("portrait") or next(iter(self.gallery))
-        if name not in self.gallery:
-            raise fail(400, f"unknown portrait {name!r}; choose one of: {', '.join(self.gallery)}")
+        if not isinstance(name, str) or name not in self.gallery:
+            raise _fail(400, f"unknown portrait {_short(name)}; choose one of: {', '.join(self.gallery)}")
+        try:
+            check_offer(params["sdp"])  # before a slot is taken: a bad offer holds nothing
+        except OfferError as exc:
+            raise _fail(400, f"invalid SDP offer: {exc}") from None
         if len(self.sessions) >= self.config.max_sessions:
-            raise fail(503, f"server busy: all {self.config.max_sessions} sessions are in use; "
-                            "try again when one ends")
+            raise _fail(503, f"server busy: all {self.config.max_sessions} sessions are in use; "
+                             "try again when one ends")
 
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # a local server needs no STUN
-        session = Session(pc, mode, self._take_engine, self._forget, self.config.idle_timeout,
-                          self.config.connect_timeout, return_engine=self._return_engine)
+        stage = AnimateStage(self.engines, self.gallery[name]) if mode == "animate" else EchoStage()
+        session = Session(pc, mode, stage, name, self._forget, self.config.idle_timeout,
+                          self.config.connect_timeout)
         self.sessions[session.id] = session  # counts against --max-sessions from here on
 
         @pc.on("connectionstatechange")
@@ -257,17 +342,18 @@ class Server:
             if session.add_track(track):
                 pc.addTrack(session.output)
 
-        ready = session.prepare(self.gallery[name], name)  # the engine warms up while SDP is parsed
+        ready = asyncio.ensure_future(session.pipeline.start())  # the engine warms up while SDP is parsed
         try:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=params["sdp"], type="offer"))
                 if session.webcam is None:
-                    raise fail(400, "the offer has no video track: send the webcam as a video track")
+                    raise _fail(400, "invalid SDP offer: it has no video track: send the webcam as a video track")
                 answer = await pc.createAnswer()  # fails when no codec is shared, among others
             except web.HTTPException:
                 raise
-            except Exception as exc:  # aiortc's parser raises many kinds; all mean a bad offer
-                raise fail(400, f"invalid SDP offer ({type(exc).__name__}: {exc})") from None
+            except Exception:  # checked above; what remains is aiortc's view of the offer
+                raise _fail(400, "invalid SDP offer: it names no codec or transport this server can use "
+                                 "(it offers VP8 and H.264 video over DTLS-SRTP)") from None
             await ready
             await pc.setLocalDescription(answer)
         except BaseException:
@@ -276,38 +362,57 @@ class Server:
             raise
         logger.info("session %s: %s, portrait %s", session.id, mode, name)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                                  "session": session.id})
+                                  "session": session.id, "secret": session.secret})
 
     async def avatar(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        session = self._session(request)
-        if session.mode != "animate":
-            raise fail(400, "this session runs in echo mode: it has no portrait")
+        session = self._controlled_session(request)
+        if not session.pipeline.stage.takes_portrait:
+            raise _fail(400, "this session runs in echo mode: it has no portrait")
         name = request.query.get("portrait")
-        if name is not None:
-            if name not in self.gallery:
-                raise fail(404, f"no bundled portrait {name!r}")
-            image = self.gallery[name]
-            load = lambda: image  # noqa: E731
-        else:
-            data = await self._read_upload(request)
-            name = "upload"
-            load = lambda: decode_image(data)  # noqa: E731  (decoded on the session's engine thread)
+        if name is not None and name not in self.gallery:
+            raise _fail(404, f"no bundled portrait {name[:60]!r}")
+        if name is None and not session.media_flowing:
+            raise _fail(409, "no video has arrived from this session yet: upload once the stream runs")
+        if session.id in self._changing:
+            raise _fail(429, "a portrait change for this session is still in progress; the previous "
+                             "portrait is kept", {"Retry-After": "1"})
+        wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.config.portrait_changes)).take()
+        if wait:
+            raise _fail(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
+                        {"Retry-After": str(max(1, round(wait)))})
+        self._changing.add(session.id)
         try:
-            width, height = await session.set_portrait(load, name)
-        except UploadError as exc:
-            raise fail(exc.status, f"{exc}; the previous portrait is kept") from None
+            if name is not None:
+                image = self.gallery[name]
+                load = lambda: image  # noqa: E731
+            else:
+                data = await self._read_upload(request)
+                name = "upload"
+                load = lambda: read_image(data, "the upload")  # noqa: E731
+            image = await session.pipeline.set_portrait(load, self._decoder)
+        except ImageTooLarge as exc:
+            raise _fail(413, f"{exc}; the previous portrait is kept") from None
+        except ImageError as exc:
+            raise _fail(400, f"{exc}; the previous portrait is kept") from None
         except NoFaceError:
-            raise fail(422, "no face found in the image; the previous portrait is kept") from None
-        except SessionClosed as exc:
-            raise fail(404, f"{exc}: start the stream again") from None
-        return web.json_response({"session": session.id, "portrait": name, "width": width, "height": height})
+            raise _fail(422, "no face found in the image: use a photo or drawing where a face is clearly "
+                             "visible; the previous portrait is kept") from None
+        except NoPortrait as exc:
+            raise _fail(400, str(exc)) from None
+        except PipelineClosed:
+            raise _fail(404, f"session {session.id} has ended: start the stream again") from None
+        finally:
+            self._changing.discard(session.id)
+        session.portrait = name
+        return web.json_response({"session": session.id, "portrait": name,
+                                  "width": image.shape[1], "height": image.shape[0]})
 
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
         return web.json_response({
-            "engine": self.config.engine.name,
-            "size": self.config.engine.size,
+            "engine": self.config.engine,
+            "size": self.config.size,
             "max_sessions": self.config.max_sessions,
             "sessions_active": len(self.sessions),
             "worker_threads": worker_threads(),
@@ -317,9 +422,17 @@ class Server:
     # -- teardown ------------------------------------------------------------------------------------
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self._portrait_limits.pop(session.id, None)
 
     async def close_all(self, app: web.Application | None = None) -> None:
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
+        self._decoder.shutdown(wait=False)
+
+
+def _short(value) -> str:
+    """A client's value quoted for a message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _fit(shape: tuple[int, ...], side: int) -> tuple[int, int]:
@@ -328,10 +441,44 @@ def _fit(shape: tuple[int, ...], side: int) -> tuple[int, int]:
     return max(1, round(w * k)), max(1, round(h * k))
 
 
+def _server_names(host: str, allow_origins: tuple[str, ...]) -> set[str]:
+    """Host names (besides addresses and localhost) that requests may use to reach us."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host:
+            names.add(host.lower())
+    for origin in allow_origins:
+        hostname = urlsplit(origin).hostname
+        if hostname:
+            names.add(hostname.lower())
+    return names
+
+
+def _favicon() -> bytes:
+    """A 32x32 icon: a pale face on the page's dark blue, drawn once."""
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    draw.rounded_rectangle((0, 0, 63, 63), radius=14, fill=(17, 34, 68, 255))
+    draw.ellipse((14, 8, 50, 52), fill=(153, 204, 255, 255))
+    for x in (24, 36):
+        draw.ellipse((x - 3, 24, x + 3, 30), fill=(17, 34, 68, 255))
+    draw.arc((22, 30, 42, 44), 20, 160, fill=(17, 34, 68, 255), width=3)
+    buffer = io.BytesIO()
+    icon.save(buffer, "ICO", sizes=[(32, 32), (16, 16)])
+    return buffer.getvalue()
+
+
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--engine", choices=ENGINES, default="warp",
+                        help="animation engine, one per session (default: warp)")
+    parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
     parser.add_argument("--token", help="access token required on /offer, /avatar and /stats")
     parser.add_argument("--max-sessions", type=int,
                         help="concurrent sessions at most (default 4; 1 for --engine xportrait: one GPU, one stream)")
@@ -341,18 +488,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="close a session whose webcam sends nothing for this many seconds (default 15)")
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="close a session that has no media this many seconds after its offer (default 30)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    parser.add_argument("--self-signed", action="store_true",
+                        help="serve HTTPS with a self-signed certificate for this machine's names and addresses "
+                             "(made once, kept in ~/.cache/xportrait/tls; the browser asks you to accept it)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                        help="another page (scheme://host[:port]) allowed to call this server; repeatable")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain HTTP on a non-loopback --host (the token and the page cross the network "
+                             "unencrypted, and browsers refuse the camera to such pages)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log WebRTC details too (ICE and DTLS state changes of aioice and aiortc)")
     add_engine_arguments(parser)
 
 
-async def serve(server: Server, host: str, port: int) -> None:
+async def serve(server: Server, host: str, port: int, tls=None) -> None:
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
         bound = runner.addresses[0]
-        print(f"xportrait serve: http://{bound[0]}:{bound[1]}/ (engine {server.config.engine.name}, "
-              f"size {server.config.engine.size})", flush=True)
+        scheme = "https" if tls else "http"
+        address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        print(f"xportrait serve: {scheme}://{address}:{bound[1]}/ (engine {server.config.engine}, "
+              f"size {server.config.size})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -362,28 +523,87 @@ async def serve(server: Server, host: str, port: int) -> None:
         await runner.cleanup()  # runs on_shutdown: every session is closed and freed
 
 
-def run(args: argparse.Namespace) -> int:
-    options = serve_options(args)
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = options.engine
-    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.token:
-        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", options.host)
-    steps = ["the face mesh", f"the {engine.name} engine"]
-    if engine.name == "xportrait":
-        steps[1] += " (weights" + (", torch.compile: minutes" if engine.live.compile else "") + \
-                    (", CUDA graph capture" if engine.device != "cpu" else "") + ")"
+    # ICE and DTLS state changes are half the log at INFO: the sessions' own lines say enough.
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _tls_context(args: argparse.Namespace):
+    """The SSLContext the flags ask for (None: plain HTTP); prints where a made one lies."""
+    from .tls import fingerprint, host_names, self_signed, server_context
+
+    if args.self_signed and (args.tls_cert or args.tls_key):
+        raise ValueError("choose either --self-signed or --tls-cert/--tls-key")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: the certificate and its private key")
+    if args.self_signed:
+        cert, key = self_signed(host_names(args.host))
+        print(f"xportrait serve: self-signed certificate {cert} (SHA-256 {fingerprint(cert)}); "
+              "your browser will ask you to accept it once", flush=True)
+        return server_context(cert, key)
+    if args.tls_cert:
+        return server_context(args.tls_cert, args.tls_key)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    if args.max_sessions is None:
+        args.max_sessions = 1 if args.engine == "xportrait" else 4
+    if args.max_sessions < 1 or args.max_upload_mb <= 0 or args.idle_timeout <= 0 or args.connect_timeout <= 0:
+        print("xportrait serve: --max-sessions, --max-upload-mb and the timeouts must be positive", file=sys.stderr)
+        return 2
+    for origin in args.allow_origin:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            print(f"xportrait serve: --allow-origin {origin!r}: give a page's origin, scheme://host[:port]",
+                  file=sys.stderr)
+            return 2
+    from .tls import TLSError
+
+    try:
+        tls = _tls_context(args)
+    except (ValueError, TLSError, OSError) as exc:
+        print(f"xportrait serve: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and tls is None and not args.insecure:
+        print(f"xportrait serve: refusing to serve {args.host} over plain HTTP: the token and the page would "
+              "cross the network unencrypted, and browsers give the camera only to https:// pages (or "
+              "localhost). Use --self-signed (or --tls-cert FILE --tls-key FILE); or keep the default --host "
+              "and tunnel: ssh -L 8080:127.0.0.1:8080 THIS_HOST, then open http://127.0.0.1:8080; or pass "
+              "--insecure on a network you trust.", file=sys.stderr)
+        return 2
+    try:
+        from export.backend import live_engine_options
+
+        options = live_engine_options(args)
+    except EngineError as exc:
+        print(f"xportrait serve: {exc}", file=sys.stderr)
+        return 2
+    config = Config(engine=args.engine, size=args.size, engine_options=options, token=args.token or None,
+                    max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, host=args.host,
+                    allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
+    if not is_loopback(args.host) and not config.token:
+        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
+    server = Server(config)
+    steps = ["the face mesh", f"the {args.engine} engine"]
+    if args.engine == "xportrait":
+        steps[1] += " (weights" + (", torch.compile: minutes" if options.get("compile") else "") + \
+                    (", CUDA graph capture" if options.get("device") != "cpu" else "") + ")"
     print(f"xportrait serve: preparing {' and '.join(steps)}, once, before accepting connections...", flush=True)
     try:
-        server = Server(options)
         server.prepare()
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
-    if is_loopback(options.host):
+    if is_loopback(args.host):
         keep_media_on_loopback()
     try:
-        asyncio.run(serve(server, options.host, options.port))
+        asyncio.run(serve(server, args.host, args.port, tls))
     except OSError as exc:
-        print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
+        print(f"xportrait serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     return 0

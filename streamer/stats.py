@@ -72,6 +72,8 @@ def _round(value: float | None) -> float | None:
 
 
 class SessionStats:
+    """A pipeline's counters and timings (the WebRTC session adds its connection state)."""
+
     def __init__(self, window: int = 300):
         self.started = time.monotonic()
         self.frames_in = 0  # decoded frames taken from the webcam track
@@ -81,6 +83,8 @@ class SessionStats:
         self.dropped_prepared = 0  # prepared frames replaced by a newer one before the engine thread took them
         self.dropped_output = 0  # output frames replaced before the encoder asked for one
         self.frames_without_face = 0
+        self.resolution_changes = 0  # input frames whose size differed from the frame before
+        self.errors = 0  # frames a stage failed on (logged)
         self.last_input_at: float | None = None
         self.output_pts_origin: int | None = None  # pts of the first frame sent (see stream_client)
         self.stages = {stage: Ring(window) for stage in STAGES}
@@ -102,6 +106,8 @@ class SessionStats:
             "dropped_prepared": self.dropped_prepared,
             "dropped_output": self.dropped_output,
             "frames_without_face": self.frames_without_face,
+            "resolution_changes": self.resolution_changes,
+            "errors": self.errors,
             "latency_ms": {
                 "p50": _round(self.latency.percentile(50)),
                 "p95": _round(self.latency.percentile(95)),
