@@ -3,13 +3,14 @@
 'use strict';
 
 const $ = (id) => document.getElementById(id);
-const token = new URLSearchParams(location.search).get('token');
-const authHeaders = token ? { Authorization: `Bearer ${token}` } : {};
+let token = new URLSearchParams(location.search).get('token');
+const authHeaders = () => (token ? { Authorization: `Bearer ${token}` } : {});
 
 // What the page knows; tests read it through window.xportrait.
 const state = {
   status: 'idle',
   session: null,
+  secret: null, // controls our session (from the offer's answer); never shown
   portrait: null,
   avatarFrames: 0, // avatar frames painted on screen
   stats: null, // the server's latest stats message
@@ -42,6 +43,51 @@ async function errorText(response) {
   return `${response.status} ${response.statusText}`;
 }
 
+// ---- access token: asked for in words when the server wants one -----------------------------------
+function askForToken() {
+  const url = new URL(location.href);
+  url.searchParams.set('token', 'TOKEN');
+  $('token-url').textContent = url.href.replace('TOKEN', '…');
+  $('token-form').hidden = false;
+  $('token').focus();
+}
+
+$('token-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  token = $('token').value.trim();
+  if (!token) return;
+  const url = new URL(location.href);
+  url.searchParams.set('token', token);
+  history.replaceState(null, '', url); // a reload keeps it
+  $('token-form').hidden = true;
+  start();
+});
+
+// ---- the camera: browsers give it only to secure pages -------------------------------------------
+function cameraUnavailable() {
+  if (navigator.mediaDevices && navigator.mediaDevices.getUserMedia) return null;
+  const here = `${location.protocol}//${location.host}`;
+  if (!window.isSecureContext) {
+    return `This browser gives the camera only to pages served over HTTPS or from this machine ` +
+      `(localhost), and this page is ${here}. Start the server with --self-signed (or --tls-cert and ` +
+      `--tls-key) and open https://${location.host}/, or keep the server on 127.0.0.1 and tunnel to it: ` +
+      `ssh -L ${location.port || 8080}:127.0.0.1:${location.port || 8080} SERVER, then open ` +
+      `http://127.0.0.1:${location.port || 8080}/.`;
+  }
+  return 'This browser has no camera API (navigator.mediaDevices): use a current Chromium, Firefox or Safari.';
+}
+
+function cameraError(e) {
+  const reasons = {
+    NotAllowedError: 'camera permission was denied: allow the camera for this page (the icon in the address bar) and press Start again',
+    NotFoundError: 'no camera was found: connect one and press Start again',
+    NotReadableError: 'the camera is in use by another program, or cannot be opened',
+    OverconstrainedError: 'the camera cannot deliver a usable video size',
+    SecurityError: 'the browser does not allow the camera on this page',
+  };
+  return reasons[e.name] || `the camera could not be opened (${e.message || e.name})`;
+}
+
 // ---- gallery and uploads ------------------------------------------------------------------------
 async function loadGallery() {
   const response = await fetch('portraits');
@@ -70,7 +116,9 @@ function markPortrait(name) {
 
 async function postAvatar(query, body, headers = {}) {
   const url = `avatar?session=${encodeURIComponent(state.session)}&${query}`;
-  const response = await fetch(url, { method: 'POST', body, headers: { ...authHeaders, ...headers } });
+  const response = await fetch(url, {
+    method: 'POST', body, headers: { ...authHeaders(), 'X-Session-Secret': state.secret, ...headers },
+  });
   if (!response.ok) throw new Error(await errorText(response));
   return response.json();
 }
@@ -87,7 +135,7 @@ async function choosePortrait(name) {
 }
 
 async function uploadPortrait(file) {
-  if (!state.session) {
+  if (!state.session || !streaming()) { // the server takes uploads once our video reaches it
     pendingUpload = file;
     setUploadStatus(`${file.name} will be used when the stream starts`);
     return;
@@ -103,16 +151,25 @@ async function uploadPortrait(file) {
 }
 
 // ---- stats overlay ---------------------------------------------------------------------------------
+const streaming = () => Boolean(state.stats && state.stats.frames_in > 0);
+
 function showStats(stats) {
   state.stats = stats;
   const latency = stats.latency_ms;
   const ms = (v) => (v === null || v === undefined ? '-' : v.toFixed(1));
-  const stages = Object.entries(stats.stages_ms).map(([k, v]) => `${k} ${ms(v)}`).join('  ');
+  const stage = (names) => names.map((k) => `${k} ${ms(stats.stages_ms[k])}`).join('  ');
   $('overlay').textContent =
     `fps ${stats.fps_out.toFixed(1)} (camera ${stats.fps_in.toFixed(1)})\n` +
     `latency p50 ${ms(latency.p50)} ms  p95 ${ms(latency.p95)} ms\n` +
     `drops ${stats.dropped}  no face ${stats.frames_without_face}\n` +
-    `ms: ${stages}`;
+    `ms: ${stage(['wait', 'convert_in', 'face'])}\n` +
+    `    ${stage(['wait_engine', 'engine'])}\n` +
+    `    ${stage(['convert_out', 'encode_send'])}`;
+  if (pendingUpload && streaming()) {
+    const file = pendingUpload;
+    pendingUpload = null;
+    uploadPortrait(file);
+  }
 }
 
 function countAvatarFrames(video) {
@@ -144,6 +201,14 @@ function iceGatheringComplete(connection) {
 async function start() {
   $('start').disabled = true;
   state.error = null;
+  const unavailable = cameraUnavailable();
+  if (unavailable) {
+    $('camera-help').textContent = unavailable;
+    $('camera-help').hidden = false;
+    setStatus('no camera on this page: see above', true);
+    $('start').disabled = false;
+    return;
+  }
   setStatus('opening the camera...');
   try {
     camera = await navigator.mediaDevices.getUserMedia({
@@ -151,7 +216,7 @@ async function start() {
       audio: false,
     });
   } catch (e) {
-    setStatus(`camera unavailable: ${e.message}`, true);
+    setStatus(cameraError(e), true);
     $('start').disabled = false;
     return;
   }
@@ -179,7 +244,7 @@ async function start() {
     await iceGatheringComplete(pc);
     const response = await fetch('offer', {
       method: 'POST',
-      headers: { 'Content-Type': 'application/json', ...authHeaders },
+      headers: { 'Content-Type': 'application/json', ...authHeaders() },
       body: JSON.stringify({
         sdp: pc.localDescription.sdp,
         type: pc.localDescription.type,
@@ -187,9 +252,16 @@ async function start() {
         portrait: state.portrait || undefined,
       }),
     });
+    if (response.status === 401) {
+      stop(false);
+      setStatus('this server needs an access token', true);
+      askForToken();
+      return;
+    }
     if (!response.ok) throw new Error(await errorText(response));
     const answer = await response.json();
     state.session = answer.session;
+    state.secret = answer.secret;
     await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
   } catch (e) {
     setStatus(`could not start: ${e.message}`, true);
@@ -198,11 +270,6 @@ async function start() {
   }
   $('stop').disabled = false;
   $('recalibrate').disabled = $('echo').checked;
-  if (pendingUpload) {
-    const file = pendingUpload;
-    pendingUpload = null;
-    uploadPortrait(file);
-  }
 }
 
 function stop(resetStatus = true) {
@@ -211,7 +278,7 @@ function stop(resetStatus = true) {
   channel = null;
   if (camera) camera.getTracks().forEach((track) => track.stop());
   camera = null;
-  state.session = null;
+  state.session = state.secret = state.stats = null;
   $('camera').srcObject = null;
   $('avatar').srcObject = null;
   $('overlay').textContent = 'no stream';

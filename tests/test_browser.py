@@ -9,12 +9,15 @@ to install). Needs Debian's `chromium` package; skipped with a reason when it is
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -207,3 +210,155 @@ async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None
             while (stats := await server_stats(http, url))["sessions_active"] or stats["worker_threads"]:
                 assert time.monotonic() < deadline, f"the session outlived Stop: {stats}"
                 await asyncio.sleep(0.2)
+
+
+# -- what a browser user sees when something is missing, and the layout -----------------------------
+LAYOUT = """(() => {
+  const box = document.querySelector('.avatar-box').getBoundingClientRect();
+  const overlay = document.getElementById('overlay').getBoundingClientRect();
+  const page = document.documentElement;
+  return JSON.stringify({
+    inside: overlay.left >= box.left && overlay.right <= box.right + 0.5 && overlay.top >= box.top
+            && overlay.bottom <= box.bottom + 0.5,
+    overlay: [overlay.left, overlay.top, overlay.right, overlay.bottom], box: [box.left, box.top, box.right, box.bottom],
+    scrolls: page.scrollWidth > page.clientWidth,
+  });
+})()"""
+NOTICES = """JSON.stringify({
+  tokenForm: !document.getElementById('token-form').hidden,
+  tokenUrl: document.getElementById('token-url').textContent,
+  cameraHelp: document.getElementById('camera-help').hidden ? null : document.getElementById('camera-help').textContent,
+  status: document.getElementById('status').textContent,
+  frames: window.xportrait ? xportrait.avatarFrames : 0,
+  stats: window.xportrait ? xportrait.stats : null,
+})"""
+
+
+def lan_address() -> str | None:
+    """This machine's first non-loopback IPv4 address: an http:// page there is not a secure context."""
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    return None
+
+
+@contextlib.contextmanager
+def serve_all_interfaces(*args: str):
+    """`xportrait serve --host 0.0.0.0 --insecure --port 0 ARGS`: yields (process, port)."""
+    process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--host", "0.0.0.0", "--insecure",
+                                "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = None
+    deadline = time.monotonic() + 120
+    while port is None and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"http://0\.0\.0\.0:(\d+)/", line)
+        port = match and int(match.group(1))
+    try:
+        if port is None:
+            pytest.fail("xportrait serve did not start")
+        yield process, port
+    finally:
+        stop(process)
+
+
+async def screenshot(page: DevTools, path: Path) -> None:
+    message_id = next(page.ids)
+    await page.websocket.send_json({"id": message_id, "method": "Page.captureScreenshot", "params": {"format": "png"}})
+    while True:
+        reply = await asyncio.wait_for(page.websocket.receive_json(), 20)
+        if reply.get("id") == message_id:
+            path.write_bytes(base64.b64decode(reply["result"]["data"]))
+            return
+
+
+async def notices(page: DevTools, condition, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = json.loads(await page.evaluate(NOTICES))
+        if condition(state):
+            return state
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}"
+        await asyncio.sleep(0.3)
+
+
+def test_page_asks_for_the_token_explains_the_camera_and_keeps_the_overlay_inside(webcam_clip, tmp_path):
+    address = lan_address()
+    if address is None:
+        pytest.skip("no non-loopback address on this machine to open an insecure page from")
+    shots = Path(os.environ.get("XPORTRAIT_SCREENSHOTS") or tmp_path)
+    with serve_all_interfaces("--token", TOKEN, "--idle-timeout", "3") as (_, port):
+        url = f"http://127.0.0.1:{port}"
+        profile = tmp_path / "profile"
+        profile.mkdir()
+        browser = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, "--window-size=1280,900", f"--user-data-dir={profile}",
+             f"--use-file-for-fake-video-capture={webcam_clip}", f"{url}/"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            asyncio.run(check_notices(url, f"http://{address}:{port}", profile, browser, shots))
+        finally:
+            stop(browser)
+
+
+async def check_notices(url: str, insecure_url: str, profile: Path, browser: subprocess.Popen, shots: Path) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/favicon.ico") as response:
+            assert response.status == 200 and response.content_type == "image/x-icon"
+            assert (await response.read())[:4] == b"\x00\x00\x01\x00"  # an ICO file
+        async with open_page(url, profile, browser) as page:
+            await poll(page, lambda s: s["portraits"] == len(samples.PORTRAITS), 30, "the gallery")
+            # No ?token=: Start asks for it in words, and how to put it in the URL.
+            await page.evaluate("document.getElementById('start').click()")
+            state = await notices(page, lambda s: s["tokenForm"], 30, "the token form")
+            assert "access token" in state["status"] and "?token=" in state["tokenUrl"]
+            assert "Authorization" not in state["status"]
+            await screenshot(page, shots / "token-form.png")
+            await page.evaluate(f"document.getElementById('token').value = '{TOKEN}';"
+                                "document.getElementById('token-form').requestSubmit()")
+            await notices(page, lambda s: not s["tokenForm"] and s["frames"] >= 20 and s["stats"]
+                          and s["stats"]["frames_out"] >= 20, 90, "avatar frames after the token")
+            assert f"token={TOKEN}" in await page.evaluate("location.search")  # a reload keeps it
+            await asyncio.sleep(1.5)  # a few stats messages: the overlay at its full size
+            layout = json.loads(await page.evaluate(LAYOUT))
+            await screenshot(page, shots / "streaming.png")
+            assert layout["inside"], layout
+            assert not layout["scrolls"], layout
+            await page.evaluate("document.getElementById('stop').click()")
+
+            # An http:// page that is not this machine: no camera API, and the page says why.
+            await page.evaluate(f"location.href = '{insecure_url}/?token={TOKEN}'")
+            await asyncio.sleep(1)
+            await poll(page, lambda s: s["portraits"] == len(samples.PORTRAITS), 30, "the insecure page")
+            await page.evaluate("document.getElementById('start').click()")
+            state = await notices(page, lambda s: s["cameraHelp"], 20, "the camera explanation")
+            await screenshot(page, shots / "insecure.png")
+            help_text = state["cameraHelp"]
+            assert "HTTPS" in help_text and "--self-signed" in help_text and "ssh -L" in help_text
+            assert "undefined" not in help_text and "undefined" not in state["status"]
+
+
+@contextlib.asynccontextmanager
+async def open_page(url: str, profile: Path, browser: subprocess.Popen):
+    """The DevTools connection to the browser's page at `url`."""
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        assert browser.poll() is None, f"chromium exited with status {browser.returncode}"
+        assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+        await asyncio.sleep(0.2)
+    port = int(port_file.read_text().split()[0])
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith(url)]
+            if pages:
+                break
+            assert time.monotonic() < deadline, "the page did not open"
+            await asyncio.sleep(0.2)
+        async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
+            yield DevTools(websocket)
