@@ -51,14 +51,18 @@ def configured(prepared: Server, engines: EnginePool | None = None, **changes) -
 
 
 @contextlib.asynccontextmanager
-async def running(server: Server):
+async def running(server: Server, tls=None, trust=None):
+    """The server on 127.0.0.1 (HTTPS with the SSLContext `tls`, trusted by the client's `trust`);
+    yields an HTTP client session for it."""
     runner = web.AppRunner(server.app())
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     host, port = runner.addresses[0][:2]
+    scheme = "https" if tls else "http"
     try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
+        async with aiohttp.ClientSession(f"{scheme}://{host}:{port}",
+                                         connector=aiohttp.TCPConnector(ssl=trust) if trust else None) as http:
             yield http
     finally:
         await runner.cleanup()
@@ -132,9 +136,11 @@ class Peer:
                     self.received.append((frame.pts, time.perf_counter(), frame.to_ndarray(format="rgb24")))
         self._tasks.append(asyncio.ensure_future(read()))
 
-    async def offer(self, http: aiohttp.ClientSession, answer: bool = True, **fields) -> aiohttp.ClientResponse:
+    async def offer(self, http: aiohttp.ClientSession, answer: bool = True, headers: dict | None = None,
+                    **fields) -> aiohttp.ClientResponse:
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        response = await http.post("/offer", json={"sdp": self.pc.localDescription.sdp, "type": "offer", **fields})
+        response = await http.post("/offer", json={"sdp": self.pc.localDescription.sdp, "type": "offer", **fields},
+                                   headers=headers)
         if response.status == 200:
             reply = await response.json()
             self.session, self.secret = reply["session"], reply["secret"]
