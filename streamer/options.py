@@ -13,8 +13,10 @@ The engines' own options are engines/options.py; this module only maps flags ont
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from dataclasses import dataclass, field, fields
 from typing import Callable
+from urllib.parse import urlsplit
 
 from engines.options import (
     BACKENDS,
@@ -141,6 +143,16 @@ class ServeOptions:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     idle_timeout: float = 15.0
     connect_timeout: float = 30.0
+    tls_cert: str | None = None  # HTTPS with this PEM certificate and tls_key
+    tls_key: str | None = None
+    self_signed: bool = False  # HTTPS with a certificate made for this machine (streamer/tls.py)
+    allow_origins: tuple[str, ...] = ()  # other pages that may call the API: scheme://host[:port]
+    insecure: bool = False  # plain HTTP on a network address, knowingly
+    verbose: bool = False  # aioice/aiortc at INFO too
+
+    @property
+    def tls(self) -> bool:
+        return self.self_signed or self.tls_cert is not None
 
     def __post_init__(self):
         if self.max_sessions is None:
@@ -153,6 +165,33 @@ class ServeOptions:
             raise OptionError(f"--port must be in [0, 65535], got {self.port}")
         if self.token == "":
             object.__setattr__(self, "token", None)
+        if self.self_signed and (self.tls_cert or self.tls_key):
+            raise OptionError("choose either --self-signed or --tls-cert/--tls-key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise OptionError("--tls-cert and --tls-key go together: the certificate and its private key")
+        origins = []
+        for origin in self.allow_origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise OptionError(f"--allow-origin {origin!r}: give a page's origin, scheme://host[:port]")
+            origins.append(origin.rstrip("/"))
+        object.__setattr__(self, "allow_origins", tuple(origins))
+        if not _loopback(self.host) and not self.tls and not self.insecure:
+            raise OptionError(
+                f"refusing to serve --host {self.host} over plain HTTP: the token and the page would cross the "
+                "network unencrypted, and browsers give the camera only to https:// pages (or localhost). Use "
+                "--self-signed (or --tls-cert FILE --tls-key FILE); or keep the default --host and tunnel: "
+                "ssh -L 8080:127.0.0.1:8080 THIS_HOST, then open http://127.0.0.1:8080; or pass --insecure "
+                "on a network you trust.")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -160,7 +199,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise OptionError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     return ServeOptions(engine=engine_options(args, live=True), host=args.host, port=args.port, token=args.token,
                         max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                        idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout)
+                        idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, self_signed=args.self_signed,
+                        allow_origins=tuple(args.allow_origin), insecure=args.insecure, verbose=args.verbose)
 
 
 # -- animate ----------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -46,11 +45,12 @@ import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from engines import ENGINES, EngineError, add_engine_arguments, create_engine
+from engines import EngineError
 from engines.animator import Animator
 from engines.face import NoFaceError
 
 from .images import ImageError, ImageTooLarge, read_image
+from .options import DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, engine_factory, serve_options
 from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
 from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from .session import Session
@@ -58,9 +58,7 @@ from .signalling import OfferError, check_offer
 
 logger = logging.getLogger("xportrait.server")
 
-DEFAULT_PORT = 8080
 MODES = ("animate", "echo")  # echo: the same pipeline with the webcam frame as its output
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_OFFER_BYTES = 256 * 1024
 THUMBNAIL_SIDE = 160
 CLIENT_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -68,19 +66,7 @@ SECRET_HEADER = "X-Session-Secret"
 PORTRAIT_CHANGES = (5, 1.0)  # per session: 5 portrait changes at once, then one a second
 
 
-@dataclass
-class Config:
-    engine: str = "warp"
-    size: int = 512
-    engine_options: dict | None = None  # create_engine's keyword options
-    token: str | None = None
-    max_sessions: int = 4
-    max_upload_bytes: int = MAX_UPLOAD_BYTES
-    idle_timeout: float = 15.0
-    connect_timeout: float = 30.0
-    host: str = "127.0.0.1"  # the bound address: names that may appear in Host headers
-    allow_origins: tuple[str, ...] = ()  # other pages that may call the API (scheme://host[:port])
-    portrait_changes: tuple[int, float] = PORTRAIT_CHANGES  # (burst, seconds per change after it)
+Config = ServeOptions  # the server's configuration: its command's options
 
 
 class JSONError(web.HTTPException):
@@ -114,10 +100,13 @@ class TokenBucket:
 
 
 class Server:
-    def __init__(self, config: Config, engines: EnginePool | None = None):
+    def __init__(self, config: ServeOptions, engines: EnginePool | None = None,
+                 portrait_changes: tuple[int, float] = PORTRAIT_CHANGES):
+        """`engines`: where sessions take their engine (default: made from config.engine);
+        `portrait_changes`: each session's (burst, seconds per change after it)."""
         self.config = config
-        self.engines = engines or EnginePool(
-            lambda: create_engine(config.engine, config.size, **(config.engine_options or {})))
+        self.engines = engines or EnginePool(engine_factory(config.engine))
+        self.portrait_changes = portrait_changes
         self.sessions: dict[str, Session] = {}
         self.gallery: dict[str, np.ndarray] = {}
         self.thumbnails: dict[str, bytes] = {}
@@ -377,7 +366,7 @@ class Server:
         if session.id in self._changing:
             raise _fail(429, "a portrait change for this session is still in progress; the previous "
                              "portrait is kept", {"Retry-After": "1"})
-        wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.config.portrait_changes)).take()
+        wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).take()
         if wait:
             raise _fail(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
                         {"Retry-After": str(max(1, round(wait)))})
@@ -411,8 +400,8 @@ class Server:
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
         return web.json_response({
-            "engine": self.config.engine,
-            "size": self.config.size,
+            "engine": self.config.engine.name,
+            "size": self.config.engine.size,
             "max_sessions": self.config.max_sessions,
             "sessions_active": len(self.sessions),
             "worker_threads": worker_threads(),
@@ -476,9 +465,6 @@ def _favicon() -> bytes:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--engine", choices=ENGINES, default="warp",
-                        help="animation engine, one per session (default: warp)")
-    parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
     parser.add_argument("--token", help="access token required on /offer, /avatar and /stats")
     parser.add_argument("--max-sessions", type=int,
                         help="concurrent sessions at most (default 4; 1 for --engine xportrait: one GPU, one stream)")
@@ -512,8 +498,8 @@ async def serve(server: Server, host: str, port: int, tls=None) -> None:
         bound = runner.addresses[0]
         scheme = "https" if tls else "http"
         address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        print(f"xportrait serve: {scheme}://{address}:{bound[1]}/ (engine {server.config.engine}, "
-              f"size {server.config.size})", flush=True)
+        print(f"xportrait serve: {scheme}://{address}:{bound[1]}/ (engine {server.config.engine.name}, "
+              f"size {server.config.engine.size})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -530,80 +516,50 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _tls_context(args: argparse.Namespace):
-    """The SSLContext the flags ask for (None: plain HTTP); prints where a made one lies."""
+def _tls_context(options: ServeOptions):
+    """The SSLContext the options ask for (None: plain HTTP); prints where a made one lies.
+    Raises TLSError (or OSError) naming the file at fault."""
     from .tls import fingerprint, host_names, self_signed, server_context
 
-    if args.self_signed and (args.tls_cert or args.tls_key):
-        raise ValueError("choose either --self-signed or --tls-cert/--tls-key")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together: the certificate and its private key")
-    if args.self_signed:
-        cert, key = self_signed(host_names(args.host))
+    if options.self_signed:
+        cert, key = self_signed(host_names(options.host))
         print(f"xportrait serve: self-signed certificate {cert} (SHA-256 {fingerprint(cert)}); "
               "your browser will ask you to accept it once", flush=True)
         return server_context(cert, key)
-    if args.tls_cert:
-        return server_context(args.tls_cert, args.tls_key)
+    if options.tls_cert:
+        return server_context(options.tls_cert, options.tls_key)
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.verbose)
-    if args.max_sessions is None:
-        args.max_sessions = 1 if args.engine == "xportrait" else 4
-    if args.max_sessions < 1 or args.max_upload_mb <= 0 or args.idle_timeout <= 0 or args.connect_timeout <= 0:
-        print("xportrait serve: --max-sessions, --max-upload-mb and the timeouts must be positive", file=sys.stderr)
-        return 2
-    for origin in args.allow_origin:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            print(f"xportrait serve: --allow-origin {origin!r}: give a page's origin, scheme://host[:port]",
-                  file=sys.stderr)
-            return 2
+    options = serve_options(args)
+    configure_logging(options.verbose)
     from .tls import TLSError
 
     try:
-        tls = _tls_context(args)
-    except (ValueError, TLSError, OSError) as exc:
+        tls = _tls_context(options)
+    except (TLSError, OSError) as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
-    if not is_loopback(args.host) and tls is None and not args.insecure:
-        print(f"xportrait serve: refusing to serve {args.host} over plain HTTP: the token and the page would "
-              "cross the network unencrypted, and browsers give the camera only to https:// pages (or "
-              "localhost). Use --self-signed (or --tls-cert FILE --tls-key FILE); or keep the default --host "
-              "and tunnel: ssh -L 8080:127.0.0.1:8080 THIS_HOST, then open http://127.0.0.1:8080; or pass "
-              "--insecure on a network you trust.", file=sys.stderr)
-        return 2
-    try:
-        from export.backend import live_engine_options
-
-        options = live_engine_options(args)
-    except EngineError as exc:
-        print(f"xportrait serve: {exc}", file=sys.stderr)
-        return 2
-    config = Config(engine=args.engine, size=args.size, engine_options=options, token=args.token or None,
-                    max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                    idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout, host=args.host,
-                    allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
-    if not is_loopback(args.host) and not config.token:
-        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", args.host)
-    server = Server(config)
-    steps = ["the face mesh", f"the {args.engine} engine"]
-    if args.engine == "xportrait":
-        steps[1] += " (weights" + (", torch.compile: minutes" if options.get("compile") else "") + \
-                    (", CUDA graph capture" if options.get("device") != "cpu" else "") + ")"
+    engine = options.engine
+    if not is_loopback(options.host) and not options.token:
+        logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", options.host)
+    steps = ["the face mesh", f"the {engine.name} engine"]
+    if engine.name == "xportrait":
+        steps[1] += " (weights" + (", torch.compile: minutes" if engine.live.compile else "") + \
+                    (", CUDA graph capture" if engine.device != "cpu" else "") + ")"
     print(f"xportrait serve: preparing {' and '.join(steps)}, once, before accepting connections...", flush=True)
     try:
+        server = Server(options)
         server.prepare()
     except EngineError as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
-    if is_loopback(args.host):
+    if is_loopback(options.host):
         keep_media_on_loopback()
     try:
-        asyncio.run(serve(server, args.host, args.port, tls))
+        asyncio.run(serve(server, options.host, options.port, tls))
     except OSError as exc:
-        print(f"xportrait serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         return 2
     return 0

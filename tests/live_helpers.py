@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fractions
 import io
 import json
@@ -43,9 +44,9 @@ def prepared() -> Server:
     return server
 
 
-def configured(prepared: Server, engines: EnginePool | None = None, **changes) -> Server:
+def configured(prepared: Server, engines: EnginePool | None = None, portrait_changes=(5, 1.0), **changes) -> Server:
     """A server sharing the prepared gallery (and engines, unless given), with other settings."""
-    server = Server(Config(**{**prepared.config.__dict__, **changes}), engines or prepared.engines)
+    server = Server(dataclasses.replace(prepared.config, **changes), engines or prepared.engines, portrait_changes)
     server.gallery, server.thumbnails = prepared.gallery, prepared.thumbnails
     return server
 
