@@ -68,7 +68,7 @@ def compare(model, graph_dir: Path, steps: int, window: int, repeat: int, out=sy
 
 def run(args: argparse.Namespace) -> int:
     from engines.xportrait.config import XPortraitConfig
-    from engines.xportrait.loading import load_model
+    from engines.xportrait.weights import load_model
 
     from .onnx_export import ExportError, export_all
 

@@ -15,7 +15,7 @@ import torch
 
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.loading import load_model
+from engines.xportrait.weights import load_model
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser
 from export.backend import load_backend, load_onnx
 from export.graphs import GRAPHS, example_inputs, specs, wrappers

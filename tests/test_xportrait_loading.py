@@ -3,7 +3,7 @@ bad files, LCM-LoRA fusing.
 
 Checkpoints are synthetic: tests/released_layout.py writes the released key layout from the
 released code's module structure. What lands in our modules is checked against diffusers' own
-ldm converters (an implementation independent of loading.py) and against keys mapped by hand.
+ldm converters (an implementation independent of engines/xportrait/weights) and against keys mapped by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.loading import WeightsError, fuse_lora, load_model, map_released
+from engines.xportrait.weights import WeightsError, fuse_lora, load_model, map_released
 from engines.xportrait.model import XPortraitModel
 from released_layout import (  # tests/ is on sys.path (pytest's rootdir-less import)
     SD_PARTS,
@@ -327,7 +327,7 @@ def test_diffusers_folder_base_with_the_checkpoints_own_parts(released, diffuser
     # gives the UNet, VAE and text, and the reference net starts as the UNet.
     partial = released_state_dict(CONFIG, parts=("motion", "pose", "local"), seed=4)
     path = write_checkpoint(tmp_path / "model_state-parts.th", partial)
-    with caplog.at_level(logging.WARNING, logger="engines.xportrait.loading"):
+    with caplog.at_level(logging.WARNING, logger="engines.xportrait.weights.load"):
         model = load_model(CONFIG, base=folder, checkpoint=path)
     assert "reference net is a copy of the base UNet" in caplog.text
     unet = modules["unet"].state_dict()

@@ -1,5 +1,5 @@
 """The X-Portrait diffusion engine (paper: X-Portrait, SIGGRAPH 2024).
 
 config.py (sizes) -> temporal.py, reference.py, unet.py (modules) -> model.py (the model) ->
-pipeline.py (offline sampling) -> engine.py (the Engine protocol); loading.py (weights).
+pipeline.py (offline sampling) -> engine.py (the Engine protocol); weights/ (loading).
 """

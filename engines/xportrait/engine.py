@@ -107,7 +107,7 @@ class XPortraitEngine:
         except ValueError as e:
             raise EngineError(str(e)) from None
 
-        from .loading import load_model
+        from .weights import load_model
 
         self.model = load_model(config, base=base, checkpoint=checkpoint, lcm_lora=lcm_lora,
                                 random_weights=random_weights, seed=seed, dtype=self.dtype, device=self.device,
@@ -181,7 +181,7 @@ def load_small_decoder(path: str, random_weights: bool = False):
 def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dtype, **weights):
     """One model per set of weights in this process: live sessions share it (each has its own
     stream state), so a second connection loads nothing."""
-    from .loading import load_model
+    from .weights import load_model
 
     key = (config, device, dtype, tuple(sorted(weights.items())))
     if key not in _models:
