@@ -42,6 +42,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
     g.add_argument("--allow-hub", action="store_true",
                    help="let --base/--checkpoint/--lcm-lora name Hugging Face hub ids (downloads); default: local paths only")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle torch weights files fully, for one that holds Python objects besides tensors "
+                        "(this can run code from the file: only for files you trust); default: tensors only")
     g.add_argument("--random-weights", action="store_true",
                    help="no weights: random ones, to measure cost (every output is labelled as such)")
     g.add_argument("--compile", action="store_true",
@@ -78,6 +81,7 @@ def engine_options(args: argparse.Namespace, live: bool = False) -> dict:
                 steps=args.steps,
                 guidance=args.guidance, seed=args.seed, device=args.device, dtype=args.dtype,
                 random_weights=args.random_weights, model_size=args.model_size, allow_hub=args.allow_hub,
+                trust_checkpoint=args.trust_checkpoint,
                 **({"stream": True, **live_only, "backend": args.backend, "graphs": args.graphs} if live else {}))
 
 

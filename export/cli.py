@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         model = load_model(config, base=args.base, checkpoint=args.checkpoint, lcm_lora=args.lcm_lora,
-                           random_weights=args.random_weights, seed=args.seed, dtype=torch.float32, device="cpu")
+                           random_weights=args.random_weights, seed=args.seed, dtype=torch.float32, device="cpu",
+                           allow_hub=args.allow_hub, trust_checkpoint=args.trust_checkpoint)
         print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
         manifest = export_all(model, out, steps=steps, window=args.window, show_progress=True)

@@ -25,10 +25,18 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.weights import WeightsError, fuse_lora, load_model, map_released
+from engines.xportrait.weights import (
+    WeightsError,
+    fuse_lora,
+    load_model,
+    map_released,
+    to_released,
+    write_released,
+)
 from engines.xportrait.model import XPortraitModel
 from released_layout import (  # tests/ is on sys.path (pytest's rootdir-less import)
     SD_PARTS,
+    clip_text,
     ddpm_buffers,
     positional_table,
     released_shapes,
@@ -225,6 +233,76 @@ def test_random_weights_are_seeded_and_finite():
         load_model(CONFIG, checkpoint="model_state-1.th", random_weights=True)
     with pytest.raises(WeightsError, match="no weights given"):
         load_model(CONFIG)
+
+
+# -- the released layout written back -------------------------------------------------------------
+
+NOT_HELD = ("cond_stage_model.", "appearance_control_model.input_hint_block.")
+
+
+def test_to_released_gives_back_every_key_and_tensor_of_the_release(released, tmp_path):
+    """released layout -> load -> to_released: the same keys, dtypes and values; what the model
+    does not hold (CLIP's tower: it keeps the embedding; the never-called hint encoder) comes
+    back through `extra`, and the written file loads to the same model."""
+    path, sd, model = released
+    out = to_released(CONFIG, model)
+    not_held = {k for k in sd if k.startswith(NOT_HELD)}
+    assert len(not_held) == len(clip_text(CONFIG)) + 16
+    assert set(out) == set(sd) - not_held
+    differ = [k for k in out if out[k].dtype != sd[k].dtype or not torch.equal(out[k], sd[k])]
+    assert not differ, differ[:5]
+
+    full = to_released(CONFIG, model, extra={k: sd[k] for k in not_held})
+    assert set(full) == set(sd) and all(torch.equal(full[k], sd[k]) for k in sd)
+    again = load_model(CONFIG, checkpoint=write_released(tmp_path / "model_state-export.th", full))
+    assert_module_equals(again, model.state_dict(), "reloaded")
+    assert torch.equal(again.text, model.text)
+
+    with pytest.raises(WeightsError, match="not a part the model lacks"):
+        to_released(CONFIG, model, extra={"pose_control_model.zero_convs.0.0.weight": torch.zeros(1)})
+
+
+def test_to_released_names_the_sd15_model_as_the_release_does():
+    """At full size (meta tensors): the released names and shapes, all 3082 but what the model lacks."""
+    config = XPortraitConfig.sd15()
+    with torch.device("meta"):
+        model = XPortraitModel(config)
+    out = to_released(config, model)
+    shapes = released_shapes(config)
+    assert set(out) == {k for k in shapes if not k.startswith(NOT_HELD)}
+    assert len(out) == 3082 - 197 - 16
+    wrong = [k for k, v in out.items() if tuple(v.shape) != shapes[k]]
+    assert not wrong, wrong[:5]
+
+
+class TrainingArguments:
+    """A Python object a training script may save beside the weights; counts its unpicklings."""
+
+    unpickled = 0
+
+    def __setstate__(self, state):
+        TrainingArguments.unpickled += 1
+        self.__dict__.update(state)
+
+
+def test_python_objects_in_a_checkpoint_are_refused_in_one_line_unless_trusted(released, tmp_path):
+    path, sd, model = released
+    args = TrainingArguments()
+    args.lr = 1e-5
+    file = tmp_path / "model_state-with-args.th"
+    torch.save({"state_dict": {**sd, "global_step": 415001}, "args": args}, file)
+    TrainingArguments.unpickled = 0
+    with pytest.raises(WeightsError) as e:
+        load_model(CONFIG, checkpoint=file)
+    message = str(e.value)
+    assert "\n" not in message and str(file) in message
+    assert "holds Python objects besides tensors (first: test_xportrait_loading.TrainingArguments)" in message
+    assert "--trust-checkpoint" in message and "trust_checkpoint=True" in message
+    assert TrainingArguments.unpickled == 0  # refused before anything was unpickled
+
+    trusted = load_model(CONFIG, checkpoint=file, trust_checkpoint=True)  # global_step: left out, not an error
+    assert TrainingArguments.unpickled == 1
+    assert_module_equals(trusted, model.state_dict(), "trusted")
 
 
 # -- bad checkpoints -----------------------------------------------------------------------------

@@ -87,7 +87,8 @@ class XPortraitEngine:
                  guidance: float | None = None,
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, window: int = 16, overlap: int = 4,
-                 offsets: str = "random", shared_noise: bool = False, allow_hub: bool = False):
+                 offsets: str = "random", shared_noise: bool = False, allow_hub: bool = False,
+                 trust_checkpoint: bool = False):
         if not random_weights and checkpoint is None:
             raise EngineError(NEEDS_WEIGHTS)
         self.size = size
@@ -111,7 +112,7 @@ class XPortraitEngine:
 
         self.model = load_model(config, base=base, checkpoint=checkpoint, lcm_lora=lcm_lora,
                                 random_weights=random_weights, seed=seed, dtype=self.dtype, device=self.device,
-                                allow_hub=allow_hub)
+                                allow_hub=allow_hub, trust_checkpoint=trust_checkpoint)
         self.pipeline = XPortraitPipeline(self.model, self.settings)
         self._sources: torch.Tensor | None = None
         self._driving: list[np.ndarray] = []
@@ -205,7 +206,8 @@ class XPortraitStreamEngine:
                  random_weights: bool = False, model_size: str = "sd15", device: str | None = None,
                  dtype: str | None = None, seed: int = 999, cuda_graph: bool = True, compile: bool = False,
                  tiny_decoder: str | None = None, channels_last: bool = True, model=None, allow_hub: bool = False,
-                 sampler: str | None = None, guidance: float | None = None, lookahead: int = 0):
+                 sampler: str | None = None, guidance: float | None = None, lookahead: int = 0,
+                 trust_checkpoint: bool = False):
         if sampler not in (None, "lcm") or guidance not in (None, 1.0):
             raise EngineError("the live xportrait engine samples with LCM and no guidance (--sampler lcm, --guidance 1)")
         if model is None and not random_weights and checkpoint is None:
@@ -224,7 +226,8 @@ class XPortraitStreamEngine:
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, base=base, checkpoint=checkpoint,
-                                 lcm_lora=lcm_lora, random_weights=random_weights, seed=seed, allow_hub=allow_hub)
+                                 lcm_lora=lcm_lora, random_weights=random_weights, seed=seed, allow_hub=allow_hub,
+                                 trust_checkpoint=trust_checkpoint)
         elif lookahead:
             raise EngineError("--lookahead works with the torch backend only (the exported graphs attend causally)")
         elif model.config.resolution != size:
