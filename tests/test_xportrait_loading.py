@@ -34,6 +34,7 @@ from engines.xportrait.weights import (
     write_released,
 )
 from engines.xportrait.model import XPortraitModel
+from fixtures import one_torch_thread  # tests/ is on sys.path
 from released_layout import (  # tests/ is on sys.path (pytest's rootdir-less import)
     SD_PARTS,
     clip_text,
@@ -52,12 +53,8 @@ EMPTY_PROMPT = [49406] + [49407] * 76
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model's ops are too small to share: with a second thread, every op waits on a
-    busy core (seconds per forward on a loaded 2-core machine instead of 0.1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
