@@ -7,9 +7,15 @@ import torch
 
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
-from fixtures import tiny_model  # tests/ is on sys.path
+from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

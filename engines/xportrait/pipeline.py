@@ -147,6 +147,7 @@ class XPortraitPipeline:
         self.settings = settings
         self.reference_calls = 0  # reference-net evaluations (tests count them)
 
+    @torch.no_grad()
     def latents(self, sources: torch.Tensor, frames: int, scheduler,
                 generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(initial latents (N, 4, h, w), one reference latent per source: (N, 4, h, w), a
