@@ -8,6 +8,7 @@ ldm converters (an implementation independent of engines/xportrait/weights) and 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 
@@ -23,6 +24,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from engines import add_engine_arguments, create_engine, engine_options
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.weights import (
@@ -300,6 +302,19 @@ def test_python_objects_in_a_checkpoint_are_refused_in_one_line_unless_trusted(r
     trusted = load_model(CONFIG, checkpoint=file, trust_checkpoint=True)  # global_step: left out, not an error
     assert TrainingArguments.unpickled == 1
     assert_module_equals(trusted, model.state_dict(), "trusted")
+
+
+    # The command line: --trust-checkpoint reaches the engine, which says what to pass without it.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", default="xportrait")
+    add_engine_arguments(parser)
+    flags = ["--checkpoint", str(file), "--model-size", "tiny", "--device", "cpu"]
+    assert engine_options(parser.parse_args(flags))["trust_checkpoint"] is False
+    options = engine_options(parser.parse_args(flags + ["--trust-checkpoint"]))
+    with pytest.raises(EngineError, match="pass --trust-checkpoint"):
+        create_engine("xportrait", CONFIG.resolution, **{**options, "trust_checkpoint": False})
+    engine = create_engine("xportrait", CONFIG.resolution, **options)
+    assert_module_equals(engine.model, model.state_dict(), "engine")
 
 
 # -- bad checkpoints -----------------------------------------------------------------------------
