@@ -114,6 +114,7 @@ class XPortraitOptions:
     random_weights: bool = False
     model_size: str = "sd15"  # "tiny": the same architecture a few channels wide
     allow_hub: bool = False  # base/checkpoint/lcm_lora may name Hugging Face hub ids
+    trust_checkpoint: bool = False  # unpickle torch files fully (Python objects besides tensors)
     # Sampling. None: the sampler's default (offline: the released DDIM, 30 steps, guidance 5,
     # or LCM with an LCM-LoRA, 4 steps, no guidance; live: LCM, LIVE_STEPS, no guidance).
     sampler: str | None = None
@@ -164,7 +165,8 @@ class XPortraitOptions:
     def weights(self) -> dict:
         """What `load_model` takes to find the weights."""
         return dict(base=self.base, checkpoint=self.checkpoint, lcm_lora=self.lcm_lora,
-                    random_weights=self.random_weights, seed=self.seed, allow_hub=self.allow_hub)
+                    random_weights=self.random_weights, seed=self.seed, allow_hub=self.allow_hub,
+                    trust_checkpoint=self.trust_checkpoint)
 
 
 EngineOptions = Union[WarpOptions, XPortraitOptions]

@@ -70,7 +70,7 @@ def compare(model, graph_dir: Path, steps: int, window: int, repeat: int, out=sy
 
 def run(args: argparse.Namespace) -> int:
     options = export_options(args)
-    from engines.xportrait.loading import load_model
+    from engines.xportrait.weights import load_model
     from engines.xportrait.runtime import model_config
 
     from .onnx_export import export_all

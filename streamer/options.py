@@ -43,7 +43,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
-                   "allow_hub", "random_weights", "model_size")
+                   "allow_hub", "trust_checkpoint", "random_weights", "model_size")
 LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs")
 
 
@@ -68,6 +68,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--dtype", choices=DTYPES, help="default: fp16 on a GPU, fp32 on a CPU")
     g.add_argument("--allow-hub", action="store_true",
                    help="let --base/--checkpoint/--lcm-lora name Hugging Face hub ids (downloads); default: local paths only")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle torch weights files fully, for one that holds Python objects besides tensors "
+                        "(this can run code from the file: only for files you trust); default: tensors only")
     g.add_argument("--random-weights", action="store_true",
                    help="no weights: random ones, to measure cost (every output is labelled as such)")
     g.add_argument("--compile", action="store_true",

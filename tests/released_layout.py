@@ -3,7 +3,7 @@
 Written from the released code's module structure (ldm UNetModel_Temporal, cldm ControlNet,
 ControlNetReferenceOnly, AnimateDiff's VanillaTemporalModule, ldm AutoencoderKL, the HF CLIP
 text tower of FrozenCLIPEmbedder, the DDPM schedule buffers), walking the constructors the way
-they build their modules. It knows nothing of our model or of engines/xportrait/loading.py:
+they build their modules. It knows nothing of our model or of engines/xportrait/weights/:
 a test that loads what it writes checks the loader's mapping against the released layout,
 not against itself. At the SD1.5 config it yields the counts derived from the released code
 (model.diffusion_model 686 + 560 motion, appearance 698, each ControlNet 340, VAE 248,

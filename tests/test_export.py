@@ -15,7 +15,7 @@ import torch
 
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.loading import load_model
+from engines.xportrait.weights import load_model
 from engines.xportrait.stream import DenoiserModel, SplitDenoiserModel, StreamSettings, StreamingDenoiser
 from export.graph_model import load_graphs
 from export.graphs import example_inputs, specs, wrappers

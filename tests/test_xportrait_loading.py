@@ -3,11 +3,13 @@ bad files, LCM-LoRA fusing.
 
 Checkpoints are synthetic: tests/released_layout.py writes the released key layout from the
 released code's module structure. What lands in our modules is checked against diffusers' own
-ldm converters (an implementation independent of loading.py) and against keys mapped by hand.
+ldm converters (an implementation independent of engines/xportrait/weights) and against keys mapped by hand.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import re
 
@@ -23,12 +25,22 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from engines import create_engine
 from engines.base import EngineError
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.loading import WeightsError, fuse_lora, load_model, map_released
+from engines.xportrait.weights import (
+    WeightsError,
+    fuse_lora,
+    load_model,
+    map_released,
+    to_released,
+    write_released,
+)
 from engines.xportrait.model import XPortraitModel
+from fixtures import one_torch_thread  # tests/ is on sys.path
 from released_layout import (  # tests/ is on sys.path (pytest's rootdir-less import)
     SD_PARTS,
+    clip_text,
     ddpm_buffers,
     positional_table,
     released_shapes,
@@ -44,12 +56,8 @@ EMPTY_PROMPT = [49406] + [49407] * 76
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model's ops are too small to share: with a second thread, every op waits on a
-    busy core (seconds per forward on a loaded 2-core machine instead of 0.1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +235,92 @@ def test_random_weights_are_seeded_and_finite():
         load_model(CONFIG)
 
 
+# -- the released layout written back -------------------------------------------------------------
+
+NOT_HELD = ("cond_stage_model.", "appearance_control_model.input_hint_block.")
+
+
+def test_to_released_gives_back_every_key_and_tensor_of_the_release(released, tmp_path):
+    """released layout -> load -> to_released: the same keys, dtypes and values; what the model
+    does not hold (CLIP's tower: it keeps the embedding; the never-called hint encoder) comes
+    back through `extra`, and the written file loads to the same model."""
+    path, sd, model = released
+    out = to_released(CONFIG, model)
+    not_held = {k for k in sd if k.startswith(NOT_HELD)}
+    assert len(not_held) == len(clip_text(CONFIG)) + 16
+    assert set(out) == set(sd) - not_held
+    differ = [k for k in out if out[k].dtype != sd[k].dtype or not torch.equal(out[k], sd[k])]
+    assert not differ, differ[:5]
+
+    full = to_released(CONFIG, model, extra={k: sd[k] for k in not_held})
+    assert set(full) == set(sd) and all(torch.equal(full[k], sd[k]) for k in sd)
+    again = load_model(CONFIG, checkpoint=write_released(tmp_path / "model_state-export.th", full))
+    assert_module_equals(again, model.state_dict(), "reloaded")
+    assert torch.equal(again.text, model.text)
+
+    with pytest.raises(WeightsError, match="not a part the model lacks"):
+        to_released(CONFIG, model, extra={"pose_control_model.zero_convs.0.0.weight": torch.zeros(1)})
+
+
+def test_to_released_names_the_sd15_model_as_the_release_does():
+    """At full size (meta tensors): the released names and shapes, all 3082 but what the model lacks."""
+    config = XPortraitConfig.sd15()
+    with torch.device("meta"):
+        model = XPortraitModel(config)
+    out = to_released(config, model)
+    shapes = released_shapes(config)
+    assert set(out) == {k for k in shapes if not k.startswith(NOT_HELD)}
+    assert len(out) == 3082 - 197 - 16
+    wrong = [k for k, v in out.items() if tuple(v.shape) != shapes[k]]
+    assert not wrong, wrong[:5]
+
+
+class TrainingArguments:
+    """A Python object a training script may save beside the weights; counts its unpicklings."""
+
+    unpickled = 0
+
+    def __setstate__(self, state):
+        TrainingArguments.unpickled += 1
+        self.__dict__.update(state)
+
+
+def test_python_objects_in_a_checkpoint_are_refused_in_one_line_unless_trusted(released, tmp_path):
+    path, sd, model = released
+    args = TrainingArguments()
+    args.lr = 1e-5
+    file = tmp_path / "model_state-with-args.th"
+    torch.save({"state_dict": {**sd, "global_step": 415001}, "args": args}, file)
+    TrainingArguments.unpickled = 0
+    with pytest.raises(WeightsError) as e:
+        load_model(CONFIG, checkpoint=file)
+    message = str(e.value)
+    assert "\n" not in message and str(file) in message
+    assert "holds Python objects besides tensors (first: test_xportrait_loading.TrainingArguments)" in message
+    assert "--trust-checkpoint" in message and "trust_checkpoint=True" in message
+    assert TrainingArguments.unpickled == 0  # refused before anything was unpickled
+
+    trusted = load_model(CONFIG, checkpoint=file, trust_checkpoint=True)  # global_step: left out, not an error
+    assert TrainingArguments.unpickled == 1
+    assert_module_equals(trusted, model.state_dict(), "trusted")
+
+
+    # The command line: --trust-checkpoint reaches the engine, which says what to pass without it.
+    from streamer.options import add_engine_arguments, engine_options
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    flags = ["--engine", "xportrait", "--size", str(CONFIG.resolution), "--checkpoint", str(file),
+             "--model-size", "tiny", "--device", "cpu"]
+    assert engine_options(parser.parse_args(flags)).trust_checkpoint is False
+    options = engine_options(parser.parse_args(flags + ["--trust-checkpoint"]))
+    assert options.trust_checkpoint is True
+    with pytest.raises(EngineError, match="pass --trust-checkpoint"):
+        create_engine(dataclasses.replace(options, trust_checkpoint=False))
+    engine = create_engine(options)
+    assert_module_equals(engine.model, model.state_dict(), "engine")
+
+
 # -- bad checkpoints -----------------------------------------------------------------------------
 
 def test_a_renamed_key_is_named_with_the_parameter_it_leaves_empty(released, tmp_path):
@@ -327,7 +421,7 @@ def test_diffusers_folder_base_with_the_checkpoints_own_parts(released, diffuser
     # gives the UNet, VAE and text, and the reference net starts as the UNet.
     partial = released_state_dict(CONFIG, parts=("motion", "pose", "local"), seed=4)
     path = write_checkpoint(tmp_path / "model_state-parts.th", partial)
-    with caplog.at_level(logging.WARNING, logger="engines.xportrait.loading"):
+    with caplog.at_level(logging.WARNING, logger="engines.xportrait.weights.load"):
         model = load_model(CONFIG, base=folder, checkpoint=path)
     assert "reference net is a copy of the base UNet" in caplog.text
     unet = modules["unet"].state_dict()

@@ -8,21 +8,21 @@ import torch
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.pipeline import SamplerSettings, XPortraitPipeline, fuse_windows, make_scheduler, windows
+from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
+from released_layout import ddpm_buffers
 
 RES = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model() -> XPortraitModel:
-    torch.manual_seed(0)
-    m = XPortraitModel(XPortraitConfig.tiny(RES)).eval()
-    # Zero-initialised output projections (as trained modules start) would make the temporal
-    # modules and ControlNets no-ops; random ones make every path matter.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return m
+    return tiny_model(RES)
 
 
 def clip(frames: int, seed: int = 1):
@@ -41,23 +41,46 @@ def test_released_ddim_timesteps_are_ldm_uniform():
     assert lcm.timesteps.tolist() == [999, 759, 499, 259]
 
 
-def test_windows_cover_every_frame_and_follow_the_released_layout():
+def released_windows(frames: int, offset: int, b: int = 16, num_overlap: int = 4) -> list[torch.Tensor]:
+    """The released DDIMSampler_ReferenceOnly's windows for one step, as it writes them."""
+    skip = b - num_overlap
+    return [torch.arange(start, start + b) % frames for start in range(offset, offset + frames - num_overlap, skip)]
+
+
+def released_fusion(frames: int, groups, predictions, like: torch.Tensor) -> torch.Tensor:
+    """The release's fusion of window predictions, as it writes it."""
+    out, counts = torch.zeros_like(like), torch.zeros(frames)
+    for indices, eps in zip(groups, predictions):
+        out[indices] += eps
+        counts[indices] += 1
+    return out / counts.reshape(-1, 1, 1, 1)
+
+
+def test_windows_are_the_released_ones_for_every_clip_length():
+    """16 frames from a random offset modulo the clip: above 16 frames windows of stride 12;
+    at 16 one window, rotated; below, frames repeat to fill it."""
     g = torch.Generator().manual_seed(0)
     s = SamplerSettings()
-    for n in (16, 17, 40, 100):
-        groups = windows(n, s, g)
-        covered = torch.zeros(n)
-        for idx in groups:
-            assert len(idx) == min(n, 16)
-            covered[idx] += 1
-        assert (covered >= 1).all()
-        if n > 16:  # stride 12 from a random offset, wrapping around
-            assert len(groups) == -(-(n - 4) // 12)
-            assert all(int(b[0]) == (int(a[0]) + 12) % n for a, b in zip(groups, groups[1:]))
+    for n in (1, 2, 4, 5, 10, 15, 16, 17, 40, 100):
+        for _ in range(3):  # a new offset each step
+            state = g.get_state()
+            groups = windows(n, s, g)
+            offset = int(torch.randint(0, n, (1,), generator=torch.Generator().set_state(state)))
+            expected = released_windows(n, offset)
+            if n <= 4:  # the release has no window at all there (and divides 0 by 0): we run the one
+                expected = [torch.arange(offset, offset + 16) % n]
+            assert len(groups) == len(expected) and all(torch.equal(a, b) for a, b in zip(groups, expected)), n
+            assert all(len(idx) == 16 for idx in groups)
+            covered = torch.zeros(n)
+            for idx in groups:
+                covered[idx] += 1
+            assert (covered >= 1).all()
+    rotations = {int(windows(16, s, g)[0][0]) for _ in range(20)}
+    assert len(rotations) > 5  # at exactly 16 frames the window's order rotates from step to step
     fixed = windows(40, SamplerSettings(offsets="fixed"), g)
     assert [int(w[0]) for w in fixed] == [0, 12, 24]
     assert int(fixed[-1][-1]) == 39
-
+    assert [w.tolist() for w in windows(6, SamplerSettings(offsets="fixed"), g)] == [list(range(6))]
 
 def test_fusion_averages_each_frame_over_its_windows():
     groups = [torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4, 5]), torch.tensor([5, 0, 1, 2])]
@@ -69,6 +92,45 @@ def test_fusion_averages_each_frame_over_its_windows():
     with pytest.raises(RuntimeError, match="left out"):
         fuse_windows(7, groups, lambda idx: torch.zeros(len(idx), 1), torch.zeros(7, 1))
 
+
+def test_fusion_of_repeated_frames_is_the_releases():
+    """A clip shorter than the window: each frame is in it two or three times; the release's
+    `out[idx] += eps; counts[idx] += 1` keeps one prediction per frame, its last place's."""
+    g = torch.Generator().manual_seed(4)
+    for n in (3, 7, 10, 16, 30):
+        like = torch.zeros(n, 4, 2, 2)
+        groups = windows(n, SamplerSettings(), g)
+        predictions = [torch.randn(len(idx), 4, 2, 2, generator=g) for idx in groups]
+        calls = iter(predictions)
+        fused = fuse_windows(n, groups, lambda idx: next(calls), like)
+        torch.testing.assert_close(fused, released_fusion(n, groups, predictions, like), rtol=0, atol=1e-6)
+
+
+def test_a_short_clip_runs_one_16_frame_window_in_rotating_order(model, monkeypatch):
+    """6 frames and 16 frames: every UNet call sees 16 frames in cyclic order (what the
+    temporal modules were trained on), starting where the step's offset says."""
+    seen = []
+    original = model.predict_noise
+
+    def spy(sample, timestep, frames, reference, pose, local, guidance=1.0, **kw):
+        seen.append((frames, pose))
+        return original(sample, timestep, frames, reference, pose, local, guidance, **kw)
+
+    monkeypatch.setattr(model, "predict_noise", spy)
+    for n in (6, 16):
+        seen.clear()
+        sources, driving, local = clip(n)
+        settings = SamplerSettings(sampler="ddim", steps=3, guidance=1.0)
+        out = XPortraitPipeline(model, settings)(sources, driving, local)
+        assert out.shape == (n, 3, RES, RES) and torch.isfinite(out).all()
+        assert len(seen) == len(make_scheduler(model.config, settings).timesteps) == 3  # one window a step
+        assert all(frames == 16 for frames, _ in seen)
+        firsts = set()
+        for _, pose in seen:
+            order = [int(torch.nonzero((driving == row).flatten(1).all(1))[0]) for row in pose]
+            assert all((b - a) % n == 1 for a, b in zip(order, order[1:]))  # cyclic, wrapping
+            firsts.add(order[0])
+        assert len(firsts) > 1  # the offset moves between steps
 
 def test_same_seed_same_frames_other_seed_other_frames(model):
     sources, driving, local = clip(20)
@@ -82,15 +144,35 @@ def test_same_seed_same_frames_other_seed_other_frames(model):
 
 
 def test_reference_features_are_computed_once_per_step_not_per_window_or_frame(model, monkeypatch):
+    """With the posterior mean (one reference latent for all frames)."""
     calls = []
     original = model.reference_net.forward
     monkeypatch.setattr(model.reference_net, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     sources, driving, local = clip(40)  # 3 windows a step
-    pipe = XPortraitPipeline(model, SamplerSettings(sampler="ddim", steps=3, guidance=1.0))
+    pipe = XPortraitPipeline(model, SamplerSettings(sampler="ddim", steps=3, guidance=1.0, posterior="mean"))
     pipe(sources, driving, local)
     steps = len(make_scheduler(model.config, pipe.settings).timesteps)
     assert len(calls) == steps * len(sources) == pipe.reference_calls
 
+
+def test_sampled_references_are_each_frames_own(model, monkeypatch):
+    """As released: each frame has its own posterior draw of every source; a window's
+    reference keys/values come from its frames' draws (a batch of 16 per source)."""
+    latents = []
+    original = model.reference_net.forward
+    monkeypatch.setattr(model.reference_net, "forward",
+                        lambda latent, *a, **k: latents.append(latent) or original(latent, *a, **k))
+    sources, driving, local = clip(20)  # 2 windows a step
+    pipe = XPortraitPipeline(model, SamplerSettings(sampler="ddim", steps=3, guidance=1.0))
+    pipe(sources, driving, local)
+    steps = len(make_scheduler(model.config, pipe.settings).timesteps)
+    assert len(latents) == steps * 2 * len(sources) == pipe.reference_calls
+    assert all(z.shape[0] == 16 for z in latents)
+    scheduler = make_scheduler(model.config, pipe.settings)
+    _, references = pipe.latents(sources, 20, scheduler, torch.Generator().manual_seed(pipe.settings.seed))
+    first = latents[0]  # the first window of the first step, source 0: draws of 16 different frames
+    rows = [int(torch.nonzero((references[0] == z).flatten(1).all(1))[0]) for z in first]
+    assert len(set(rows)) == 16
 
 def test_windowing_changes_nothing_when_frames_do_not_interact(model):
     """Invariant of the fusion: if the temporal modules are the identity (their output projection
@@ -102,9 +184,9 @@ def test_windowing_changes_nothing_when_frames_do_not_interact(model):
     with torch.no_grad():
         for m in identity.unet.motion.in_order():
             m.proj_out.weight.zero_(), m.proj_out.bias.zero_()
-    sources, driving, local = clip(24)
-    base = SamplerSettings(sampler="ddim", steps=2, guidance=1.0)
-    whole = XPortraitPipeline(identity, SamplerSettings(**{**base.__dict__, "window": 24}))(sources, driving, local)
+    sources, driving, local = clip(10)
+    base = SamplerSettings(sampler="ddim", steps=2, guidance=1.0)  # one 16-frame window: frames repeat, order rotates
+    whole = XPortraitPipeline(identity, SamplerSettings(**{**base.__dict__, "offsets": "fixed"}))(sources, driving, local)
     windowed = XPortraitPipeline(identity, base)(sources, driving, local)
     small = XPortraitPipeline(identity, SamplerSettings(**{**base.__dict__, "window": 5, "overlap": 2}))(sources, driving, local)
     torch.testing.assert_close(windowed, whole, rtol=1e-4, atol=1e-4)
@@ -115,18 +197,61 @@ def test_windowing_changes_nothing_when_frames_do_not_interact(model):
     assert not torch.allclose(mixed, mixed_small, atol=1e-3)
 
 
-def test_initial_latents_are_the_forward_diffused_source(model):
-    pipe = XPortraitPipeline(model, SamplerSettings.lcm(4))
-    scheduler = make_scheduler(model.config, pipe.settings)
-    z = torch.randn(1, 4, RES // 8, RES // 8)
-    x = pipe.initial_latents(scheduler, z, 3, torch.Generator().manual_seed(0))
-    a = scheduler.alphas_cumprod[999]
-    noise = (x - a.sqrt() * z) / (1 - a).sqrt()
-    assert noise.std() == pytest.approx(1.0, abs=0.25)  # what is left is unit noise
-    assert not torch.allclose(x[0], x[1])  # one noise per frame by default (released)
-    shared = XPortraitPipeline(model, SamplerSettings(**{**pipe.settings.__dict__, "shared_noise": True}))
-    y = shared.initial_latents(scheduler, z, 3, torch.Generator().manual_seed(0))
+def posterior_draws(model, images: torch.Tensor, frames: int, g: torch.Generator) -> list[torch.Tensor]:
+    """ldm's DiagonalGaussianDistribution.sample, per image, `frames` draws: mean + std * N(0, 1)
+    of the encoder's moments (logvar clamped to [-30, 20]), scaled."""
+    moments = model.vae.quant_conv(model.vae.encoder(images))
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return [(mean[i] + std[i] * torch.randn(frames, *mean.shape[1:], generator=g)) * 0.18215
+            for i in range(len(images))]
+
+
+def test_latents_are_the_releases_posterior_draws_forward_diffused_to_999(model):
+    """Written from ldm: get_first_stage_encoding(encode_first_stage(x)) per frame, then
+    q_sample(x0, t=999) = sqrt(ac[999]) x0 + sqrt(1 - ac[999]) noise with ldm's buffers."""
+    sources, _, _ = clip(1)
+    n = 5
+    for sampler in (SamplerSettings.released(), SamplerSettings.lcm(4)):
+        pipe = XPortraitPipeline(model, sampler)
+        scheduler = make_scheduler(model.config, sampler)
+        g = torch.Generator().manual_seed(sampler.seed)
+        with torch.no_grad():
+            x, references = pipe.latents(sources, n, scheduler, g)
+
+            r = torch.Generator().manual_seed(sampler.seed)
+            start_ref = posterior_draws(model, sources[:1], n, r)[0]
+            noise = torch.randn(n, 4, RES // 8, RES // 8, generator=r)
+            references_ref = posterior_draws(model, sources, n, r)
+        buffers = ddpm_buffers(model.config)
+        x_ref = buffers["sqrt_alphas_cumprod"][999] * start_ref + buffers["sqrt_one_minus_alphas_cumprod"][999] * noise
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-5)
+        assert len(references) == 2
+        for ours, theirs in zip(references, references_ref):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        assert not torch.allclose(references[0][0], references[0][1])  # one draw per frame
+    assert scheduler.timesteps[0] == 999 and make_scheduler(model.config, SamplerSettings()).timesteps[0] == 991
+
+
+def test_our_latent_options_are_the_mean_and_the_first_step(model):
+    sources, _, _ = clip(1)
+    settings = SamplerSettings(posterior="mean", start_noise="first-step")
+    pipe = XPortraitPipeline(model, settings)
+    scheduler = make_scheduler(model.config, settings)
+    with torch.no_grad():
+        x, references = pipe.latents(sources, 3, scheduler, torch.Generator().manual_seed(0))
+        mean = model.vae.encode(sources).latent_dist.mean * 0.18215
+    assert [r.shape[0] for r in references] == [1, 1] and torch.equal(references[1][0], mean[1])
+    noise = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    a = ddpm_buffers(model.config)["alphas_cumprod"][991]  # the first of ldm's 31 "30" steps
+    torch.testing.assert_close(x, a.sqrt() * mean[:1] + (1 - a).sqrt() * noise, rtol=0, atol=1e-5)
+    shared = XPortraitPipeline(model, SamplerSettings(shared_noise=True))
+    y = shared.initial_latents(scheduler, mean[:1].expand(3, -1, -1, -1), torch.Generator().manual_seed(0))
     assert torch.equal(y[0], y[2])
+    with pytest.raises(ValueError, match="posterior"):
+        SamplerSettings(posterior="mode").validate()
+    with pytest.raises(ValueError, match="start_noise"):
+        SamplerSettings(start_noise="991").validate()
 
 
 def test_several_references_join_the_attention_tokens(model):

@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
+from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model() -> XPortraitModel:
-    torch.manual_seed(0)
-    m = XPortraitModel(XPortraitConfig.tiny(RES)).eval()
-    with torch.no_grad():  # zero-initialised projections would hide the temporal path
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
+    return tiny_model(RES)
 
 
 def random_frames(frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

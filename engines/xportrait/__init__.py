@@ -2,5 +2,5 @@
 
 config.py (sizes) -> temporal.py, reference.py, unet.py (modules) -> model.py (the model) ->
 pipeline.py (offline sampling), stream.py (live sampling: the stream batch) -> offline.py,
-live.py (the two engines, over runtime.py); loading.py (weights).
+live.py (the two engines, over runtime.py); weights/ (loading).
 """

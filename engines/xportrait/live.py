@@ -47,7 +47,7 @@ def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dty
     """One model per set of weights in this process: live sessions share it (each has its own
     stream state), so a second connection loads nothing. Made ready for the stream once: the
     memory layout, and the temporal attentions' weight-only terms (after any dtype/layout change)."""
-    from .loading import load_model
+    from .weights import load_model
 
     key = (config, device, dtype, channels_last, tuple(sorted(weights.items())))
     if key not in _models:

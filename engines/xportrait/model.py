@@ -8,7 +8,7 @@
 - `text`: the empty prompt's CLIP embedding, computed once at load (text is not used)
 
 All inputs are tensors; images are (N, 3, H, W) in [-1, 1], latents are scaled by the VAE's
-scaling factor. Loading real weights: loading.py.
+scaling factor. Loading real weights: weights/.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class XPortraitEngine:
         self.settings = settings or sampler_settings(options)
 
         if model is None:
-            from .loading import load_model
+            from .weights import load_model
 
             model = load_model(config, dtype=self.dtype, device=self.device, **options.weights)
         elif model.config != config:
