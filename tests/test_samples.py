@@ -1,4 +1,5 @@
-"""streamer.samples: the bundled portraits and the synthetic driving clips.
+"""streamer.samples: the bundled portraits (gallery), the synthetic driving clips (puppet),
+and the clip files streamer.video.write_video makes of them.
 
 The clips are only useful as test and demo input if a face tracker sees in them what
 their script says, so the main tests play each portrait's default clip through
@@ -28,9 +29,8 @@ from streamer.samples import (
     driving_clip,
     portrait,
     puppet,
-    write_clip,
-    write_y4m,
 )
+from streamer.video import write_video
 
 FPS = 25
 
@@ -190,9 +190,9 @@ def frames() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("audio", [False, True])
-def test_write_clip_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
+def test_write_video_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
     path = tmp_path / "clip.mp4"
-    assert write_clip(path, iter(frames), fps=FPS, audio=audio) == len(frames)
+    assert write_video(path, iter(frames), fps=FPS, tone_hz=440.0 if audio else None) == len(frames)
     with av.open(str(path)) as container:
         video = container.streams.video[0]
         assert video.codec_context.name == "h264"
@@ -215,24 +215,24 @@ def test_write_clip_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
         assert 0.1 < np.abs(samples).max() < 0.3  # the 0.2 tone, not silence
 
 
-def test_write_clip_refuses_bad_frames_and_leaves_no_file(tmp_path, frames):
+def test_write_video_refuses_bad_frames_and_leaves_no_file(tmp_path, frames):
     path = tmp_path / "clip.mp4"
     with pytest.raises(ValueError, match="no frames"):
-        write_clip(path, [], fps=FPS)
+        write_video(path, [], fps=FPS)
     with pytest.raises(ValueError, match="even"):
-        write_clip(path, [np.zeros((101, 100, 3), np.uint8)], fps=FPS)
+        write_video(path, [np.zeros((101, 100, 3), np.uint8)], fps=FPS)
     with pytest.raises(ValueError, match="frame 2"):
-        write_clip(path, [frames[0], frames[1], frames[2][:240]], fps=FPS)
+        write_video(path, [frames[0], frames[1], frames[2][:240]], fps=FPS)
     with pytest.raises(ValueError, match="RGB uint8"):
-        write_clip(path, [frames[0].astype(np.float32)], fps=FPS)
+        write_video(path, [frames[0].astype(np.float32)], fps=FPS)
     with pytest.raises(ValueError, match="fps"):
-        write_clip(path, frames, fps=-1)
+        write_video(path, frames, fps=-1)
     assert not path.exists()
 
 
-def test_write_y4m_is_raw_420_for_chromium(tmp_path, frames):
+def test_write_video_y4m_is_raw_420_for_chromium(tmp_path, frames):
     path = tmp_path / "clip.y4m"
-    assert write_y4m(path, frames[:5], fps=FPS) == 5
+    assert write_video(path, frames[:5], fps=FPS) == 5
     data = path.read_bytes()
     header, _, _ = data.partition(b"\n")
     tokens = header.split()
@@ -245,3 +245,46 @@ def test_write_y4m_is_raw_420_for_chromium(tmp_path, frames):
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == 5
     assert np.abs(decoded[3].astype(int) - frames[3]).mean() < 3
+
+
+# -- xportrait sample-clip ---------------------------------------------------------------------
+def test_sample_clip_command_writes_a_driving_clip_a_tracker_follows(tmp_path, capsys):
+    from PIL import Image
+
+    from streamer.cli import main
+
+    out = tmp_path / "driving.webm"
+    assert main(["sample-clip", str(out), "--portrait", "grace_hopper", "--seconds", "1.2", "--fps", "10",
+                 "--size", "320x240"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "vp9"
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 12 and frames[0].shape == (240, 320, 3)
+    with FaceTracker(video=False) as tracker:
+        assert tracker.detect(frames[0]) is not None
+    # A portrait image of one's own works the same way; the face may be small in it.
+    canvas = np.full((1080, 1920, 3), 200, np.uint8)
+    canvas[500:1012, 1300:1812] = portrait("astronaut")
+    Image.fromarray(canvas).save(tmp_path / "me.png")
+    assert main(["sample-clip", str(tmp_path / "me.mp4"), "--portrait", str(tmp_path / "me.png"),
+                 "--seconds", "0.4"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driving.webm", "me.mp4", "me.png"]
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["x.mp4", "--portrait", "nobody"], "name a bundled portrait: astronaut, grace_hopper"),
+    (["x.mp4", "--portrait", "GRAY"], "no face found in"),
+    (["x"], "extension chooses the format"),
+])
+def test_sample_clip_refuses_bad_input_in_one_line(args, phrase, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from streamer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(tmp_path / "GRAY", format="PNG")
+    assert main(["sample-clip", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xportrait sample-clip: error: ") and phrase in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["GRAY"]
