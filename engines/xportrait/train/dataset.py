@@ -1,0 +1,90 @@
+"""The training samples of a stage, drawn from a prepared ClipSet, in the loader's workers.
+
+Sample i is a pure function of (seed, i): the clip, the frames, the other identity, the
+scaling, all come from a generator seeded with both. The loader reads the samples in order
+(no shuffling sampler: the draw is already random), so "the data position" of a run is the
+number of samples it has consumed, which is what makes a resumed run continue exactly
+(accelerate skips the consumed batches without loading them), on any number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import ClipSet, DataError
+from .pairs import CrossIdentityControl, draw_scale
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).float()
+    return t.movedim(-1, -3) / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    frames: int = 1  # driving frames per sample (consecutive when > 1)
+    controls: bool = True  # make I_C and I_C^l (not needed by the appearance stage)
+    scale: bool = True  # random heterogeneous scaling of the control images
+    uncond_prob: float = 0.0
+
+
+class TrainingSamples(Dataset):
+    def __init__(self, clips: ClipSet, spec: SampleSpec, seed: int, length: int):
+        self.clips, self.spec, self.seed, self.length = clips, spec, seed, length
+        usable = [n for n, c in enumerate(clips.clips) if c.frames >= max(spec.frames, 2)]
+        if not usable:
+            raise DataError(f"{clips.root}: no clip has the {max(spec.frames, 2)} frames a sample needs "
+                            f"(longest: {max(c.frames for c in clips.clips)})")
+        if spec.controls and len(clips.identities) < 2:
+            raise DataError(f"{clips.root}: cross-identity control images need clips of at least two identities; "
+                            f"the set has one ({clips.identities[0]})")
+        self.usable = usable
+
+    def __len__(self) -> int:
+        return self.length
+
+    def draw(self, index: int) -> dict:
+        """What sample `index` is made of (clip, frames, other identity, scale)."""
+        rng = np.random.default_rng([self.seed, index])
+        spec = self.spec
+        clip = self.usable[int(rng.integers(len(self.usable)))]
+        n = self.clips.clips[clip].frames
+        if spec.frames == 1:
+            source, target = (int(x) for x in rng.choice(n, size=2, replace=False))
+            targets = [target]
+        else:
+            start = int(rng.integers(n - spec.frames + 1))
+            targets = list(range(start, start + spec.frames))
+            source = int(rng.integers(n))
+        out = {"clip": clip, "source": source, "targets": targets, "scale": draw_scale(rng, spec.scale),
+               "uncond": bool(rng.random() < spec.uncond_prob)}
+        if spec.controls:
+            others = self.clips.clips_of_other_identities(clip)
+            other = others[int(rng.integers(len(others)))]
+            out["other"] = (other, int(rng.integers(self.clips.clips[other].frames)))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        d = self.draw(index)
+        clips, clip = self.clips, d["clip"]
+        sample = {
+            "source": to_tensor(clips.frame(clip, d["source"])),
+            "target": to_tensor(np.stack([clips.frame(clip, i) for i in d["targets"]])),
+            "scale": torch.tensor(d["scale"]),
+            "uncond": torch.tensor(d["uncond"]),
+            "index": torch.tensor(index),
+        }
+        if self.spec.controls:
+            other, frame = d["other"]
+            landmarks = clips.landmarks(clip)
+            make = CrossIdentityControl(clips.frame(other, frame), np.asarray(clips.landmarks(other)[frame]),
+                                        np.asarray(landmarks[d["source"]]))
+            controls = [make(np.asarray(landmarks[i]), d["scale"]) for i in d["targets"]]
+            sample["control"] = to_tensor(np.stack([c.image for c in controls]))
+            sample["local"] = to_tensor(np.stack([c.local for c in controls]))
+        return sample
