@@ -16,6 +16,8 @@ COMMANDS = {
     "client": ("client.stream_client", "stream a video file to a running server as a webcam"),
     "bench": ("streamer.bench", "measure an engine's speed"),
     "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
+    "prepare-data": ("streamer.prepare_data", "talking-head videos to an X-Portrait training set"),
+    "train": ("streamer.train", "train an X-Portrait stage (accelerate; `accelerate launch` for several GPUs)"),
 }
 
 

@@ -16,6 +16,7 @@ disk or a killed process never leaves a half-written checkpoint under the final 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -68,6 +69,7 @@ def _forward(config: XPortraitConfig, ldm_key: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
 def _inverse_table(config: XPortraitConfig) -> dict[str, list[tuple[str, tuple]]]:
     """our prefix -> [(ldm prefix, the rule's leaves)] over every rule of every part."""
     table: dict[str, list[tuple[str, tuple]]] = {}
@@ -139,8 +141,8 @@ def to_released(config: XPortraitConfig, state_dict: dict[str, torch.Tensor]) ->
         value = tensor.detach().cpu().contiguous()
         if CONV_AS_LINEAR.match(key) and value.ndim == 2:  # ldm keeps these as 1x1 convolutions
             value = value[:, :, None, None]
-        for name in chosen:
-            out[name] = value
+        for i, name in enumerate(chosen):  # a second name gets its own copy (no shared storage in a file)
+            out[name] = value if i == 0 else value.clone()
     if problems:
         raise ExportError(f"{len(problems)} parameter(s) cannot be exported:\n- " + "\n- ".join(problems[:20]))
     return out

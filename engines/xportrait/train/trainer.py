@@ -73,7 +73,7 @@ def fresh_modules(config: XPortraitConfig) -> dict[str, torch.Tensor]:
     state = {"unet.motion." + k: v for k, v in motion.state_dict().items()}
     control = ControlNetModel(**config.controlnet_kwargs()).state_dict()
     for name in ("pose_controlnet.", "local_controlnet."):
-        state.update({name + k: v for k, v in control.items()})
+        state.update({name + k: v.clone() for k, v in control.items()})  # two modules, two storages
     return state
 
 
