@@ -258,11 +258,16 @@ def _batch(samples, index: int) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def random_tiny():
+    return random_model(TINY, seed=0)
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_each_stage_changes_only_its_own_parameters(stage, data64):
+def test_each_stage_changes_only_its_own_parameters(stage, data64, random_tiny):
     from engines.xportrait.train.causal import live_pattern
 
-    model = random_model(TINY, seed=0).train()
+    model = copy.deepcopy(random_tiny).train()
     spec = STAGES[stage]
     frames = {"temporal": 3, "causal": 4}.get(stage, 1)
     params = freeze_for(model, spec)
@@ -290,7 +295,7 @@ def test_each_stage_changes_only_its_own_parameters(stage, data64):
 def test_the_loss_falls_on_a_set_the_model_can_overfit(data64):
     """One sample, one timestep, one noise (a fixed generator each step): a deterministic
     regression target that the trained ControlNets (zero-initialised residual paths into a
-    frozen UNet) can fit. 30 Adam steps at lr 1e-3 must at least halve the error; random
+    frozen UNet) can fit. 12 Adam steps at lr 3e-3 must at least halve the error; random
     changes of the weights would not lower it steadily, and an unplugged or frozen module
     would leave it exactly where it was."""
     model = random_model(TINY, seed=0).train()
@@ -303,16 +308,16 @@ def test_the_loss_falls_on_a_set_the_model_can_overfit(data64):
     params = freeze_for(model, stage)
     net = StageForward(model, stage)
     batch = _batch(TrainingSamples(ClipSet(data64), SampleSpec(), seed=0, length=1), 0)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0)
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0)
     losses = []
-    for _ in range(30):
+    for _ in range(12):
         loss = net(**batch, generator=torch.Generator().manual_seed(5))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def test_trained_weights_export_in_the_released_layout_and_load_into_the_engine(
     refs = [reference.encode(hint[:1])]
     a = model.predict_noise(x, t, 2, model.reference_features(refs, t), hint, hint)
     b = reference.predict_noise(x, t, 2, reference.reference_features(refs, t), hint, hint)
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the same weights (bit for bit, above)
     losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2, 3]
 
@@ -382,7 +387,7 @@ def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp
     other = tmp_path / "not-sd15.safetensors"
     save_file(released_state_dict(dataclasses.replace(TINY, cross_attention_dim=48),
                                   parts=SD_PARTS), str(other))
-    with pytest.raises(TrainError, match="--base does not fit X-Portrait on Stable Diffusion 1.5.*shape"):
+    with pytest.raises(TrainError, match="(?s)--base does not fit X-Portrait on Stable Diffusion 1.5.*has shape \\[16, 48\\].*needs \\[16, 32\\].*and \\d+ more"):
         train(run_config(data64, other, tmp_path / "b"), progress=False)
     # A checkpoint of another stage.
     out, result = uninterrupted
@@ -478,7 +483,7 @@ def _stream_frames(n: int, size: int = 64):
     return torch.stack(frames), torch.from_numpy(local_patch_boxes(lm, size))[None].expand(n, -1, -1)
 
 
-@pytest.mark.parametrize("window, lookahead", [(3, 0), (4, 2)])
+@pytest.mark.parametrize("window, lookahead", [(3, 0), (3, 1)])
 def test_the_causal_pattern_is_the_one_the_live_engine_attends_with(window, lookahead):
     """Tick a real streaming engine and read, every tick, which ring slots its level attends
     to and at which positions; the training pattern must say the same of the same frames."""
@@ -486,7 +491,7 @@ def test_the_causal_pattern_is_the_one_the_live_engine_attends_with(window, look
     from engines.xportrait.train.causal import live_pattern
 
     model = random_model(TINY, seed=0)
-    n = 7
+    n = 5
     pattern = live_pattern(n, window, lookahead)
     denoiser = StreamingDenoiser(model, StreamSettings(steps=1, window=window, lookahead=lookahead), "cpu",
                                  torch.float32)

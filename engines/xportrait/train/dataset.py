@@ -16,12 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import ClipSet, DataError
-from .pairs import CrossIdentityControl, draw_scale
+from .pairs import Control, CrossIdentityControl, controls_of, draw_scale
+
+CACHE = "controls"  # DIR/controls/<clip>/<frame>.jpg: I_C unscaled; DIR/controls/<clip>/others.npy
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(images)).float()
+    t = torch.from_numpy(np.array(images, copy=True)).float()  # memory maps are read-only
     return t.movedim(-1, -3) / 127.5 - 1.0
 
 
@@ -31,6 +33,7 @@ class SampleSpec:
     controls: bool = True  # make I_C and I_C^l (not needed by the appearance stage)
     scale: bool = True  # random heterogeneous scaling of the control images
     uncond_prob: float = 0.0
+    cached: bool = False  # read I_C from build_control_cache's files instead of rendering it
 
 
 class TrainingSamples(Dataset):
@@ -80,11 +83,54 @@ class TrainingSamples(Dataset):
             "index": torch.tensor(index),
         }
         if self.spec.controls:
-            other, frame = d["other"]
             landmarks = clips.landmarks(clip)
-            make = CrossIdentityControl(clips.frame(other, frame), np.asarray(clips.landmarks(other)[frame]),
-                                        np.asarray(landmarks[d["source"]]))
-            controls = [make(np.asarray(landmarks[i]), d["scale"]) for i in d["targets"]]
+            if self.spec.cached:
+                controls = [cached_control(clips, clip, i, d["scale"]) for i in d["targets"]]
+            else:
+                other, frame = d["other"]
+                make = CrossIdentityControl(clips.frame(other, frame), np.asarray(clips.landmarks(other)[frame]),
+                                            np.asarray(landmarks[d["source"]]))
+                controls = [make(np.asarray(landmarks[i]), d["scale"]) for i in d["targets"]]
             sample["control"] = to_tensor(np.stack([c.image for c in controls]))
             sample["local"] = to_tensor(np.stack([c.local for c in controls]))
         return sample
+
+
+def build_control_cache(clips: ClipSet, seed: int = 0, progress: bool = True) -> int:
+    """Render I_C once per frame (one other-identity frame per clip, drawn from `seed`) into
+    the data folder; the loader then only scales it and cuts its patches. Fewer pairings
+    than drawing I_S' anew for every sample, in exchange for no rendering in the loader."""
+    import cv2
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    written = 0
+    for clip in tqdm(range(len(clips)), desc="control cache", disable=not progress):
+        others = clips.clips_of_other_identities(clip)
+        if not others:
+            raise DataError(f"{clips.root}: cross-identity control images need clips of at least two identities")
+        other = others[int(rng.integers(len(others)))]
+        frame = int(rng.integers(clips.clips[other].frames))
+        landmarks = clips.landmarks(clip)
+        make = CrossIdentityControl(clips.frame(other, frame), np.asarray(clips.landmarks(other)[frame]),
+                                    np.asarray(landmarks[0]))
+        folder = clips.root / CACHE / clips.clips[clip].id
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(clips.clips[clip].frames):
+            image = make(np.asarray(landmarks[i]), (1.0, 1.0)).image
+            ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            (folder / f"{i:06d}.jpg").write_bytes(data.tobytes())
+            written += 1
+        np.save(folder / "other.npy", np.array([other, frame]))
+    return written
+
+
+def cached_control(clips: ClipSet, clip: int, index: int, scale: tuple[float, float]) -> Control:
+    import cv2
+
+    path = clips.root / CACHE / clips.clips[clip].id / f"{index:06d}.jpg"
+    data = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if data is None:
+        raise DataError(f"{path}: no cached control image (build the cache first)")
+    image = cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+    return controls_of(image, np.asarray(clips.landmarks(clip)[index]), scale)

@@ -82,11 +82,16 @@ class CrossIdentityControl:
 
     def __call__(self, driving_landmarks: np.ndarray, scale: tuple[float, float]) -> Control:
         image = self.reenactor.render(driving_landmarks, self.portrait.landmarks).copy()
-        local = local_image(image, driving_landmarks)
-        if scale == (1.0, 1.0):
-            return Control(image, local, driving_landmarks, scale)
-        warp = scaling_affine(*scale, head_box(driving_landmarks).center)
-        s = self.size
-        image = cv2.warpAffine(image, warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        local = cv2.warpAffine(local, warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        return Control(image, local, transform_landmarks(driving_landmarks, warp), scale)
+        return controls_of(image, driving_landmarks, scale)
+
+
+def controls_of(image: np.ndarray, landmarks: np.ndarray, scale: tuple[float, float]) -> Control:
+    """I_C^l from I_C (the patches at I_C's landmarks), then one scaling warp for both."""
+    local = local_image(image, landmarks)
+    if scale == (1.0, 1.0):
+        return Control(image, local, landmarks, scale)
+    warp = scaling_affine(*scale, head_box(landmarks).center)
+    s = image.shape[0]
+    image = cv2.warpAffine(image, warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    local = cv2.warpAffine(local, warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return Control(image, local, transform_landmarks(landmarks, warp), scale)

@@ -111,8 +111,10 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path) -> XPortrai
         model = load_model(xp, base=base, checkpoint=checkpoint)
     except WeightsError as e:
         what = "the --init checkpoint" if init is not None and str(init) in str(e) else "--base"
+        lines = str(e).splitlines()
+        shown = "\n".join(lines[:4]) + (f"\n- ... and {len(lines) - 4} more" if len(lines) > 4 else "")
         raise TrainError(f"{what} does not fit X-Portrait on Stable Diffusion 1.5 "
-                         f"({'tiny test size' if config.model == 'tiny' else 'SD1.5 size'}): {e}") from None
+                         f"({'tiny test size' if config.model == 'tiny' else 'SD1.5 size'}): {shown}") from None
     finally:
         if init is None:
             checkpoint.unlink(missing_ok=True)
@@ -255,7 +257,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
         log_with="tensorboard", kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    set_seed(config.seed, device_specific=True)  # each process its own noise, all reproducible
+    set_seed(config.seed)  # fresh modules start the same on every process (noise: noise_generator)
 
     if config.resolution is not None and config.resolution != clips.size:
         raise TrainError(f"resolution {config.resolution} but the data set's clips are {clips.size}²: "
@@ -323,12 +325,17 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     micro_losses: list[torch.Tensor] = []
     started, started_step = time.perf_counter(), step
     trained_params = [p for p in net.parameters() if p.requires_grad]
+    micro = step * config.grad_accum
     try:
         for batch in loader_iter:
             if step >= last:
                 break
+            # Noise and timesteps from (seed, micro-batch, rank) alone: a resumed run draws what
+            # the uninterrupted one did, whatever else touched the global RNG in between.
+            generator = noise_generator(config.seed, micro, accelerator.process_index, accelerator.device)
+            micro += 1
             with accelerator.accumulate(net):
-                loss = net(**_batch_inputs(batch, stage))
+                loss = net(**_batch_inputs(batch, stage), generator=generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
@@ -365,6 +372,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         bar.close()
         accelerator.end_training()
     return {"step": step, "losses": losses, "exports": exports, "checkpoint": checkpoint}
+
+
+def noise_generator(seed: int, micro_batch: int, rank: int, device) -> torch.Generator:
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state & (2 ** 63 - 1))
 
 
 def _append(path: Path, record: dict) -> None:
