@@ -106,7 +106,8 @@ def run_config(data64, base, out, **changes):
 @pytest.fixture(scope="module")
 def uninterrupted(data64, base, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-a")
-    return out, train(run_config(data64, base, out), progress=False)
+    config = run_config(data64, base, out, validate_every=3, validation_frames=4, validation_steps=2)
+    return out, train(config, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +363,19 @@ def test_trained_weights_export_in_the_released_layout_and_load_into_the_engine(
     assert [r["step"] for r in losses] == [1, 2, 3]
 
 
+def test_validation_renders_the_fixed_clip_and_logs_motion_accuracy(uninterrupted):
+    from streamer.video import probe
+
+    out, _ = uninterrupted
+    video = out / "validation" / "step-000003.mp4"
+    info = probe(video)
+    assert info.frames == 4 and (info.width, info.height) == (128, 64)  # driving | rendered
+    record = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["frames"] == 4
+    assert {"mouth_corr", "eyes_corr", "roll_corr", "faces_found"} <= set(record)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
 def test_a_stopped_run_resumes_exactly(uninterrupted, data64, base, tmp_path):
     _, full = uninterrupted
     first = train(run_config(data64, base, tmp_path, stop_after=2), progress=False)
@@ -376,9 +390,16 @@ def test_a_stopped_run_resumes_exactly(uninterrupted, data64, base, tmp_path):
     assert all(torch.equal(trained[k], resumed[k]) for k in trained)
 
 
-def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp_path):
+def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    assert cli(["train", "--stage", "motion", "--data", str(empty), "--base", str(base), "--out", str(tmp_path / "x"),
+                "--model", "tiny", "--quiet"]) == 2
+    assert "not a training set (index.jsonl is missing" in capsys.readouterr().err
+    config = tmp_path / "run.toml"
+    config.write_text('stage = "motion"\nlearning_rate = 1e-4\n')
+    assert cli(["train", "--config", str(config), "--data", "d", "--base", "b", "--out", "o"]) == 2
+    assert "unknown option(s) learning_rate" in capsys.readouterr().err
     with pytest.raises(TrainError, match="not a training set"):
         train(run_config(empty, base, tmp_path / "a"), progress=False)
     # A base that is not SD1.5 (of the configured size): other widths.

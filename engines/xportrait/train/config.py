@@ -65,6 +65,7 @@ class TrainConfig:
     validation_frames: int = 16
     validation_steps: int = 10  # DDIM steps of the validation render
     stop_after: int | None = None  # stop this run after so many steps (resume later)
+    save: bool = True  # False: no checkpoint and no export at all (speed and memory benchmarks)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

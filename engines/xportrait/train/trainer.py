@@ -88,10 +88,24 @@ def _copy_unet_into_controlnets(model: XPortraitModel) -> None:
     model.local_controlnet.load_state_dict(state)
 
 
-def build_model(config: TrainConfig, resolution: int, scratch: Path) -> XPortraitModel:
+RANDOM_BASE = "random"  # benchmarks only: every SD1.5 weight drawn at random (labelled so in the logs)
+
+
+def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu") -> XPortraitModel:
     """SD1.5 from `base`, the X-Portrait modules from `init` (or fresh), with the engine's loader."""
     xp = model_config(config, resolution)
     stage = STAGES[config.stage]
+    if config.base == RANDOM_BASE:
+        if config.init:
+            raise TrainError("--base random draws every weight: it takes no --init")
+        from ..loading import random_model
+
+        log.warning("--base random: RANDOM Stable Diffusion weights (for speed and memory measurements only)")
+        model = random_model(xp, config.seed, device)
+        fresh = fresh_modules(xp)
+        model.load_state_dict({**model.state_dict(), **fresh})
+        _copy_unet_into_controlnets(model)
+        return model.train()
     base = Path(config.base)
     if not base.exists():
         raise TrainError(f"--base {base}: no such file or folder (Stable Diffusion 1.5: a diffusers folder "
@@ -262,7 +276,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if config.resolution is not None and config.resolution != clips.size:
         raise TrainError(f"resolution {config.resolution} but the data set's clips are {clips.size}²: "
                          "prepare the data at that --size")
-    model = build_model(config, clips.size, out / ".scratch")
+    model = build_model(config, clips.size, out / ".scratch", accelerator.device)
     params = freeze_for(model, stage)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
@@ -314,8 +328,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         loader_iter = loader
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("xportrait-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                             for k, v in config.as_dict().items()})
+    # Every process calls it; accelerate opens the writers on the main one.
+    accelerator.init_trackers("xportrait-train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                         for k, v in config.as_dict().items()})
     last = config.steps if config.stop_after is None else min(config.steps, step + config.stop_after)
     bar = tqdm(total=config.steps, initial=step, desc=f"train {stage.name}", unit="step",
                disable=not (progress and accelerator.is_main_process))
@@ -326,6 +341,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     started, started_step = time.perf_counter(), step
     trained_params = [p for p in net.parameters() if p.requires_grad]
     micro = step * config.grad_accum
+    step_started = time.perf_counter()
     try:
         for batch in loader_iter:
             if step >= last:
@@ -353,7 +369,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             if not math.isfinite(mean):
                 raise TrainError(f"the loss is {mean} at step {step} (try a lower lr, or bf16 instead of fp16)")
             lr = scheduler.get_last_lr()[0]
-            losses.append({"step": step, "loss": mean, "lr": lr})
+            now = time.perf_counter()
+            record = {"step": step, "loss": mean, "lr": lr, "seconds": now - step_started}
+            step_started = now
+            if accelerator.device.type == "cuda":
+                record["peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
+            losses.append(record)
             rate = (step - started_step) / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}", steps_per_s=f"{rate:.2f}")
@@ -361,12 +382,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 _append(out / "losses.jsonl", losses[-1])
             if step % config.log_every == 0 or step == last:
                 accelerator.log({"train/loss": mean, "train/lr": lr, "train/steps_per_s": rate}, step=step)
-            if step % config.checkpoint_every == 0 or step == last:
+            if config.save and (step % config.checkpoint_every == 0 or step == last):
                 checkpoint = save_checkpoint(accelerator, out, step, config, config.keep_checkpoints)
             if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-                figures = validate(accelerator.unwrap_model(net).model, clips, config, out, step, ema, params)
+                with accelerator.autocast():  # frozen modules may be in bf16/fp16, trained ones in fp32
+                    figures = validate(accelerator.unwrap_model(net).model, clips, config, out, step, ema, params)
                 accelerator.log({f"val/{k}": v for k, v in figures.items() if isinstance(v, float)}, step=step)
-            if (config.export_every and step % config.export_every == 0) or step == config.steps:
+            if config.save and ((config.export_every and step % config.export_every == 0) or step == config.steps):
                 exports += _export(accelerator, net, ema, params, out, step, stage.name)
     finally:
         bar.close()
