@@ -22,9 +22,9 @@ CACHE = "controls"  # DIR/controls/<clip>/<frame>.jpg: I_C unscaled; DIR/control
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.array(images, copy=True)).float()  # memory maps are read-only
-    return t.movedim(-1, -3) / 127.5 - 1.0
+    """uint8 (..., H, W, 3), as they are: a quarter of float32 through the loader's shared
+    memory and the host-to-device copy; the model's side makes them floats (stages.as_input)."""
+    return torch.from_numpy(np.array(images, copy=True))  # a copy: memory maps are read-only
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,11 @@ ORDER = tuple(STAGES)
 MODULES = ("unet.unet", "unet.motion", "reference_net", "pose_controlnet", "local_controlnet", "vae")
 
 
+def as_input(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (..., H, W, 3) from the loader -> (..., 3, H, W) in [-1, 1], on their device."""
+    return images.movedim(-1, -3).to(dtype) / 127.5 - 1.0
+
+
 def submodule(model: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         model = getattr(model, part)
@@ -97,14 +102,14 @@ class StageForward(nn.Module):
     def forward(self, source: torch.Tensor, target: torch.Tensor, control: torch.Tensor | None = None,
                 local: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """source (B, 3, H, W); target, control, local (B, F, 3, H, W), all in [-1, 1];
-        uncond (B,) bool. Returns the mean squared error of the predicted noise, eq. (1)."""
+        """source (B, H, W, 3); target, control, local (B, F, H, W, 3), uint8 RGB as the loader
+        gives them; uncond (B,) bool. Returns the mean squared error of the predicted noise, eq. (1)."""
         model, stage = self.model, self.stage
         b, f = target.shape[:2]
         dtype = next(model.vae.parameters()).dtype
         with torch.no_grad():
-            z0 = model.encode(target.flatten(0, 1).to(dtype))
-            z_source = model.encode(source.to(dtype))
+            z0 = model.encode(as_input(target.flatten(0, 1), dtype))
+            z_source = model.encode(as_input(source, dtype))
         noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         t = torch.randint(0, self.schedule.config.num_train_timesteps, (b,), generator=generator,
                           device=z0.device)
@@ -114,7 +119,7 @@ class StageForward(nn.Module):
         reference = self.reference(z_source, t, f)
         down = mid = None
         if stage.controls:
-            pose_hint, local_hint = control.flatten(0, 1).to(noisy.dtype), local.flatten(0, 1).to(noisy.dtype)
+            pose_hint, local_hint = as_input(control.flatten(0, 1), noisy.dtype), as_input(local.flatten(0, 1), noisy.dtype)
             if uncond is not None:  # the released unconditional branch: zero pose and local hints
                 keep = (~uncond).repeat_interleave(f).to(noisy.dtype).view(-1, 1, 1, 1)
                 pose_hint, local_hint = pose_hint * keep, local_hint * keep
