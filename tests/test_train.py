@@ -293,6 +293,36 @@ def test_each_stage_changes_only_its_own_parameters(stage, data64, random_tiny):
     assert torch.equal(before["unet.unet.conv_in.weight"], after["unet.unet.conv_in.weight"])
 
 
+def test_gradient_checkpointing_and_bf16_train_the_same_thing(data64, random_tiny):
+    """Checkpointing recomputes activations (R's recorded tokens leave its checkpointed blocks):
+    loss and gradients must be those of the plain run. bf16 autocast with the frozen modules
+    cast to bf16 gives a finite loss near the float32 one and gradients in float32."""
+    from engines.xportrait.train.trainer import cast_frozen, enable_checkpointing
+
+    stage = STAGES["appearance"]
+    batch = _batch(TrainingSamples(ClipSet(data64), SampleSpec(controls=False), seed=2, length=1), 0)
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(random_tiny).train()
+        params = freeze_for(model, stage)
+        if checkpointing:
+            enable_checkpointing(model)
+        loss = StageForward(model, stage)(**batch, generator=torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    model = copy.deepcopy(random_tiny).train()
+    params = freeze_for(model, stage)
+    cast_frozen(model, stage.trains, torch.bfloat16)
+    model.text = model.text.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = StageForward(model, stage)(**batch, generator=torch.Generator().manual_seed(3))
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(results[0][0], rel=0.1)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params if p.grad is not None)
+
+
 def test_the_loss_falls_on_a_set_the_model_can_overfit(data64):
     """One sample, one timestep, one noise (a fixed generator each step): a deterministic
     regression target that the trained ControlNets (zero-initialised residual paths into a
@@ -377,17 +407,20 @@ def test_validation_renders_the_fixed_clip_and_logs_motion_accuracy(uninterrupte
 
 
 def test_a_stopped_run_resumes_exactly(uninterrupted, data64, base, tmp_path):
-    _, full = uninterrupted
-    first = train(run_config(data64, base, tmp_path, stop_after=2), progress=False)
-    assert first["step"] == 2 and not first["exports"]
-    assert (tmp_path / "checkpoints" / "step-000002" / "train_state.json").is_file()
-    second = train(run_config(data64, base, tmp_path, resume="latest"), progress=False)
-    assert [r["step"] for r in second["losses"]] == [3]
-    assert [r["loss"] for r in first["losses"]] == [r["loss"] for r in full["losses"][:2]]
-    assert second["losses"][0]["loss"] == full["losses"][2]["loss"]  # bit for bit
-    assert second["losses"][0]["lr"] == full["losses"][2]["lr"]
-    trained, resumed = _trained_weights(full["checkpoint"]), _trained_weights(second["checkpoint"])
-    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+    """The run stopped after step 2 (its folder as it was then: the step-2 checkpoint is the
+    last) and resumed: step 3 is the uninterrupted run's step 3, bit for bit."""
+    import shutil
+
+    out, full = uninterrupted
+    shutil.copytree(out / "checkpoints" / "step-000002", tmp_path / "checkpoints" / "step-000002")
+    resumed = train(run_config(data64, base, tmp_path, resume="latest"), progress=False)
+    assert [r["step"] for r in resumed["losses"]] == [3]
+    assert resumed["losses"][0]["loss"] == full["losses"][2]["loss"]  # bit for bit
+    assert resumed["losses"][0]["lr"] == full["losses"][2]["lr"]
+    trained, again = _trained_weights(full["checkpoint"]), _trained_weights(resumed["checkpoint"])
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+    with pytest.raises(TrainError, match="not a training checkpoint"):
+        train(run_config(data64, base, tmp_path, resume=str(tmp_path)), progress=False)
 
 
 def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp_path, capsys):

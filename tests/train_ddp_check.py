@@ -36,7 +36,7 @@ def main(data: str, out: str) -> None:
     trained = [p for p in inner.parameters() if p.requires_grad]
     report = {"ranks": accelerator.num_processes, "steps": []}
     for step, batch in enumerate(loader):
-        if step == 2:
+        if step == 1:  # one step: the gradients, and the parameters after it
             break
         inputs = {k: batch[k] for k in ("source", "target", "control", "local", "uncond")}
         torch.manual_seed(100 + step)  # the same noise and timestep on both ranks: only the data differs

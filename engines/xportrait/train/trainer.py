@@ -492,7 +492,7 @@ def validate(model: XPortraitModel, clips: ClipSet, config: TrainConfig, out: Pa
     aligned_lm = np.stack([transform_landmarks(lm, affine) for lm in driving_lm])
     local = np.stack([local_image(f, lm) for f, lm in zip(aligned, aligned_lm)])
     device, dtype = model.vae.device, next(model.vae.parameters()).dtype
-    as_input = lambda a: (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device, dtype)
+    as_input = lambda a: (torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device, dtype)
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
