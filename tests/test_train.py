@@ -307,6 +307,7 @@ def test_gradient_checkpointing_and_bf16_train_the_same_thing(data64, random_tin
         params = freeze_for(model, stage)
         if checkpointing:
             enable_checkpointing(model)
+            assert set(model.state_dict()) == set(random_tiny.state_dict())  # exports keep their names
         loss = StageForward(model, stage)(**batch, generator=torch.Generator().manual_seed(3))
         loss.backward()
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])))

@@ -139,14 +139,33 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu
 
 def enable_checkpointing(model: XPortraitModel) -> None:
     """Activation checkpointing: diffusers' own in the ControlNets and the attention blocks,
-    torch's wrapper on every resnet and temporal module the UNet walk calls directly."""
+    torch's wrapper on every resnet and temporal module the UNet walk calls directly.
+
+    The UNet's self-attention reads the reference tokens active at the time of the call; its
+    recomputation (in backward, when no reference is active) gets the ones of the forward."""
+    import torch.utils.checkpoint as checkpoint
     from diffusers.models.resnet import ResnetBlock2D
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 
     from ..temporal import TemporalModule
 
-    for module in (model.unet.unet, model.reference_net.unet, model.pose_controlnet, model.local_controlnet):
+    state = model._reference
+
+    def with_reference(module, *args):
+        active = state.active
+
+        def run(*inputs):
+            previous, state.active = state.active, active
+            try:
+                return module(*inputs)
+            finally:
+                state.active = previous
+
+        return checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.unet.unet.enable_gradient_checkpointing(with_reference)
+    for module in (model.reference_net.unet, model.pose_controlnet, model.local_controlnet):
         module.enable_gradient_checkpointing()
     wrap = lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     for root in (model.unet, model.reference_net):
