@@ -453,6 +453,14 @@ def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp
         run_config(data64, base, tmp_path / "d", frames=4)
 
 
+def test_the_papers_config_file_reads_and_flags_override_it():
+    path = Path("engines/xportrait/train/paper.toml")
+    config = build_config(path, stage="temporal", data="d", base="b", out="o", lr=2e-5)
+    assert (config.steps, config.mixed_precision, config.gradient_checkpointing) == (30000, "bf16", True)
+    assert config.lr == 2e-5 and config.clip_frames == 16
+    assert build_config(path, stage="causal", data="d", base="b", out="o").clip_frames == 24
+
+
 def test_a_full_disk_leaves_no_half_written_checkpoint_or_export(tmp_path, monkeypatch):
     model = random_model(TINY, seed=0)
 
@@ -507,20 +515,26 @@ def released_layout_buffers():
 # Two processes
 # ---------------------------------------------------------------------------------------------
 
-def test_two_processes_average_gradients_and_keep_parameters_equal(data64, tmp_path):
+def test_two_processes_average_gradients_and_keep_parameters_equal(data64, base, tmp_path):
+    """The trainer under torchrun, two processes on the CPU (gloo), as `accelerate launch`
+    starts it on GPUs: the code does not change."""
     report = tmp_path / "ddp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path.cwd()), str(Path(__file__).parent)]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("train_ddp_check.py")), str(data64), str(report)],
-                          env=env, capture_output=True, text=True, timeout=240)
+                           str(Path(__file__).with_name("train_ddp_check.py")), str(data64), str(base),
+                           str(tmp_path / "run"), str(report)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(report.read_text())
-    assert result["ranks"] == 2
+    assert result["ranks"] == 2 and len(result["steps"]) == 2 and len(result["losses"]) == 2
     for step in result["steps"]:
-        assert len(set(step["indices"])) == 2  # the ranks saw different samples
-        assert step["grad_vs_local"] > 1e-3 * step["grad_scale"]  # so their own gradients differ...
+        assert step["grad_vs_local"] > 1e-3 * step["grad_scale"]  # the ranks' own gradients differ...
         assert step["grad_vs_mean"] <= 1e-6 * step["grad_scale"]  # ...and DDP applied their mean
-        assert step["params_spread"] == 0.0
+    assert result["params_spread"] == 0.0 and result["parameters"] > 1000
+    # One run folder, written once: a line per step, one checkpoint, one export of each kind.
+    lines = (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "run").glob("model_state-*")) == ["model_state-2.safetensors",
+                                                                               "model_state-2.th"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Run by tests/test_train.py under `accelerate launch --num_processes 2 --cpu` (gloo): one
-stage's training step on each rank, with the trainer's own pieces, checking that DDP
-averages the gradients of the trained modules and keeps the ranks' parameters equal.
+"""Run by tests/test_train.py under `torchrun --nproc_per_node 2` on the CPU (accelerate joins
+the processes over gloo): the trainer itself, `train()` as `xportrait train` runs it, for two
+steps of the motion stage. After each backward this looks at the gradients: DDP's must be
+the mean of what each rank's own batch gives (computed again without syncing); after the
+run every rank's trained parameters must be equal.
 
-argv: DATA_DIR OUT_JSON
+argv: DATA_DIR BASE OUT_DIR REPORT_JSON
 """
 
 import json
@@ -12,61 +14,45 @@ import torch
 
 torch.set_num_threads(1)
 
-from accelerate import Accelerator  # noqa: E402
+from engines.xportrait.train.config import build_config  # noqa: E402
+from engines.xportrait.train.trainer import train  # noqa: E402
 
-from engines.xportrait.config import XPortraitConfig  # noqa: E402
-from engines.xportrait.loading import random_model  # noqa: E402
-from engines.xportrait.train.data import ClipSet  # noqa: E402
-from engines.xportrait.train.dataset import SampleSpec, TrainingSamples  # noqa: E402
-from engines.xportrait.train.stages import STAGES, StageForward, freeze_for  # noqa: E402
+steps = []
 
 
-def main(data: str, out: str) -> None:
-    accelerator = Accelerator(cpu=True)
-    stage = STAGES["motion"]
-    model = random_model(XPortraitConfig.tiny(), seed=accelerator.process_index)  # ranks start apart...
-    params = freeze_for(model, stage)
-    samples = TrainingSamples(ClipSet(data), SampleSpec(frames=1), seed=3, length=8)
-    loader = torch.utils.data.DataLoader(samples, batch_size=1)
-    net = StageForward(model, stage)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)  # ...DDP broadcasts rank 0's
-    inner = accelerator.unwrap_model(net)
-    names = [n for n, p in inner.named_parameters() if p.requires_grad]
-    trained = [p for p in inner.parameters() if p.requires_grad]
-    report = {"ranks": accelerator.num_processes, "steps": []}
-    for step, batch in enumerate(loader):
-        if step == 1:  # one step: the gradients, and the parameters after it
-            break
-        inputs = {k: batch[k] for k in ("source", "target", "control", "local", "uncond")}
-        torch.manual_seed(100 + step)  # the same noise and timestep on both ranks: only the data differs
-        with accelerator.no_sync(net):  # this rank's own gradient
-            loss = net(**inputs)
-            accelerator.backward(loss)
-        local = torch.cat([p.grad.flatten() for p in trained]).clone()
-        optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(100 + step)
-        loss = net(**inputs)
-        accelerator.backward(loss)  # synchronised
-        synced = torch.cat([p.grad.flatten() for p in trained])
-        mean = accelerator.gather(local[None]).mean(dim=0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        flat = torch.cat([p.detach().flatten() for p in trained])
-        everyone = accelerator.gather(flat[None])
-        report["steps"].append({
-            "indices": accelerator.gather(batch["index"]).tolist(),
-            "grad_vs_mean": float((synced - mean).abs().max()),
-            "grad_scale": float(mean.abs().max()),
-            "grad_vs_local": float((synced - local).abs().max()),
-            "params_spread": float((everyone - everyone[0]).abs().max()),
-            "params": len(names),
-        })
-    if accelerator.is_main_process:
-        with open(out, "w") as f:
-            json.dump(report, f)
-    accelerator.wait_for_everyone()
+def check(accelerator, net, inputs, generator):
+    trained = [p for p in net.parameters() if p.requires_grad]
+    synced = [p.grad.clone() for p in trained]
+    for p in trained:
+        p.grad = None
+    with accelerator.no_sync(net):  # this rank's own gradient, same noise
+        accelerator.backward(net(**inputs, generator=generator))
+    local = torch.cat([p.grad.flatten() for p in trained])
+    for p, g in zip(trained, synced):  # the optimizer steps with DDP's gradient
+        p.grad = g
+    synced = torch.cat([g.flatten() for g in synced])
+    mean = accelerator.gather(local[None]).mean(dim=0)
+    steps.append({"grad_vs_mean": float((synced - mean).abs().max()), "grad_scale": float(mean.abs().max()),
+                  "grad_vs_local": float((synced - local).abs().max())})
+
+
+def main(data: str, base: str, out: str, report: str) -> None:
+    config = build_config(None, stage="motion", data=data, base=base, out=out, model="tiny", steps=2, workers=0,
+                          lr=1e-3, warmup_steps=0, checkpoint_every=100)
+    result = train(config, progress=False, after_backward=check)
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    flat = torch.cat([p.detach().flatten() for p in result["model"].parameters() if p.requires_grad])
+    everyone = [torch.empty_like(flat) for _ in range(state.num_processes)]
+    dist.all_gather(everyone, flat)
+    spread = max(float((e - everyone[0]).abs().max()) for e in everyone)
+    if state.is_main_process:
+        with open(report, "w") as f:
+            json.dump({"ranks": state.num_processes, "steps": steps, "params_spread": spread,
+                       "parameters": flat.numel(), "losses": [r["loss"] for r in result["losses"]]}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:5])

@@ -217,8 +217,10 @@ def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, keep
     folder = out / "checkpoints" / f"step-{step:06d}"
     partial = folder.with_name(folder.name + ".partial")
     try:
-        if accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
+        if accelerator.is_main_process:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)  # before any process writes its part into it
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
@@ -261,8 +263,11 @@ def _batch_inputs(batch: dict, stage) -> dict:
     return inputs
 
 
-def train(config: TrainConfig, progress: bool = True) -> dict:
-    """Run (or resume) one stage. Returns {"step", "losses", "exports", "checkpoint"}."""
+def train(config: TrainConfig, progress: bool = True, after_backward=None) -> dict:
+    """Run (or resume) one stage. Returns {"step", "losses", "exports", "checkpoint", "model"}.
+
+    `after_backward(accelerator, net, inputs, generator)`, if given, runs after each
+    micro-batch's backward, before the optimizer step (tests look at the gradients there)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -287,6 +292,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=stage.name == "appearance")  # R's last layers feed nothing
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # on CPUs, processes under torchrun/mpirun join over gloo
         gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
         log_with="tensorboard", kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
@@ -370,8 +376,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             generator = noise_generator(config.seed, micro, accelerator.process_index, accelerator.device)
             micro += 1
             with accelerator.accumulate(net):
-                loss = net(**_batch_inputs(batch, stage), generator=generator)
+                inputs = _batch_inputs(batch, stage)
+                loss = net(**inputs, generator=generator)
                 accelerator.backward(loss)
+                if after_backward is not None:
+                    after_backward(accelerator, net, inputs, noise_generator(config.seed, micro - 1,
+                                                                             accelerator.process_index,
+                                                                             accelerator.device))
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trained_params, config.max_grad_norm)
                 optimizer.step()
@@ -412,7 +423,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
         accelerator.end_training()
-    return {"step": step, "losses": losses, "exports": exports, "checkpoint": checkpoint}
+    return {"step": step, "losses": losses, "exports": exports, "checkpoint": checkpoint,
+            "model": accelerator.unwrap_model(net).model}
 
 
 def noise_generator(seed: int, micro_batch: int, rank: int, device) -> torch.Generator:
