@@ -22,6 +22,8 @@ COMMANDS = {
     "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
     "cam": ("streamer.cam", "the webcam, animated, as a virtual camera for meeting apps and OBS"),
     "sample-clip": ("streamer.sample_clip", "write a driving clip made from a bundled portrait, to try animate"),
+    "prepare-data": ("streamer.prepare_data", "talking-head videos to an X-Portrait training set"),
+    "train": ("streamer.train", "train an X-Portrait stage (accelerate; `accelerate launch` for several GPUs)"),
 }
 
 

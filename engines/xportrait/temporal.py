@@ -133,6 +133,20 @@ def ring_attention(query: torch.Tensor, key_ring: torch.Tensor, value_ring: torc
     return out.reshape(n, h, d)
 
 
+@dataclass
+class FramePattern:
+    """Which frames of a clip each frame attends to, and at which temporal positions: the
+    live engine's causal pattern laid out over a whole clip, for training (engines/xportrait/
+    train/causal.py derives it from the streaming engine's own bookkeeping).
+
+    mask (F, F) bool [query frame, key frame]; positions (F, F) long: the key frame's position
+    in the query frame's window; query_positions (F,) long: the query frame's own position."""
+
+    mask: torch.Tensor
+    positions: torch.Tensor
+    query_positions: torch.Tensor
+
+
 @dataclass(frozen=True)
 class RingProjections:
     """One temporal attention's weight-only terms for the streaming path."""
@@ -203,6 +217,22 @@ class TemporalBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, f, c)
         return attn.to_out[0](out), recorded
 
+    def _attend_pattern(self, attn: Attention, x: torch.Tensor, pattern: FramePattern) -> torch.Tensor:
+        """Every frame of a clip at once, each over the frames `pattern` gives it, at the
+        positions it gives: what streaming computes frame by frame, in one differentiable pass.
+        x: (N, F, C) normed. Position terms enter per (query, key) pair, as in ring_attention."""
+        n, f, c = x.shape
+        h, d = attn.heads, c // attn.heads
+        pe = self.pos_embed.pe[0].to(x.dtype)
+        query = attn.to_q(x + pe[pattern.query_positions]).view(n, f, h, d)
+        key, value = attn.to_k(x).view(n, f, h, d), attn.to_v(x).view(n, f, h, d)
+        pos_key = attn.to_k(pe)[pattern.positions].view(f, f, h, d)  # bias-free: each position's term
+        pos_value = attn.to_v(pe)[pattern.positions].view(f, f, h, d)
+        scores = torch.einsum("nqhd,nkhd->nhqk", query, key) + torch.einsum("nqhd,qkhd->nhqk", query, pos_key)
+        weights = (scores * d ** -0.5).masked_fill(~pattern.mask, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("nhqk,nkhd->nqhd", weights, value) + torch.einsum("nhqk,qkhd->nqhd", weights, pos_value)
+        return attn.to_out[0](out.reshape(n, f, c))
+
     def freeze_ring_projections(self, enable: bool = True) -> None:
         """Precompute what the streaming path derives from the weights alone: each attention's
         q/k/v weights as one matrix (one GEMM reads x once) and its projected position table.
@@ -244,11 +274,18 @@ class TemporalBlock(nn.Module):
         out = ring_attention(query, key_ring, value_ring, pos_k, pos_v, tick.mask, ahead)
         return attn.to_out[0](out.reshape(n, f, c))
 
-    def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | None" = None,
+    def forward(self, x: torch.Tensor, past: "TemporalPast | TemporalRing | FramePattern | None" = None,
                 record: bool = False) -> tuple[torch.Tensor, tuple[FramesKV, FramesKV] | None]:
         """The block on (N, f, C) tokens, and with `record` its two attentions' position-free
         keys/values of these frames. A TemporalRing `past` is written at its tick's slot
-        instead (the stream's cache: nothing to record)."""
+        instead (the stream's cache: nothing to record); a FramePattern attends a whole clip
+        at once the way the stream does (training: nothing to record)."""
+        if isinstance(past, FramePattern):
+            if record:
+                raise ValueError("a frame pattern attends a whole clip: there is nothing to record")
+            x = self._attend_pattern(self.attn1, self.norm1(x), past) + x
+            x = self._attend_pattern(self.attn2, self.norm2(x), past) + x
+            return self.ff(self.norm3(x)) + x, None
         if isinstance(past, TemporalRing):
             if record:
                 raise ValueError("a temporal ring records the current frames itself")
