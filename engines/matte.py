@@ -50,8 +50,10 @@ def person_matte(image: np.ndarray, landmarks: np.ndarray, segmentation: np.ndar
 
 
 def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.02) -> np.ndarray:
-    """`image` with the person (matte, grown by `grow` of the side for hair fringes and the
-    segmenter's halo) removed and filled from the background around it (push-pull)."""
+    """`image` with the person removed: where the matte is, the colour of the background
+    around it (push-pull), filled from pixels beyond the matte grown by `grow` of the side
+    (so hair fringes and the segmenter's halo are not smeared into the fill). Pixels outside
+    the matte are the portrait's own, unchanged."""
     h, w = matte.shape
     radius = max(1, int(round(grow * max(h, w))))
     hole = cv2.dilate((matte > 0.05).astype(np.uint8), cv2.getStructuringElement(
@@ -73,5 +75,7 @@ def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.02) -
         up = cv2.pyrUp(filled, dstsize=(k.shape[1], k.shape[0]))
         weight = np.clip(k * 4.0, 0.0, 1.0)[..., None]  # partly known: trust what is known
         filled = c / np.maximum(k, 1e-6)[..., None] * weight + up * (1 - weight)
-    plate = image.astype(np.float32) * known[..., None] + filled * (1 - known[..., None])
+    # The fill only where the person is: every pixel outside the matte stays the portrait's.
+    keep = (matte <= 0.01)[..., None]
+    plate = np.where(keep, image.astype(np.float32), filled)
     return np.clip(np.rint(plate), 0, 255).astype(np.uint8)

@@ -140,8 +140,8 @@ class DriverCalibration:
         self.mouth_closed = min(mouth_aperture(reference), MOUTH_CLOSED_MAX)
 
     def update(self, driving: np.ndarray) -> tuple[np.ndarray, float]:
-        """Per eye how shut (0 open .. 1 shut, negative: wider than open), and how far the
-        mouth is open above closed (in mouth widths)."""
+        """Per eye how shut (0 open .. 1 shut), and how far the mouth is open above closed
+        (in mouth widths)."""
         eyes = eye_apertures(driving)
         k = CALIBRATION_RELAX
         self.eyes_open = np.maximum(eyes, (1 - k) * self.eyes_open + k * eyes)
@@ -149,7 +149,7 @@ class DriverCalibration:
         shut = (EYE_OPEN_FRACTION - fraction) / (EYE_OPEN_FRACTION - EYE_SHUT_FRACTION)
         mouth = mouth_aperture(driving)
         self.mouth_closed = min(mouth, (1 - k) * self.mouth_closed + k * mouth, MOUTH_CLOSED_MAX)
-        return np.clip(shut, -0.5, 1.0), max(0.0, mouth - self.mouth_closed)
+        return np.clip(shut, 0.0, 1.0), max(0.0, mouth - self.mouth_closed)
 
 
 def skin_tone(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
@@ -251,6 +251,18 @@ class _Eyelid:
         white = ~_skin_like(np.median(px_low, axis=1), skin_tone)
         reach = next((i for i in range(len(down)) if not white[i]), len(down) - 1)
         self.reach = float(down[reach])
+        # Past the corners too (a drawn eye's white beyond where the mesh puts its corners):
+        # how far light, unskinlike pixels go on along the eye's axis, in eye widths.
+        self.extend = []
+        for here, there in ((a, b), (b, a)):
+            out = (here - there) / max(width, 1e-6)
+            steps = np.linspace(0.0, 0.3, 7)
+            pts = (here[None] + steps[:, None] * width * out[None]).astype(np.float32)
+            px_out = cv2.remap(image.astype(np.float32), pts[None, :, 0], pts[None, :, 1], cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)[0]
+            light = ~_skin_like(px_out, skin_tone) & (px_out.sum(axis=1) > 1.1 * float(skin_tone.sum()))
+            run = next((i for i in range(len(steps)) if not light[i]), len(steps) - 1)
+            self.extend.append(float(steps[max(run - 1, 0)]) if run > 0 else 0.0)
         # The lash line drawn at the lid's edge: the darkest colour along the open lid's lashes.
         lashes = px[:lo + 1].reshape(-1, 3)
         self.lash = lashes[lashes.sum(axis=1).argmin()] * 0.9
@@ -265,6 +277,7 @@ class _Eyelid:
         if shut <= 0.02:
             return
         a, b = v[self.corners[0]].astype(np.float64), v[self.corners[1]].astype(np.float64)
+        a, b = a + self.extend[0] * (a - b), b + self.extend[1] * (b - a)
         if a[0] > b[0]:  # u runs left to right on screen, whichever corner is outer
             a, b = b, a
         axis = b - a
@@ -272,6 +285,7 @@ class _Eyelid:
         x_hat = axis / length
         n_hat = np.array([-x_hat[1], x_hat[0]])  # down on screen
         first, last = v[self.corners[0]], v[self.corners[1]]  # the lid points run outer to inner
+        first, last = first + self.extend[0] * (first - last), last + self.extend[1] * (last - first)
         top = self._line(v[self.upper], first, last)
         bottom = self._line(v[self.lower], first, last)
         skin = self._line(v[self.skin], first, last)
@@ -298,9 +312,10 @@ class _Eyelid:
         k_lo, k_hi = self.band
         c = t + k_hi * (ring - t)  # the top of the lid skin band: above it nothing moves
         gap = np.maximum(low - t, 0.0)
-        span = _smoothstep((np.minimum(u, length - u)) / max(0.3 * length, 1.0))  # fade at the corners
+        span = _smoothstep((np.minimum(u, length - u)) / max(0.15 * length, 1.0))  # fade at the corners
         onset = min(1.0, shut / 0.15)
-        edge = t + shut * (gap + (0.06 + self.reach) * height) * span
+        # The edge follows the lower lid (which meets the upper at the corners), a little past it.
+        edge = t + shut * (gap + (0.06 + self.reach) * height * span)
         source_edge = t + onset * k_lo * (ring - t) * span  # the band's lower end, clear of lashes
         depth = np.maximum(edge - c, 1e-3)
         inside = (vv >= c) & (vv <= edge + 1.0)
@@ -312,9 +327,14 @@ class _Eyelid:
         # Stretched skin is smooth along the stretch (a stretched pore is a streak).
         blur = 2 * int(max(1.0, 0.15 * height)) + 1
         lid = cv2.GaussianBlur(lid, (3, blur), 0)
-        # A closed lid is a curved surface: a touch darker towards its edge.
-        fall = np.clip((vv - c) / depth, 0.0, 1.0)
-        lid *= (1.0 - 0.12 * fall * fall * onset * span)[..., None]
+        # Lit as the skin just above it (the band often lies in the crease's shade): a closed
+        # lid catches the light as the brow bone does.
+        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
+        covered = (vv > c) & (vv < edge) & (span > 0.5)
+        if above.sum() > 4 and covered.sum() > 4:
+            gain = roi[above].astype(np.float32).mean(axis=0) / np.maximum(lid[covered].mean(axis=0), 1.0)
+            fall = np.clip((vv - c) / depth, 0.0, 1.0)
+            lid *= 1.0 + (np.clip(gain, 0.85, 1.35) - 1.0) * (np.minimum(fall * 3, 1.0) * onset * span)[..., None]
         # Coverage: 1 down to the edge, feathered over about a pixel, only where the eye is.
         cover = np.clip(edge - vv + 0.5, 0.0, 1.0) * (vv >= c - 1.0)
         # The lash line along the edge and the lid's shadow on the eye beneath it.
@@ -606,7 +626,7 @@ class Reenactor:
         v[:MESH_POINTS] = mesh[:, :2]
         rings = self._q(motion(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
-        self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2], shut)
+        self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
         mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v)
@@ -632,14 +652,10 @@ class Reenactor:
                 timings.record(stage, ms * 1e3)
         return self.output
 
-    def _hold_lids(self, v: np.ndarray, rigid: np.ndarray, shut: np.ndarray) -> None:
-        """Put the warp's upper lids where the head alone carries them (open), or higher by
-        as much as the driver opens wider than its open eye; closing is the lid's slide."""
-        n = len(self._lid_upper)
-        up_rigid, low_rigid = rigid[:n], rigid[n:]
-        axis = up_rigid - low_rigid  # lower lid -> upper lid, the open eye's height
-        wider = np.repeat(np.clip(-shut, 0.0, 0.5) * 0.5, n // 2)[:, None]
-        v[self._lid_upper] = up_rigid + wider * axis
+    def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
+        """Put the warp's upper lids where the head alone carries them: open. Closing is
+        the lid's slide (_Eyelid), so the eye is covered, never squashed."""
+        v[self._lid_upper] = rigid[:len(self._lid_upper)]
 
     def _split_mouth(self, v: np.ndarray) -> tuple[float, float]:
         """Place the lip midline: it rides the upper lip, never past the lower. Returns the

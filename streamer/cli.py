@@ -16,6 +16,7 @@ COMMANDS = {
     "client": ("client.stream_client", "stream a video file to a running server as a webcam"),
     "bench": ("streamer.bench", "measure an engine's speed"),
     "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
+    "eval": ("streamer.evaluate", "measure how well an engine follows a driving clip (pose, expressions, identity)"),
 }
 
 
