@@ -49,7 +49,7 @@ def person_matte(image: np.ndarray, landmarks: np.ndarray, segmentation: np.ndar
     return cv2.GaussianBlur(matte, (0, 0), max(0.6, image.shape[0] / 512))
 
 
-def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.02) -> np.ndarray:
+def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006) -> np.ndarray:
     """`image` with the person removed: where the matte is, the colour of the background
     around it (push-pull), filled from pixels beyond the matte grown by `grow` of the side
     (so hair fringes and the segmenter's halo are not smeared into the fill). Pixels outside

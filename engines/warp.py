@@ -309,14 +309,18 @@ class _Eyelid:
             return np.interp(u, cu[order], cv[order]).astype(np.float32)
 
         t, low, ring = along(top), along(bottom), along(skin)
+        unit = out.shape[0] / 512  # lengths that are not the eye's own, at any resolution
         k_lo, k_hi = self.band
         c = t + k_hi * (ring - t)  # the top of the lid skin band: above it nothing moves
         gap = np.maximum(low - t, 0.0)
         span = _smoothstep((np.minimum(u, length - u)) / max(0.15 * length, 1.0))  # fade at the corners
         onset = min(1.0, shut / 0.15)
         # The edge follows the lower lid (which meets the upper at the corners), a little past it.
-        edge = t + shut * (gap + (0.06 + self.reach) * height * span)
-        source_edge = t + onset * k_lo * (ring - t) * span  # the band's lower end, clear of lashes
+        # (A pixel more everywhere, so the corners themselves are covered.)
+        edge = t + shut * (gap + (0.06 + self.reach) * height * span + 1.5 * unit)
+        # The band's lower end, clear of lashes; at least a pixel and a half above the lid line
+        # even at the corners, so that no sample reaches into the eye.
+        source_edge = t + onset * (np.minimum(k_lo * (ring - t) * span, 0.0) - 1.5 * unit)
         depth = np.maximum(edge - c, 1e-3)
         inside = (vv >= c) & (vv <= edge + 1.0)
         v_src = np.where(inside, c + (np.minimum(vv, edge) - c) * (source_edge - c) / depth, vv)
@@ -337,6 +341,7 @@ class _Eyelid:
             lid *= 1.0 + (np.clip(gain, 0.85, 1.35) - 1.0) * (np.minimum(fall * 3, 1.0) * onset * span)[..., None]
         # Coverage: 1 down to the edge, feathered over about a pixel, only where the eye is.
         cover = np.clip(edge - vv + 0.5, 0.0, 1.0) * (vv >= c - 1.0)
+        cover *= np.clip(u + 3.0 * unit, 0.0, 1.0) * np.clip(length - u + 3.0 * unit, 0.0, 1.0)  # just past the corners
         # The lash line along the edge and the lid's shadow on the eye beneath it.
         lash_width = max(0.7, 0.07 * height)
         lash = np.exp(-(((vv - edge + 0.5 * lash_width) / lash_width) ** 2)) * span * onset * 0.85
@@ -391,9 +396,9 @@ class _Mouth:
                 self.shows_teeth = True
                 light = np.median(teeth, axis=0)
         self.teeth = light
-        self.throat = self.lip * np.array([0.16, 0.08, 0.09])
-        self.wall = self.lip * np.array([0.55, 0.3, 0.3])  # lit near the lips
-        self.tongue = self.lip * np.array([0.75, 0.42, 0.45])
+        self.throat = self.lip * np.array([0.1, 0.05, 0.06])
+        self.wall = self.lip * np.array([0.4, 0.2, 0.2])  # lit near the lips
+        self.tongue = self.lip * np.array([0.58, 0.3, 0.32])
 
     def apply(self, out: np.ndarray, v: np.ndarray, mid: np.ndarray, strength: float, gap: float) -> None:
         """Draw the interior between the lips of vertices `v` (mid: the lip midline) into
@@ -421,7 +426,7 @@ class _Mouth:
         cavity = fill(np.concatenate([top, lower[::-1]]))
         width = max(float(np.linalg.norm(right - left)), 1.0)
         # Depth: how far inside, from a blur of the opening (0 at the lips, 1 deep inside).
-        sigma = max(0.8, 0.18 * gap)
+        sigma = max(0.8, 0.1 * gap)
         depth = np.clip((cv2.GaussianBlur(cavity, (0, 0), sigma) - 0.5) * 2.5, 0, 1)[..., None]
         layer = self.wall + (self.throat - self.wall) * _smoothstep(depth)
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -431,7 +436,7 @@ class _Mouth:
 
         # Tongue: a low dome resting on the lower lip, in the middle.
         centre = lower[len(lower) // 2]
-        dome_h = 0.45 * gap
+        dome_h = 0.32 * gap
         rel = ((xs - centre[0]) * n_hat[0] + (ys - centre[1]) * n_hat[1])  # below the lower lip centre: > 0
         tongue = np.clip(1.0 - across ** 2 / 0.5 - ((rel + 0.2 * dome_h) / max(dome_h, 1.0)) ** 2, 0, 1)
         tongue = np.clip(tongue * 6, 0, 1)[..., None] * min(1.0, gap / (0.25 * width))
@@ -465,11 +470,13 @@ class Reenactor:
     computed once.
 
     `landmarks(driving, reference)` moves the source mesh; `render(driving, reference)`
-    warps the source image onto it. `matte`: the person's alpha (engines.matte.person_matte),
-    made here when not given.
+    warps the source image onto it. `matte` (the person's alpha, engines.matte.person_matte)
+    and `plate` (the background behind the person, engines.matte.background_plate) are made
+    here when not given.
     """
 
-    def __init__(self, source: SourcePortrait, grid: int | None = None, matte: np.ndarray | None = None):
+    def __init__(self, source: SourcePortrait, grid: int | None = None, matte: np.ndarray | None = None,
+                 plate: np.ndarray | None = None):
         from .matte import background_plate, person_matte
 
         self.source = source
@@ -482,7 +489,7 @@ class Reenactor:
         self._mesh3d = mesh
 
         self.matte = person_matte(source.image, source.landmarks) if matte is None else matte.astype(np.float32)
-        self.plate = background_plate(source.image, self.matte)
+        self.plate = background_plate(source.image, self.matte) if plate is None else plate
 
         lids = np.array(RIGHT_LID_PAIRS + LEFT_LID_PAIRS)
         self._lid_upper, self._lid_lower = lids[:, 0], lids[:, 1]
@@ -545,6 +552,9 @@ class Reenactor:
         self._eyes = (_Eyelid(self._lid_upper[:7], self._lid_lower[:7], RIGHT_LID_SKIN, EYE_CORNERS[0], mesh, image, tone),
                       _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
         self._mouth = _Mouth(mesh, image, self._half_gap)
+        self._detail_regions = [list(RIGHT_LID_SKIN) + list(RIGHT_LID_PAIRS[0]) + [33, 133, 145],
+                                list(LEFT_LID_SKIN) + list(LEFT_LID_PAIRS[0]) + [263, 362, 374],
+                                list(OUTER_LIPS)]
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
 
@@ -633,11 +643,18 @@ class Reenactor:
         t2 = time.perf_counter()
         cv2.resize(self._coarse[:, 0].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_x)
         cv2.resize(self._coarse[:, 1].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_y)
+        if self.grid < self.size:  # full resolution where the lids and lips move this frame
+            for region, moving in zip(self._detail_regions, (shut[0] > 0.02, shut[1] > 0.02, mouth_strength > 0)):
+                if moving:
+                    self._refine(v, region)
         cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._warped,
                   borderMode=cv2.BORDER_REPLICATE)
         # The person, where the warp took it, over the background plate.
         cv2.remap(self.matte, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._alpha,
                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
+        # by a pixel so the outline stays antialiased everywhere.
+        cv2.GaussianBlur(self._alpha, (3, 3), 0, dst=self._alpha)
         np.subtract(1.0, self._alpha, out=self._beta)
         cv2.blendLinear(self._warped, self.plate, self._alpha, self._beta, dst=self.output)
         t3 = time.perf_counter()
@@ -668,6 +685,32 @@ class Reenactor:
         width = max(float(np.linalg.norm(v[78] - v[308])), 1.0)
         opened = float((gap - source_gap).max())
         return float(np.clip(opened / max(0.06 * width, 1.0), 0.0, 1.0)), float(gap.max())
+
+    def _refine(self, vertices: np.ndarray, region: list[int]) -> None:
+        """Recompute the map at full resolution around the points `region` (an eye, the
+        mouth): there triangles are small and stretched, and a map interpolated from the
+        coarse grid would bend straight lid and lip edges into steps."""
+        pts = vertices[region]
+        pad = 0.12 * float(np.ptp(pts[:, 0]))
+        x0, y0 = np.maximum(np.floor(pts.min(axis=0) - pad).astype(int), 0)
+        x1, y1 = np.minimum(np.ceil(pts.max(axis=0) + pad).astype(int), self.size)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        dst = vertices[self.triangles]
+        lo, hi = dst.min(axis=1), dst.max(axis=1)
+        near = np.flatnonzero((hi[:, 0] >= x0) & (lo[:, 0] <= x1) & (hi[:, 1] >= y0) & (lo[:, 1] <= y1))
+        ids = np.zeros((y1 - y0, x1 - x0), np.int32)
+        points = np.rint((dst[near] - [x0, y0]) * 16).astype(np.int32)
+        for k, triangle in zip(near + 1, points):  # in drawing order: the face stays on top
+            cv2.fillConvexPoly(ids, triangle, int(k), cv2.LINE_8, 4)
+        covered = ids > 0
+        if not covered.any():
+            return
+        ys, xs = np.nonzero(covered)
+        a = np.take(self._affines.reshape(-1, 6), ids[ys, xs], axis=0)  # (n, 6) each pixel's affine
+        fx, fy = (xs + x0).astype(np.float32), (ys + y0).astype(np.float32)
+        self._map_x[ys + y0, xs + x0] = a[:, 0] * fx + a[:, 1] * fy + a[:, 2]
+        self._map_y[ys + y0, xs + x0] = a[:, 3] * fx + a[:, 4] * fy + a[:, 5]
 
     def _rasterise(self, vertices: np.ndarray) -> None:
         """Fill the coarse backward map: for each grid pixel, where in the source it comes from.
