@@ -37,7 +37,8 @@ RIGHT_BROW, LEFT_BROW = (70, 63, 105, 66, 107), (300, 293, 334, 296, 336)
 # Face shape for identity: oval, brows, nose, eye corners (no lips or lids: expressions).
 SHAPE = tuple(FACE_OVAL) + RIGHT_BROW + LEFT_BROW + (1, 4, 5, 6, 168, 197, 195, 33, 133, 263, 362, 98, 327)
 STILL_FRAMES = 8  # a driver still for this many frames in a row is a still stretch
-STILL_MOTION = 0.002  # frame-to-frame RMS motion (face heights) under which a driver is still
+STILL_MOTION = 0.005  # frame-to-frame RMS motion (face heights) under which a driver is still:
+# mediapipe wobbles 0.0005-0.004 on a repeated frame; a head drifting 2 px a frame moves 0.012
 
 
 def _fit(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

@@ -528,6 +528,16 @@ class Reenactor:
         # Face triangles last, so where a turn folds the mesh the face covers the background.
         on_face = np.all(simplices < self._ring.start, axis=1)
         self.triangles = np.concatenate([simplices[~on_face], simplices[on_face]]).astype(np.int64)
+        self._face_start = int((~on_face).sum())
+        tri = self.src_vertices[self.triangles].astype(np.float64)
+        a1, a2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+        self._source_det = a1[:, 0] * a2[:, 1] - a1[:, 1] * a2[:, 0]  # each triangle's orientation
+        # A face triangle's depth: its mesh points' z (the lip midline takes its upper lip's).
+        depth_of = np.arange(self._ring.start)
+        depth_of[self._mid] = self._lip_upper
+        self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
+        self._order = np.arange(len(self.triangles))
+        self._rank = np.arange(len(self.triangles))
 
         # Per-frame buffers.
         g = self.grid
@@ -552,9 +562,7 @@ class Reenactor:
         self._eyes = (_Eyelid(self._lid_upper[:7], self._lid_lower[:7], RIGHT_LID_SKIN, EYE_CORNERS[0], mesh, image, tone),
                       _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
         self._mouth = _Mouth(mesh, image, self._half_gap)
-        self._detail_regions = [list(RIGHT_LID_SKIN) + list(RIGHT_LID_PAIRS[0]) + [33, 133, 145],
-                                list(LEFT_LID_SKIN) + list(LEFT_LID_PAIRS[0]) + [263, 362, 374],
-                                list(OUTER_LIPS)]
+        self._mouth_region = list(OUTER_LIPS)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
 
@@ -592,7 +600,14 @@ class Reenactor:
         q_inv = self._q.inverse()
         self._shape_offset = q_inv(self._mesh3d) - ref
         self._ref_rigid = ref[list(RIGID)]
-        self._rings_in_ref = q_inv(self._rings3d)
+        # The rings follow the head's motion in the image plane only (roll, shift, scale): a
+        # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
+        # stretch smoothly instead of folding over the cheek.
+        flat = lambda points: np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
+        self._flat = flat
+        self._q2 = Similarity.fit(flat(ref[list(RIGID)]), flat(self._mesh3d[list(RIGID)]))
+        self._ref_rigid_2d = flat(ref[list(RIGID)])
+        self._rings_in_ref = self._q2.inverse()(flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self.calibration = DriverCalibration(reference)
         self._reference_key = key
@@ -634,19 +649,18 @@ class Reenactor:
         mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        rings = self._q(motion(self._rings_in_ref))
+        planar = Similarity.fit(self._ref_rigid_2d, self._flat(driving[list(RIGID)].astype(np.float64)))
+        rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
         mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
-        self._rasterise(v)
+        self._rasterise(v, mesh[:, 2])
         t2 = time.perf_counter()
         cv2.resize(self._coarse[:, 0].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_x)
         cv2.resize(self._coarse[:, 1].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_y)
-        if self.grid < self.size:  # full resolution where the lids and lips move this frame
-            for region, moving in zip(self._detail_regions, (shut[0] > 0.02, shut[1] > 0.02, mouth_strength > 0)):
-                if moving:
-                    self._refine(v, region)
+        if self.grid < self.size and mouth_strength > 0:  # full resolution where the lips part
+            self._refine(v, self._mouth_region)
         cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._warped,
                   borderMode=cv2.BORDER_REPLICATE)
         # The person, where the warp took it, over the background plate.
@@ -696,13 +710,17 @@ class Reenactor:
         x1, y1 = np.minimum(np.ceil(pts.max(axis=0) + pad).astype(int), self.size)
         if x1 - x0 < 2 or y1 - y0 < 2:
             return
-        dst = vertices[self.triangles]
-        lo, hi = dst.min(axis=1), dst.max(axis=1)
-        near = np.flatnonzero((hi[:, 0] >= x0) & (lo[:, 0] <= x1) & (hi[:, 1] >= y0) & (lo[:, 1] <= y1))
+        # The triangles there: those the coarse grid found, a grid pixel around.
+        k = self.grid / self.size
+        gx0, gy0 = max(int(x0 * k) - 1, 0), max(int(y0 * k) - 1, 0)
+        gx1, gy1 = min(int(np.ceil(x1 * k)) + 1, self.grid), min(int(np.ceil(y1 * k)) + 1, self.grid)
+        near = np.unique(self._ids[gy0:gy1, gx0:gx1])
+        near = near[near > 0]
+        near = near[np.argsort(self._rank[near - 1])]  # in this frame's drawing order
         ids = np.zeros((y1 - y0, x1 - x0), np.int32)
-        points = np.rint((dst[near] - [x0, y0]) * 16).astype(np.int32)
-        for k, triangle in zip(near + 1, points):  # in drawing order: the face stays on top
-            cv2.fillConvexPoly(ids, triangle, int(k), cv2.LINE_8, 4)
+        points = np.rint((vertices[self.triangles[near - 1]] - [x0, y0]) * 16).astype(np.int32)
+        for t, triangle in zip(near, points):
+            cv2.fillConvexPoly(ids, triangle, int(t), cv2.LINE_8, 4)
         covered = ids > 0
         if not covered.any():
             return
@@ -712,7 +730,7 @@ class Reenactor:
         self._map_x[ys + y0, xs + x0] = a[:, 0] * fx + a[:, 1] * fy + a[:, 2]
         self._map_y[ys + y0, xs + x0] = a[:, 3] * fx + a[:, 4] * fy + a[:, 5]
 
-    def _rasterise(self, vertices: np.ndarray) -> None:
+    def _rasterise(self, vertices: np.ndarray, depth: np.ndarray) -> None:
         """Fill the coarse backward map: for each grid pixel, where in the source it comes from.
 
         Triangles are drawn by id into a grid-sized image (OpenCV fills ~1000 small convex
@@ -723,7 +741,7 @@ class Reenactor:
         # Affine taking each moved triangle back to its source triangle: src = A @ [x, y, 1].
         e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        det[np.abs(det) < 1e-6] = 1.0  # a collapsed triangle covers no pixel anyway
+        det[np.abs(det) < 1e-6] = 1e-6  # a collapsed triangle covers no pixel anyway
         inv = np.stack([np.stack([e2[:, 1], -e2[:, 0]], -1), np.stack([-e1[:, 1], e1[:, 0]], -1)], 1) / det[:, None, None]
         s1, s2 = src[:, 1] - src[:, 0], src[:, 2] - src[:, 0]
         linear = np.stack([s1, s2], -1) @ inv  # (T, 2, 2)
@@ -734,8 +752,17 @@ class Reenactor:
         ids = self._ids
         ids.fill(0)
         points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
-        for k, triangle in enumerate(points, start=1):
-            cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
+        # Face triangles far to near (a turned head's far cheek under its nose, not over it),
+        # and none that a turn has flipped over (seen from behind: the near ones cover it).
+        f = self._face_start
+        face_depth = depth[self._face_depth_points].mean(axis=1)
+        facing = det[f:] * self._source_det[f:] > 0
+        order = self._order
+        order[f:] = f + np.argsort(-face_depth, kind="stable")
+        self._rank[order] = np.arange(len(order))
+        for k in order:
+            if k < f or facing[k - f]:
+                cv2.fillConvexPoly(ids, points[k], int(k) + 1, cv2.LINE_8, 4)
         np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
         np.einsum("nij,nj->ni", self._chosen, self._grid_xy1, out=self._coarse)
 
