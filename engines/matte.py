@@ -40,7 +40,11 @@ def person_matte(image: np.ndarray, landmarks: np.ndarray, segmentation: np.ndar
     is a wide ramp that would let background ride along with the head), joined with the face
     mesh's oval (filled, antialiased): a face is always person."""
     seg = segment_person(image) if segmentation is None else segmentation.astype(np.float32)
-    matte = (seg > 0.5).astype(np.float32)
+    matte = (seg > 0.5).astype(np.uint8)
+    # Grown by a pixel or two: the segmenter's edge runs a little inside hair and shoulders,
+    # and a fringe left behind would stay on the background as a ghost of the outline.
+    r = max(1, round(image.shape[0] / 256))
+    matte = cv2.dilate(matte, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).astype(np.float32)
     face = np.zeros(image.shape[:2], np.uint8)
     oval = np.rint(landmarks[list(FACE_OVAL), :2] * 16).astype(np.int32)
     cv2.fillPoly(face, [oval], 255, cv2.LINE_AA, 4)

@@ -538,6 +538,7 @@ class Reenactor:
         self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
         self._order = np.arange(len(self.triangles))
         self._rank = np.arange(len(self.triangles))
+        self._ranks = np.arange(len(self.triangles))
 
         # Per-frame buffers.
         g = self.grid
@@ -553,6 +554,11 @@ class Reenactor:
         self._map_y = np.empty((size, size), np.float32)
         self._vertices = self.src_vertices.copy()
         self._warped = np.empty((size, size, 3), np.uint8)
+        self._source_rgba = np.dstack([source.image, np.rint(self.matte * 255).astype(np.uint8)])
+        self._warped_rgba = np.empty((size, size, 4), np.uint8)
+        self._alpha_u8 = np.empty((size, size), np.uint8)
+        self._fixed_xy = np.empty((size, size, 2), np.int16)
+        self._fixed_frac = np.empty((size, size), np.uint16)
         self._alpha = np.empty((size, size), np.float32)
         self._beta = np.empty((size, size), np.float32)
         self.output = np.empty((size, size, 3), np.uint8)
@@ -661,14 +667,18 @@ class Reenactor:
         cv2.resize(self._coarse[:, 1].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_y)
         if self.grid < self.size and mouth_strength > 0:  # full resolution where the lips part
             self._refine(v, self._mouth_region)
-        cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._warped,
+        # One remap carries the portrait and its matte (as a fourth channel: nearly free), in
+        # OpenCV's fixed-point map format (faster than float maps for the remap itself).
+        cv2.convertMaps(self._map_x, self._map_y, cv2.CV_16SC2, dstmap1=self._fixed_xy, dstmap2=self._fixed_frac)
+        cv2.remap(self._source_rgba, self._fixed_xy, self._fixed_frac, cv2.INTER_LINEAR, dst=self._warped_rgba,
                   borderMode=cv2.BORDER_REPLICATE)
-        # The person, where the warp took it, over the background plate.
-        cv2.remap(self.matte, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._alpha,
-                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        cv2.cvtColor(self._warped_rgba, cv2.COLOR_RGBA2RGB, dst=self._warped)
+        cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
         # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
         # by a pixel so the outline stays antialiased everywhere.
-        cv2.GaussianBlur(self._alpha, (3, 3), 0, dst=self._alpha)
+        cv2.GaussianBlur(self._alpha_u8, (3, 3), 0, dst=self._alpha_u8)
+        # The person, where the warp took it, over the background plate.
+        np.multiply(self._alpha_u8, np.float32(1 / 255), out=self._alpha, casting="unsafe")
         np.subtract(1.0, self._alpha, out=self._beta)
         cv2.blendLinear(self._warped, self.plate, self._alpha, self._beta, dst=self.output)
         t3 = time.perf_counter()
@@ -698,6 +708,8 @@ class Reenactor:
         v[self._mid] = upper + self._half_gap * keep
         width = max(float(np.linalg.norm(v[78] - v[308])), 1.0)
         opened = float((gap - source_gap).max())
+        if opened < 0.5:  # under half a pixel: nothing to draw
+            return 0.0, float(gap.max())
         return float(np.clip(opened / max(0.06 * width, 1.0), 0.0, 1.0)), float(gap.max())
 
     def _refine(self, vertices: np.ndarray, region: list[int]) -> None:
@@ -759,10 +771,10 @@ class Reenactor:
         facing = det[f:] * self._source_det[f:] > 0
         order = self._order
         order[f:] = f + np.argsort(-face_depth, kind="stable")
-        self._rank[order] = np.arange(len(order))
-        for k in order:
-            if k < f or facing[k - f]:
-                cv2.fillConvexPoly(ids, points[k], int(k) + 1, cv2.LINE_8, 4)
+        self._rank[order] = self._ranks
+        drawn = order[(order < f) | np.concatenate([np.zeros(f, bool), facing])[order]]
+        for k, triangle in zip((drawn + 1).tolist(), points[drawn]):
+            cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
         np.einsum("nij,nj->ni", self._chosen, self._grid_xy1, out=self._coarse)
 
