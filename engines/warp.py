@@ -2,13 +2,14 @@
 
 The source's own face mesh is moved by the driving face's motion *relative to a reference
 driving frame*, so the portrait keeps its own face shape (no identity leakage); then the
-source image is warped piecewise-affinely over a triangulation of that mesh, which is
-extended by two rings around the head (hair follows the head, shoulders less) and the
-fixed image border (the background stays put). Eyelids close because the eye triangles
-collapse; an opened mouth gets a cavity painted between the lips.
+source image is warped piecewise-affinely over a triangulation of that mesh, extended by two
+rings around the head (hair follows the head, shoulders less) and the fixed image border.
+A person matte (engines.matte, made once per source) composites the warped person over a
+background plate, so the background stays put and what the moving head uncovers is filled
+from the portrait itself.
 
-It is also the paper's F, the classical reenactor that makes cross-identity control
-images for training: `reenact(source, driving)`.
+It is also the paper's F, the classical reenactor that makes cross-identity control images
+for training: `reenact(source, driving)`.
 
 Motion, with S the source mesh, R the reference driving mesh and D the current one (3-D,
 aligned to the source head box): the head pose M (a similarity) is fitted on rigid points
@@ -19,6 +20,13 @@ source, seen in the driver's reference frame, along the driver's motion gives
 
 in which `Q^-1(S) - R` (the source's shape against the driver's) is fixed per source and
 reference, so a frame costs one 3x3 similarity fit and one matrix product.
+
+Relative motion is right for pose, brows and smiles, and wrong for the two expressions a
+reference frame is often caught in the middle of: an open mouth (a talker, a resting open
+smile) and half-shut eyes. So eyes and mouth are driven by calibrated openings instead
+(`DriverCalibration`): the driver's eye opening as a fraction of its own open eye, the mouth's
+opening above its own closed mouth, each measured on the driver's face and applied to the
+portrait's own eyes and mouth, whatever their size or style.
 """
 
 from __future__ import annotations
@@ -38,8 +46,6 @@ from .face import (
     LIP_PAIRS,
     OUTER_LIPS,
     RIGHT_LID_PAIRS,
-    LEFT_BROW_LOWER,
-    RIGHT_BROW_LOWER,
     RIGID,
     FaceTracker,
     alignment_affine,
@@ -55,6 +61,24 @@ RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head cent
 # hair moves with the head; neck and shoulders hardly do.
 RING_WEIGHTS = ((1.0, 0.55), (0.55, 0.12))
 BORDER_STEPS = 8  # fixed points along each image edge
+
+# Skin above each upper lid, outer corner to inner (the mesh's rings around the eye), and
+# the eye corners (outer, inner). The lid that closes is this skin, slid down.
+RIGHT_LID_SKIN = (113, 225, 224, 223, 222, 221, 189)
+LEFT_LID_SKIN = (342, 445, 444, 443, 442, 441, 413)
+EYE_CORNERS = ((33, 133), (263, 362))
+# Lower lip and the jaw below it: what opens when the mouth opens.
+LOWER_OUTER_LIP = (146, 91, 181, 84, 17, 314, 405, 321, 375)
+MOUTH_CORNER_POINTS = (61, 291, 78, 308)
+
+# Eye opening, as a fraction of the driver's own open eye, that reads fully open and shut.
+# mediapipe never brings a shut eye's lid points together (lashes): a shut eye measures about
+# a third of the open one, a relaxed open eye 0.9-1.0 of its widest.
+EYE_OPEN_FRACTION, EYE_SHUT_FRACTION = 0.88, 0.4
+# Mouth opening (inner lip gap over mouth width) above which a mouth is not closed, whatever
+# the reference frame shows: mediapipe measures closed lips at 0.00-0.05.
+MOUTH_CLOSED_MAX = 0.06
+CALIBRATION_RELAX = 0.004  # per frame: how fast the open-eye and closed-mouth levels forget
 
 
 @dataclass(frozen=True)
@@ -86,27 +110,386 @@ class Similarity:
         return Similarity(1 / self.scale, rt, -(rt @ self.shift) / self.scale)
 
 
-class Reenactor:
-    """The per-source part of the warp: triangulation, rings, colours; all computed once.
+def eye_apertures(landmarks: np.ndarray) -> np.ndarray:
+    """(2,) right and left eye openings: mean lid gap over the eye's corner-to-corner width."""
+    out = np.empty(2)
+    for k, (pairs, (a, b)) in enumerate(((RIGHT_LID_PAIRS, EYE_CORNERS[0]), (LEFT_LID_PAIRS, EYE_CORNERS[1]))):
+        p = np.array(pairs)
+        gap = np.linalg.norm(landmarks[p[:, 0], :2] - landmarks[p[:, 1], :2], axis=1).mean()
+        out[k] = gap / max(float(np.linalg.norm(landmarks[a, :2] - landmarks[b, :2])), 1e-6)
+    return out
 
-    `landmarks(driving, reference)` moves the source mesh; `render(driving, reference)`
-    warps the source image onto it.
 
-    Eyes and mouth are where a plain mesh warp fails to read, so they get two changes:
-    an eyelid that closes slides over the eye (painted in the source's lid colour, with a
-    lash line) instead of squashing iris and lashes into a smear; and the mouth's interior
-    is split at the source's lip midline: the upper half (upper teeth) moves with the upper
-    lip, the lower half opens into a cavity painted in a dark shade of the source's lips.
+def mouth_aperture(landmarks: np.ndarray) -> float:
+    """Inner-lip gap at the middle of the mouth over the mouth's inner width."""
+    gap = np.linalg.norm(landmarks[13, :2] - landmarks[14, :2])
+    return float(gap / max(float(np.linalg.norm(landmarks[78, :2] - landmarks[308, :2])), 1e-6))
+
+
+class DriverCalibration:
+    """What the driver's eyes look like open and its mouth closed, learnt as it is watched.
+
+    Starts from the reference frame and keeps the widest eyes and the most closed mouth seen
+    since, relaxing slowly (CALIBRATION_RELAX a frame) so one odd frame is forgotten in
+    seconds. A reference caught mid-blink or mid-word is thus corrected the first time the
+    driver opens its eyes or closes its mouth.
     """
 
-    def __init__(self, source: SourcePortrait, grid: int | None = None):
+    def __init__(self, reference: np.ndarray):
+        self.eyes_open = eye_apertures(reference)
+        self.mouth_closed = min(mouth_aperture(reference), MOUTH_CLOSED_MAX)
+
+    def update(self, driving: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per eye how shut (0 open .. 1 shut), and how far the mouth is open above closed
+        (in mouth widths)."""
+        eyes = eye_apertures(driving)
+        k = CALIBRATION_RELAX
+        self.eyes_open = np.maximum(eyes, (1 - k) * self.eyes_open + k * eyes)
+        fraction = eyes / np.maximum(self.eyes_open, 1e-6)
+        shut = (EYE_OPEN_FRACTION - fraction) / (EYE_OPEN_FRACTION - EYE_SHUT_FRACTION)
+        mouth = mouth_aperture(driving)
+        self.mouth_closed = min(mouth, (1 - k) * self.mouth_closed + k * mouth, MOUTH_CLOSED_MAX)
+        return np.clip(shut, 0.0, 1.0), max(0.0, mouth - self.mouth_closed)
+
+
+def skin_tone(image: np.ndarray, mesh: np.ndarray) -> np.ndarray:
+    """The face's skin colour: the median over small windows on both cheeks."""
+    r = max(2, int(0.03 * head_box(mesh).height))
+    h, w = image.shape[:2]
+    patches = []
+    for i in (50, 280, 101, 330):
+        x, y = (int(round(c)) for c in mesh[i, :2])
+        patches.append(image[max(y - r, 0):min(y + r + 1, h), max(x - r, 0):min(x + r + 1, w)].reshape(-1, 3))
+    return np.median(np.concatenate(patches).astype(np.float32), axis=0)
+
+
+def _skin_like(colours: np.ndarray, skin: np.ndarray) -> np.ndarray:
+    """Which colours (N, 3) could be the face's skin, lit or shaded: the skin's hue (its
+    chromaticity within 0.035) at 0.5-1.2 times its brightness."""
+    total = colours.sum(axis=-1, keepdims=True)
+    chroma = colours / np.maximum(total, 1.0)
+    skin_chroma = skin / max(float(skin.sum()), 1.0)
+    ratio = total[..., 0] / max(float(skin.sum()), 1.0)
+    return (np.linalg.norm(chroma - skin_chroma, axis=-1) < 0.035) & (ratio > 0.5) & (ratio < 1.2)
+
+
+def _catmull_rom(count: int, samples: int) -> np.ndarray:
+    """(samples * (count - 1) + 1, count) weights: a smooth curve through `count` control
+    points (centripetal-free, uniform Catmull-Rom, end points repeated)."""
+    rows = []
+    for seg in range(count - 1):
+        for s in range(samples):
+            t = s / samples
+            w = np.array([-t ** 3 + 2 * t ** 2 - t, 3 * t ** 3 - 5 * t ** 2 + 2, -3 * t ** 3 + 4 * t ** 2 + t,
+                          t ** 3 - t ** 2]) / 2
+            row = np.zeros(count)
+            for j, wj in zip((seg - 1, seg, seg + 1, seg + 2), w):
+                row[min(max(j, 0), count - 1)] += wj
+            rows.append(row)
+    last = np.zeros(count)
+    last[-1] = 1
+    rows.append(last)
+    return np.array(rows)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+class _Eyelid:
+    """One eye's closing lid: the skin above the lid slides down over the eye.
+
+    Per frame, in the eye's own frame (u along the corners, v down across them): between the
+    lid skin's line `c` (just under the brow) and the lid's new edge `e`, each pixel takes
+    the colour found (v - c) / (e - c) of the way from `c` to just above the open lid's lash
+    line: the upper lid's own texture and shading, stretched as a lid stretches, with the lash
+    line at its edge. Below `e` the eye is as the warp left it (the lower part of the iris, the
+    lower lid): nothing is squashed, and at a full blink every pixel of the opening comes from
+    above the lashes, so the eye's interior cannot show. The edge is feathered over a pixel
+    and a soft shadow falls under the lid onto the eye.
+    """
+
+    SAMPLES = 6  # curve samples per lid-point interval
+
+    def __init__(self, upper: Sequence[int], lower: Sequence[int], skin: Sequence[int],
+                 corners: tuple[int, int], mesh: np.ndarray, image: np.ndarray, skin_tone: np.ndarray):
+        self.upper, self.lower, self.skin = list(upper), list(lower), list(skin)
+        self.corners = corners
+        a, b = mesh[corners[0], :2], mesh[corners[1], :2]
+        width = float(np.linalg.norm(b - a))
+        heights = np.linalg.norm(mesh[self.upper, :2] - mesh[self.lower, :2], axis=1)
+        self.height = max(float(heights.max()), 1.0)  # the open eye, in source pixels
+        self.width = width
+        # The lid skin: the band between the lashes and whatever dark lies above (brow, a
+        # glasses rim, a drawn crease), as fractions k of the way from the lid line (0) to the
+        # skin ring (1), found on the source's own pixels.
+        top, ring = mesh[self.upper, :2], mesh[self.skin, :2]
+        ks = np.linspace(0.0, 1.0, 21)
+        middle = slice(1, len(self.upper) - 1)
+        along = top[None, middle] + ks[:, None, None] * (ring - top)[None, middle]  # (k, points, 2)
+        px = cv2.remap(image.astype(np.float32), along[..., 0].astype(np.float32), along[..., 1].astype(np.float32),
+                       cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        colour = np.median(px, axis=1)  # (k, 3)
+        # Lid skin looks like the face's skin (a little shaded); lashes, a drawn outline, an
+        # eye's white, a brow or a glasses rim do not.
+        dark = ~_skin_like(colour, skin_tone)
+        lo = next((i for i in range(1, len(ks)) if not dark[i]), None)
+        hi = lo
+        while hi is not None and hi + 1 < len(ks) and not dark[hi + 1]:
+            hi += 1
+        if lo is None or ks[hi] - ks[lo] < 0.2:
+            lo, hi = 6, 16  # no clean band found: the middle of the way
+        self.band = (float(ks[lo]), float(ks[hi]))
+        # How far below the mesh's lower lid the opening really reaches (a drawn eye's white
+        # often does; on a photo the lower lid is skin at once), in eye heights.
+        low = mesh[self.lower, :2][middle]
+        down = np.linspace(0.0, 0.4, 9)
+        below = low[None] + (down[:, None, None] * self.height) * np.array([0.0, 1.0])
+        px_low = cv2.remap(image.astype(np.float32), below[..., 0].astype(np.float32), below[..., 1].astype(np.float32),
+                           cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        white = ~_skin_like(np.median(px_low, axis=1), skin_tone)
+        reach = next((i for i in range(len(down)) if not white[i]), len(down) - 1)
+        self.reach = float(down[reach])
+        # Past the corners too (a drawn eye's white beyond where the mesh puts its corners):
+        # how far light, unskinlike pixels go on along the eye's axis, in eye widths.
+        self.extend = []
+        for here, there in ((a, b), (b, a)):
+            out = (here - there) / max(width, 1e-6)
+            steps = np.linspace(0.0, 0.3, 7)
+            pts = (here[None] + steps[:, None] * width * out[None]).astype(np.float32)
+            px_out = cv2.remap(image.astype(np.float32), pts[None, :, 0], pts[None, :, 1], cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)[0]
+            light = ~_skin_like(px_out, skin_tone) & (px_out.sum(axis=1) > 1.1 * float(skin_tone.sum()))
+            run = next((i for i in range(len(steps)) if not light[i]), len(steps) - 1)
+            self.extend.append(float(steps[max(run - 1, 0)]) if run > 0 else 0.0)
+        # The lash line drawn at the lid's edge: the darkest colour along the open lid's lashes.
+        lashes = px[:lo + 1].reshape(-1, 3)
+        self.lash = lashes[lashes.sum(axis=1).argmin()] * 0.9
+        self._curve = _catmull_rom(len(self.upper) + 2, self.SAMPLES)
+
+    def _line(self, points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._curve @ np.concatenate([[a], points, [b]])
+
+    def apply(self, out: np.ndarray, v: np.ndarray, shut: float, scale: float) -> None:
+        """Close this eye of the rendered frame `out` by `shut` (0..1); v: the frame's
+        vertices (upper lid held open); scale: output pixels per source pixel."""
+        if shut <= 0.02:
+            return
+        a, b = v[self.corners[0]].astype(np.float64), v[self.corners[1]].astype(np.float64)
+        a, b = a + self.extend[0] * (a - b), b + self.extend[1] * (b - a)
+        if a[0] > b[0]:  # u runs left to right on screen, whichever corner is outer
+            a, b = b, a
+        axis = b - a
+        length = max(float(np.linalg.norm(axis)), 1e-6)
+        x_hat = axis / length
+        n_hat = np.array([-x_hat[1], x_hat[0]])  # down on screen
+        first, last = v[self.corners[0]], v[self.corners[1]]  # the lid points run outer to inner
+        first, last = first + self.extend[0] * (first - last), last + self.extend[1] * (last - first)
+        top = self._line(v[self.upper], first, last)
+        bottom = self._line(v[self.lower], first, last)
+        skin = self._line(v[self.skin], first, last)
+        height = self.height * scale
+        pad = 3
+        pts = np.concatenate([top, bottom, skin])
+        x0, y0 = np.maximum(np.floor(pts.min(axis=0)).astype(int) - pad, 0)
+        x1, y1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + pad + int(0.3 * height), out.shape[1::-1])
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            return
+        roi = out[y0:y1, x0:x1]
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        rel_x, rel_y = xs - a[0], ys - a[1]
+        u = rel_x * x_hat[0] + rel_y * x_hat[1]
+        vv = rel_x * n_hat[0] + rel_y * n_hat[1]
+
+        def along(curve: np.ndarray) -> np.ndarray:
+            cu = (curve - a) @ x_hat
+            cv = (curve - a) @ n_hat
+            order = np.argsort(cu)
+            return np.interp(u, cu[order], cv[order]).astype(np.float32)
+
+        t, low, ring = along(top), along(bottom), along(skin)
+        unit = out.shape[0] / 512  # lengths that are not the eye's own, at any resolution
+        k_lo, k_hi = self.band
+        c = t + k_hi * (ring - t)  # the top of the lid skin band: above it nothing moves
+        gap = np.maximum(low - t, 0.0)
+        span = _smoothstep((np.minimum(u, length - u)) / max(0.15 * length, 1.0))  # fade at the corners
+        onset = min(1.0, shut / 0.15)
+        # The edge follows the lower lid (which meets the upper at the corners), a little past it.
+        # (A pixel more everywhere, so the corners themselves are covered.)
+        edge = t + shut * (gap + (0.06 + self.reach) * height * span + 1.5 * unit)
+        # The band's lower end, clear of lashes; at least a pixel and a half above the lid line
+        # even at the corners, so that no sample reaches into the eye.
+        source_edge = t + onset * (np.minimum(k_lo * (ring - t) * span, 0.0) - 1.5 * unit)
+        depth = np.maximum(edge - c, 1e-3)
+        inside = (vv >= c) & (vv <= edge + 1.0)
+        v_src = np.where(inside, c + (np.minimum(vv, edge) - c) * (source_edge - c) / depth, vv)
+        shift = v_src - vv
+        map_x = xs + shift * n_hat[0] - x0
+        map_y = ys + shift * n_hat[1] - y0
+        lid = cv2.remap(roi, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        # Stretched skin is smooth along the stretch (a stretched pore is a streak).
+        blur = 2 * int(max(1.0, 0.15 * height)) + 1
+        lid = cv2.GaussianBlur(lid, (3, blur), 0)
+        # Lit as the skin just above it (the band often lies in the crease's shade): a closed
+        # lid catches the light as the brow bone does.
+        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
+        covered = (vv > c) & (vv < edge) & (span > 0.5)
+        if above.sum() > 4 and covered.sum() > 4:
+            gain = roi[above].astype(np.float32).mean(axis=0) / np.maximum(lid[covered].mean(axis=0), 1.0)
+            fall = np.clip((vv - c) / depth, 0.0, 1.0)
+            lid *= 1.0 + (np.clip(gain, 0.85, 1.35) - 1.0) * (np.minimum(fall * 3, 1.0) * onset * span)[..., None]
+        # Coverage: 1 down to the edge, feathered over about a pixel, only where the eye is.
+        cover = np.clip(edge - vv + 0.5, 0.0, 1.0) * (vv >= c - 1.0)
+        cover *= np.clip(u + 3.0 * unit, 0.0, 1.0) * np.clip(length - u + 3.0 * unit, 0.0, 1.0)  # just past the corners
+        # The lash line along the edge and the lid's shadow on the eye beneath it.
+        lash_width = max(0.7, 0.07 * height)
+        lash = np.exp(-(((vv - edge + 0.5 * lash_width) / lash_width) ** 2)) * span * onset * 0.85
+        shadow = 0.25 * np.exp(-np.maximum(vv - edge, 0.0) / max(0.12 * height, 0.5)) * (vv > edge) * span * onset
+        shadow *= (vv < low + self.reach * height)  # on the eye, not on the lower lid's skin
+        base = roi.astype(np.float32)
+        result = base + (lid - base) * cover[..., None]
+        result += (self.lash - result) * lash[..., None]
+        result *= (1.0 - shadow)[..., None]
+        roi[:] = np.clip(result + 0.5, 0, 255).astype(np.uint8)
+
+
+class _Mouth:
+    """The inside of an opened mouth, drawn at full resolution with antialiased edges.
+
+    A cavity darker the deeper inside (lit near the lips, near black in the throat), a tongue
+    at the bottom, upper teeth under the upper lip and a lower set above the lower lip. Where
+    the source shows teeth the warp carries its own upper teeth (the interior's upper half
+    rides with the upper lip) and their colour tints the lower set; where it shows none
+    (closed lips), both sets are drawn in a light tone taken from the source's eyes' whites.
+    """
+
+    SAMPLES = 4
+
+    def __init__(self, mesh: np.ndarray, image: np.ndarray, half_gap: np.ndarray):
+        lips = np.array(LIP_PAIRS)
+        self.upper, self.lower = lips[:, 0], lips[:, 1]
+        self._curve = _catmull_rom(len(self.upper) + 2, self.SAMPLES)
+        self.width = float(np.linalg.norm(mesh[78, :2] - mesh[308, :2]))
+        h, w = image.shape[:2]
+        lip_mask = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(lip_mask, [np.rint(mesh[list(OUTER_LIPS), :2]).astype(np.int32)], 255)
+        inner = np.concatenate([[mesh[78, :2]], mesh[self.upper, :2], [mesh[308, :2]], mesh[self.lower, :2][::-1]])
+        interior = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(interior, [np.rint(inner).astype(np.int32)], 255)
+        lip_mask[interior > 0] = 0
+        lips_rgb = image[lip_mask > 0].astype(np.float32)
+        self.lip = np.median(lips_rgb, axis=0) if len(lips_rgb) else np.array([170, 90, 90], np.float32)
+        # Teeth the source shows: light, low-saturation pixels in the upper half of its mouth.
+        upper_half = np.zeros((h, w), np.uint8)
+        mid = mesh[self.upper, :2] + half_gap
+        cv2.fillPoly(upper_half, [np.rint(np.concatenate(
+            [[mesh[78, :2]], mesh[self.upper, :2], [mesh[308, :2]], mid[::-1]])).astype(np.int32)], 255)
+        px = image[upper_half > 0].astype(np.float32)
+        self.shows_teeth = False
+        light = np.array([236, 230, 214], np.float32)
+        if len(px) >= max(12, 0.01 * self.width ** 2):
+            value = px.max(axis=1)
+            sat = (value - px.min(axis=1)) / np.maximum(value, 1)
+            teeth = px[(value > 0.75 * np.percentile(image.max(axis=2), 90)) & (sat < 0.4)]
+            if len(teeth) >= 0.25 * len(px):
+                self.shows_teeth = True
+                light = np.median(teeth, axis=0)
+        self.teeth = light
+        self.throat = self.lip * np.array([0.1, 0.05, 0.06])
+        self.wall = self.lip * np.array([0.4, 0.2, 0.2])  # lit near the lips
+        self.tongue = self.lip * np.array([0.58, 0.3, 0.32])
+
+    def apply(self, out: np.ndarray, v: np.ndarray, mid: np.ndarray, strength: float, gap: float) -> None:
+        """Draw the interior between the lips of vertices `v` (mid: the lip midline) into
+        `out`; strength 0..1 fades it in as the mouth opens, gap: its opening in pixels."""
+        left, right = v[78].astype(np.float64), v[308].astype(np.float64)
+        upper = self._curve @ np.concatenate([[left], v[self.upper], [right]])
+        lower = self._curve @ np.concatenate([[left], v[self.lower], [right]])
+        midline = self._curve @ np.concatenate([[left], mid, [right]])
+        top = midline if self.shows_teeth else upper
+        pts = np.concatenate([top, lower])
+        pad = 3
+        x0, y0 = np.maximum(np.floor(pts.min(axis=0)).astype(int) - pad, 0)
+        x1, y1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + pad, out.shape[1::-1])
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            return
+        roi = out[y0:y1, x0:x1]
+        shape = roi.shape[:2]
+        fixed = lambda p: np.rint((p - [x0, y0]) * 16).astype(np.int32)
+
+        def fill(polygon: np.ndarray) -> np.ndarray:
+            mask = np.zeros(shape, np.uint8)
+            cv2.fillPoly(mask, [fixed(polygon)], 255, cv2.LINE_AA, 4)
+            return mask.astype(np.float32) / 255.0
+
+        cavity = fill(np.concatenate([top, lower[::-1]]))
+        width = max(float(np.linalg.norm(right - left)), 1.0)
+        # Depth: how far inside, from a blur of the opening (0 at the lips, 1 deep inside).
+        sigma = max(0.8, 0.1 * gap)
+        depth = np.clip((cv2.GaussianBlur(cavity, (0, 0), sigma) - 0.5) * 2.5, 0, 1)[..., None]
+        layer = self.wall + (self.throat - self.wall) * _smoothstep(depth)
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        x_hat = (right - left) / width
+        across = ((xs - (left[0] + right[0]) / 2) * x_hat[0] + (ys - (left[1] + right[1]) / 2) * x_hat[1]) / (width / 2)
+        n_hat = np.array([-x_hat[1], x_hat[0]])
+
+        # Tongue: a low dome resting on the lower lip, in the middle.
+        centre = lower[len(lower) // 2]
+        dome_h = 0.32 * gap
+        rel = ((xs - centre[0]) * n_hat[0] + (ys - centre[1]) * n_hat[1])  # below the lower lip centre: > 0
+        tongue = np.clip(1.0 - across ** 2 / 0.5 - ((rel + 0.2 * dome_h) / max(dome_h, 1.0)) ** 2, 0, 1)
+        tongue = np.clip(tongue * 6, 0, 1)[..., None] * min(1.0, gap / (0.25 * width))
+        tongue_colour = self.tongue * (0.8 + 0.25 * np.clip(-rel / max(dome_h, 1.0), 0, 1))[..., None]
+        layer = layer + (tongue_colour - layer) * tongue * 0.9
+
+        # Teeth: a band under the upper lip (drawn unless the source's own are carried by the
+        # warp) and a lower set over the lower lip when the mouth is open enough to show it.
+        def band(edge: np.ndarray, height: float, downwards: bool, extent: float) -> np.ndarray:
+            shifted = edge + (height if downwards else -height) * n_hat
+            return fill(np.concatenate([edge, shifted[::-1]])) * _smoothstep((extent - np.abs(across)) / 0.25)[..., None][..., 0]
+
+        teeth_shade = (1.0 - 0.35 * np.abs(across) ** 2)[..., None]  # receding into shadow at the sides
+        gaps = 0.12 * np.clip(np.cos(np.abs(across) * np.pi * 4.5) * 4 - 3, 0, 1)[..., None]  # the gaps between teeth
+        if not self.shows_teeth:
+            upper_teeth = band(upper, min(0.13 * width, 0.42 * gap), True, 0.78)[..., None]
+            colour = self.teeth * teeth_shade * (1 - gaps) * 0.95
+            layer = layer + (colour - layer) * upper_teeth
+        if gap > 0.12 * width:
+            show = min(1.0, (gap - 0.12 * width) / (0.1 * width))
+            lower_teeth = band(lower, min(0.08 * width, 0.22 * gap), False, 0.55)[..., None] * show
+            colour = self.teeth * teeth_shade * (1 - gaps) * 0.72
+            layer = layer + (colour - layer) * lower_teeth
+        alpha = (cavity * strength)[..., None]
+        base = roi.astype(np.float32)
+        roi[:] = np.clip(base + (layer - base) * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+class Reenactor:
+    """The per-source part of the warp: triangulation, rings, matte, plate, colours; all
+    computed once.
+
+    `landmarks(driving, reference)` moves the source mesh; `render(driving, reference)`
+    warps the source image onto it. `matte` (the person's alpha, engines.matte.person_matte)
+    and `plate` (the background behind the person, engines.matte.background_plate) are made
+    here when not given.
+    """
+
+    def __init__(self, source: SourcePortrait, grid: int | None = None, matte: np.ndarray | None = None,
+                 plate: np.ndarray | None = None):
+        from .matte import background_plate, person_matte
+
         self.source = source
         self.size = size = source.image.shape[0]
         # The warp map is piecewise affine, so it is computed on a coarser grid and
         # upsampled bilinearly: indistinguishable, and a quarter of the per-pixel work.
+        # (Edges that must be sharp are drawn at full resolution: the matte, lids, mouth.)
         self.grid = grid or max(64, size // 2)
         mesh = source.landmarks[:MESH_POINTS].astype(np.float64)
         self._mesh3d = mesh
+
+        self.matte = person_matte(source.image, source.landmarks) if matte is None else matte.astype(np.float32)
+        self.plate = background_plate(source.image, self.matte) if plate is None else plate
 
         lids = np.array(RIGHT_LID_PAIRS + LEFT_LID_PAIRS)
         self._lid_upper, self._lid_lower = lids[:, 0], lids[:, 1]
@@ -114,14 +497,14 @@ class Reenactor:
         self._lip_upper, self._lip_lower = lips[:, 0], lips[:, 1]
         midline = (mesh[self._lip_upper, :2] + mesh[self._lip_lower, :2]) / 2
         self._half_gap = midline - mesh[self._lip_upper, :2]  # (pairs, 2), points down the mouth
-        self._source_gap = _lip_gap(mesh)
+        self._jaw_weight = self._opening_weights(mesh)
 
         # Rings around the head centre follow a weighted share of the head's motion.
         centre = mesh[list(FACE_OVAL)].mean(axis=0)
         oval = mesh[list(FACE_OVAL)]
         rings, weights = [], []
         for scale, (w_up, w_down) in zip(RING_SCALES, RING_WEIGHTS):
-            points = centre + (oval - centre) * [scale, scale, 0]
+            points = centre + (oval - centre) * scale  # z too: a turn moves the rings as the head
             up = np.clip((centre[1] - points[:, 1]) / np.ptp(points[:, 1]) + 0.5, 0, 1)
             rings.append(points)
             weights.append(w_down + (w_up - w_down) * up)
@@ -145,6 +528,17 @@ class Reenactor:
         # Face triangles last, so where a turn folds the mesh the face covers the background.
         on_face = np.all(simplices < self._ring.start, axis=1)
         self.triangles = np.concatenate([simplices[~on_face], simplices[on_face]]).astype(np.int64)
+        self._face_start = int((~on_face).sum())
+        tri = self.src_vertices[self.triangles].astype(np.float64)
+        a1, a2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+        self._source_det = a1[:, 0] * a2[:, 1] - a1[:, 1] * a2[:, 0]  # each triangle's orientation
+        # A face triangle's depth: its mesh points' z (the lip midline takes its upper lip's).
+        depth_of = np.arange(self._ring.start)
+        depth_of[self._mid] = self._lip_upper
+        self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
+        self._order = np.arange(len(self.triangles))
+        self._rank = np.arange(len(self.triangles))
+        self._ranks = np.arange(len(self.triangles))
 
         # Per-frame buffers.
         g = self.grid
@@ -159,34 +553,47 @@ class Reenactor:
         self._map_x = np.empty((size, size), np.float32)
         self._map_y = np.empty((size, size), np.float32)
         self._vertices = self.src_vertices.copy()
+        self._warped = np.empty((size, size, 3), np.uint8)
+        self._source_rgba = np.dstack([source.image, np.rint(self.matte * 255).astype(np.uint8)])
+        self._warped_rgba = np.empty((size, size, 4), np.uint8)
+        self._alpha_u8 = np.empty((size, size), np.uint8)
+        self._fixed_xy = np.empty((size, size, 2), np.int16)
+        self._fixed_frac = np.empty((size, size), np.uint16)
+        self._alpha = np.empty((size, size), np.float32)
+        self._beta = np.empty((size, size), np.float32)
         self.output = np.empty((size, size, 3), np.uint8)
 
-        self._cavity_colour = self._mean_colour([mesh[list(OUTER_LIPS), :2]]) * np.array([0.3, 0.2, 0.2])
-        self._lid_colour, self._lash_colour = self._eyelid_colours(mesh)
+        image = source.image
+        tone = skin_tone(image, mesh)
+        self._eyes = (_Eyelid(self._lid_upper[:7], self._lid_lower[:7], RIGHT_LID_SKIN, EYE_CORNERS[0], mesh, image, tone),
+                      _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
+        self._mouth = _Mouth(mesh, image, self._half_gap)
+        self._mouth_region = list(OUTER_LIPS)
         self._reference_key: int | None = None
+        self.calibration: DriverCalibration | None = None
 
-    def _mean_colour(self, polygons: list[np.ndarray]) -> np.ndarray:
-        mask = np.zeros((self.size, self.size), np.uint8)
-        cv2.fillPoly(mask, [np.rint(p).astype(np.int32) for p in polygons], 255)
-        return np.array(cv2.mean(self.source.image, mask=mask)[:3], np.float32)
-
-    def _eyelid_colours(self, mesh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The skin of the upper lids and a darker shade for lashes.
-
-        Taken from the middle of the band between each upper lid and its brow: the median
-        there is lid skin, clear of lashes, crease shadow and brow hair.
-        """
-        mask = np.zeros((self.size, self.size), np.uint8)
-        for pairs, brow in ((RIGHT_LID_PAIRS, RIGHT_BROW_LOWER), (LEFT_LID_PAIRS, LEFT_BROW_LOWER)):
-            upper = mesh[[u for u, _ in pairs], :2]
-            brow_y = mesh[list(brow), 1].mean()
-            lid_y = upper[:, 1]
-            band = np.concatenate([np.stack([upper[:, 0], lid_y + 0.3 * (brow_y - lid_y)], 1),
-                                   np.stack([upper[:, 0], lid_y + 0.6 * (brow_y - lid_y)], 1)[::-1]])
-            cv2.fillPoly(mask, [np.rint(band).astype(np.int32)], 255)
-        pixels = self.source.image[mask > 0]
-        lid = np.median(pixels, axis=0).astype(np.float32) if len(pixels) else self._mean_colour([])
-        return lid, lid * 0.35
+    def _opening_weights(self, mesh: np.ndarray) -> np.ndarray:
+        """(468,) how much of the mouth's opening each point takes: the lower lip fully
+        (tapering to nothing at the corners), the chin and jaw below it, nothing above the
+        lips or out on the cheeks."""
+        left, right = mesh[78, :2], mesh[308, :2]
+        centre = (left + right) / 2
+        half = max(float(np.linalg.norm(right - left)) / 2, 1.0)
+        x_hat = (right - left) / (2 * half)
+        n_hat = np.array([-x_hat[1], x_hat[0]])
+        rel = mesh[:, :2] - centre
+        across = rel @ x_hat / half
+        down = rel @ n_hat
+        chin = max(float((mesh[152, :2] - centre) @ n_hat), 1.0)
+        # The jaw drops as one piece: full weight just below the lips, fading out on the cheeks.
+        jaw = _smoothstep(down / (0.15 * chin)) * np.exp(-0.5 * (np.maximum(np.abs(across) - 0.8, 0) / 0.9) ** 2)
+        lens = np.clip(1 - np.minimum(np.abs(across), 1) ** 2, 0, 1) ** 0.8
+        weights = jaw
+        lower = list(self._lip_lower) + list(LOWER_OUTER_LIP) + [14]
+        weights[lower] = np.maximum(lens[lower], jaw[lower])
+        weights[list(MOUTH_CORNER_POINTS)] = 0.0
+        weights[list(self._lip_upper)] = 0.0
+        return weights
 
     # -- motion ---------------------------------------------------------------------------------
     def _bind_reference(self, reference: np.ndarray) -> None:
@@ -199,124 +606,143 @@ class Reenactor:
         q_inv = self._q.inverse()
         self._shape_offset = q_inv(self._mesh3d) - ref
         self._ref_rigid = ref[list(RIGID)]
-        self._rings_in_ref = q_inv(self._rings3d)
+        # The rings follow the head's motion in the image plane only (roll, shift, scale): a
+        # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
+        # stretch smoothly instead of folding over the cheek.
+        flat = lambda points: np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
+        self._flat = flat
+        self._q2 = Similarity.fit(flat(ref[list(RIGID)]), flat(self._mesh3d[list(RIGID)]))
+        self._ref_rigid_2d = flat(ref[list(RIGID)])
+        self._rings_in_ref = self._q2.inverse()(flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
-        self._reference_lid_gaps = np.maximum(_gaps(ref, self._lid_upper, self._lid_lower), 1e-3)
+        self.calibration = DriverCalibration(reference)
         self._reference_key = key
 
     def _motion(self, driving: np.ndarray, reference: np.ndarray) -> Similarity:
         self._bind_reference(reference)
         return Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
 
-    def _moved(self, driving: np.ndarray, motion: Similarity) -> np.ndarray:
+    def _moved(self, driving: np.ndarray, motion: Similarity, mouth_open: float | None = None) -> np.ndarray:
         d = driving[:MESH_POINTS].astype(np.float64)
-        return self._q(d + motion.scale * self._shape_offset @ motion.rotation.T)
+        mesh = self._q(d + motion.scale * self._shape_offset @ motion.rotation.T)
+        if mouth_open is None:
+            mouth_open = self.calibration.update(driving)[1]
+        # The mouth opens as far above the portrait's own lips as the driver's above its closed
+        # mouth: replace the relative motion's gap (which a reference caught with an open mouth
+        # would push through closed lips) by that.
+        scale = self._q.scale * motion.scale
+        eye_line = mesh[263, :2] - mesh[33, :2]
+        n_hat = np.array([-eye_line[1], eye_line[0]]) / max(float(np.linalg.norm(eye_line)), 1e-6)
+        gap = float((mesh[14, :2] - mesh[13, :2]) @ n_hat)
+        source_gap = float(np.linalg.norm(self._mesh3d[14, :2] - self._mesh3d[13, :2]))
+        width = float(np.linalg.norm(self._mesh3d[78, :2] - self._mesh3d[308, :2]))
+        target = scale * (source_gap + mouth_open * width)
+        mesh[:, :2] += (target - gap) * self._jaw_weight[:, None] * n_hat
+        return mesh
 
     def landmarks(self, driving: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`."""
-        return self._moved(driving, self._motion(driving, reference))
+        motion = self._motion(driving, reference)
+        _shut, mouth = self.calibration.update(driving)
+        return self._moved(driving, motion, mouth)
 
     # -- rendering ------------------------------------------------------------------------------
     def render(self, driving: np.ndarray, reference: np.ndarray, timings: Timings | None = None) -> np.ndarray:
         """Warp the source so its face follows `driving` (relative to `reference`)."""
         t0 = time.perf_counter()
         motion = self._motion(driving, reference)
-        mesh = self._moved(driving, motion)
+        shut, mouth_open = self.calibration.update(driving)
+        mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        rings = self._q(motion(self._rings_in_ref))
+        planar = Similarity.fit(self._ref_rigid_2d, self._flat(driving[list(RIGID)].astype(np.float64)))
+        rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
-        closed = 1.0 - _gaps(driving, self._lid_upper, self._lid_lower) / self._reference_lid_gaps
-        lid_edge, lid_open = self._slide_eyelids(v, self._q(motion(self._lids_in_ref))[:, :2], closed)
-        mouth_open = self._split_mouth(v)
+        self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
+        mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
-        self._rasterise(v)
+        self._rasterise(v, mesh[:, 2])
         t2 = time.perf_counter()
         cv2.resize(self._coarse[:, 0].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_x)
         cv2.resize(self._coarse[:, 1].reshape(self.grid, self.grid), (self.size, self.size), dst=self._map_y)
-        cv2.remap(self.source.image, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self.output,
+        if self.grid < self.size and mouth_strength > 0:  # full resolution where the lips part
+            self._refine(v, self._mouth_region)
+        # One remap carries the portrait and its matte (as a fourth channel: nearly free), in
+        # OpenCV's fixed-point map format (faster than float maps for the remap itself).
+        cv2.convertMaps(self._map_x, self._map_y, cv2.CV_16SC2, dstmap1=self._fixed_xy, dstmap2=self._fixed_frac)
+        cv2.remap(self._source_rgba, self._fixed_xy, self._fixed_frac, cv2.INTER_LINEAR, dst=self._warped_rgba,
                   borderMode=cv2.BORDER_REPLICATE)
+        cv2.cvtColor(self._warped_rgba, cv2.COLOR_RGBA2RGB, dst=self._warped)
+        cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
+        # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
+        # by a pixel so the outline stays antialiased everywhere.
+        cv2.GaussianBlur(self._alpha_u8, (3, 3), 0, dst=self._alpha_u8)
+        # The person, where the warp took it, over the background plate.
+        np.multiply(self._alpha_u8, np.float32(1 / 255), out=self._alpha, casting="unsafe")
+        np.subtract(1.0, self._alpha, out=self._beta)
+        cv2.blendLinear(self._warped, self.plate, self._alpha, self._beta, dst=self.output)
         t3 = time.perf_counter()
-        if lid_edge is not None:
-            self._paint_eyelids(lid_open, lid_edge, mesh)
-        if mouth_open > 0.02:
-            self._paint_cavity(v, mouth_open)
+        scale = self._q.scale * motion.scale
+        for eye, amount in zip(self._eyes, shut):
+            eye.apply(self.output, v, float(amount), scale)
+        if mouth_strength > 0.0:
+            self._mouth.apply(self.output, v, v[self._mid], mouth_strength, mouth_gap)
         t4 = time.perf_counter()
         if timings is not None:
             for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("paint", t4 - t3)):
                 timings.record(stage, ms * 1e3)
         return self.output
 
-    def _slide_eyelids(self, v: np.ndarray, rigid: np.ndarray, closed: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Hold the warp's upper lids open and return where the painted lids must reach.
+    def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
+        """Put the warp's upper lids where the head alone carries them: open. Closing is
+        the lid's slide (_Eyelid), so the eye is covered, never squashed."""
+        v[self._lid_upper] = rigid[:len(self._lid_upper)]
 
-        `rigid` is where the lids would be had the head moved and the eyes not closed;
-        `closed` is how far (0..1) each of the driver's lids closed against its reference.
-        The closing part of each upper lid's motion is taken out of the warp (so the eye is
-        not squashed) and painted over instead, as the same fraction of the portrait's own
-        eye: a driver's blink shuts a cartoon's big eyes too. A lid that opens wider stays
-        in the warp.
-        """
-        n = len(self._lid_upper)
-        up_rigid, low_rigid = rigid[:n], rigid[n:]
-        axis = low_rigid - up_rigid
-        height = np.linalg.norm(axis, axis=1)
-        axis /= np.maximum(height, 1e-6)[:, None]
-        up = v[self._lid_upper]
-        warp_closing = np.maximum(((up - up_rigid) * axis).sum(axis=1), 0.0)
-        held_open = up - warp_closing[:, None] * axis
-        v[self._lid_upper] = held_open
-        closing = np.clip(closed, 0.0, 1.0) * height
-        if closing.max() < 0.5:
-            return None, held_open
-        return held_open + closing[:, None] * axis, held_open
-
-    def _paint_eyelids(self, held_open: np.ndarray, edge: np.ndarray, mesh: np.ndarray) -> None:
-        half = len(held_open) // 2
-        thickness = max(1, round(self.size / 256))
-        for eye, corners in ((slice(0, half), (33, 133)), (slice(half, None), (263, 362))):
-            a, b = mesh[corners[0], :2], mesh[corners[1], :2]
-            # Reach a little above the held-open lid, over the source's own lash line.
-            lid = np.concatenate([[a], held_open[eye] - [0, thickness], [b], edge[eye][::-1]])
-            lash = np.concatenate([[a], edge[eye], [b]])
-            self._paint(lid, self._lid_colour, 1.0, lash=lash)
-
-    def _split_mouth(self, v: np.ndarray) -> float:
-        """Place the lip midline: it rides the upper lip, never past the lower; returns how far
-        (0..1) the mouth opened beyond the source's, the strength of its cavity."""
+    def _split_mouth(self, v: np.ndarray) -> tuple[float, float]:
+        """Place the lip midline: it rides the upper lip, never past the lower. Returns the
+        strength (0..1) of the interior to draw, and the opening in pixels."""
         upper, lower = v[self._lip_upper], v[self._lip_lower]
         gap = np.linalg.norm(lower - upper, axis=1)
         source_gap = 2 * np.linalg.norm(self._half_gap, axis=1)
         keep = np.clip(gap / np.maximum(source_gap, 1e-6), 0.0, 1.0)[:, None]
         v[self._mid] = upper + self._half_gap * keep
-        width = np.linalg.norm(v[78] - v[308])
-        return float(np.clip((gap.max() - source_gap.max()) / max(0.12 * width, 1.0), 0.0, 1.0))
+        width = max(float(np.linalg.norm(v[78] - v[308])), 1.0)
+        opened = float((gap - source_gap).max())
+        if opened < 0.5:  # under half a pixel: nothing to draw
+            return 0.0, float(gap.max())
+        return float(np.clip(opened / max(0.06 * width, 1.0), 0.0, 1.0)), float(gap.max())
 
-    def _paint_cavity(self, v: np.ndarray, strength: float) -> None:
-        cavity = np.concatenate([[v[78]], v[self._mid], [v[308]], v[self._lip_lower][::-1]])
-        self._paint(cavity, self._cavity_colour, strength)
-
-    def _paint(self, polygon: np.ndarray, colour: np.ndarray, strength: float, lash: np.ndarray | None = None) -> None:
-        """Blend a soft-edged filled polygon (and a dark line along `lash`) into the output."""
-        pad = 4
-        x0, y0 = np.maximum(np.floor(polygon.min(axis=0)).astype(int) - pad, 0)
-        x1, y1 = np.minimum(np.ceil(polygon.max(axis=0)).astype(int) + pad, self.size)
-        if x1 <= x0 or y1 <= y0:
+    def _refine(self, vertices: np.ndarray, region: list[int]) -> None:
+        """Recompute the map at full resolution around the points `region` (an eye, the
+        mouth): there triangles are small and stretched, and a map interpolated from the
+        coarse grid would bend straight lid and lip edges into steps."""
+        pts = vertices[region]
+        pad = 0.12 * float(np.ptp(pts[:, 0]))
+        x0, y0 = np.maximum(np.floor(pts.min(axis=0) - pad).astype(int), 0)
+        x1, y1 = np.minimum(np.ceil(pts.max(axis=0) + pad).astype(int), self.size)
+        if x1 - x0 < 2 or y1 - y0 < 2:
             return
-        roi = self.output[y0:y1, x0:x1]
-        layer = np.empty_like(roi, dtype=np.float32)
-        layer[:] = colour
-        mask = np.zeros(roi.shape[:2], np.float32)
-        fixed = lambda p: np.rint((p - [x0, y0]) * 16).astype(np.int32)  # 4 fractional bits
-        cv2.fillPoly(mask, [fixed(polygon)], 1.0, cv2.LINE_AA, 4)
-        if lash is not None:
-            cv2.polylines(layer, [fixed(lash)], False, self._lash_colour.tolist(), max(1, self.size // 256),
-                          cv2.LINE_AA, 4)
-            cv2.polylines(mask, [fixed(lash)], False, 1.0, max(1, self.size // 256), cv2.LINE_AA, 4)
-        mask = cv2.GaussianBlur(mask, (3, 3), 0)[..., None] * strength
-        roi[:] = (roi * (1 - mask) + layer * mask).astype(np.uint8)
+        # The triangles there: those the coarse grid found, a grid pixel around.
+        k = self.grid / self.size
+        gx0, gy0 = max(int(x0 * k) - 1, 0), max(int(y0 * k) - 1, 0)
+        gx1, gy1 = min(int(np.ceil(x1 * k)) + 1, self.grid), min(int(np.ceil(y1 * k)) + 1, self.grid)
+        near = np.unique(self._ids[gy0:gy1, gx0:gx1])
+        near = near[near > 0]
+        near = near[np.argsort(self._rank[near - 1])]  # in this frame's drawing order
+        ids = np.zeros((y1 - y0, x1 - x0), np.int32)
+        points = np.rint((vertices[self.triangles[near - 1]] - [x0, y0]) * 16).astype(np.int32)
+        for t, triangle in zip(near, points):
+            cv2.fillConvexPoly(ids, triangle, int(t), cv2.LINE_8, 4)
+        covered = ids > 0
+        if not covered.any():
+            return
+        ys, xs = np.nonzero(covered)
+        a = np.take(self._affines.reshape(-1, 6), ids[ys, xs], axis=0)  # (n, 6) each pixel's affine
+        fx, fy = (xs + x0).astype(np.float32), (ys + y0).astype(np.float32)
+        self._map_x[ys + y0, xs + x0] = a[:, 0] * fx + a[:, 1] * fy + a[:, 2]
+        self._map_y[ys + y0, xs + x0] = a[:, 3] * fx + a[:, 4] * fy + a[:, 5]
 
-    def _rasterise(self, vertices: np.ndarray) -> None:
+    def _rasterise(self, vertices: np.ndarray, depth: np.ndarray) -> None:
         """Fill the coarse backward map: for each grid pixel, where in the source it comes from.
 
         Triangles are drawn by id into a grid-sized image (OpenCV fills ~1000 small convex
@@ -327,7 +753,7 @@ class Reenactor:
         # Affine taking each moved triangle back to its source triangle: src = A @ [x, y, 1].
         e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        det[np.abs(det) < 1e-6] = 1.0  # a collapsed triangle covers no pixel anyway
+        det[np.abs(det) < 1e-6] = 1e-6  # a collapsed triangle covers no pixel anyway
         inv = np.stack([np.stack([e2[:, 1], -e2[:, 0]], -1), np.stack([-e1[:, 1], e1[:, 0]], -1)], 1) / det[:, None, None]
         s1, s2 = src[:, 1] - src[:, 0], src[:, 2] - src[:, 0]
         linear = np.stack([s1, s2], -1) @ inv  # (T, 2, 2)
@@ -338,20 +764,19 @@ class Reenactor:
         ids = self._ids
         ids.fill(0)
         points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
-        for k, triangle in enumerate(points, start=1):
+        # Face triangles far to near (a turned head's far cheek under its nose, not over it),
+        # and none that a turn has flipped over (seen from behind: the near ones cover it).
+        f = self._face_start
+        face_depth = depth[self._face_depth_points].mean(axis=1)
+        facing = det[f:] * self._source_det[f:] > 0
+        order = self._order
+        order[f:] = f + np.argsort(-face_depth, kind="stable")
+        self._rank[order] = self._ranks
+        drawn = order[(order < f) | np.concatenate([np.zeros(f, bool), facing])[order]]
+        for k, triangle in zip((drawn + 1).tolist(), points[drawn]):
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
         np.einsum("nij,nj->ni", self._chosen, self._grid_xy1, out=self._coarse)
-
-
-def _gaps(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distances between paired points a[i], b[i] (x, y only)."""
-    return np.linalg.norm(points[a, :2] - points[b, :2], axis=1)
-
-
-def _lip_gap(mesh: np.ndarray) -> float:
-    """Distance between the inner lips' midpoints, in pixels."""
-    return float(np.linalg.norm(mesh[13, :2] - mesh[14, :2]))
 
 
 class WarpEngine:
@@ -391,7 +816,9 @@ class WarpEngine:
         return []
 
     def reset(self) -> None:
-        pass  # no driving state: the Animator owns smoothing and the reference
+        # Driving state: the driver's calibration starts again with the next reference.
+        if self._reenactor is not None:
+            self._reenactor._reference_key = None
 
 
 def reenact(source: np.ndarray, driving: np.ndarray, reference: np.ndarray | None = None,

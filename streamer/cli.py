@@ -24,6 +24,7 @@ COMMANDS = {
     "sample-clip": ("streamer.sample_clip", "write a driving clip made from a bundled portrait, to try animate"),
     "prepare-data": ("streamer.prepare_data", "talking-head videos to an X-Portrait training set"),
     "train": ("streamer.train", "train an X-Portrait stage (accelerate; `accelerate launch` for several GPUs)"),
+    "eval": ("streamer.evaluate", "measure how well an engine follows a driving clip (pose, expressions, identity)"),
 }
 
 

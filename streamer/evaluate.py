@@ -1,0 +1,164 @@
+"""`xportrait eval SOURCE [SOURCE ...] DRIVING`: how well an engine follows the driver.
+
+Animates the portrait with the driving clip (any engine, through the Animator, as `animate`
+does), tracks the face mesh of driver and output frame by frame and reports head-pose error
+per axis (degrees), expression errors and correlations (mouth, each eye, brows, smile), how
+much of the source's face shape the output keeps against the driver's, jitter where the
+driver holds still and how still the background stays (engines.metrics).
+
+DRIVING is a video file, or `puppet:NAME` for a bundled portrait's synthetic clip
+(streamer.samples: roll, translation, mouth, blinks). `--json PATH` writes the report for
+machines (`-` for stdout), `--plot PATH` a PNG of driver against output curves for people.
+Bad input: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
+
+PROG = "xportrait eval"
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+MAX_FRAMES = 5000  # frames are held in memory: about 4.6 GB at 640x480; cut longer clips
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"must lie in [1, {MAX_FRAMES}], got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="portrait image(s) or bundled names (astronaut, grace_hopper); the first is animated")
+    parser.add_argument("driving", metavar="DRIVING",
+                        help="driving video, or puppet:NAME for a bundled portrait's synthetic clip")
+    parser.add_argument("--engine", choices=ENGINES, default="warp", help="engine to evaluate (default: %(default)s)")
+    from .offline import _size
+
+    parser.add_argument("--size", type=_size, default=512, help="output resolution (default: 512)")
+    parser.add_argument("--frames", type=_positive, default=None,
+                        help=f"evaluate the first N frames (default: all, at most {MAX_FRAMES})")
+    parser.add_argument("--ref-frame", type=int, default=None, metavar="INDEX",
+                        help="driving frame standing for the portrait's pose (default: the closest to it)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
+    parser.add_argument("--plot", metavar="PATH.png", help="write driver against output curves as a PNG")
+    add_engine_arguments(parser)
+
+
+class InputError(ValueError):
+    pass
+
+
+def _load_source(spec: str):
+    import os
+
+    from .offline import InputError as OfflineInputError, load_image
+
+    if not os.path.exists(spec):
+        from .samples import PORTRAITS, portrait
+
+        if spec in PORTRAITS:
+            return portrait(spec)
+        raise InputError(f"source image not found: {spec} (bundled portraits: {', '.join(PORTRAITS)})")
+    try:
+        return load_image(spec)
+    except OfflineInputError as e:
+        raise InputError(str(e)) from None
+
+
+def _driving(spec: str, limit: int | None) -> tuple[list, float]:
+    """The driving frames (RGB arrays) and their rate."""
+    count = MAX_FRAMES if limit is None else limit
+    if spec.startswith("puppet:"):
+        from engines.face import NoFaceError
+
+        from .samples import driving_clip
+
+        name = spec.split(":", 1)[1]
+        try:
+            clip = driving_clip(name, frames=None if limit is None else limit, fps=25.0)
+        except (ValueError, NoFaceError) as e:
+            raise InputError(f"driving {spec}: {e}") from None
+        return [frame for frame, _pose in clip], 25.0
+    from .video import VideoError, probe, read_frames
+
+    try:
+        info = probe(spec)
+        frames = [f.image for _, f in zip(range(count), read_frames(spec))]
+    except VideoError as e:
+        raise InputError(str(e)) from None
+    if not frames:
+        raise InputError(f"the driving video {spec} has no frames")
+    return frames, float(info.fps)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def summary(report: dict) -> str:
+    """The report as a few lines for people."""
+    lines = [f"{report['frames']} frames ({report['frames_compared']} compared), reference frame "
+             f"{report['reference_frame']}, output frames without a face: {report['output_frames_without_face']}"]
+    lines.append("feature      error    corr   driver range")
+    for name, f in report["features"].items():
+        unit = " deg" if name in ("yaw", "pitch", "roll") else ""
+        lines.append(f"{name:<11} {_fmt(f['mae']):>6}{unit:<4} {_fmt(f['corr'], 2):>5}   {_fmt(f['driver_range'])}")
+    ident = report["identity"]
+    lines.append(f"identity: shape distance to source {_fmt(ident['to_source'])}, to driver {_fmt(ident['to_driver'])} "
+                 f"(face heights; source share {_fmt(ident['source_share'], 2)}, lower keeps more of the source)")
+    jit = report["jitter"]
+    lines.append(f"jitter on {jit['still_frames']} still frames: output {_fmt(jit['output'], 4)}, "
+                 f"driver {_fmt(jit['driver'], 4)} (face heights per frame)")
+    bg = report.get("background") or {}
+    lines.append(f"background: mean abs change {_fmt(bg.get('mean_abs_diff'), 2)} levels, "
+                 f"{_fmt(100 * bg['changed_share'] if bg.get('changed_share') is not None else None, 2)}% of pixels "
+                 f"changed > 8 levels ({bg.get('pixels', 0)} background pixels)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.face import NoFaceError
+    from engines.metrics import evaluate, plot
+
+    try:
+        sources = [_load_source(s) for s in args.sources]
+        frames, fps = _driving(args.driving, args.frames)
+        if args.ref_frame is not None and not 0 <= args.ref_frame < len(frames):
+            raise InputError(f"--ref-frame {args.ref_frame} is out of range: the clip has {len(frames)} frames")
+        engine = create_engine(args.engine, size=args.size, **engine_options(args))
+        comparison = evaluate(engine, sources, frames, fps, reference=args.ref_frame)
+    except (InputError, NoFaceError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except EngineError as e:
+        print(f"{PROG}: error: engine {args.engine!r}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    report = {"engine": args.engine, "size": args.size, "sources": args.sources, "driving": args.driving,
+              **comparison.report}
+    try:
+        if args.plot:
+            plot(comparison, args.plot, fps, title=f"{args.engine}: {args.sources[0]} driven by {args.driving}")
+        if args.json == "-":
+            print(json.dumps(report, indent=2))
+        else:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=2)
+            print(summary(report))
+    except OSError as e:
+        print(f"{PROG}: error: cannot write output: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0

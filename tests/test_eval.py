@@ -1,0 +1,136 @@
+"""`engines.metrics` and `xportrait eval`: the figures mean what they say on clips whose motion
+is known: a still driver gives no error, a driver that moves while the output stays frozen
+gives a large one, and the warp engine following a roll shows it in degrees."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from engines import create_engine
+from engines.base import Rendered, Timings
+from engines.metrics import FEATURES, compare, evaluate, head_pose, shape_distance
+from streamer.cli import main
+from streamer.samples import Pose, driving_clip, portrait
+
+SIZE = 256
+FPS = 25
+
+
+class FrozenEngine:
+    """An engine whose output never moves: the source portrait, every frame."""
+
+    name = "frozen"
+    size = SIZE
+    needs_driving_image = False
+    waits_on_device = False
+
+    def __init__(self):
+        self.timings = Timings()
+
+    def prepare(self, sources) -> None:
+        self.image = sources[0].image
+
+    def step(self, frame) -> Rendered:
+        return Rendered(self.image, frame.tag)
+
+    def flush(self) -> list[Rendered]:
+        return []
+
+    def reset(self) -> None:
+        pass
+
+
+def moving(t: float) -> Pose:
+    """Roll to +-12 degrees and the mouth opening wide, twice over 1.6 s."""
+    return Pose(roll_deg=12 * math.sin(2 * math.pi * t / 0.8), mouth=0.8 * math.sin(math.pi * t / 0.8) ** 2)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return portrait("astronaut")
+
+
+@pytest.fixture(scope="module")
+def moving_clip():
+    return [f for f, _ in driving_clip("grace_hopper", frames=40, fps=FPS, script=moving)]
+
+
+def test_head_pose_recovers_a_known_rotation():
+    rng = np.random.default_rng(1)
+    face = rng.normal(size=(478, 3)) * 50 + 200
+    for yaw, pitch, roll in ((10, 0, 0), (0, -8, 0), (0, 0, 15), (12, 5, -7)):
+        y, p, r = np.radians([-yaw, -pitch, roll])
+        ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+        rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+        rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+        turned = (face - 200) @ (rz @ ry @ rx).T * 1.3 + 210
+        np.testing.assert_allclose(head_pose(turned, face), [yaw, pitch, roll], atol=1e-6)
+    assert shape_distance(face * 2 + 5, face) < 1e-9  # pose and scale removed
+
+
+def test_a_still_driver_gives_no_error(astronaut):
+    still = [f for f, _ in driving_clip("grace_hopper", frames=24, fps=FPS, script=lambda t: Pose())]
+    report = evaluate(create_engine("warp", SIZE), [astronaut], still, FPS).report
+    assert report["frames_compared"] == 24
+    for axis, error in report["pose_error_deg"].items():
+        assert error < 0.5, (axis, error)  # mediapipe's own wobble on still frames: ~0.1-0.3
+    for feature, error in report["expression_error"].items():
+        assert error < 0.03, (feature, error)
+    assert report["jitter"]["still_frames"] >= 16
+    assert report["jitter"]["output"] < 0.003
+    assert report["background"]["mean_abs_diff"] < 0.5
+    assert report["identity"]["source_share"] < 0.5  # the output keeps the astronaut's face
+
+
+def test_a_frozen_output_gives_a_large_error_and_the_warp_a_small_one(astronaut, moving_clip):
+    frozen = evaluate(FrozenEngine(), [astronaut], moving_clip, FPS).report
+    warp = evaluate(create_engine("warp", SIZE), [astronaut], moving_clip, FPS).report
+    # The driver rolls +-12 degrees and opens its mouth to ~0.7 of its width.
+    assert frozen["features"]["roll"]["driver_range"] > 20
+    assert frozen["pose_error_deg"]["roll"] > 4.0
+    assert frozen["expression_error"]["mouth"] > 0.1
+    assert frozen["correlation"]["roll"] is None or abs(frozen["correlation"]["roll"]) < 0.5
+    assert warp["pose_error_deg"]["roll"] < 1.5
+    assert warp["correlation"]["roll"] > 0.98
+    assert warp["correlation"]["mouth"] > 0.9
+    assert warp["expression_error"]["mouth"] < 0.5 * frozen["expression_error"]["mouth"]
+    assert set(warp["correlation"]) == set(FEATURES)
+
+
+def test_compare_checks_its_input(astronaut):
+    lm = np.zeros((478, 3), np.float32)
+    with pytest.raises(ValueError, match="driver frames"):
+        compare([lm, lm], [lm], lm, 0)
+    with pytest.raises(ValueError, match="no face"):
+        compare([lm], [None], lm, 0)
+
+
+def test_the_eval_command_writes_json_and_a_plot(tmp_path, capsys):
+    report_path, plot_path = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(["eval", "astronaut", "puppet:grace_hopper", "--frames", "12", "--size", str(SIZE),
+                 "--json", str(report_path), "--plot", str(plot_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["frames"] == 12 and report["engine"] == "warp"
+    assert set(report["pose_error_deg"]) == {"yaw", "pitch", "roll"}
+    assert {"mouth", "eye_right", "eye_left", "brows", "smile"} <= set(report["expression_error"])
+    assert {"to_source", "to_driver"} <= set(report["identity"])
+    assert "mean_abs_diff" in report["background"] and "output" in report["jitter"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "roll" in capsys.readouterr().out
+
+
+def test_the_eval_command_refuses_bad_input(tmp_path, capsys):
+    assert main(["eval", "no-such.png", "puppet:grace_hopper"]) == 2
+    assert "source image not found" in capsys.readouterr().err
+    assert main(["eval", "astronaut", str(tmp_path / "missing.mp4")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["eval", "astronaut", "puppet:nobody"]) == 2
+    assert "unknown portrait" in capsys.readouterr().err
+    not_video = tmp_path / "x.mp4"
+    not_video.write_text("not a video")
+    assert main(["eval", "astronaut", str(not_video)]) == 2
