@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
     parser.add_argument("--fast-only", action="store_true",
                         help="xportrait --stream: time only the fastest configuration asked for (and the naive baseline)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="xportrait --stream: then profile the fastest run's tick without its graph (CUDA): a "
+                             "kernel table by kind, and DIR/tick-profile.json and tick-trace.json")
     parser.add_argument("--offline-steps", default="4,8",
                         help="xportrait offline: LCM step counts to time on one window (default: 4,8)")
     add_engine_arguments(parser)
@@ -211,13 +214,15 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
     import torch
 
     from engines.base import SourcePortrait
-    from engines.xportrait.engine import XPortraitStreamEngine, to_tensor
+    from engines.xportrait.engine import XPortraitStreamEngine, pick_device, to_tensor
     from engines.xportrait.stream import StreamSettings, render_causal
 
     from export.backend import live_engine_options
 
     options = {k: v for k, v in live_engine_options(args).items()
                if k not in ("sampler", "guidance", "tiny_decoder", "compile", "stream")}
+    if args.profile and pick_device(options.get("device")).type != "cuda":
+        raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
     source, frames = _cost_inputs(args, args.frames)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
@@ -262,6 +267,13 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
                      "latency_ms": {"p50": _percentile(latency, 50), "p95": _percentile(latency, 95)},
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
+    profiled = None
+    if args.profile:  # the last run's engine: the fastest configuration asked for
+        from dataclasses import asdict
+
+        from .tickprofile import profile_ticks
+
+        profiled = asdict(profile_ticks(engine.denoiser, args.profile))
     # Per module, eager, at the stream batch's shapes (CUDA events).
     model, dtype, device = engine.model, engine.dtype, engine.device
     denoiser = engine.denoiser
@@ -289,6 +301,8 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
               "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "lcm_steps": denoiser.settings.steps,
               "window": denoiser.settings.window, "lookahead": denoiser.settings.lookahead, "runs": runs,
               "modules_ms": modules}
+    if profiled is not None:
+        result["profile"] = profiled
     # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
     count = min(8 if args.baseline_frames is None else args.baseline_frames, len(frames))
     if count <= 0:
@@ -322,6 +336,10 @@ def _print_stream(result: dict, args: argparse.Namespace) -> None:
               f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
     for name, ms in result["modules_ms"].items():
         print(f"  {name:<40} {ms:7.2f} ms (eager)")
+    if "profile" in result:
+        from .tickprofile import TickProfile, format_profile
+
+        print("\n".join(format_profile(TickProfile(**result["profile"]))))
     if "baseline" in result:
         b = result["baseline"]
         print(f"  baseline ({b['name']}): {b['fps']:.2f} fps; best engine run is {result['speedup_vs_baseline']:.1f}x")

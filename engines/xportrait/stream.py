@@ -207,6 +207,7 @@ class StreamingDenoiser:
         self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if self.device.type == "cuda" else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * s  # host-side: (real frame?, tag)
         self._graph = None
+        self.advance = self._advance  # one tick's work without the graph (capture() sets what it recorded)
 
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:
@@ -356,6 +357,7 @@ class StreamingDenoiser:
         with torch.cuda.graph(graph):
             advance()
         self._graph = graph
+        self.advance = advance  # the recorded work (compiled, if asked), for profilers
         self.reset()
 
     @torch.no_grad()
