@@ -3,16 +3,16 @@
 After the timed run, the engine's tick (the same work its CUDA graph replays, compiled when
 --compile) runs a few more times without the graph under torch.profiler, so that every kernel
 shows. The kernels are summed by kind (GEMMs, convolutions, attention, the temporal ring
-attention, Triton pointwise and reduction kernels, copies) per tick; the table says which kind
+attention, pointwise and reduction kernels, copies) per tick; the table says which kind
 costs what and how many launches it takes. DIR gets the profile as JSON and the trace (open it
 in Perfetto or chrome://tracing).
 
 Kernels are sorted by their names as the libraries give them: cuBLAS (`nvjet_*`, `*gemm*`),
 cuDNN convolutions (`*fprop*`, `implicit_gemm`), cuDNN/flash attention (`*sdpa*`, `fmha`,
-`flash`), our Triton ring kernels (ring_kernels.py) and inductor's fused kernels (`triton_poi_*`
-pointwise, `triton_red_*`/`triton_per_*` reductions). Inductor names a fused kernel after the ops
-it fused (`triton_poi_fused_convolution_silu_2` is pointwise work after a convolution), so
-Triton names are sorted before the library ones.
+`flash`), our Triton ring kernels (ring_kernels.py), inductor's fused kernels (`triton_poi_*`
+pointwise, `triton_red_*`/`triton_per_*` reductions) and eager torch's (`at::native::...`).
+Inductor names a fused kernel after the ops it fused (`triton_poi_fused_convolution_silu_2` is
+pointwise work after a convolution), so Triton names are sorted before the library ones.
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ from pathlib import Path
 RING_KERNELS = ("_attend_kernel", "_scores_kernel", "_values_kernel")  # engines/xportrait/ring_kernels.py
 
 
+_ATEN_REDUCTIONS = ("reduce_kernel", "norm", "moments", "computefusedparams", "softmax")
+_COPIES = ("memcpy", "memset", "direct_copy_kernel", "catarraybatchedcopy")
+
+
 def kernel_category(name: str) -> str:
     """The kind of work a GPU kernel (or copy) does, from its name."""
     n = name.lower()
-    if n.startswith("memcpy") or n.startswith("memset"):
+    if n.startswith(("memcpy", "memset")) or ("at::native" in n and any(c in n for c in _COPIES)):
         return "copies and memsets"
     if name in RING_KERNELS:
         return "ring attention (Triton)"
-    if n.startswith("triton_red") or n.startswith("triton_per"):
-        return "Triton reductions (norms, softmax)"
-    if n.startswith("triton"):
-        return "Triton pointwise"
+    if n.startswith(("triton_red", "triton_per")) or ("at::native" in n and any(r in n for r in _ATEN_REDUCTIONS)):
+        return "reductions (norms, softmax)"
+    if n.startswith("triton") or "at::native" in n:  # inductor's fused kernels, or eager torch's
+        return "pointwise"
     if "sdpa" in n or "fmha" in n or "flash" in n:
         return "attention"
     if "fprop" in n or "implicit_gemm" in n or "conv" in n:

@@ -21,12 +21,21 @@ H200_KERNELS = {
     "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_64x64_64x5_nhwc_align8>": "convolutions",
     "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0": "attention",
     "_attend_kernel": "ring attention (Triton)",
-    "triton_poi_fused_gelu_mul_split_view_118": "Triton pointwise",
+    "triton_poi_fused_gelu_mul_split_view_118": "pointwise",
     # inductor names fused kernels after their ops: these are not convolutions or attention
-    "triton_poi_fused_clone_convolution_native_group_norm_silu_109": "Triton pointwise",
-    "triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_cat_transpose_view_115": "Triton pointwise",
-    "triton_per_fused_add_clone_convolution_native_group_norm_silu_unsqueeze_30": "Triton reductions (norms, softmax)",
-    "triton_red_fused_add_native_layer_norm_view_28": "Triton reductions (norms, softmax)",
+    "triton_poi_fused_clone_convolution_native_group_norm_silu_109": "pointwise",
+    "triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_cat_transpose_view_115": "pointwise",
+    "triton_per_fused_add_clone_convolution_native_group_norm_silu_unsqueeze_30": "reductions (norms, softmax)",
+    "triton_red_fused_add_native_layer_norm_view_28": "reductions (norms, softmax)",
+    # eager torch (the tick without --compile), same machine
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add<c10::Half> "
+    ">(at::TensorIteratorBase&)": "pointwise",
+    "void at::native::vectorized_elementwise_kernel<8, at::native::(anonymous namespace)::silu_kernel": "pointwise",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>(long, c10::Half, c10::Half const*, "
+    "c10::Half*, c10::Half*)": "reductions (norms, softmax)",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float, false>": "reductions (norms, softmax)",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda"
+    "(at::TensorIteratorBase&)": "copies and memsets",
     "Memset (Device)": "copies and memsets",
     "Memcpy HtoD (Pinned -> Device)": "copies and memsets",
 }
