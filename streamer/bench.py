@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="xportrait: the live streaming engine (stream batch, CUDA graph) against the naive baseline")
     parser.add_argument("--fast-only", action="store_true",
                         help="xportrait --stream: time only the fastest configuration asked for (and the naive baseline)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="xportrait --stream: then profile the fastest run's tick without its graph (CUDA): a "
+                             "kernel table by kind, and DIR/tick-profile.json and tick-trace.json")
     parser.add_argument("--offline-steps", default=",".join(map(str, BenchOptions.offline_steps)),
                         help="xportrait offline: LCM step counts to time on one window (default: %(default)s)")
     add_engine_arguments(parser)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from engines import create_engine
-from engines.base import DrivingFrame, SourcePortrait
+from engines.base import DrivingFrame, EngineError, SourcePortrait
 
 from .bench import load_source, machine_name, percentile
 from .options import BenchOptions
@@ -94,6 +94,11 @@ def bench_stream(options: BenchOptions) -> dict:
     from .options import engine_factory
 
     engine_options, live = options.engine, options.engine.live
+    if options.profile:
+        from engines.xportrait.runtime import pick_device
+
+        if pick_device(engine_options.device).type != "cuda":
+            raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
     source, frames = _cost_inputs(options, options.frames, fps=30)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
@@ -141,6 +146,11 @@ def bench_stream(options: BenchOptions) -> dict:
                      "latency_ms": {"p50": percentile(latency, 50), "p95": percentile(latency, 95)},
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
+    profiled = None
+    if options.profile:  # the last run's engine: the fastest configuration asked for
+        from .tickprofile import profile_ticks
+
+        profiled = dataclasses.asdict(profile_ticks(engine.denoiser, options.profile))
     # Per module, eager, at the stream batch's shapes (CUDA events).
     model, dtype, device = engine.model, engine.dtype, engine.device
     denoiser = engine.denoiser
@@ -168,6 +178,8 @@ def bench_stream(options: BenchOptions) -> dict:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else machine_name(),
               "weights": "RANDOM WEIGHTS" if engine.random_weights else "real", "lcm_steps": settings.steps,
               "window": settings.window, "lookahead": settings.lookahead, "runs": runs, "modules_ms": modules}
+    if profiled is not None:
+        result["profile"] = profiled
     # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
     count = min(8 if options.baseline_frames is None else options.baseline_frames, len(frames))
     if count <= 0:
@@ -205,6 +217,10 @@ def print_stream(result: dict) -> None:
               f"p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
     for name, ms in result["modules_ms"].items():
         print(f"  {name:<40} {ms:7.2f} ms (eager)")
+    if "profile" in result:
+        from .tickprofile import TickProfile, format_profile
+
+        print("\n".join(format_profile(TickProfile(**result["profile"]))))
     if "baseline_skipped" in result:
         print(f"  baseline skipped: {result['baseline_skipped']}")
     if "baseline" in result:

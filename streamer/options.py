@@ -250,6 +250,7 @@ class BenchOptions:
     json: bool = False
     fast_only: bool = False
     offline_steps: tuple[int, ...] = (4, 8)
+    profile: str | None = None  # --stream: a folder for the tick's kernel profile
 
     def __post_init__(self):
         at_least(self.warmup, 0, "warmup")
@@ -270,6 +271,8 @@ class BenchOptions:
 def bench_options(args: argparse.Namespace) -> BenchOptions:
     if args.fast_only and not args.stream:
         raise OptionError("--fast-only is for --engine xportrait --stream")
+    if args.profile and not args.stream:
+        raise OptionError("--profile is for --engine xportrait --stream")
     if args.stream and args.engine != "xportrait":
         raise OptionError("--stream is for --engine xportrait (the warp engine always runs frame by frame)")
     try:
@@ -278,7 +281,8 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
         raise OptionError(f"--offline-steps must be step counts separated by commas, got {args.offline_steps!r}") from None
     return BenchOptions(engine=engine_options(args, live=args.stream), frames=args.frames, warmup=args.warmup,
                         source=args.source, driving=args.driving, baseline_frames=args.baseline_frames,
-                        json=args.json, fast_only=args.fast_only, offline_steps=offline_steps)
+                        json=args.json, fast_only=args.fast_only, offline_steps=offline_steps,
+                        profile=args.profile)
 
 
 # -- export -----------------------------------------------------------------------------------------

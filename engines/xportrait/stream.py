@@ -262,6 +262,7 @@ class StreamingDenoiser:
         self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if split and self.device.type == "cuda" else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
+        self.advance = self._advance  # one tick's work without the graph (capture() sets what it recorded)
 
     @property
     def captured(self) -> bool:
@@ -418,6 +419,7 @@ class StreamingDenoiser:
         with torch.cuda.graph(graph):
             advance()
         self._graph = graph
+        self.advance = advance  # the recorded work (compiled, if asked), for profilers
         self.reset()
 
     @torch.no_grad()
