@@ -58,7 +58,9 @@ def read_image(source: bytes | str | os.PathLike, what: str = "image", max_pixel
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{label} has far too many pixels to decode safely") from None
     except UnidentifiedImageError:
-        raise ImageError(f"cannot read {label}: not an image format Pillow knows") from None
+        if isinstance(opened, str):  # a file: say which library did not know it
+            raise ImageError(f"cannot read {label}: not an image format Pillow knows") from None
+        raise ImageError(f"{label} is not an image this server can read (it takes {FORMATS})") from None
     except PermissionError:
         raise ImageError(f"cannot read {label}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError):  # Pillow's words for damaged data

@@ -202,6 +202,9 @@ async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None
                 assert time.monotonic() < deadline, f"no upload error shown: {status!r}"
                 await asyncio.sleep(0.2)
             assert status.startswith("400") and "previous portrait is kept" in status
+            assert "object at 0x" not in status and "BytesIO" not in status  # words, not Python internals
+            if os.environ.get("XPORTRAIT_SCREENSHOTS"):
+                await screenshot(page, Path(os.environ["XPORTRAIT_SCREENSHOTS"]) / "upload-refused.png")
             assert (await server_stats(http, url))["sessions"][0]["portrait"] == "upload"
             frames = (await poll(page, lambda s: True, 5, "the page"))["frames"]
             await poll(page, lambda s: s["frames"] > frames + 10, 15, "frames after the uploads")
