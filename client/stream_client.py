@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from urllib.parse import urlsplit
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import av
@@ -183,87 +184,164 @@ def timeline(matched: list[tuple[float, float]], window_s: float = TIMELINE_WIND
     return [{"from_s": k * window_s, **_percentiles(v), "frames": len(v)} for k, v in sorted(windows.items())]
 
 
-async def stream(server: str, path: str, mode: str, *, output: str | None = None, portrait: str | None = None,
-                 token: str | None = None, duration: float | None = None, loop: bool = False,
-                 connect_timeout: float = 15.0) -> dict:
-    """One session: send the file, receive the avatar, return the report."""
-    complete_frames_on_marker()  # as the server does: no frame waits for the next one
-    if is_loopback(urlsplit(server).hostname or ""):
-        keep_media_on_loopback()  # a server on this machine: media stays on loopback as well
-    webcam = FileTrack(path, duration=duration, loop=loop)
-    recorder = Recorder(output, webcam.fps)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    received: list[tuple[int, float]] = []
-    server_stats: dict = {}
-    first_frame = asyncio.Event()
-    tasks: list[asyncio.Task] = []
-    try:
-        pc.addTrack(webcam)
-        channel = pc.createDataChannel("stats")
+class Refused(ClientError):
+    """The server answered the offer with an error status (401 wrong token, 503 busy, 4xx bad offer)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"the server refused the offer ({status}): {message}")
+        self.status = status
+
+
+class Connection:
+    """One session with a running `xportrait serve`: `webcam` goes out over WebRTC and every
+    avatar frame that comes back goes to `on_frame(frame, arrived)` (perf_counter) on the event
+    loop; the server's latest stats message is in `stats`. `xportrait client` drives it with a
+    file as the webcam, `xportrait cam` with the local camera.
+    """
+
+    def __init__(self, server: str, webcam: MediaStreamTrack, *, mode: str = "animate",
+                 portrait: str | None = None, token: str | None = None,
+                 on_frame: Callable[[av.VideoFrame, float], None] | None = None):
+        complete_frames_on_marker()  # as the server does: no frame waits for the next one
+        if is_loopback(urlsplit(server).hostname or ""):
+            keep_media_on_loopback()  # a server on this machine: media stays on loopback as well
+        self.server = server.rstrip("/")
+        self.webcam, self.mode, self.portrait, self.token = webcam, mode, portrait, token
+        self._on_frame = on_frame
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.stats: dict = {}
+        self.session: str | None = None
+        self.frames = 0
+        self.last_frame_at: float | None = None
+        self.first_frame = asyncio.Event()
+        self._channel = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def failed(self) -> str | None:
+        """Why the connection is gone, or None while it is up."""
+        state = self.pc.connectionState
+        return f"the connection {state}" if state in ("failed", "closed") else None
+
+    async def open(self, connect_timeout: float = 15.0) -> dict:
+        """Offer, answer, and wait for the first avatar frame; return the server's answer.
+        Raises Refused (an error status), ConnectionError (no server there), ClientError."""
+        pc = self.pc
+        pc.addTrack(self.webcam)
+        self._channel = channel = pc.createDataChannel("stats")
 
         @channel.on("message")
         def on_message(message) -> None:
             data = json.loads(message)
             if data.get("type") == "stats":
-                server_stats.clear()
-                server_stats.update(data)
-
-        async def receive(track: MediaStreamTrack) -> None:
-            origin_pts = None
-            while True:
-                try:
-                    frame = await track.recv()
-                except MediaStreamError:
-                    return
-                now = time.perf_counter()
-                received.append((frame.pts, now))
-                if origin_pts is None:
-                    origin_pts = frame.pts
-                    first_frame.set()
-                recorder.add(frame, float((frame.pts - origin_pts) * TIME_BASE))
+                self.stats.clear()
+                self.stats.update(data)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
-                tasks.append(asyncio.ensure_future(receive(track)))
+                self._tasks.append(asyncio.ensure_future(self._receive(track)))
 
         await pc.setLocalDescription(await pc.createOffer())
-        offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "mode": mode}
-        if portrait:
-            offer["portrait"] = portrait
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        url = server.rstrip("/") + "/offer"
+        offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "mode": self.mode}
+        if self.portrait:
+            offer["portrait"] = self.portrait
         try:
             async with aiohttp.ClientSession() as http:
-                async with http.post(url, json=offer, headers=headers,
+                async with http.post(self.server + "/offer", json=offer, headers=self.headers,
                                      timeout=aiohttp.ClientTimeout(total=60)) as response:
                     if response.status != 200:
-                        try:
-                            message = (await response.json())["error"]
-                        except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
-                            message = (await response.text())[:300]
-                        raise ClientError(f"the server refused the offer ({response.status}): {message}")
+                        raise Refused(response.status, await _error_message(response))
                     answer = await response.json()
         except aiohttp.ClientConnectionError as exc:
-            raise ConnectionError(f"cannot reach the server at {server}: {exc}") from None
+            raise ConnectionError(f"cannot reach the server at {self.server}: {exc}") from None
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"the server at {self.server} did not answer the offer within 60 s") from None
+        self.session = answer.get("session")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         try:
-            await asyncio.wait_for(first_frame.wait(), connect_timeout)
+            await asyncio.wait_for(self.first_frame.wait(), connect_timeout)
         except asyncio.TimeoutError:
             raise ClientError(f"no frame came back within {connect_timeout:g} s "
                               f"(connection: {pc.connectionState})") from None
+        return answer
+
+    async def _receive(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.last_frame_at = now = time.perf_counter()
+            self.frames += 1
+            if self._on_frame is not None:
+                self._on_frame(frame, now)
+            self.first_frame.set()
+
+    def send(self, message: dict) -> bool:
+        """A command on the data channel ({"type": "recalibrate"}); False when it is not open."""
+        if self._channel is None or self._channel.readyState != "open":
+            return False
+        self._channel.send(json.dumps(message))
+        return True
+
+    async def set_portrait(self, name: str) -> dict:
+        """Switch the session to one of the server's portraits (POST /avatar)."""
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.server}/avatar", params={"session": self.session or "", "portrait": name},
+                                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                if response.status != 200:
+                    raise ClientError(f"the server refused portrait {name!r} ({response.status}): "
+                                      f"{await _error_message(response)}")
+                return await response.json()
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    try:
+        return (await response.json())["error"]
+    except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+        return (await response.text())[:300]
+
+
+async def stream(server: str, path: str, mode: str, *, output: str | None = None, portrait: str | None = None,
+                 token: str | None = None, duration: float | None = None, loop: bool = False,
+                 connect_timeout: float = 15.0) -> dict:
+    """One session: send the file, receive the avatar, return the report."""
+    webcam = FileTrack(path, duration=duration, loop=loop)
+    recorder = Recorder(output, webcam.fps)
+    received: list[tuple[int, float]] = []
+    origin_pts = None
+
+    def on_frame(frame: av.VideoFrame, now: float) -> None:
+        nonlocal origin_pts
+        received.append((frame.pts, now))
+        if origin_pts is None:
+            origin_pts = frame.pts
+        recorder.add(frame, float((frame.pts - origin_pts) * TIME_BASE))
+
+    connection = Connection(server, webcam, mode=mode, portrait=portrait, token=token, on_frame=on_frame)
+    server_stats = connection.stats
+    try:
+        answer = await connection.open(connect_timeout)
         # Stream until the file (or --duration) ends, then let the last frames come back.
         while webcam.readyState == "live":
-            if pc.connectionState in ("failed", "closed"):
-                raise ClientError(f"the connection {pc.connectionState} while streaming")
+            if connection.failed:
+                raise ClientError(f"{connection.failed} while streaming")
             await asyncio.sleep(0.1)
         stream_end = time.perf_counter()
-        while time.perf_counter() - stream_end < DRAIN_S and pc.connectionState == "connected":
+        while time.perf_counter() - stream_end < DRAIN_S and connection.pc.connectionState == "connected":
             await asyncio.sleep(0.05)
     finally:
-        await pc.close()
-        for task in tasks:
-            task.cancel()
+        await connection.close()
         webcam.close()
         await asyncio.get_running_loop().run_in_executor(None, recorder.close)
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "client": ("client.stream_client", "stream a video file to a running server as a webcam"),
     "bench": ("streamer.bench", "measure an engine's speed"),
     "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
+    "cam": ("streamer.cam", "the webcam, animated, as a virtual camera for meeting apps and OBS"),
 }
 
 

@@ -1,0 +1,535 @@
+"""`xportrait cam`: the local webcam in, the avatar out as a camera that meeting apps and OBS list.
+
+    camera (streamer/capture.py) -> engine, here or on a server -> Feed (streamer/sinks.py)
+                                                                    -> virtual camera, PipeWire,
+                                                                       preview window, file
+
+Local (no --server): the engine runs on this machine (warp by default) on one thread: it
+takes the newest camera frame when it is done with the last one (the camera's one-frame slot
+drops the rest), so latency stays one engine step however slow the engine is.
+
+Remote (--server URL): the camera goes over WebRTC to a running `xportrait serve` through the
+streaming client's `Connection` (client/stream_client.py) and the avatar comes back into the
+Feed. When the connection is lost (no frame for LOST_AFTER_S, or WebRTC says so) the Feed
+keeps showing the last good frame, then the still portrait, while the client reconnects with
+backoff; each step is said on stderr.
+
+Keys, in the preview window or on the terminal: r recalibrate (the current pose becomes
+neutral), n / p next / previous portrait, space pause (the still portrait), q quit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from engines import ENGINES, EngineError, add_engine_arguments, engine_options
+
+from .capture import DEFAULT_FPS, DEFAULT_SIZE, Camera, CameraError, CameraInput, camera_input
+from .sinks import (
+    HOLD_S,
+    NAME,
+    Feed,
+    PipeWireSource,
+    Preview,
+    Recording,
+    Sink,
+    SinkError,
+    VirtualCamera,
+    pipewire_missing,
+)
+
+logger = logging.getLogger("xportrait.cam")
+
+LOST_AFTER_S = 3.0  # remote: no avatar frame for this long means the connection is gone
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits between reconnection attempts; the last repeats
+KEYS = {"r": "recalibrate", "n": "next", "]": "next", "p": "previous", "[": "previous", " ": "pause",
+        "q": "quit", "esc": "quit", "\x1b": "quit", "\x03": "quit"}
+KEY_HELP = "keys: r recalibrate, n/p next/previous portrait, space pause, q quit"
+
+
+class CamError(RuntimeError):
+    """A failure to report to the user; `status` is the exit code."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def say(message: str) -> None:
+    print(f"xportrait cam: {message}", file=sys.stderr, flush=True)
+
+
+# -- options ------------------------------------------------------------------------------------------
+SWITCH = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CamOptions:
+    """`xportrait cam`, built once from the flags (`cam_options`). `virtual_camera` / `pipewire`:
+    auto uses the sink where this machine has it and says how to get it otherwise; on fails
+    without it; off leaves it out."""
+
+    camera: str | None = None  # None: the first camera; an index, a device, a name, or a video file
+    camera_size: tuple[int, int] = DEFAULT_SIZE
+    camera_fps: float = DEFAULT_FPS
+    loop: bool = False  # a video file as the camera starts over at its end
+    portraits: tuple[str, ...] = ()  # bundled names or image files; () : the bundled ones (remote: the server's)
+    engine: str = "warp"
+    size: int = 512
+    engine_options: dict = field(default_factory=dict)  # create_engine's keyword options
+    server: str | None = None
+    token: str | None = None
+    connect_timeout: float = 15.0
+    virtual_camera: str = "auto"
+    device: str | None = None  # --virtual-camera-device (pyvirtualcam's `device`), e.g. /dev/video10
+    pipewire: str = "auto"
+    name: str = NAME  # the PipeWire node's name
+    preview: bool = False
+    record: str | None = None
+    fps: float = 30.0  # the sinks' rate: new frames go out at once, the last one repeats at this rate
+    hold_s: float = HOLD_S
+    duration: float | None = None
+    report: str | None = None
+
+    def __post_init__(self):
+        for name in ("camera_fps", "fps", "connect_timeout", "hold_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.duration is not None and not self.duration > 0:
+            raise ValueError(f"--duration must be positive, got {self.duration}")
+        if self.size < 64 or self.size % 8:
+            raise ValueError(f"--size must be a multiple of 8 and at least 64, got {self.size}")
+        for name in ("virtual_camera", "pipewire"):
+            if getattr(self, name) not in SWITCH:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SWITCH)}")
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"--server must be an http:// or https:// URL, got {self.server!r}")
+        if self.token == "":
+            object.__setattr__(self, "token", None)
+
+
+def _dimensions(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+    if width < 64 or height < 64:
+        raise argparse.ArgumentTypeError(f"at least 64x64, got {text!r}")
+    return width, height
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--camera", help="the webcam: an index (0), a device (/dev/video0), a name (macOS, Windows), "
+                                         "or a video file played as one (default: the first camera)")
+    parser.add_argument("--camera-size", type=_dimensions, default=DEFAULT_SIZE, metavar="WxH",
+                        help="resolution asked of the camera (default 640x480)")
+    parser.add_argument("--camera-fps", type=float, default=DEFAULT_FPS, help="frame rate asked of the camera (default 30)")
+    parser.add_argument("--loop", action="store_true", help="a video file as --camera starts over at its end")
+    parser.add_argument("--portrait", action="append", default=[], metavar="NAME|IMAGE",
+                        help="portrait to animate, repeatable (n/p switch between them; default: the bundled ones, "
+                             "or the server's)")
+    parser.add_argument("--server", metavar="URL", help="animate on a running `xportrait serve` (e.g. a GPU machine) "
+                                                        "instead of this machine")
+    parser.add_argument("--token", help="the server's access token")
+    parser.add_argument("--connect-timeout", type=float, default=15.0,
+                        help="seconds to wait for the server's first frame (default 15)")
+    parser.add_argument("--virtual-camera", choices=SWITCH, default="auto",
+                        help="the virtual camera meeting apps list (v4l2loopback / OBS Virtual Camera; default auto)")
+    parser.add_argument("--virtual-camera-device", metavar="DEVICE",
+                        help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the first)")
+    parser.add_argument("--pipewire", choices=SWITCH, default="auto",
+                        help="a PipeWire camera source (Linux desktops; default auto)")
+    parser.add_argument("--name", default=NAME, help=f"the PipeWire source's name (default {NAME})")
+    parser.add_argument("--preview", action="store_true", help="show the avatar in a window (with the hot keys)")
+    parser.add_argument("--record", metavar="FILE.mp4", help="also write the avatar to this MP4 file")
+    parser.add_argument("--fps", type=float, default=30.0, help="the virtual camera's frame rate (default 30)")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
+    parser.add_argument("--engine", choices=ENGINES, default="warp", help="local engine (default: warp)")
+    parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
+    add_engine_arguments(parser)
+
+
+def cam_options(args: argparse.Namespace) -> CamOptions:
+    options = {} if args.server else engine_options(args, live=True)
+    return CamOptions(camera=args.camera, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
+                      portraits=tuple(args.portrait), engine=args.engine, size=args.size, engine_options=options,
+                      server=args.server.rstrip("/") if args.server else None, token=args.token,
+                      connect_timeout=args.connect_timeout, virtual_camera=args.virtual_camera, device=args.virtual_camera_device,
+                      pipewire=args.pipewire, name=args.name, preview=args.preview, record=args.record, fps=args.fps,
+                      duration=args.duration, report=args.report)
+
+
+# -- controls -----------------------------------------------------------------------------------------
+class Controls:
+    """The hot keys' commands, from the preview window and the terminal, for whoever drives the
+    engine. Pause goes straight to the Feed; quit sets `quit`; the rest wait in `commands`
+    (user actions, a handful a minute: a queue is right here) until the driver is between frames."""
+
+    def __init__(self, feed: Feed | None = None):
+        self.feed = feed
+        self.quit = threading.Event()
+        self.commands: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def key(self, key: str) -> None:
+        command = KEYS.get(key.lower() if len(key) == 1 else key)
+        if command == "quit":
+            self.quit.set()
+        elif command == "pause" and self.feed is not None:
+            self.feed.set_paused(not self.feed.paused)
+            say("paused: the still portrait is showing" if self.feed.paused else "resumed")
+        elif command is not None:
+            self.commands.put(command)
+
+    def pending(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self.commands.get_nowait())
+            except queue.Empty:
+                return out
+
+
+class TerminalKeys:
+    """Keys typed on the terminal, one at a time (no Enter) when stdin is one; lines of keys when
+    it is a pipe. End of input is not a quit (a service with stdin on /dev/null keeps running)."""
+
+    def __init__(self, on_key: Callable[[str], None], stream=None):
+        self._on_key = on_key
+        self._stream = stream if stream is not None else sys.stdin
+        self._saved = None
+        self._stop = threading.Event()
+        try:
+            self._fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None
+        if self._fd is None:
+            return
+        if platform.system() != "Windows" and os.isatty(self._fd):
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(self._fd)
+            tty.setcbreak(self._fd)
+        self._thread = threading.Thread(target=self._run, name="xportrait-keys", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if platform.system() == "Windows" and os.isatty(self._fd):
+            import msvcrt
+
+            while not self._stop.wait(0.05):
+                while msvcrt.kbhit():
+                    self._on_key(msvcrt.getwch())
+            return
+        import select
+
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._fd], [], [], 0.2)
+                if not ready:
+                    continue
+                data = os.read(self._fd, 64)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            for ch in data.decode(errors="ignore"):
+                if ch not in "\r\n":
+                    self._on_key(ch)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+
+
+# -- portraits ----------------------------------------------------------------------------------------
+def load_portrait(spec: str) -> np.ndarray:
+    """A bundled portrait by name, or an image file."""
+    from . import samples
+
+    if spec in samples.PORTRAITS:
+        return samples.portrait(spec)
+    from .offline import InputError, load_image
+
+    try:
+        return load_image(spec)
+    except InputError as exc:
+        raise CamError(f"--portrait {spec}: {exc} (bundled ones: {', '.join(samples.PORTRAITS)})") from None
+
+
+def still_of(image: np.ndarray, size: int) -> np.ndarray:
+    """The portrait as the engine frames it (the head box crop): what paused shows."""
+    from engines.face import FaceTracker, NoFaceError, prepare_source
+
+    with FaceTracker(video=False) as tracker:
+        try:
+            return prepare_source(image, size, tracker).image
+        except NoFaceError:
+            raise CamError("no face found in the portrait: pick one with a clearly visible face") from None
+
+
+# -- sinks --------------------------------------------------------------------------------------------
+def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
+               virtual_camera: Callable[..., Sink] = VirtualCamera) -> list[Sink]:
+    """Every sink the options ask for; a missing one fails when asked for ("on"), is said and
+    skipped under "auto". No sink at all is an error."""
+    system = system or platform.system()
+    sinks: list[Sink] = []
+    notes = []
+    if opts.virtual_camera != "off":
+        try:
+            sinks.append(virtual_camera(opts.size, opts.size, opts.fps, device=opts.device))
+        except SinkError as exc:
+            if opts.virtual_camera == "on":
+                raise CamError(str(exc)) from None
+            notes.append(str(exc))
+    if opts.pipewire == "on" or (opts.pipewire == "auto" and system == "Linux"):
+        why = pipewire_missing()
+        if why is None:
+            try:
+                sinks.append(PipeWireSource(opts.size, opts.size, opts.fps, name=opts.name))
+            except SinkError as exc:
+                why = str(exc)
+        if why is not None:
+            if opts.pipewire == "on":
+                for sink in sinks:
+                    sink.close()
+                raise CamError(why)
+            notes.append(why)
+    if opts.record:
+        sinks.append(Recording(opts.record, opts.size, opts.fps))
+    if opts.preview:
+        try:
+            sinks.insert(0, Preview(controls.key))
+        except SinkError as exc:
+            for sink in sinks:
+                sink.close()
+            raise CamError(str(exc)) from None
+    if not sinks:
+        raise CamError("nothing to send the avatar to:\n" + "\n".join(notes) +
+                       "\n(or pass --preview / --record FILE.mp4)")
+    for note in notes:
+        say(f"note: {note}")
+    return sinks
+
+
+# -- local engine -------------------------------------------------------------------------------------
+class LocalAvatar:
+    """The engine on this machine, on the calling thread, one newest frame at a time."""
+
+    def __init__(self, opts: CamOptions, images: list[np.ndarray], names: list[str]):
+        from engines import create_engine
+        from engines.animator import Animator
+
+        self.images, self.names, self.index = images, names, 0
+        try:
+            engine = create_engine(opts.engine, opts.size, **opts.engine_options)
+        except EngineError as exc:
+            raise CamError(str(exc)) from None
+        self.animator = Animator(engine)
+        try:
+            self.animator.set_sources([images[0]])
+        except Exception:
+            self.animator.close()
+            raise
+        self.rendered = 0
+
+    @property
+    def still(self) -> np.ndarray:
+        return self.animator.sources[0].image
+
+    def command(self, command: str, feed: Feed) -> None:
+        from engines.face import NoFaceError
+
+        if command == "recalibrate":
+            self.animator.recalibrate()
+            say("recalibrated: the next frame is the neutral pose")
+        elif command in ("next", "previous") and len(self.images) > 1:
+            index = (self.index + (1 if command == "next" else -1)) % len(self.images)
+            try:
+                self.animator.set_sources([self.images[index]])
+            except NoFaceError:
+                say(f"no face in portrait {self.names[index]}: keeping {self.names[self.index]}")
+                return
+            self.index = index
+            feed.set_still(self.still)
+            say(f"portrait: {self.names[index]}")
+
+    def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
+        while not controls.quit.is_set() and time.perf_counter() < until:
+            for command in controls.pending():  # between frames, on the engine's thread
+                self.command(command, feed)
+            captured = camera.frames.take(timeout=0.2)
+            if captured is None:
+                if camera.frames.closed:
+                    return
+                continue
+            if feed.paused:
+                continue  # the still portrait is showing: no engine work
+            rgb = captured.frame.to_ndarray(format="rgb24")
+            rendered = self.animator.drive(rgb, captured.at, tag=captured.at)
+            if rendered is not None:
+                feed.put(rendered.image, rendered.tag)
+                self.rendered += 1
+
+    def close(self) -> None:
+        self.animator.close()
+
+
+# -- the command --------------------------------------------------------------------------------------
+def _percentiles(values) -> dict:
+    if not len(values):
+        return {"p50": None, "p95": None}
+    array = np.asarray(values)
+    return {"p50": round(float(np.percentile(array, 50)), 1), "p95": round(float(np.percentile(array, 95)), 1)}
+
+
+def cam(opts: CamOptions, sinks: list[Sink] | None = None, stdin=None) -> dict:
+    """Run until quit, --duration or the end of a camera file; return the report."""
+    system = platform.system()
+    try:
+        source: CameraInput = camera_input(opts.camera, opts.camera_size, opts.camera_fps, system)
+    except CameraError as exc:
+        raise CamError(str(exc)) from None
+    remote = opts.server is not None
+    if remote:
+        names = list(opts.portraits)
+        images = None
+    else:
+        names = list(opts.portraits) or __import__("streamer.samples", fromlist=["PORTRAITS"]).PORTRAITS
+        names = list(names)
+        images = [load_portrait(name) for name in names]
+    controls = Controls()
+    if sinks is None:
+        sinks = open_sinks(opts, controls, system)
+    feed = None
+    closing: list = []
+    try:
+        try:
+            camera = Camera(source, loop=opts.loop)
+        except CameraError as exc:
+            raise CamError(str(exc)) from None
+        closing.append(camera)
+        if remote:
+            cache: dict[str, np.ndarray | None] = {}
+
+            def still(name: str) -> np.ndarray | None:
+                if name not in cache:
+                    cache[name] = _remote_still(opts, name)
+                return cache[name]
+
+            from .cam_remote import RemoteAvatar
+
+            avatar = RemoteAvatar(opts, still)
+            first = still(names[0]) if names else None
+            start_still = first if first is not None else np.full((opts.size, opts.size, 3), 96, np.uint8)
+        else:
+            avatar = LocalAvatar(opts, images, names)
+            closing.append(avatar)
+            start_still = avatar.still
+        feed = Feed(sinks, opts.size, opts.fps, start_still, hold_s=opts.hold_s,
+                    on_error=lambda sink, exc: say(f"{sink.name} stopped ({exc}); the other outputs carry on"))
+        controls.feed = feed
+        for sink in sinks:
+            if isinstance(sink, Preview):
+                sink.status = "local" if not remote else "connecting"
+        keys = TerminalKeys(controls.key, stdin)
+        closing.append(keys)
+        where = f"{opts.server}" if remote else f"{opts.engine} engine on this machine"
+        say(f"camera {source.label} ({camera.width}x{camera.height} at {camera.fps:g} fps) -> {where} -> "
+            + ", ".join(sink.name for sink in sinks))
+        say(KEY_HELP)
+        started = time.perf_counter()
+        until = started + opts.duration if opts.duration else float("inf")
+        if remote:
+            asyncio.run(avatar.run(camera, feed, controls, until))
+        else:
+            avatar.run(camera, feed, controls, until)
+        if camera.error:
+            say(camera.error)
+        elapsed = time.perf_counter() - started
+    finally:
+        if feed is not None:
+            feed.close()
+        else:
+            for sink in sinks:
+                sink.close()
+        for thing in reversed(closing):
+            thing.close()
+    fresh = [t for t, state in feed.sent_at if state == "live"]
+    report = {
+        "mode": "remote" if remote else "local",
+        "engine": None if remote else opts.engine,
+        "server": opts.server,
+        "camera": source.label,
+        "seconds": round(elapsed, 2),
+        "frames_captured": camera.read,
+        "frames_dropped_at_camera": camera.dropped,
+        "frames_out": feed.fresh,
+        "fps_out": round((len(fresh) - 1) / (fresh[-1] - fresh[0]), 2) if len(fresh) > 1 and fresh[-1] > fresh[0]
+        else 0.0,
+        "frames_sent_to_sinks": feed.sent,
+        "latency_ms": _percentiles(feed.latency_ms),
+        "sinks": [sink.name for sink in sinks],
+    }
+    if remote:
+        report.update(connects=avatar.connects, losses=avatar.losses)
+    return report
+
+
+def _remote_still(opts: CamOptions, name: str) -> np.ndarray | None:
+    """The still portrait for a server's portrait: the same picture cropped here when it is a
+    bundled one or a file; else the server's thumbnail; None when neither can be had."""
+    from . import samples
+
+    try:
+        if name in samples.PORTRAITS or Path(name).is_file():
+            return still_of(load_portrait(name), opts.size)
+        import urllib.request
+
+        import cv2
+
+        with urllib.request.urlopen(f"{opts.server}/portraits/{name}", timeout=5) as response:
+            data = np.frombuffer(response.read(), np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        return still_of(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), opts.size) if image is not None else None
+    except (CamError, OSError):
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    try:
+        opts = cam_options(args)
+    except (ValueError, EngineError) as exc:
+        print(f"xportrait cam: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = cam(opts)
+    except CamError as exc:
+        print(f"xportrait cam: {exc}", file=sys.stderr)
+        return exc.status
+    text = json.dumps(report, indent=2)
+    if opts.report:
+        Path(opts.report).write_text(text + "\n")
+    say(f"{report['frames_out']} frames out at {report['fps_out']} fps, camera to outputs p50 "
+        f"{report['latency_ms']['p50']} ms")
+    return 0
