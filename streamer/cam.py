@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from engines import ENGINES, EngineError, add_engine_arguments, engine_options
+from engines import ENGINES, Engine, EngineError, add_engine_arguments, engine_options
 
 from .capture import DEFAULT_FPS, DEFAULT_SIZE, Camera, CameraError, CameraInput, camera_input
 from .sinks import (
@@ -55,7 +55,7 @@ from .sinks import (
 logger = logging.getLogger("xportrait.cam")
 
 LOST_AFTER_S = 3.0  # remote: no avatar frame for this long means the connection is gone
-BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits between reconnection attempts; the last repeats
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between reconnection attempts; the last repeats
 KEYS = {"r": "recalibrate", "n": "next", "]": "next", "p": "previous", "[": "previous", " ": "pause",
         "q": "quit", "esc": "quit", "\x1b": "quit", "\x03": "quit"}
 KEY_HELP = "keys: r recalibrate, n/p next/previous portrait, space pause, q quit"
@@ -102,11 +102,12 @@ class CamOptions:
     record: str | None = None
     fps: float = 30.0  # the sinks' rate: new frames go out at once, the last one repeats at this rate
     hold_s: float = HOLD_S
+    lost_after_s: float = LOST_AFTER_S  # remote: no frame for this long is a lost connection
     duration: float | None = None
     report: str | None = None
 
     def __post_init__(self):
-        for name in ("camera_fps", "fps", "connect_timeout", "hold_s"):
+        for name in ("camera_fps", "fps", "connect_timeout", "hold_s", "lost_after_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.duration is not None and not self.duration > 0:
@@ -157,6 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", action="store_true", help="show the avatar in a window (with the hot keys)")
     parser.add_argument("--record", metavar="FILE.mp4", help="also write the avatar to this MP4 file")
     parser.add_argument("--fps", type=float, default=30.0, help="the virtual camera's frame rate (default 30)")
+    parser.add_argument("--hold", type=float, default=HOLD_S, metavar="S",
+                        help=f"show the last frame this long when no new one comes, then the portrait (default {HOLD_S:g})")
+    parser.add_argument("--lost-after", type=float, default=LOST_AFTER_S, metavar="S",
+                        help=f"remote: reconnect after this long without a frame (default {LOST_AFTER_S:g})")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
     parser.add_argument("--engine", choices=ENGINES, default="warp", help="local engine (default: warp)")
@@ -171,7 +176,7 @@ def cam_options(args: argparse.Namespace) -> CamOptions:
                       server=args.server.rstrip("/") if args.server else None, token=args.token,
                       connect_timeout=args.connect_timeout, virtual_camera=args.virtual_camera, device=args.virtual_camera_device,
                       pipewire=args.pipewire, name=args.name, preview=args.preview, record=args.record, fps=args.fps,
-                      duration=args.duration, report=args.report)
+                      hold_s=args.hold, lost_after_s=args.lost_after, duration=args.duration, report=args.report)
 
 
 # -- controls -----------------------------------------------------------------------------------------
@@ -335,15 +340,10 @@ def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
 class LocalAvatar:
     """The engine on this machine, on the calling thread, one newest frame at a time."""
 
-    def __init__(self, opts: CamOptions, images: list[np.ndarray], names: list[str]):
-        from engines import create_engine
+    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str]):
         from engines.animator import Animator
 
         self.images, self.names, self.index = images, names, 0
-        try:
-            engine = create_engine(opts.engine, opts.size, **opts.engine_options)
-        except EngineError as exc:
-            raise CamError(str(exc)) from None
         self.animator = Animator(engine)
         try:
             self.animator.set_sources([images[0]])
@@ -402,8 +402,11 @@ def _percentiles(values) -> dict:
     return {"p50": round(float(np.percentile(array, 50)), 1), "p95": round(float(np.percentile(array, 95)), 1)}
 
 
-def cam(opts: CamOptions, sinks: list[Sink] | None = None, stdin=None) -> dict:
-    """Run until quit, --duration or the end of a camera file; return the report."""
+def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | None = None,
+        engine: Engine | None = None, stdin=None) -> dict:
+    """Run until quit (`controls.quit`), --duration or the end of a camera file; return the
+    report. `sinks` (default: the options' own) and a local `engine` (default: the options'
+    engine) may be given ready-made."""
     system = platform.system()
     try:
         source: CameraInput = camera_input(opts.camera, opts.camera_size, opts.camera_fps, system)
@@ -414,20 +417,16 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, stdin=None) -> dict:
         names = list(opts.portraits)
         images = None
     else:
-        names = list(opts.portraits) or __import__("streamer.samples", fromlist=["PORTRAITS"]).PORTRAITS
-        names = list(names)
+        from .samples import PORTRAITS
+
+        names = list(opts.portraits or PORTRAITS)
         images = [load_portrait(name) for name in names]
-    controls = Controls()
+    controls = controls or Controls()
     if sinks is None:
         sinks = open_sinks(opts, controls, system)
     feed = None
     closing: list = []
     try:
-        try:
-            camera = Camera(source, loop=opts.loop)
-        except CameraError as exc:
-            raise CamError(str(exc)) from None
-        closing.append(camera)
         if remote:
             cache: dict[str, np.ndarray | None] = {}
 
@@ -442,15 +441,24 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, stdin=None) -> dict:
             first = still(names[0]) if names else None
             start_still = first if first is not None else np.full((opts.size, opts.size, 3), 96, np.uint8)
         else:
-            avatar = LocalAvatar(opts, images, names)
+            if engine is None:
+                from engines import create_engine
+
+                try:
+                    engine = create_engine(opts.engine, opts.size, **opts.engine_options)
+                except EngineError as exc:
+                    raise CamError(str(exc)) from None
+            avatar = LocalAvatar(engine, images, names)
             closing.append(avatar)
             start_still = avatar.still
+        try:  # opened once the engine is ready, so that its first frames are not dropped waiting
+            camera = Camera(source, loop=opts.loop)
+        except CameraError as exc:
+            raise CamError(str(exc)) from None
+        closing.append(camera)
         feed = Feed(sinks, opts.size, opts.fps, start_still, hold_s=opts.hold_s,
                     on_error=lambda sink, exc: say(f"{sink.name} stopped ({exc}); the other outputs carry on"))
         controls.feed = feed
-        for sink in sinks:
-            if isinstance(sink, Preview):
-                sink.status = "local" if not remote else "connecting"
         keys = TerminalKeys(controls.key, stdin)
         closing.append(keys)
         where = f"{opts.server}" if remote else f"{opts.engine} engine on this machine"

@@ -20,7 +20,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from client.stream_client import RTP_CLOCK, TIME_BASE, ClientError, Connection, Refused
 
-from .cam import BACKOFF_S, LOST_AFTER_S, CamError, CamOptions, Controls, say
+from .cam import BACKOFF_S, CamError, CamOptions, Controls, say
 from .capture import Camera
 from .sinks import Feed
 
@@ -159,7 +159,8 @@ class RemoteAvatar:
                     say(f"portrait: {self.names[index]}")
             if connection.failed:
                 return connection.failed
-            if connection.last_frame_at is not None and time.perf_counter() - connection.last_frame_at > LOST_AFTER_S:
-                return f"no frame from the server for {LOST_AFTER_S:g} s"
+            lost_after = self.opts.lost_after_s
+            if connection.last_frame_at is not None and time.perf_counter() - connection.last_frame_at > lost_after:
+                return f"no frame from the server for {lost_after:g} s"
             await asyncio.sleep(0.05)
         return None

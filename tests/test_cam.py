@@ -1,0 +1,498 @@
+"""`xportrait cam`: the camera through PyAV, the Feed's newest-frame and still-portrait rules, the
+sinks up to the boundaries we cannot cross here, the PipeWire source end to end with a real
+daemon and a real consumer, and remote mode against a real `xportrait serve`.
+
+A video file stands in for the webcam through the same reader a device goes through (opened
+by PyAV, frames at the file's own rate). The driving clips are streamer.samples' puppet of
+Grace Hopper; the portrait animated is the astronaut, so the avatar is never the webcam picture.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+from conftest import running_server
+
+from engines.face import FaceTracker, head_roll
+from streamer import samples
+from streamer.cam import CamError, CamOptions, Controls, LocalAvatar, cam, open_sinks, still_of
+from streamer.capture import Camera, CameraError, CameraInput, _open_error, camera_input
+from streamer.sinks import MODPROBE, Feed, PipeWireSource, SinkError, VirtualCamera, virtual_camera_missing
+
+FPS = 25
+ROLL = 14.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255 ** 2 / max(mse, 1e-9))
+
+
+def rolling_script(t: float) -> samples.Pose:
+    """Neutral for a second (the calibration), then the head rolled one way, then the other."""
+    t %= 4.0
+    return samples.Pose() if t < 1.0 else samples.Pose(roll_deg=ROLL if t < 2.5 else -ROLL)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> tuple[str, list[np.ndarray], list[samples.Pose]]:
+    """Four seconds of a webcam user (Grace Hopper) as raw y4m, the frames and their poses."""
+    pairs = list(samples.driving_clip("grace_hopper", frames=4 * FPS, fps=FPS, script=rolling_script))
+    path = tmp_path_factory.mktemp("cam") / "webcam.y4m"
+    samples.write_y4m(path, (frame for frame, _ in pairs), fps=FPS)
+    return str(path), [frame for frame, _ in pairs], [pose for _, pose in pairs]
+
+
+class Recorder:
+    """A sink that keeps what it is sent: (time, state of the feed, a copy of the frame)."""
+
+    name = "test sink"
+
+    def __init__(self, keep_images: bool = True):
+        self.frames: list[tuple[float, np.ndarray | None]] = []
+        self.keep_images = keep_images
+        self.closed = False
+
+    def send(self, rgb: np.ndarray) -> None:
+        self.frames.append((time.perf_counter(), rgb.copy() if self.keep_images else None))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def options(camera: str, **changes) -> CamOptions:
+    return CamOptions(**{"camera": camera, "portraits": ("astronaut",), "virtual_camera": "off", "pipewire": "off",
+                         "fps": FPS, **changes})
+
+
+def rolls(frames) -> list[float | None]:
+    with FaceTracker(video=False) as tracker:
+        out = []
+        for frame in frames:
+            landmarks = tracker.detect(frame)
+            out.append(None if landmarks is None else head_roll(landmarks))
+    return out
+
+
+# -- capture ----------------------------------------------------------------------------------------
+def test_the_camera_reader_delivers_a_file_at_its_own_rate_newest_first(clip):
+    path, frames, _ = clip
+    source = camera_input(path)
+    assert source.is_file and source.format is None
+    with Camera(source) as camera:
+        assert (camera.width, camera.height, camera.fps) == (640, 480, FPS)
+        got, start = [], time.perf_counter()
+        while (item := camera.frames.take(timeout=2)) is not None:
+            got.append(item)
+        elapsed = time.perf_counter() - start
+    # The file's 4 s, not decoded as fast as PyAV can: frames come when their time comes.
+    assert 3.6 < elapsed < 5.0, elapsed
+    gaps = np.diff([item.at for item in got])
+    assert np.median(gaps) == pytest.approx(1 / FPS, abs=0.01)
+    assert camera.ended and camera.error is None and camera.read == len(frames)
+    # A consumer this fast takes every frame, in order, and they are the clip's pictures.
+    assert [item.index for item in got] == list(range(len(frames))) and camera.dropped == 0
+    for item in got[::20]:
+        assert psnr(item.frame.to_ndarray(format="rgb24"), frames[item.index]) > 30
+
+
+def test_a_looped_file_keeps_its_pace_across_the_seam(clip):
+    path, frames, _ = clip
+    with Camera(camera_input(path), loop=True) as camera:
+        deadline = time.perf_counter() + 4.6
+        while time.perf_counter() < deadline:
+            camera.frames.take(timeout=1)
+        read = camera.read
+    assert 110 <= read <= 120, read  # ~4.6 s at 25 fps, through the end of the file and on
+
+
+def test_camera_inputs_per_os_and_clear_answers_when_there_is_none():
+    linux = camera_input("/dev/video3", (1280, 720), 30, system="Linux")
+    assert (linux.url, linux.format) == ("/dev/video3", "v4l2")
+    assert linux.options == {"video_size": "1280x720", "framerate": "30"}
+    assert camera_input("2", system="Linux").url == "/dev/video2"
+    mac = camera_input(None, system="Darwin")
+    assert (mac.url, mac.format) == ("0:none", "avfoundation")
+    windows = camera_input("Integrated Camera", system="Windows")
+    assert (windows.url, windows.format) == ("video=Integrated Camera", "dshow")
+    if not any(name.startswith("video") for name in os.listdir("/dev")):
+        with pytest.raises(CameraError, match=r"no camera found: no /dev/video\* capture device"):
+            camera_input(None, system="Linux")
+    # A device path that is not there goes through PyAV's real v4l2 demuxer.
+    with pytest.raises(CameraError, match=r"no camera at /dev/video77: .* pick one with --camera"):
+        Camera(camera_input("/dev/video77", system="Linux"))
+
+
+@pytest.mark.parametrize("code, message", [
+    (errno.EBUSY, r"the camera /dev/video0 is busy: another app \(a call, a browser tab, OBS\) is using it"),
+    (errno.EACCES, r"no permission to open the camera /dev/video0: add yourself to the 'video' group"),
+    (errno.ENODEV, r"no camera at /dev/video0"),
+])
+def test_a_busy_or_forbidden_camera_says_what_to_do(code, message):
+    source = CameraInput("/dev/video0", "v4l2", {}, "/dev/video0")
+    try:
+        av.error.err_check(-code, "/dev/video0")  # the exception PyAV raises for that errno
+    except av.FFmpegError as exc:
+        assert isinstance(exc, OSError)
+        error = _open_error(source, exc)
+    assert isinstance(error, CameraError)
+    assert __import__("re").search(message, str(error)), str(error)
+
+
+# -- newest frame, the feed's rules -----------------------------------------------------------------
+class SlowEngine:
+    """The warp engine with a slow step (a sleep, as a loaded machine or a bigger engine would
+    be); it notes how old each frame is when the step starts."""
+
+    def __init__(self, delay: float):
+        from engines.warp import WarpEngine
+
+        self._engine = WarpEngine(size=512)
+        self.delay = delay
+        self.ages: list[float] = []
+        for name in ("name", "size", "needs_driving_image", "waits_on_device", "prepare", "flush", "reset", "timings"):
+            setattr(self, name, getattr(self._engine, name))
+
+    def step(self, frame):
+        self.ages.append(time.perf_counter() - frame.tag)  # tag: the capture time
+        time.sleep(self.delay)
+        return self._engine.step(frame)
+
+
+def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
+    path, frames, _ = clip
+    engine = SlowEngine(0.15)
+    sink = Recorder(keep_images=False)
+    avatar = LocalAvatar(engine, [samples.portrait("astronaut")], ["astronaut"])
+    feed = Feed([sink], 512, FPS, avatar.still)
+    controls = Controls(feed)
+    try:
+        with Camera(camera_input(path)) as camera:
+            avatar.run(camera, feed, controls, until=time.perf_counter() + 3.0)
+    finally:
+        feed.close()
+        avatar.close()
+    steps = len(engine.ages)
+    assert 10 <= steps <= 3.0 / 0.15 + 1, steps  # the engine's pace, not the camera's
+    assert camera.dropped >= camera.read - steps - 1 and camera.dropped > 2 * steps
+    # Every step starts on a fresh frame (at most a frame interval plus a tracking old), never
+    # on one that waited behind others, and the latency stays flat from start to end.
+    assert max(engine.ages) < 1 / FPS + 0.1, engine.ages
+    latency = np.asarray(feed.latency_ms)
+    assert len(latency) == avatar.rendered == steps
+    assert latency.max() < 1000 * (0.15 + 1 / FPS + 0.15)
+    assert abs(np.median(latency[-5:]) - np.median(latency[:5])) < 60
+    assert sink.closed
+
+
+def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_still():
+    still = np.full((512, 512, 3), 10, np.uint8)
+    live = np.full((256, 256, 3), 200, np.uint8)  # another size: resized to the sinks'
+    sink = Recorder()
+    feed = Feed([sink], 512, 50, still, hold_s=0.5)
+    try:
+        time.sleep(0.2)
+        feed.put(live, time.perf_counter())
+        put_at = time.perf_counter()
+        time.sleep(1.0)
+        feed.set_paused(True)
+        time.sleep(0.2)
+        feed.put(live, time.perf_counter())  # paused: not shown
+        time.sleep(0.2)
+        feed.set_paused(False)
+        feed.put(live, time.perf_counter())
+        time.sleep(0.1)
+    finally:
+        feed.close()
+    states = [state for _, state in feed.sent_at]
+    times = [t for t, _ in feed.sent_at]
+    shown = [int(image[0, 0, 0]) for _, image in sink.frames]
+    assert all(image.shape == (512, 512, 3) for _, image in sink.frames)
+    assert shown[0] == 10 and states[0] == "still"  # nothing live yet: the portrait, never black
+    first_live = states.index("live")
+    held = [i for i, s in enumerate(states) if s == "held"]
+    still_after = [i for i, s in enumerate(states) if s == "still" and i > first_live]
+    # The live frame goes out at once, then repeats at the rate (50 fps) for hold_s, then the still.
+    assert times[first_live] - put_at < 0.02
+    assert 20 <= len(held) <= 27 and all(shown[i] == 200 for i in held)
+    assert times[still_after[0]] - put_at == pytest.approx(0.5, abs=0.05) and all(shown[i] == 10 for i in still_after)
+    paused = [i for i, s in enumerate(states) if s == "paused"]
+    assert len(paused) >= 15 and all(shown[i] == 10 for i in paused)
+    assert states[-1] in ("live", "held") and shown[-1] == 200
+    assert np.median(np.diff(times[held[0]:held[-1]])) == pytest.approx(0.02, abs=0.004)
+
+
+# -- virtual camera ---------------------------------------------------------------------------------
+class FakeDevice:
+    """A pyvirtualcam backend (its documented extension point) standing in for the device."""
+
+    opened: list["FakeDevice"] = []
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.args = dict(width=width, height=height, fps=fps, fourcc=fourcc, device=device)
+        self.frames: list[np.ndarray] = []
+        self.closed = False
+        FakeDevice.opened.append(self)
+
+    def send(self, frame: np.ndarray) -> None:
+        assert frame.ndim == 1 and frame.flags.c_contiguous  # what pyvirtualcam hands a backend
+        self.frames.append(frame.reshape(self.args["height"], self.args["width"], 3).copy())
+
+    def close(self) -> None:
+        self.closed = True
+
+    def device(self) -> str:
+        return self.args["device"] or "/dev/video10"
+
+    def native_fourcc(self):
+        return None
+
+
+@pytest.fixture
+def fake_device():
+    import pyvirtualcam
+
+    pyvirtualcam.register_backend("xportrait-test", FakeDevice)
+    FakeDevice.opened.clear()
+    yield
+    pyvirtualcam.camera.BACKENDS.pop("xportrait-test", None)
+
+
+def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device):
+    import pyvirtualcam
+
+    path, _, _ = clip
+    camera = VirtualCamera(512, 512, FPS, device="/dev/video10", backend="xportrait-test")
+    assert camera.name == "virtual camera /dev/video10"
+    report = cam(options(path, virtual_camera="on"), sinks=[camera])
+    device, = FakeDevice.opened
+    assert device.args["width"] == device.args["height"] == 512 and device.args["fps"] == FPS
+    assert device.args["fourcc"] == pyvirtualcam.util.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
+    assert device.closed and report["frames_out"] > 40
+    assert len(device.frames) == report["frames_sent_to_sinks"]
+    assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in device.frames)
+    # It is the astronaut, and her head rolls with Grace Hopper's: still at first, then one way
+    # and the other; in the neutral second it is the portrait itself.
+    still = still_of(samples.portrait("astronaut"), 512)
+    assert psnr(device.frames[0], still) > 40
+    assert_follows_the_clip(device.frames[::3], still)
+
+
+def assert_follows_the_clip(frames, still: np.ndarray) -> None:
+    base, = rolls([still])
+    measured = rolls(frames)
+    found = [(frame, r - base) for frame, r in zip(frames, measured) if r is not None]
+    assert len(found) >= 0.9 * len(frames)  # a face in (nearly) every frame
+    relative = [r for _, r in found]
+    assert max(relative) > ROLL / 2 and min(relative) < -ROLL / 2, relative
+    neutral = [frame for frame, r in found if abs(r) < 1.5]
+    assert neutral and np.median([psnr(frame, still) for frame in neutral]) > 22
+
+
+def test_no_v4l2loopback_device_says_the_exact_modprobe_line(clip, capsys):
+    assert MODPROBE == 'sudo modprobe v4l2loopback devices=1 video_nr=10 card_label="xportrait" exclusive_caps=1'
+    if any(name.startswith("video") for name in os.listdir("/dev")):
+        pytest.skip("this machine has /dev/video* devices")
+    with pytest.raises(SinkError) as error:
+        VirtualCamera(512, 512, 30, system="Linux")  # the real v4l2loopback backend: no device here
+    assert MODPROBE in str(error.value) and "exclusive_caps=1 is what Chrome, Zoom and Meet need" in str(error.value)
+    assert "pyvirtualcam said: 'v4l2loopback' backend: No v4l2 loopback device found" in str(error.value)
+    # Asked for (on): the command stops with it. Under auto it is a note and other outputs go on.
+    with pytest.raises(CamError, match="no v4l2loopback device"):
+        open_sinks(options(clip[0], virtual_camera="on"), Controls(), system="Linux")
+    with pytest.raises(CamError, match="nothing to send the avatar to:\nno v4l2loopback device"):
+        open_sinks(options(clip[0], virtual_camera="auto"), Controls(), system="Linux")
+    assert "OBS Virtual Camera" in virtual_camera_missing("Windows", None, "x")
+    assert "camera extension" in virtual_camera_missing("Darwin", None, "x")
+
+
+def test_the_command_line_says_so_too(clip, tmp_path):
+    if any(name.startswith("video") for name in os.listdir("/dev")):
+        pytest.skip("this machine has /dev/video* devices")
+    done = subprocess.run([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--virtual-camera", "on",
+                           "--pipewire", "off"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert MODPROBE in done.stderr
+    done = subprocess.run([sys.executable, "-m", "streamer", "cam", "--virtual-camera", "off", "--pipewire", "off",
+                           "--record", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "no camera found" in done.stderr, done.stderr
+
+
+# -- PipeWire, end to end ---------------------------------------------------------------------------
+PIPEWIRE_TOOLS = ("pipewire", "wireplumber", "dbus-daemon", "gst-launch-1.0", "pw-cli")
+
+
+@pytest.fixture(scope="module")
+def pipewire():
+    """A PipeWire daemon and its session manager on a private runtime dir and session bus."""
+    missing = [tool for tool in PIPEWIRE_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"PipeWire is not installed ({', '.join(missing)} missing; `make pipewire` installs it as root)")
+    runtime = tempfile.mkdtemp(prefix="xportrait-pw-")
+    os.chmod(runtime, 0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime, "DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus",
+           "PIPEWIRE_RUNTIME_DIR": runtime, "DISPLAY": ""}
+    env.pop("PIPEWIRE_REMOTE", None)
+    processes = [subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={env['DBUS_SESSION_BUS_ADDRESS']}"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(f"{runtime}/bus") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        processes.append(subprocess.Popen(["pipewire"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while not os.path.exists(f"{runtime}/pipewire-0") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        processes.append(subprocess.Popen(["wireplumber"], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        if not os.path.exists(f"{runtime}/pipewire-0"):
+            pytest.skip("the PipeWire daemon did not start within 10 s")
+        yield env
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def wait_for_node(env: dict, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = subprocess.run(["pw-cli", "ls", "Node"], env=env, capture_output=True, text=True, timeout=10).stdout
+        if f'node.name = "{name}"' in listing:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no PipeWire node {name!r} within {timeout:g} s")
+
+
+def test_the_pipewire_source_carries_the_avatar_to_a_real_consumer(clip, pipewire):
+    path, _, _ = clip
+    producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", path, "--loop",
+                                 "--portrait", "astronaut", "--virtual-camera", "off", "--pipewire", "on",
+                                 "--fps", str(FPS), "--duration", "30"],
+                                env=pipewire, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_node(pipewire, "xportrait", 60)
+        time.sleep(1.5)  # past the first, neutral second of the clip: the calibration
+        count = 4 * FPS
+        consumer = subprocess.run(
+            ["gst-launch-1.0", "-q", "pipewiresrc", "target-object=xportrait", f"num-buffers={count}", "!",
+             "videoconvert", "!", "video/x-raw,format=RGB,width=512,height=512", "!", "fdsink", "fd=1"],
+            env=pipewire, capture_output=True, timeout=60)
+        assert consumer.returncode == 0, consumer.stderr.decode()
+    finally:
+        producer.send_signal(signal.SIGINT)
+        try:
+            _, stderr = producer.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            producer.kill()
+            _, stderr = producer.communicate()
+    assert producer.returncode in (0, 130), stderr
+    assert "PipeWire source 'xportrait'" in stderr
+    frames = np.frombuffer(consumer.stdout, np.uint8).reshape(-1, 512, 512, 3)
+    assert len(frames) == count
+    # The astronaut's head follows Grace Hopper's: level, rolled one way, then the other.
+    assert_follows_the_clip(frames[::4], still_of(samples.portrait("astronaut"), 512))
+
+
+def test_pipewire_missing_is_a_clear_answer(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no daemon socket there
+    monkeypatch.delenv("PIPEWIRE_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("PIPEWIRE_REMOTE", raising=False)
+    if shutil.which("gst-launch-1.0") is None:
+        match = "sudo apt install gstreamer1.0-tools gstreamer1.0-pipewire"
+    else:
+        match = "no PipeWire daemon for this user"
+    with pytest.raises(SinkError, match=match):
+        PipeWireSource(64, 64, 30)
+
+
+# -- remote -----------------------------------------------------------------------------------------
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip):
+    """The camera to a real `xportrait serve` and back; the server killed mid-stream and started
+    again on the same port: the sink keeps the last good frame, then the still portrait, and
+    the avatar comes back by itself."""
+    path, _, _ = clip
+    still = still_of(samples.portrait("astronaut"), 512)
+    sink = Recorder()
+    controls = Controls()
+    result: dict = {}
+    errors: list[BaseException] = []
+
+    def main():
+        try:
+            result.update(cam(opts, sinks=[sink], controls=controls))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    def is_still(image) -> bool:
+        return psnr(image, still) > 45
+
+    def live_since(start: float) -> int:
+        """Avatar frames (neither the still nor a repeat) sent after `start`."""
+        frames = [(t, image) for t, image in sink.frames if t > start]
+        return sum(1 for (_, a), (_, b) in zip(frames, frames[1:]) if not is_still(b) and not np.array_equal(a, b))
+
+    runner = threading.Thread(target=main)
+    with running_server("--idle-timeout", "3") as (server, url):
+        port = url.rsplit(":", 1)[1]
+        opts = options(path, loop=True, server=url, hold_s=1.0, lost_after_s=1.0, connect_timeout=30)
+        runner.start()
+        try:
+            wait_until(lambda: live_since(0) >= 2 * FPS or errors, 60, "the avatar from the server")
+            assert not errors, errors
+            server.kill()  # mid-stream, no goodbye
+            killed = time.perf_counter()
+            server.wait(10)
+        except BaseException:
+            controls.quit.set()
+            runner.join(30)
+            raise
+    try:
+        # Started again at once on the same port; it takes a while to come up meanwhile.
+        with running_server("--port", port, "--idle-timeout", "3") as (_, again):
+            assert again == url
+            wait_until(lambda: live_since(killed + 1.5) >= FPS or errors, 60, "the avatar after the restart")
+    finally:
+        controls.quit.set()
+        runner.join(30)
+    assert not errors, errors
+    after = [(t, image) for t, image in sink.frames if t > killed]
+    last_good = next(image for t, image in reversed(sink.frames) if t <= killed and not is_still(image))
+    held = [t for t, image in after if np.array_equal(image, last_good)]
+    stills = [t for t, image in after if is_still(image)]
+    back = [t for t, image in after if not is_still(image) and not np.array_equal(image, last_good)]
+    # The last good frame, repeated at the output rate for about hold_s, then the still portrait,
+    # never black; then the avatar again.
+    assert held and stills and back, (len(held), len(stills), len(back))
+    assert held[-1] < stills[0] < back[-1]
+    assert held[-1] - killed < 1.0 + 0.6 and len(held) >= 0.6 * FPS
+    assert all(image.mean() > 40 for _, image in after)
+    assert result["connects"] == 2 and result["losses"] == 1, result
+    assert result["frames_out"] > 3 * FPS and result["mode"] == "remote"
