@@ -30,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -272,11 +273,11 @@ def load_portrait(spec: str) -> np.ndarray:
 
     if spec in samples.PORTRAITS:
         return samples.portrait(spec)
-    from .offline import InputError, load_image
+    from .images import ImageError, read_image
 
     try:
-        return load_image(spec)
-    except InputError as exc:
+        return read_image(spec, "portrait")
+    except ImageError as exc:
         raise CamError(f"--portrait {spec}: {exc} (bundled ones: {', '.join(samples.PORTRAITS)})") from None
 
 
@@ -338,60 +339,77 @@ def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
 
 # -- local engine -------------------------------------------------------------------------------------
 class LocalAvatar:
-    """The engine on this machine, on the calling thread, one newest frame at a time."""
+    """The engine on this machine, through the live pipeline (streamer/pipeline.py) that `serve`
+    runs per session: the newest camera frame in, tracked and rendered on the pipeline's two
+    threads, the newest avatar frame out to the Feed."""
 
-    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str]):
-        from engines.animator import Animator
+    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str], size: int):
+        from .pipeline import EnginePool
 
         self.images, self.names, self.index = images, names, 0
-        self.animator = Animator(engine)
-        try:
-            self.animator.set_sources([images[0]])
-        except Exception:
-            self.animator.close()
-            raise
+        self.pool = EnginePool(lambda: engine)  # this one engine, for the pipeline to take
+        self.still = still_of(images[0], size)  # proves the first portrait has a face, early
         self.rendered = 0
+        self.stats = None
 
-    @property
-    def still(self) -> np.ndarray:
-        return self.animator.sources[0].image
+    async def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
+        from .pipeline import AnimateStage, Pipeline
 
-    def command(self, command: str, feed: Feed) -> None:
+        loop = asyncio.get_running_loop()
+        stage = AnimateStage(self.pool, self.images[0])
+        pipeline = Pipeline(stage, name="cam")
+        self.stats = pipeline.stats
+        await pipeline.start()
+        reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
+
+        async def pump() -> None:
+            while True:
+                captured = await loop.run_in_executor(reader, camera.frames.take, 0.2)
+                if captured is None:
+                    if camera.frames.closed:
+                        return
+                    continue
+                if feed.paused:
+                    continue  # the still portrait is showing: no engine work
+                frame = captured.frame
+                frame.pts = None  # the capture time drives the filters (a looped file's restart, too)
+                pipeline.feed(frame, captured.at)
+
+        async def drain() -> None:
+            while True:
+                output = await pipeline.next_output()
+                feed.put(output.frame, output.arrived)
+                self.rendered += 1
+
+        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(drain())]
+        try:
+            while not controls.quit.is_set() and time.perf_counter() < until and not tasks[0].done():
+                for command in controls.pending():
+                    await self._command(command, pipeline, stage, feed)
+                await asyncio.sleep(0.05)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pipeline.close()
+            reader.shutdown(wait=False)
+
+    async def _command(self, command: str, pipeline, stage, feed: Feed) -> None:
         from engines.face import NoFaceError
 
         if command == "recalibrate":
-            self.animator.recalibrate()
+            await pipeline.recalibrate()
             say("recalibrated: the next frame is the neutral pose")
         elif command in ("next", "previous") and len(self.images) > 1:
             index = (self.index + (1 if command == "next" else -1)) % len(self.images)
             try:
-                self.animator.set_sources([self.images[index]])
+                await pipeline.set_portrait(lambda: self.images[index])
             except NoFaceError:
                 say(f"no face in portrait {self.names[index]}: keeping {self.names[self.index]}")
                 return
             self.index = index
-            feed.set_still(self.still)
+            feed.set_still(stage.animator.sources[0].image)
             say(f"portrait: {self.names[index]}")
-
-    def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
-        while not controls.quit.is_set() and time.perf_counter() < until:
-            for command in controls.pending():  # between frames, on the engine's thread
-                self.command(command, feed)
-            captured = camera.frames.take(timeout=0.2)
-            if captured is None:
-                if camera.frames.closed:
-                    return
-                continue
-            if feed.paused:
-                continue  # the still portrait is showing: no engine work
-            rgb = captured.frame.to_ndarray(format="rgb24")
-            rendered = self.animator.drive(rgb, captured.at, tag=captured.at)
-            if rendered is not None:
-                feed.put(rendered.image, rendered.tag)
-                self.rendered += 1
-
-    def close(self) -> None:
-        self.animator.close()
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -448,8 +466,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                     engine = create_engine(opts.engine, opts.size, **opts.engine_options)
                 except EngineError as exc:
                     raise CamError(str(exc)) from None
-            avatar = LocalAvatar(engine, images, names)
-            closing.append(avatar)
+            avatar = LocalAvatar(engine, images, names, opts.size)
             start_still = avatar.still
         try:  # opened once the engine is ready, so that its first frames are not dropped waiting
             camera = Camera(source, loop=opts.loop)
@@ -467,10 +484,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         say(KEY_HELP)
         started = time.perf_counter()
         until = started + opts.duration if opts.duration else float("inf")
-        if remote:
-            asyncio.run(avatar.run(camera, feed, controls, until))
-        else:
-            avatar.run(camera, feed, controls, until)
+        asyncio.run(avatar.run(camera, feed, controls, until))
         if camera.error:
             say(camera.error)
         elapsed = time.perf_counter() - started
@@ -500,6 +514,10 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
     }
     if remote:
         report.update(connects=avatar.connects, losses=avatar.losses)
+    elif avatar.stats is not None:
+        stats = avatar.stats.snapshot()
+        report.update(pipeline={key: stats[key] for key in ("frames_processed", "dropped_stale", "dropped_prepared",
+                                                              "frames_without_face", "errors", "stages_ms")})
     return report
 
 

@@ -9,6 +9,7 @@ Grace Hopper; the portrait animated is the astronaut, so the avatar is never the
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import math
 import os
@@ -166,7 +167,7 @@ class SlowEngine:
             setattr(self, name, getattr(self._engine, name))
 
     def step(self, frame):
-        self.ages.append(time.perf_counter() - frame.tag)  # tag: the capture time
+        self.ages.append(time.perf_counter() - frame.tag.arrived)  # the pipeline's input: its capture time
         time.sleep(self.delay)
         return self._engine.step(frame)
 
@@ -175,23 +176,25 @@ def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
     path, frames, _ = clip
     engine = SlowEngine(0.15)
     sink = Recorder(keep_images=False)
-    avatar = LocalAvatar(engine, [samples.portrait("astronaut")], ["astronaut"])
+    avatar = LocalAvatar(engine, [samples.portrait("astronaut")], ["astronaut"], 512)
     feed = Feed([sink], 512, FPS, avatar.still)
     controls = Controls(feed)
     try:
         with Camera(camera_input(path)) as camera:
-            avatar.run(camera, feed, controls, until=time.perf_counter() + 3.0)
+            asyncio.run(avatar.run(camera, feed, controls, until=time.perf_counter() + 3.0))
     finally:
         feed.close()
-        avatar.close()
     steps = len(engine.ages)
     assert 10 <= steps <= 3.0 / 0.15 + 1, steps  # the engine's pace, not the camera's
-    assert camera.dropped >= camera.read - steps - 1 and camera.dropped > 2 * steps
+    # The frames it had no time for were dropped (at the camera's slot or the pipeline's), not kept.
+    dropped = camera.dropped + avatar.stats.dropped_stale + avatar.stats.dropped_prepared
+    assert camera.read - steps - 3 <= dropped <= camera.read - steps and dropped > 2 * steps
     # Every step starts on a fresh frame (at most a frame interval plus a tracking old), never
     # on one that waited behind others, and the latency stays flat from start to end.
     assert max(engine.ages) < 1 / FPS + 0.1, engine.ages
     latency = np.asarray(feed.latency_ms)
-    assert len(latency) == avatar.rendered == steps
+    assert steps - 1 <= avatar.rendered <= steps  # the last step may be cut short by the end
+    assert avatar.rendered - 1 <= len(latency) <= avatar.rendered
     assert latency.max() < 1000 * (0.15 + 1 / FPS + 0.15)
     assert abs(np.median(latency[-5:]) - np.median(latency[:5])) < 60
     assert sink.closed
