@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import queue
+import signal
 import sys
 import threading
 import time
@@ -94,6 +95,7 @@ class CamOptions:
     engine_options: dict = field(default_factory=dict)  # create_engine's keyword options
     server: str | None = None
     token: str | None = None
+    mode: str = "animate"  # remote: echo has the server return the camera as is (the transport's floor)
     connect_timeout: float = 15.0
     virtual_camera: str = "auto"
     device: str | None = None  # --virtual-camera-device (pyvirtualcam's `device`), e.g. /dev/video10
@@ -122,6 +124,10 @@ class CamOptions:
             raise ValueError(f"--server must be an http:// or https:// URL, got {self.server!r}")
         if self.token == "":
             object.__setattr__(self, "token", None)
+        if self.mode not in ("animate", "echo"):
+            raise ValueError(f"--mode must be animate or echo, got {self.mode!r}")
+        if self.mode == "echo" and self.server is None:
+            raise ValueError("--mode echo needs --server: it measures the transport to a server and back")
 
 
 def _dimensions(text: str) -> tuple[int, int]:
@@ -147,6 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", metavar="URL", help="animate on a running `xportrait serve` (e.g. a GPU machine) "
                                                         "instead of this machine")
     parser.add_argument("--token", help="the server's access token")
+    parser.add_argument("--mode", choices=("animate", "echo"), default="animate",
+                        help="with --server: echo has the server send the camera back unanimated, to measure the "
+                             "transport alone (default: animate)")
     parser.add_argument("--connect-timeout", type=float, default=15.0,
                         help="seconds to wait for the server's first frame (default 15)")
     parser.add_argument("--virtual-camera", choices=SWITCH, default="auto",
@@ -174,7 +183,7 @@ def cam_options(args: argparse.Namespace) -> CamOptions:
     options = {} if args.server else engine_options(args, live=True)
     return CamOptions(camera=args.camera, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
                       portraits=tuple(args.portrait), engine=args.engine, size=args.size, engine_options=options,
-                      server=args.server.rstrip("/") if args.server else None, token=args.token,
+                      server=args.server.rstrip("/") if args.server else None, token=args.token, mode=args.mode,
                       connect_timeout=args.connect_timeout, virtual_camera=args.virtual_camera, device=args.virtual_camera_device,
                       pipewire=args.pipewire, name=args.name, preview=args.preview, record=args.record, fps=args.fps,
                       hold_s=args.hold, lost_after_s=args.lost_after, duration=args.duration, report=args.report)
@@ -264,6 +273,28 @@ class TerminalKeys:
             import termios
 
             termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+
+
+class _QuitOnSignals:
+    """Ctrl-C and SIGTERM quit cleanly (outputs closed, the terminal restored, the report
+    written); a second one while closing interrupts at once."""
+
+    def __init__(self, controls: Controls):
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if controls.quit.is_set():
+                raise KeyboardInterrupt
+            controls.quit.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 # -- portraits ----------------------------------------------------------------------------------------
@@ -478,6 +509,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         controls.feed = feed
         keys = TerminalKeys(controls.key, stdin)
         closing.append(keys)
+        closing.append(_QuitOnSignals(controls))
         where = f"{opts.server}" if remote else f"{opts.engine} engine on this machine"
         say(f"camera {source.label} ({camera.width}x{camera.height} at {camera.fps:g} fps) -> {where} -> "
             + ", ".join(sink.name for sink in sinks))
@@ -498,7 +530,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
             thing.close()
     fresh = [t for t, state in feed.sent_at if state == "live"]
     report = {
-        "mode": "remote" if remote else "local",
+        "mode": f"remote {opts.mode}" if remote else "local",
         "engine": None if remote else opts.engine,
         "server": opts.server,
         "camera": source.label,

@@ -79,9 +79,13 @@ class RemoteAvatar:
         self.status = "connecting"
 
     async def _gallery(self) -> list[str]:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(self.opts.server + "/portraits", timeout=aiohttp.ClientTimeout(total=10)) as response:
-                return [p["name"] for p in await response.json()] if response.status == 200 else []
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(self.opts.server + "/portraits", headers={"Authorization": f"Bearer {self.opts.token}"}
+                                    if self.opts.token else {}, timeout=aiohttp.ClientTimeout(total=10)) as response:
+                    return [p["name"] for p in await response.json()] if response.status == 200 else []
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+            return []  # n / p then have nothing to switch between
 
     async def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
         opts = self.opts
@@ -95,7 +99,8 @@ class RemoteAvatar:
                 feed.put(frame.to_ndarray(format="rgb24"), track.captured_at(frame.pts, origin))
                 self.received += 1
 
-            current = Connection(opts.server, track, portrait=portrait, token=opts.token, on_frame=on_frame)
+            current = Connection(opts.server, track, mode=opts.mode, portrait=portrait if opts.mode == "animate" else None,
+                                 token=opts.token, on_frame=on_frame)
             try:
                 answer = await current.open(opts.connect_timeout)
             except Refused as exc:

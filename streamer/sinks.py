@@ -175,7 +175,7 @@ def preview_missing(system: str | None = None) -> str | None:
 
 
 class Preview:
-    """An OpenCV window showing what the sinks get, with a status line; its keys go to `on_key`.
+    """An OpenCV window showing what the other sinks get; its keys go to `on_key`.
     Closing the window counts as the quit key."""
 
     TITLE = "xportrait (r recalibrate, n/p portrait, space pause, q quit)"
@@ -184,7 +184,6 @@ class Preview:
         if (why := preview_missing()) is not None:
             raise SinkError(why)
         self.name = "preview window"
-        self.status = ""
         self._on_key = on_key
         self._bgr: np.ndarray | None = None
         self._opened = False
@@ -193,9 +192,6 @@ class Preview:
         if self._bgr is None or self._bgr.shape != rgb.shape:
             self._bgr = np.empty_like(rgb)
         cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=self._bgr)
-        if self.status:
-            cv2.putText(self._bgr, self.status, (8, rgb.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                        (255, 255, 255), 1, cv2.LINE_AA)
         cv2.imshow(self.TITLE, self._bgr)
         self._opened = True
         key = cv2.waitKey(1)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import av
 import numpy as np
@@ -56,18 +57,31 @@ def clip(tmp_path_factory) -> tuple[str, list[np.ndarray], list[samples.Pose]]:
     return str(path), [frame for frame, _ in pairs], [pose for _, pose in pairs]
 
 
+class Digest:
+    """A sent frame, small: its checksum (equal frames) and every 8th pixel (what it shows)."""
+
+    def __init__(self, rgb: np.ndarray):
+        self.crc = zlib.crc32(rgb)
+        self.thumb = rgb[::8, ::8].copy()
+
+    def __eq__(self, other) -> bool:
+        return self.crc == other.crc
+
+
 class Recorder:
-    """A sink that keeps what it is sent: (time, state of the feed, a copy of the frame)."""
+    """A sink that keeps what it is sent, with the time: a copy of each frame, its Digest
+    (long runs), or nothing."""
 
     name = "test sink"
 
-    def __init__(self, keep_images: bool = True):
-        self.frames: list[tuple[float, np.ndarray | None]] = []
-        self.keep_images = keep_images
+    def __init__(self, keep: str = "images"):
+        self.frames: list[tuple[float, np.ndarray | Digest | None]] = []
+        self.keep = keep
         self.closed = False
 
     def send(self, rgb: np.ndarray) -> None:
-        self.frames.append((time.perf_counter(), rgb.copy() if self.keep_images else None))
+        kept = rgb.copy() if self.keep == "images" else Digest(rgb) if self.keep == "digests" else None
+        self.frames.append((time.perf_counter(), kept))
 
     def close(self) -> None:
         self.closed = True
@@ -175,7 +189,7 @@ class SlowEngine:
 def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
     path, frames, _ = clip
     engine = SlowEngine(0.15)
-    sink = Recorder(keep_images=False)
+    sink = Recorder(keep="nothing")
     avatar = LocalAvatar(engine, [samples.portrait("astronaut")], ["astronaut"], 512)
     feed = Feed([sink], 512, FPS, avatar.still)
     controls = Controls(feed)
@@ -407,7 +421,7 @@ def test_the_pipewire_source_carries_the_avatar_to_a_real_consumer(clip, pipewir
         except subprocess.TimeoutExpired:
             producer.kill()
             _, stderr = producer.communicate()
-    assert producer.returncode in (0, 130), stderr
+    assert producer.returncode == 0, stderr  # Ctrl-C is a clean quit
     assert "PipeWire source 'xportrait'" in stderr
     frames = np.frombuffer(consumer.stdout, np.uint8).reshape(-1, 512, 512, 3)
     assert len(frames) == count
@@ -442,8 +456,8 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     again on the same port: the sink keeps the last good frame, then the still portrait, and
     the avatar comes back by itself."""
     path, _, _ = clip
-    still = still_of(samples.portrait("astronaut"), 512)
-    sink = Recorder()
+    still = still_of(samples.portrait("astronaut"), 512)[::8, ::8]
+    sink = Recorder(keep="digests")
     controls = Controls()
     result: dict = {}
     errors: list[BaseException] = []
@@ -454,13 +468,13 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             errors.append(exc)
 
-    def is_still(image) -> bool:
-        return psnr(image, still) > 45
+    def is_still(digest: Digest) -> bool:
+        return psnr(digest.thumb, still) > 40
 
     def live_since(start: float) -> int:
         """Avatar frames (neither the still nor a repeat) sent after `start`."""
         frames = [(t, image) for t, image in sink.frames if t > start]
-        return sum(1 for (_, a), (_, b) in zip(frames, frames[1:]) if not is_still(b) and not np.array_equal(a, b))
+        return sum(1 for (_, a), (_, b) in zip(frames, frames[1:]) if not is_still(b) and a != b)
 
     runner = threading.Thread(target=main)
     with running_server("--idle-timeout", "3") as (server, url):
@@ -488,18 +502,18 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     assert not errors, errors
     after = [(t, image) for t, image in sink.frames if t > killed]
     last_good = next(image for t, image in reversed(sink.frames) if t <= killed and not is_still(image))
-    held = [t for t, image in after if np.array_equal(image, last_good)]
+    held = [t for t, image in after if image == last_good]
     stills = [t for t, image in after if is_still(image)]
-    back = [t for t, image in after if not is_still(image) and not np.array_equal(image, last_good)]
+    back = [t for t, image in after if not is_still(image) and image != last_good]
     # The last good frame, repeated at the output rate for about hold_s, then the still portrait,
     # never black; then the avatar again.
     assert held and stills and back, (len(held), len(stills), len(back))
     assert held[-1] < stills[0] < back[-1]
     assert held[-1] - killed < 1.0 + 0.6 and len(held) >= 0.5 * FPS, (held[-1] - killed, len(held))
-    assert all(image.mean() > 40 for _, image in after)
+    assert all(image.thumb.mean() > 40 for _, image in after)
     # (A loaded machine may stall for the lost_after_s once more: then one more loss and reconnect.)
     assert result["losses"] >= 1 and result["connects"] == result["losses"] + 1, result
-    assert result["frames_out"] >= 20 and result["mode"] == "remote"
+    assert result["frames_out"] >= 20 and result["mode"] == "remote animate"
 
 
 # -- the README -------------------------------------------------------------------------------------
