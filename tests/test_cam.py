@@ -534,6 +534,8 @@ def test_the_readme_cam_commands_are_valid_command_lines():
     assert len(lines) >= 4, lines
     for line in lines:
         argv = shlex.split(line)
-        opts = cam_options(build_parser(argv).parse_args(argv))
+        parser = build_parser(argv)
+        parser = parser[0] if isinstance(parser, tuple) else parser  # (the parser, its subcommands')
+        opts = cam_options(parser.parse_args(argv))
         assert isinstance(opts, CamOptions), line
     assert MODPROBE.removeprefix("sudo ") in text
