@@ -451,6 +451,14 @@ def _percentiles(values) -> dict:
     return {"p50": round(float(np.percentile(array, 50)), 1), "p95": round(float(np.percentile(array, 95)), 1)}
 
 
+def _windows(times, values, start: float, width_s: float = 5.0) -> list[dict]:
+    """Latency percentiles per `width_s` of the run: flat means nothing queues up."""
+    windows: dict[int, list[float]] = {}
+    for at, ms in zip(times, values):
+        windows.setdefault(int((at - start) // width_s), []).append(ms)
+    return [{"from_s": k * width_s, "frames": len(v), **_percentiles(v)} for k, v in sorted(windows.items())]
+
+
 def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | None = None,
         engine: Engine | None = None, stdin=None) -> dict:
     """Run until quit (`controls.quit`), --duration or the end of a camera file; return the
@@ -542,6 +550,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         else 0.0,
         "frames_sent_to_sinks": feed.sent,
         "latency_ms": _percentiles(feed.latency_ms),
+        "latency_ms_per_window": _windows(feed.latency_at, feed.latency_ms, started),
         "sinks": [sink.name for sink in sinks],
     }
     if remote:

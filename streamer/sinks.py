@@ -251,6 +251,7 @@ class Feed:
         self.state = "starting"
         self.sent = self.fresh = self.replaced = 0
         self.latency_ms: deque[float] = deque(maxlen=2000)  # capture to sinks, per fresh frame
+        self.latency_at: deque[float] = deque(maxlen=2000)  # when each of those was measured
         self.sent_at: deque[tuple[float, str]] = deque(maxlen=2000)  # (time, state) per frame sent
         self.set_still(still)
         self._stop = False
@@ -324,7 +325,9 @@ class Feed:
                 except Exception as exc:  # noqa: BLE001 - one broken sink must not stop the others
                     self._drop(sink, exc)
             if captured_at is not None:  # capture to every sink done
-                self.latency_ms.append((time.perf_counter() - captured_at) * 1e3)
+                done = time.perf_counter()
+                self.latency_ms.append((done - captured_at) * 1e3)
+                self.latency_at.append(done)
             last_sent = now
             self.sent += 1
             self.sent_at.append((now, state))
