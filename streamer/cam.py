@@ -536,7 +536,6 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                 sink.close()
         for thing in reversed(closing):
             thing.close()
-    fresh = [t for t, state in feed.sent_at if state == "live"]
     report = {
         "mode": f"remote {opts.mode}" if remote else "local",
         "engine": None if remote else opts.engine,
@@ -546,15 +545,17 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         "frames_captured": camera.read,
         "frames_dropped_at_camera": camera.dropped,
         "frames_out": feed.fresh,
-        "fps_out": round((len(fresh) - 1) / (fresh[-1] - fresh[0]), 2) if len(fresh) > 1 and fresh[-1] > fresh[0]
-        else 0.0,
+        "fps_out": round(feed.fps, 2),
         "frames_sent_to_sinks": feed.sent,
         "latency_ms": _percentiles(feed.latency_ms),
         "latency_ms_per_window": _windows(feed.latency_at, feed.latency_ms, started),
         "sinks": [sink.name for sink in sinks],
     }
     if remote:
-        report.update(connects=avatar.connects, losses=avatar.losses)
+        server = avatar.server_stats
+        report.update(connects=avatar.connects, losses=avatar.losses,
+                      server={key: server.get(key) for key in ("mode", "fps_in", "fps_out", "dropped", "latency_ms",
+                                                              "stages_ms")})
     elif avatar.stats is not None:
         stats = avatar.stats.snapshot()
         report.update(pipeline={key: stats[key] for key in ("frames_processed", "dropped_stale", "dropped_prepared",

@@ -76,6 +76,7 @@ class RemoteAvatar:
         self.index = 0
         self._still = still
         self.connects = self.losses = self.received = 0
+        self.server_stats: dict = {}  # the server's last stats message (its own in->out latency, stages)
         self.status = "connecting"
 
     async def _gallery(self) -> list[str]:
@@ -123,6 +124,7 @@ class RemoteAvatar:
                 say(f"{'connected to' if self.connects == 1 else 'reconnected to'} {opts.server} "
                     f"(session {answer.get('session')})")
                 self.status = "live"
+                self.server_stats = current.stats  # updated in place as messages come
                 reason = await self._watch(current, feed, controls, until)
                 if reason is None:
                     return

@@ -250,6 +250,8 @@ class Feed:
         self.paused = False
         self.state = "starting"
         self.sent = self.fresh = self.replaced = 0
+        self.first_fresh_at: float | None = None  # when the first and the last new frame went out
+        self.last_fresh_at: float | None = None
         self.latency_ms: deque[float] = deque(maxlen=2000)  # capture to sinks, per fresh frame
         self.latency_at: deque[float] = deque(maxlen=2000)  # when each of those was measured
         self.sent_at: deque[tuple[float, str]] = deque(maxlen=2000)  # (time, state) per frame sent
@@ -263,6 +265,13 @@ class Feed:
             np.copyto(out, image)
         else:
             cv2.resize(image, (self.size, self.size), dst=out, interpolation=cv2.INTER_LINEAR)
+
+    @property
+    def fps(self) -> float:
+        """New frames per second out, from the first to the last."""
+        if self.fresh < 2 or self.last_fresh_at <= self.first_fresh_at:
+            return 0.0
+        return (self.fresh - 1) / (self.last_fresh_at - self.first_fresh_at)
 
     def set_still(self, image: np.ndarray) -> None:
         still = np.empty((self.size, self.size, 3), np.uint8)  # a new array: one being sent stays intact
@@ -312,6 +321,8 @@ class Feed:
                     self._incoming, self._showing = self._showing, self._incoming
                     captured_at, self._fresh = self._fresh_at, False
                     self.fresh += 1
+                    self.first_fresh_at = self.first_fresh_at or now
+                    self.last_fresh_at = now
                     state, image = "live", self._showing
                 elif self._last_live is not None and now - self._last_live < self.hold_s:
                     state, image = "held", self._showing

@@ -251,6 +251,45 @@ def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_
     assert np.median(np.diff(times[held[0]:held[-1]])) == pytest.approx(0.02, abs=0.004)
 
 
+def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip):
+    """The control surface without a window: keys on stdin (a pipe here; a terminal is read the
+    same way, one key at a time)."""
+    path, _, _ = clip
+    read_end, write_end = os.pipe()
+    sink = Recorder(keep="digests")
+    result: dict = {}
+    opts = options(path, loop=True, portraits=("astronaut", "grace_hopper"), duration=60)
+    with os.fdopen(read_end, "rb", buffering=0) as stdin:
+        runner = threading.Thread(target=lambda: result.update(cam(opts, sinks=[sink], stdin=stdin)))
+        started = time.perf_counter()
+        runner.start()
+        stills = {name: still_of(samples.portrait(name), 512)[::8, ::8] for name in ("astronaut", "grace_hopper")}
+
+        def showing(name: str, since: float) -> int:
+            return sum(1 for t, d in sink.frames if t > since and psnr(d.thumb, stills[name]) > 40)
+
+        def moving(since: float) -> int:
+            frames = [d for t, d in sink.frames if t > since]
+            return sum(1 for a, b in zip(frames, frames[1:]) if a != b)
+
+        wait_until(lambda: moving(0) > 10, 60, "the avatar")
+        os.write(write_end, b" ")  # pause: the still portrait, at the output rate
+        paused = time.perf_counter() + 0.3
+        wait_until(lambda: showing("astronaut", paused) >= 10, 20, "the still portrait")
+        os.write(write_end, b"n")  # the next portrait, still paused: its still
+        switched = time.perf_counter()
+        wait_until(lambda: showing("grace_hopper", switched) >= 10, 30, "the next portrait's still")
+        os.write(write_end, b" ")  # resume: the new portrait moves
+        resumed = time.perf_counter() + 0.3
+        wait_until(lambda: moving(resumed) >= 10, 30, "the new portrait moving")
+        assert showing("astronaut", resumed) == 0
+        os.write(write_end, b"q\n")
+        runner.join(30)
+        os.close(write_end)
+    assert not runner.is_alive() and result and time.perf_counter() - started < 60  # q, not --duration
+    assert sink.closed
+
+
 # -- virtual camera ---------------------------------------------------------------------------------
 class FakeDevice:
     """A pyvirtualcam backend (its documented extension point) standing in for the device."""
@@ -451,10 +490,14 @@ def wait_until(condition, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip):
-    """The camera to a real `xportrait serve` and back; the server killed mid-stream and started
-    again on the same port: the sink keeps the last good frame, then the still portrait, and
-    the avatar comes back by itself."""
+TOKEN = "cam-test-token"
+
+
+def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip, capfd):
+    """The camera to a real `xportrait serve` and back; a wrong token is refused (401: stop),
+    a second camera finds the server full (503: it retries); the server killed mid-stream and
+    started again on the same port: the sink keeps the last good frame, then the still
+    portrait, and the avatar comes back by itself."""
     path, _, _ = clip
     still = still_of(samples.portrait("astronaut"), 512)[::8, ::8]
     sink = Recorder(keep="digests")
@@ -477,13 +520,26 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         return sum(1 for (_, a), (_, b) in zip(frames, frames[1:]) if not is_still(b) and a != b)
 
     runner = threading.Thread(target=main)
-    with running_server("--idle-timeout", "3") as (server, url):
+    serve_args = ("--idle-timeout", "3", "--token", TOKEN, "--max-sessions", "1")
+    with running_server(*serve_args) as (server, url):
         port = url.rsplit(":", 1)[1]
-        opts = options(path, loop=True, server=url, hold_s=1.0, lost_after_s=2.0, connect_timeout=30)
+        with pytest.raises(CamError, match=r"refused the offer \(401\).*pass the token the server was started with") \
+                as refused:
+            cam(options(path, server=url, token="wrong"), sinks=[Recorder(keep="nothing")])
+        assert refused.value.status == 1
+        opts = options(path, loop=True, server=url, token=TOKEN, hold_s=1.0, lost_after_s=2.0, connect_timeout=30)
         runner.start()
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
             assert not errors, errors
+            # A second camera: the one session is taken. It says so and keeps trying.
+            capfd.readouterr()
+            second = Controls()
+            threading.Timer(4.0, second.quit.set).start()
+            busy = cam(options(path, server=url, token=TOKEN), sinks=[Recorder(keep="nothing")], controls=second)
+            said = capfd.readouterr().err
+            assert busy["connects"] == 0 and "the server refused the offer (503): server busy" in said, said
+            assert "trying again in" in said
             server.kill()  # mid-stream, no goodbye
             killed = time.perf_counter()
             server.wait(10)
@@ -493,7 +549,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             raise
     try:
         # Started again at once on the same port; it takes a while to come up meanwhile.
-        with running_server("--port", port, "--idle-timeout", "3") as (_, again):
+        with running_server("--port", port, *serve_args) as (_, again):
             assert again == url
             wait_until(lambda: live_since(killed + 2.5) >= 10 or errors, 90, "the avatar after the restart")
     finally:
