@@ -173,7 +173,8 @@ def _open_error(source: CameraInput, exc: BaseException) -> CameraError:
     if code == errno.EINVAL and source.format is not None:
         return CameraError(f"the camera {source.label} does not offer {source.options.get('video_size')} at "
                            f"{source.options.get('framerate')} fps: try --camera-size 640x480 --camera-fps 30")
-    return CameraError(f"cannot open the camera {source.label}: {getattr(exc, 'strerror', None) or exc}")
+    hint = "" if source.is_file else " (if other apps can use it, try another --camera-size or --camera-fps)"
+    return CameraError(f"cannot open the camera {source.label}: {getattr(exc, 'strerror', None) or exc}{hint}")
 
 
 class Camera:
