@@ -32,17 +32,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from engines import ENGINES, Engine, EngineError, add_engine_arguments, engine_options
+from engines import Engine, EngineError
 
-from .capture import DEFAULT_FPS, DEFAULT_SIZE, Camera, CameraError, CameraInput, camera_input
+from .capture import Camera, CameraError, CameraInput, camera_input
+from .options import CAM_SWITCH, CAMERA_FPS, CAMERA_SIZE, HOLD_S, LOST_AFTER_S, CamOptions, add_engine_arguments, \
+    cam_options
 from .sinks import (
-    HOLD_S,
     NAME,
     Feed,
     PipeWireSource,
@@ -56,7 +56,6 @@ from .sinks import (
 
 logger = logging.getLogger("xportrait.cam")
 
-LOST_AFTER_S = 3.0  # remote: no avatar frame for this long means the connection is gone
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between reconnection attempts; the last repeats
 KEYS = {"r": "recalibrate", "n": "next", "]": "next", "p": "previous", "[": "previous", " ": "pause",
         "q": "quit", "esc": "quit", "\x1b": "quit", "\x03": "quit"}
@@ -75,61 +74,7 @@ def say(message: str) -> None:
     print(f"xportrait cam: {message}", file=sys.stderr, flush=True)
 
 
-# -- options ------------------------------------------------------------------------------------------
-SWITCH = ("auto", "on", "off")
-
-
-@dataclass(frozen=True)
-class CamOptions:
-    """`xportrait cam`, built once from the flags (`cam_options`). `virtual_camera` / `pipewire`:
-    auto uses the sink where this machine has it and says how to get it otherwise; on fails
-    without it; off leaves it out."""
-
-    camera: str | None = None  # None: the first camera; an index, a device, a name, or a video file
-    camera_size: tuple[int, int] = DEFAULT_SIZE
-    camera_fps: float = DEFAULT_FPS
-    loop: bool = False  # a video file as the camera starts over at its end
-    portraits: tuple[str, ...] = ()  # bundled names or image files; () : the bundled ones (remote: the server's)
-    engine: str = "warp"
-    size: int = 512
-    engine_options: dict = field(default_factory=dict)  # create_engine's keyword options
-    server: str | None = None
-    token: str | None = None
-    mode: str = "animate"  # remote: echo has the server return the camera as is (the transport's floor)
-    connect_timeout: float = 15.0
-    virtual_camera: str = "auto"
-    device: str | None = None  # --virtual-camera-device (pyvirtualcam's `device`), e.g. /dev/video10
-    pipewire: str = "auto"
-    name: str = NAME  # the PipeWire node's name
-    preview: bool = False
-    record: str | None = None
-    fps: float = 30.0  # the sinks' rate: new frames go out at once, the last one repeats at this rate
-    hold_s: float = HOLD_S
-    lost_after_s: float = LOST_AFTER_S  # remote: no frame for this long is a lost connection
-    duration: float | None = None
-    report: str | None = None
-
-    def __post_init__(self):
-        for name in ("camera_fps", "fps", "connect_timeout", "hold_s", "lost_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.duration is not None and not self.duration > 0:
-            raise ValueError(f"--duration must be positive, got {self.duration}")
-        if self.size < 64 or self.size % 8:
-            raise ValueError(f"--size must be a multiple of 8 and at least 64, got {self.size}")
-        for name in ("virtual_camera", "pipewire"):
-            if getattr(self, name) not in SWITCH:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(SWITCH)}")
-        if self.server is not None and not self.server.startswith(("http://", "https://")):
-            raise ValueError(f"--server must be an http:// or https:// URL, got {self.server!r}")
-        if self.token == "":
-            object.__setattr__(self, "token", None)
-        if self.mode not in ("animate", "echo"):
-            raise ValueError(f"--mode must be animate or echo, got {self.mode!r}")
-        if self.mode == "echo" and self.server is None:
-            raise ValueError("--mode echo needs --server: it measures the transport to a server and back")
-
-
+# -- flags ------------------------------------------------------------------------------------------
 def _dimensions(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -143,9 +88,9 @@ def _dimensions(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera", help="the webcam: an index (0), a device (/dev/video0), a name (macOS, Windows), "
                                          "or a video file played as one (default: the first camera)")
-    parser.add_argument("--camera-size", type=_dimensions, default=DEFAULT_SIZE, metavar="WxH",
+    parser.add_argument("--camera-size", type=_dimensions, default=CAMERA_SIZE, metavar="WxH",
                         help="resolution asked of the camera (default 640x480)")
-    parser.add_argument("--camera-fps", type=float, default=DEFAULT_FPS, help="frame rate asked of the camera (default 30)")
+    parser.add_argument("--camera-fps", type=float, default=CAMERA_FPS, help="frame rate asked of the camera (default 30)")
     parser.add_argument("--loop", action="store_true", help="a video file as --camera starts over at its end")
     parser.add_argument("--portrait", action="append", default=[], metavar="NAME|IMAGE",
                         help="portrait to animate, repeatable (n/p switch between them; default: the bundled ones, "
@@ -158,11 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "transport alone (default: animate)")
     parser.add_argument("--connect-timeout", type=float, default=15.0,
                         help="seconds to wait for the server's first frame (default 15)")
-    parser.add_argument("--virtual-camera", choices=SWITCH, default="auto",
+    parser.add_argument("--virtual-camera", choices=CAM_SWITCH, default="auto",
                         help="the virtual camera meeting apps list (v4l2loopback / OBS Virtual Camera; default auto)")
     parser.add_argument("--virtual-camera-device", metavar="DEVICE",
                         help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the first)")
-    parser.add_argument("--pipewire", choices=SWITCH, default="auto",
+    parser.add_argument("--pipewire", choices=CAM_SWITCH, default="auto",
                         help="a PipeWire camera source (Linux desktops; default auto)")
     parser.add_argument("--name", default=NAME, help=f"the PipeWire source's name (default {NAME})")
     parser.add_argument("--preview", action="store_true", help="show the avatar in a window (with the hot keys)")
@@ -174,19 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"remote: reconnect after this long without a frame (default {LOST_AFTER_S:g})")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
-    parser.add_argument("--engine", choices=ENGINES, default="warp", help="local engine (default: warp)")
-    parser.add_argument("--size", type=int, default=512, help="output resolution, square (default 512)")
-    add_engine_arguments(parser)
-
-
-def cam_options(args: argparse.Namespace) -> CamOptions:
-    options = {} if args.server else engine_options(args, live=True)
-    return CamOptions(camera=args.camera, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
-                      portraits=tuple(args.portrait), engine=args.engine, size=args.size, engine_options=options,
-                      server=args.server.rstrip("/") if args.server else None, token=args.token, mode=args.mode,
-                      connect_timeout=args.connect_timeout, virtual_camera=args.virtual_camera, device=args.virtual_camera_device,
-                      pipewire=args.pipewire, name=args.name, preview=args.preview, record=args.record, fps=args.fps,
-                      hold_s=args.hold, lost_after_s=args.lost_after, duration=args.duration, report=args.report)
+    add_engine_arguments(parser)  # --engine, --size (the virtual camera's too) and the diffusion engine's flags
 
 
 # -- controls -----------------------------------------------------------------------------------------
@@ -333,7 +266,7 @@ def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
     notes = []
     if opts.virtual_camera != "off":
         try:
-            sinks.append(virtual_camera(opts.size, opts.size, opts.fps, device=opts.device))
+            sinks.append(virtual_camera(opts.size, opts.size, opts.fps, device=opts.virtual_camera_device))
         except SinkError as exc:
             if opts.virtual_camera == "on":
                 raise CamError(str(exc)) from None
@@ -502,7 +435,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                 from engines import create_engine
 
                 try:
-                    engine = create_engine(opts.engine, opts.size, **opts.engine_options)
+                    engine = create_engine(opts.engine)
                 except EngineError as exc:
                     raise CamError(str(exc)) from None
             avatar = LocalAvatar(engine, images, names, opts.size)
@@ -512,13 +445,13 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         except CameraError as exc:
             raise CamError(str(exc)) from None
         closing.append(camera)
-        feed = Feed(sinks, opts.size, opts.fps, start_still, hold_s=opts.hold_s,
+        feed = Feed(sinks, opts.size, opts.fps, start_still, hold_s=opts.hold,
                     on_error=lambda sink, exc: say(f"{sink.name} stopped ({exc}); the other outputs carry on"))
         controls.feed = feed
         keys = TerminalKeys(controls.key, stdin)
         closing.append(keys)
         closing.append(_QuitOnSignals(controls))
-        where = f"{opts.server}" if remote else f"{opts.engine} engine on this machine"
+        where = f"{opts.server}" if remote else f"{opts.engine.name} engine on this machine"
         say(f"camera {source.label} ({camera.width}x{camera.height} at {camera.fps:g} fps) -> {where} -> "
             + ", ".join(sink.name for sink in sinks))
         say(KEY_HELP)
@@ -538,7 +471,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
             thing.close()
     report = {
         "mode": f"remote {opts.mode}" if remote else "local",
-        "engine": None if remote else opts.engine,
+        "engine": None if remote else opts.engine.name,
         "server": opts.server,
         "camera": source.label,
         "seconds": round(elapsed, 2),
@@ -585,16 +518,15 @@ def _remote_still(opts: CamOptions, name: str) -> np.ndarray | None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    try:
-        opts = cam_options(args)
-    except (ValueError, EngineError) as exc:
-        print(f"xportrait cam: {exc}", file=sys.stderr)
-        return 2
+    opts = cam_options(args)  # an OptionError is a usage error (exit status 2)
     try:
         report = cam(opts)
     except CamError as exc:
         print(f"xportrait cam: {exc}", file=sys.stderr)
         return exc.status
+    except EngineError as exc:
+        print(f"xportrait cam: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(report, indent=2)
     if opts.report:
         Path(opts.report).write_text(text + "\n")

@@ -20,8 +20,9 @@ from aiortc.mediastreams import MediaStreamError
 
 from client.stream_client import RTP_CLOCK, TIME_BASE, ClientError, Connection, Refused
 
-from .cam import BACKOFF_S, CamError, CamOptions, Controls, say
+from .cam import BACKOFF_S, CamError, Controls, say
 from .capture import Camera
+from .options import CamOptions
 from .sinks import Feed
 
 class CameraTrack(MediaStreamTrack):
@@ -166,7 +167,7 @@ class RemoteAvatar:
                     say(f"portrait: {self.names[index]}")
             if connection.failed:
                 return connection.failed
-            lost_after = self.opts.lost_after_s
+            lost_after = self.opts.lost_after
             if connection.last_frame_at is not None and time.perf_counter() - connection.last_frame_at > lost_after:
                 return f"no frame from the server for {lost_after:g} s"
             await asyncio.sleep(0.05)

@@ -328,3 +328,79 @@ class ClientOptions:
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
     return ClientOptions(**{f.name: getattr(args, f.name) for f in fields(ClientOptions)})
+
+
+# -- cam --------------------------------------------------------------------------------------------
+CAM_SWITCH = ("auto", "on", "off")
+CAMERA_SIZE = (640, 480)
+CAMERA_FPS = 30.0
+HOLD_S = 2.0  # no new avatar frame for this long: the still portrait instead of the last frame
+LOST_AFTER_S = 3.0  # remote: no avatar frame for this long means the connection is gone
+
+
+@dataclass(frozen=True)
+class CamOptions:
+    """`xportrait cam`: the webcam animated into a virtual camera. `engine` runs here without
+    `server` (its size is the outputs' either way). `virtual_camera` / `pipewire`: auto uses
+    the output where this machine has it (and says how to get it otherwise), on fails without
+    it, off leaves it out."""
+
+    engine: EngineOptions = field(default_factory=WarpOptions)
+    camera: str | None = None  # None: the first camera; an index, a device, a name, or a video file
+    camera_size: tuple[int, int] = CAMERA_SIZE
+    camera_fps: float = CAMERA_FPS
+    loop: bool = False  # a video file as the camera starts over at its end
+    portraits: tuple[str, ...] = ()  # bundled names or image files; (): the bundled ones (remote: the server's)
+    server: str | None = None
+    token: str | None = None
+    mode: str = "animate"  # remote: echo has the server send the camera back as is (the transport's floor)
+    connect_timeout: float = 15.0
+    virtual_camera: str = "auto"
+    virtual_camera_device: str | None = None  # pyvirtualcam's `device`, e.g. /dev/video10
+    pipewire: str = "auto"
+    name: str = "xportrait"  # the PipeWire source's name
+    preview: bool = False
+    record: str | None = None
+    fps: float = 30.0  # the outputs' rate: a new frame goes out at once, the last one repeats at this rate
+    hold: float = HOLD_S
+    lost_after: float = LOST_AFTER_S
+    duration: float | None = None
+    report: str | None = None
+
+    def __post_init__(self):
+        _positive_fields(self, ("camera_fps", "connect_timeout", "fps", "hold", "lost_after"))
+        if self.duration is not None:
+            positive(self.duration, "duration")
+        for name in ("virtual_camera", "pipewire"):
+            if getattr(self, name) not in CAM_SWITCH:
+                raise OptionError(f"{flag(name)} must be one of {', '.join(CAM_SWITCH)}, got {getattr(self, name)!r}")
+        if min(self.camera_size) < 64:
+            raise OptionError(f"--camera-size must be at least 64x64, got {self.camera_size[0]}x{self.camera_size[1]}")
+        if self.server is not None:
+            if urlsplit(self.server).scheme not in ("http", "https") or not urlsplit(self.server).hostname:
+                raise OptionError(f"--server must be an http:// or https:// URL, got {self.server!r}")
+            object.__setattr__(self, "server", self.server.rstrip("/"))
+        if self.mode not in ("animate", "echo"):
+            raise OptionError(f"--mode must be animate or echo, got {self.mode!r}")
+        if self.mode == "echo" and self.server is None:
+            raise OptionError("--mode echo needs --server: it measures the transport to a server and back")
+        if self.token == "":
+            object.__setattr__(self, "token", None)
+        if not self.name or any(c in self.name for c in ", ="):
+            raise OptionError(f"--name must be a plain name (no spaces, commas or '='), got {self.name!r}")
+
+    @property
+    def size(self) -> int:
+        return self.engine.size
+
+
+def cam_options(args: argparse.Namespace) -> CamOptions:
+    if args.server:  # the engine is the server's: only --size (the outputs') applies here
+        given = _given(args, XPORTRAIT_FLAGS + LIVE_FLAGS) + (["--engine"] if args.engine != "warp" else [])
+        if given:
+            raise OptionError(f"{', '.join(given)}: the engine runs on the server with --server (set it there)")
+        engine = WarpOptions(size=args.size)
+    else:
+        engine = engine_options(args, live=True)
+    return CamOptions(engine=engine, portraits=tuple(args.portrait),
+                      **{f.name: getattr(args, f.name) for f in fields(CamOptions) if f.name not in ("engine", "portraits")})

@@ -33,11 +33,12 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
+from .options import HOLD_S  # the last good frame is shown this long without a new one, then the still
+
 logger = logging.getLogger("xportrait.cam")
 
 NAME = "xportrait"  # what people see in their apps' camera lists
 MODPROBE = f'sudo modprobe v4l2loopback devices=1 video_nr=10 card_label="{NAME}" exclusive_caps=1'
-HOLD_S = 2.0  # the last good frame is shown this long without a new one, then the still portrait
 
 
 class SinkError(RuntimeError):

@@ -29,7 +29,8 @@ from conftest import running_server
 
 from engines.face import FaceTracker, head_roll
 from streamer import samples
-from streamer.cam import CamError, CamOptions, Controls, LocalAvatar, cam, open_sinks, still_of
+from streamer.cam import CamError, Controls, LocalAvatar, cam, open_sinks, still_of
+from streamer.options import CamOptions
 from streamer.capture import Camera, CameraError, CameraInput, _open_error, camera_input
 from streamer.sinks import MODPROBE, Feed, PipeWireSource, SinkError, VirtualCamera, virtual_camera_missing
 
@@ -536,7 +537,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
                 as refused:
             cam(options(path, server=url, token="wrong"), sinks=[Recorder(keep="nothing")])
         assert refused.value.status == 1
-        opts = options(path, loop=True, server=url, token=TOKEN, hold_s=1.0, lost_after_s=2.0, connect_timeout=30)
+        opts = options(path, loop=True, server=url, token=TOKEN, hold=1.0, lost_after=2.0, connect_timeout=30)
         runner.start()
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
@@ -589,7 +590,7 @@ def test_the_readme_cam_commands_are_valid_command_lines():
     import shlex
     from pathlib import Path
 
-    from streamer.cam import cam_options
+    from streamer.options import cam_options
     from streamer.cli import build_parser
 
     readme = Path(__file__).resolve().parent.parent / "README.md"
