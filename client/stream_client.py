@@ -211,6 +211,7 @@ class Connection:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.stats: dict = {}
         self.session: str | None = None
+        self.secret: str | None = None  # the answer's: controls this session (POST /avatar)
         self.frames = 0
         self.last_frame_at: float | None = None
         self.first_frame = asyncio.Event()
@@ -261,7 +262,7 @@ class Connection:
             raise ConnectionError(f"cannot reach the server at {self.server}: {exc}") from None
         except asyncio.TimeoutError:
             raise ConnectionError(f"the server at {self.server} did not answer the offer within 60 s") from None
-        self.session = answer.get("session")
+        self.session, self.secret = answer.get("session"), answer.get("secret")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         try:
             await asyncio.wait_for(self.first_frame.wait(), connect_timeout)
@@ -291,9 +292,10 @@ class Connection:
 
     async def set_portrait(self, name: str) -> dict:
         """Switch the session to one of the server's portraits (POST /avatar)."""
+        headers = {**self.headers, **({"X-Session-Secret": self.secret} if self.secret else {})}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{self.server}/avatar", params={"session": self.session or "", "portrait": name},
-                                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                                 headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as response:
                 if response.status != 200:
                     raise ClientError(f"the server refused portrait {name!r} ({response.status}): "
                                       f"{await _error_message(response)}")

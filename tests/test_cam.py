@@ -510,6 +510,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     portrait, and the avatar comes back by itself."""
     path, _, _ = clip
     still = still_of(samples.portrait("astronaut"), 512)[::8, ::8]
+    grace = still_of(samples.portrait("grace_hopper"), 512)[::8, ::8]
     sink = Recorder(keep="digests")
     controls = Controls()
     result: dict = {}
@@ -522,7 +523,8 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             errors.append(exc)
 
     def is_still(digest: Digest) -> bool:
-        return psnr(digest.thumb, still) > 40
+        """One of the two portraits' stills (the second after the switch to it)."""
+        return psnr(digest.thumb, still) > 40 or psnr(digest.thumb, grace) > 40
 
     def live_since(start: float) -> int:
         """Avatar frames (neither the still nor a repeat) sent after `start`."""
@@ -542,6 +544,15 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
             assert not errors, errors
+            # n: the server's next portrait (its gallery: astronaut, grace_hopper); paused, its still shows.
+            capfd.readouterr()
+            controls.key("n")
+            wait_until(lambda: "portrait: grace_hopper" in capfd.readouterr().err, 30, "the portrait switch")
+            controls.key(" ")
+            paused = time.perf_counter() + 0.3
+            wait_until(lambda: sum(1 for t, d in sink.frames if t > paused and psnr(d.thumb, grace) > 40) >= 5, 20,
+                       "the next portrait's still")
+            controls.key(" ")
             # A second camera: the one session is taken. It says so and keeps trying.
             capfd.readouterr()
             second = Controls()
