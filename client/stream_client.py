@@ -192,6 +192,10 @@ class Refused(ClientError):
         self.status = status
 
 
+class Untrusted(ClientError):
+    """The server's TLS certificate is not trusted on this machine (retrying will not help)."""
+
+
 class Connection:
     """One session with a running `xportrait serve`: `webcam` goes out over WebRTC and every
     avatar frame that comes back goes to `on_frame(frame, arrived)` (perf_counter) on the event
@@ -258,6 +262,10 @@ class Connection:
                     if response.status != 200:
                         raise Refused(response.status, await _error_message(response))
                     answer = await response.json()
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise Untrusted(f"the server's TLS certificate is not trusted here ({exc.certificate_error}): for a "
+                            "--self-signed server, add its certificate to this machine's trust store, or reach it "
+                            "through an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST) at http://127.0.0.1:8080") from None
         except aiohttp.ClientConnectionError as exc:
             raise ConnectionError(f"cannot reach the server at {self.server}: {exc}") from None
         except asyncio.TimeoutError:

@@ -18,7 +18,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from client.stream_client import RTP_CLOCK, TIME_BASE, ClientError, Connection, Refused
+from client.stream_client import RTP_CLOCK, TIME_BASE, ClientError, Connection, Refused, Untrusted
 
 from .cam import BACKOFF_S, CamError, Controls, say
 from .capture import Camera
@@ -105,6 +105,8 @@ class RemoteAvatar:
                                  token=opts.token, on_frame=on_frame)
             try:
                 answer = await current.open(opts.connect_timeout)
+            except Untrusted as exc:
+                raise CamError(str(exc), 1) from None
             except Refused as exc:
                 if exc.status in (401, 403):
                     raise CamError(f"{exc}; pass the token the server was started with (--token)", 1) from None

@@ -616,3 +616,32 @@ def test_the_readme_cam_commands_are_valid_command_lines():
         opts = cam_options(parser.parse_args(argv))
         assert isinstance(opts, CamOptions), line
     assert MODPROBE.removeprefix("sudo ") in text
+
+
+def test_a_server_certificate_this_machine_does_not_trust_stops_with_what_to_do(clip, tmp_path):
+    """A --self-signed server (its certificate made by streamer/tls.py, as serve makes it),
+    reached over real TLS: retrying cannot help, so cam says what to do and stops."""
+    from aiohttp import web
+
+    from streamer.tls import self_signed, server_context
+
+    cert, key = self_signed(["127.0.0.1"], tmp_path)
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/offer", lambda request: web.json_response({"error": "never reached"}, status=500))
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(cert, key))
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    serving = threading.Thread(target=loop.run_forever, daemon=True)
+    serving.start()
+    try:
+        with pytest.raises(CamError, match=r"certificate is not trusted here .*SSH tunnel") as error:
+            cam(options(clip[0], server=f"https://127.0.0.1:{port}"), sinks=[Recorder(keep="nothing")])
+        assert error.value.status == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        serving.join(10)
+        loop.close()
