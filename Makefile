@@ -38,14 +38,15 @@ browser:
 	  else echo "note: $$missing not installed; the browser tests will be skipped"; fi; fi
 
 # Debian's PipeWire daemon, its session manager, a session bus and GStreamer's PipeWire elements,
-# for the end-to-end test of `xportrait cam`'s PipeWire camera source (installed when missing and
-# we are root; otherwise that test is skipped with the reason). The test starts its own daemon.
+# for the end-to-end test of `xportrait cam`'s PipeWire camera source, and Xvfb for its preview
+# window's (installed when missing and we are root; otherwise those tests are skipped with the
+# reason). The tests start their own daemon and X server.
 PIPEWIRE_PACKAGES := pipewire pipewire-bin wireplumber dbus-daemon gstreamer1.0-tools gstreamer1.0-pipewire \
-	gstreamer1.0-plugins-base
+	gstreamer1.0-plugins-base xvfb
 pipewire:
 	@if ! command -v pipewire >/dev/null 2>&1 || ! command -v wireplumber >/dev/null 2>&1 || \
 	  ! command -v dbus-daemon >/dev/null 2>&1 || ! command -v gst-launch-1.0 >/dev/null 2>&1 || \
-	  ! gst-inspect-1.0 pipewiresink >/dev/null 2>&1; then \
+	  ! gst-inspect-1.0 pipewiresink >/dev/null 2>&1 || ! command -v Xvfb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      $(PIPEWIRE_PACKAGES) >/dev/null; \

@@ -193,8 +193,10 @@ class Preview:
         if self._bgr is None or self._bgr.shape != rgb.shape:
             self._bgr = np.empty_like(rgb)
         cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=self._bgr)
+        if not self._opened:  # a plain window: no toolbar, no status bar
+            cv2.namedWindow(self.TITLE, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
+            self._opened = True
         cv2.imshow(self.TITLE, self._bgr)
-        self._opened = True
         key = cv2.waitKey(1)
         if key >= 0:
             self._on_key("esc" if key == 27 else " " if key == 32 else chr(key & 0xFF))

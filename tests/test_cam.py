@@ -23,6 +23,7 @@ import time
 import zlib
 
 import av
+import cv2
 import numpy as np
 import pytest
 from conftest import running_server
@@ -300,6 +301,59 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
     assert sink.closed
 
 
+def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
+    """`--preview` in a real X server (Xvfb), read back from its screen: paused from the
+    terminal, the window shows the still portrait."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (`make pipewire` installs it as root)")
+    # -displayfd: Xvfb picks a free display and writes its number once it accepts connections.
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    producer = None
+    try:
+        display = ":" + xvfb.stdout.readline().strip()
+        assert display != ":", "Xvfb did not start"
+        env = {**os.environ, "DISPLAY": display}
+        producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--loop",
+                                     "--portrait", "astronaut", "--virtual-camera", "off", "--pipewire", "off",
+                                     "--preview", "--duration", "60"], env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        still = cv2.resize(still_of(samples.portrait("astronaut"), 512), (256, 256), interpolation=cv2.INTER_AREA)
+
+        def screen() -> np.ndarray:
+            for _ in range(10):  # a grab can fail while a window is being mapped
+                try:
+                    with av.open(display, format="x11grab", options={"video_size": "800x600", "draw_mouse": "0"}) as grab:
+                        return next(grab.decode(video=0)).to_ndarray(format="rgb24")
+                except av.FFmpegError:
+                    time.sleep(0.2)
+            pytest.fail(f"cannot read the X server's screen at {display}")
+
+        def match() -> float:
+            shot = cv2.resize(screen(), (400, 300), interpolation=cv2.INTER_AREA)
+            return float(cv2.matchTemplate(shot, still, cv2.TM_CCOEFF_NORMED).max())
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and screen().max() == 0:  # the window is not up yet
+            time.sleep(0.5)
+        producer.stdin.write(b" ")  # pause from the terminal
+        producer.stdin.flush()
+        deadline = time.monotonic() + 20
+        best = 0.0
+        while time.monotonic() < deadline and (best := max(best, match())) < 0.95:
+            time.sleep(0.3)
+        assert best > 0.95, best
+        producer.stdin.write(b"q")  # and quit
+        producer.stdin.close()
+        assert producer.wait(30) == 0, producer.stderr.read().decode()[-2000:]
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.kill()
+            producer.wait(10)
+        xvfb.terminate()
+        xvfb.wait(10)
+
+
 # -- virtual camera ---------------------------------------------------------------------------------
 class FakeDevice:
     """A pyvirtualcam backend (its documented extension point) standing in for the device."""
@@ -539,7 +593,8 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
                 as refused:
             cam(options(path, server=url, token="wrong"), sinks=[Recorder(keep="nothing")])
         assert refused.value.status == 1
-        opts = options(path, loop=True, server=url, token=TOKEN, hold=1.0, lost_after=2.0, connect_timeout=30)
+        opts = options(path, loop=True, server=url, token=TOKEN, hold=1.0, lost_after=2.0, connect_timeout=30,
+                       portraits=("astronaut", "grace_hopper"))
         runner.start()
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
@@ -547,7 +602,9 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             # n: the server's next portrait (its gallery: astronaut, grace_hopper); paused, its still shows.
             capfd.readouterr()
             controls.key("n")
-            wait_until(lambda: "portrait: grace_hopper" in capfd.readouterr().err, 30, "the portrait switch")
+            said = []
+            wait_until(lambda: said.append(capfd.readouterr().err) or "portrait: grace_hopper" in "".join(said), 30,
+                       "the portrait switch")
             controls.key(" ")
             paused = time.perf_counter() + 0.3
             wait_until(lambda: sum(1 for t, d in sink.frames if t > paused and psnr(d.thumb, grace) > 40) >= 5, 20,
