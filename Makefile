@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: serve test setup setup-test browser pipewire
+.PHONY: serve test setup setup-test browser pipewire cam
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # serving on the CPU does not need).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The virtual camera's extra (pyvirtualcam) for `make cam`.
+$(VENV)/.installed-cam: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[cam]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -54,6 +59,10 @@ pipewire:
 
 serve: setup
 	$(BIN)/xportrait serve --host $(HOST) --port $(PORT)
+
+# The webcam, animated, as the "xportrait" camera: make cam CAM_ARGS="--server http://gpu-box:8080 --token SECRET"
+cam: $(VENV)/.installed-cam
+	$(BIN)/xportrait cam $(CAM_ARGS)
 
 test: setup-test browser pipewire
 	$(BIN)/python -m pytest -q
