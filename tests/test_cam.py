@@ -619,6 +619,10 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             said = capfd.readouterr().err
             assert busy["connects"] == 0 and "the server refused the offer (503): server busy" in said, said
             assert "trying again in" in said
+            # Live again (the second camera's start may have stalled this one past its hold),
+            # then the server dies mid-stream.
+            resumed = time.perf_counter()
+            wait_until(lambda: live_since(resumed) >= 5 or errors, 60, "the avatar before the kill")
             server.kill()  # mid-stream, no goodbye
             killed = time.perf_counter()
             server.wait(10)
