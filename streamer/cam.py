@@ -4,9 +4,10 @@
                                                                     -> virtual camera, PipeWire,
                                                                        preview window, file
 
-Local (no --server): the engine runs on this machine (warp by default) on one thread: it
-takes the newest camera frame when it is done with the last one (the camera's one-frame slot
-drops the rest), so latency stays one engine step however slow the engine is.
+Local (no --server): the engine runs on this machine (warp by default, the diffusion engine
+on a local GPU) in the live pipeline that `serve` runs per session (streamer/pipeline.py):
+tracking and the engine on their own threads, one-frame slots between them, so the newest
+camera frame is the one animated and latency stays one engine step however slow it is.
 
 Remote (--server URL): the camera goes over WebRTC to a running `xportrait serve` through the
 streaming client's `Connection` (client/stream_client.py) and the avatar comes back into the
