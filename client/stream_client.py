@@ -264,8 +264,9 @@ class Connection:
                     answer = await response.json()
         except aiohttp.ClientConnectorCertificateError as exc:
             raise Untrusted(f"the server's TLS certificate is not trusted here ({exc.certificate_error}): for a "
-                            "--self-signed server, add its certificate to this machine's trust store, or reach it "
-                            "through an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST) at http://127.0.0.1:8080") from None
+                            "--self-signed server, copy the certificate it printed to this machine and trust it "
+                            "(SSL_CERT_FILE=cert.pem, or add it to the system's store), or give the server one "
+                            "from a CA (--tls-cert, --tls-key)") from None
         except aiohttp.ClientConnectionError as exc:
             raise ConnectionError(f"cannot reach the server at {self.server}: {exc}") from None
         except asyncio.TimeoutError:

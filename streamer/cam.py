@@ -405,7 +405,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         raise CamError(str(exc)) from None
     remote = opts.server is not None
     if remote:
-        names = list(opts.portraits)
+        names = list(opts.portraits) or _server_gallery(opts)  # for the still portrait from the start
         images = None
     else:
         from .samples import PORTRAITS
@@ -428,7 +428,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
 
             from .cam_remote import RemoteAvatar
 
-            avatar = RemoteAvatar(opts, still)
+            avatar = RemoteAvatar(opts, still, names)
             first = still(names[0]) if names else None
             start_still = first if first is not None else np.full((opts.size, opts.size, 3), 96, np.uint8)
         else:
@@ -495,6 +495,19 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
         report.update(pipeline={key: stats[key] for key in ("frames_processed", "dropped_stale", "dropped_prepared",
                                                               "frames_without_face", "errors", "stages_ms")})
     return report
+
+
+def _server_gallery(opts: CamOptions) -> list[str]:
+    """The server's portraits (GET /portraits), or [] when it cannot be asked now."""
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{opts.server}/portraits", headers=headers),
+                                    timeout=5) as response:
+            return [entry["name"] for entry in json.load(response)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _remote_still(opts: CamOptions, name: str) -> np.ndarray | None:

@@ -71,9 +71,9 @@ class CameraTrack(MediaStreamTrack):
 class RemoteAvatar:
     """The engine on a running `xportrait serve`, through the streaming client's Connection."""
 
-    def __init__(self, opts: CamOptions, still: Callable[[str], np.ndarray | None]):
+    def __init__(self, opts: CamOptions, still: Callable[[str], np.ndarray | None], names: list[str]):
         self.opts = opts
-        self.names = list(opts.portraits)
+        self.names = list(names)  # the portraits n / p switch between (the server's gallery by default)
         self.index = 0
         self._still = still
         self.connects = self.losses = self.received = 0

@@ -703,9 +703,16 @@ def test_a_server_certificate_this_machine_does_not_trust_stops_with_what_to_do(
     serving = threading.Thread(target=loop.run_forever, daemon=True)
     serving.start()
     try:
-        with pytest.raises(CamError, match=r"certificate is not trusted here .*SSH tunnel") as error:
+        with pytest.raises(CamError, match=r"certificate is not trusted here .*SSL_CERT_FILE=cert.pem") as error:
             cam(options(clip[0], server=f"https://127.0.0.1:{port}"), sinks=[Recorder(keep="nothing")])
         assert error.value.status == 1
+        # What it says works: with the certificate trusted, TLS goes through (and this stand-in
+        # server refuses the offer, which the command reports).
+        done = subprocess.run([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--server",
+                               f"https://127.0.0.1:{port}", "--virtual-camera", "off", "--pipewire", "off",
+                               "--record", str(tmp_path / "x.mp4")], env={**os.environ, "SSL_CERT_FILE": str(cert)},
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "refused the offer (500): never reached" in done.stderr, done.stderr[-2000:]
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
