@@ -23,6 +23,7 @@ class SourcePortrait:
 
     image: np.ndarray  # (size, size, 3) uint8 RGB
     landmarks: np.ndarray  # (478, 3) float32
+    faces: int = 1  # faces found in the portrait; the largest is the one cropped
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,23 +100,51 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+_mute_lock = threading.Lock()
+_mute_depth = 0
+_mute_saved: int | None = None
+# mediapipe says some things once per process (the XNNPACK delegate, absl's "before
+# InitializeLog" banner, the landmark projection's NORM_RECT warning on the first face):
+# calls stay muted until a face has gone through the mesh once.
+_said_once = False
+
+
 @contextlib.contextmanager
 def _native_stderr_muted():
-    """mediapipe's C++ side prints start-up chatter (XNNPACK, feedback-manager warnings) to
-    file descriptor 2 before its logging can be configured; a command's one-line error must
-    not drown in it. Only graph start-up runs under this: real failures raise in Python."""
+    """mediapipe's C++ side logs to file descriptor 2 (absl, which no environment variable
+    quiets, and TFLite): "Feedback manager" and XNNPACK lines when a graph starts, a
+    projection warning on its first face. A command's messages must not drown in them.
+
+    Only graph start-up and the calls before the first face run under this (real failures
+    raise in Python). File descriptor 2 belongs to the process, so concurrent callers
+    share one redirection: the first in mutes, the last out restores."""
+    global _mute_depth, _mute_saved
+    with _mute_lock:
+        if _mute_depth == 0:
+            try:
+                saved = os.dup(2)
+            except OSError:
+                saved = None
+            if saved is not None:
+                with open(os.devnull, "wb") as devnull:
+                    os.dup2(devnull.fileno(), 2)
+            _mute_saved = saved
+        _mute_depth += 1
     try:
-        saved = os.dup(2)
-    except OSError:
         yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _mute_lock:
+            _mute_depth -= 1
+            if _mute_depth == 0 and _mute_saved is not None:
+                os.dup2(_mute_saved, 2)
+                os.close(_mute_saved)
+                _mute_saved = None
+
+
+def _start_quietly(graph) -> None:
+    """Start a mediapipe graph with one tiny blank frame (no face: it leaves no tracking
+    state), so that its calculators open, and chatter, now and muted."""
+    graph.process(np.zeros((32, 32, 3), np.uint8))
 
 
 class FaceTracker:
@@ -123,11 +152,17 @@ class FaceTracker:
 
     video=True tracks from frame to frame (the detector runs only when tracking is lost),
     which is both faster and steadier; use one tracker per stream.
+
+    The mesh's own detector is short-range: it finds faces that fill much of the frame.
+    `find_faces` runs mediapipe's full-range detector over the image and smaller tiles of
+    it, for portraits whose face is small or off-centre (`prepare_source` uses it).
     """
 
     def __init__(self, video: bool = True, min_confidence: float = 0.5):
         import mediapipe as mp  # heavy import: only where faces are needed
 
+        self._min_confidence = min_confidence
+        self._detector: FaceDetector | None = None
         with _native_stderr_muted():
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=not video,
@@ -136,32 +171,110 @@ class FaceTracker:
                 min_detection_confidence=min_confidence,
                 min_tracking_confidence=min_confidence,
             )
-        self._started = False
+            _start_quietly(self._mesh)
 
     def detect(self, rgb: np.ndarray) -> np.ndarray | None:
         """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
+        global _said_once
         h, w = rgb.shape[:2]
-        if not self._started:  # the graph's calculators start (and chatter) on the first frame
+        if _said_once:
+            result = self._mesh.process(rgb)
+        else:
             with _native_stderr_muted():
                 result = self._mesh.process(rgb)
-            self._started = True
-        else:
-            result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             return None
+        _said_once = True
         points = result.multi_face_landmarks[0].landmark
         out = np.array([(p.x, p.y, p.z) for p in points], dtype=np.float32)
         out *= np.array([w, h, w], dtype=np.float32)
         return out
 
+    def find_faces(self, rgb: np.ndarray) -> list[Box]:
+        """Face boxes found by the full-range detector, largest first (see FaceDetector)."""
+        if self._detector is None:
+            self._detector = FaceDetector(self._min_confidence)
+        return self._detector.find(rgb)
+
     def close(self) -> None:
         self._mesh.close()
+        if self._detector is not None:
+            self._detector.close()
 
     def __enter__(self) -> "FaceTracker":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# The full-range detector sees its input at 192x192 and finds faces from about a fifteenth
+# of that side up; tiles down to DETECT_MIN_TILE px therefore find faces down to ~MIN_FACE.
+DETECT_MIN_TILE = 480
+MIN_FACE = 48  # px across, in the image as read (after the MAX_SIDE downscale)
+NO_FACE_ADVICE = (f"use a portrait where one face is clearly visible, at least {MIN_FACE} px across, "
+                  "seen from the front or three-quarters")
+
+
+class FaceDetector:
+    """mediapipe's full-range face detector over a whole image, then over overlapping square
+    tiles of shrinking side (the short side, half of it, ...) until a face is found: the
+    detector alone misses a 100 px face in a 1080p photo, as it sees it at 10 px."""
+
+    def __init__(self, min_confidence: float = 0.5):
+        import mediapipe as mp
+
+        self.min_confidence = min_confidence
+        with _native_stderr_muted():
+            self._graph = mp.solutions.face_detection.FaceDetection(
+                model_selection=1, min_detection_confidence=min_confidence)
+            _start_quietly(self._graph)
+
+    def _boxes(self, rgb: np.ndarray, x0: int, y0: int) -> list[tuple[Box, float]]:
+        h, w = rgb.shape[:2]
+        found = []
+        for d in self._graph.process(rgb).detections or ():
+            r = d.location_data.relative_bounding_box
+            box = Box(x0 + r.xmin * w, y0 + r.ymin * h, x0 + (r.xmin + r.width) * w, y0 + (r.ymin + r.height) * h)
+            if box.width > 0 and box.height > 0:
+                found.append((box, float(d.score[0])))
+        return found
+
+    def find(self, rgb: np.ndarray) -> list[Box]:
+        """Boxes (about brows to chin) of the faces at the coarsest scale that shows any,
+        largest first; the same face seen in overlapping tiles counts once."""
+        rgb = np.ascontiguousarray(rgb)
+        h, w = rgb.shape[:2]
+        found = self._boxes(rgb, 0, 0)
+        side = min(h, w) if max(h, w) > min(h, w) else min(h, w) // 2
+        while not found and side >= DETECT_MIN_TILE:
+            for y0 in _tile_starts(h, side):
+                for x0 in _tile_starts(w, side):
+                    found += self._boxes(rgb[y0:y0 + side, x0:x0 + side], x0, y0)
+            side //= 2
+        return _distinct(found)
+
+    def close(self) -> None:
+        self._graph.close()
+
+
+def _tile_starts(length: int, side: int) -> list[int]:
+    """Starts of tiles of `side` covering [0, length), overlapping by half a tile."""
+    if side >= length:
+        return [0]
+    starts = list(range(0, length - side, side // 2))
+    return starts + [length - side]
+
+
+def _distinct(found: list[tuple[Box, float]]) -> list[Box]:
+    """One box per face, largest first: a box whose centre lies in a kept box is the same face
+    (seen again by an overlapping tile, or cut by a tile's edge)."""
+    kept: list[Box] = []
+    for box, _ in sorted(found, key=lambda f: -f[0].width * f[0].height):
+        cx, cy = box.center
+        if not any(k.x0 <= cx <= k.x1 and k.y0 <= cy <= k.y1 for k in kept):
+            kept.append(box)
+    return kept
 
 
 def portrait_crop_affine(image_shape: tuple[int, ...], box: Box, size: int, zoom: float = 2.0) -> np.ndarray:
@@ -315,10 +428,34 @@ class OneEuroFilter:
         return self._x
 
 
+def _mesh_around(image: np.ndarray, box: Box, tracker: FaceTracker, side: int = 384) -> np.ndarray | None:
+    """The face mesh of the face in `box`, meshed in a square three boxes wide around it
+    (where the mesh's short-range detector finds it), in `image` pixels; None if the mesh
+    finds no face there or a different one (a neighbour in a group shot)."""
+    span = 3.0 * max(box.width, box.height)
+    cx, cy = box.center
+    k = side / span
+    affine = np.array([[k, 0, side / 2 - k * cx], [0, k, side / 2 - k * cy]])
+    interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
+    region = cv2.warpAffine(image, affine, (side, side), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+    landmarks = tracker.detect(region)
+    if landmarks is None:
+        return None
+    landmarks = transform_landmarks(landmarks, cv2.invertAffineTransform(affine))
+    mx, my = head_box(landmarks).center
+    if not (box.x0 <= mx <= box.x1 and box.y0 <= my <= box.y1):
+        return None
+    return landmarks
+
+
 def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = None):
     """Crop a portrait to the engine's square and find its face mesh in the crop.
 
-    Raises NoFaceError when the portrait has no face. Huge images are downscaled first.
+    The face is found first with the full-range detector (a small or off-centre face: a
+    half-body photo, a group shot, a face in a corner of a large canvas), meshed around it,
+    and the portrait cropped around that mesh. In a group shot the largest face is taken
+    (`SourcePortrait.faces` says how many there were). Raises NoFaceError, with advice, when
+    the portrait has no face. Huge images are downscaled first.
     """
     from .base import SourcePortrait
 
@@ -326,9 +463,16 @@ def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = N
     own = tracker is None
     tracker = tracker or FaceTracker(video=False)
     try:
-        landmarks = tracker.detect(image)
+        faces = tracker.find_faces(image)
+        landmarks = None
+        for box in faces:
+            landmarks = _mesh_around(image, box, tracker)
+            if landmarks is not None:
+                break
+        if landmarks is None:  # a face the detector misses (a close-up filling the image)
+            landmarks = tracker.detect(image)
         if landmarks is None:
-            raise NoFaceError("no face found in the source portrait")
+            raise NoFaceError(f"no face found in the source portrait: {NO_FACE_ADVICE}")
         affine = portrait_crop_affine(image.shape, head_box(landmarks), size)
         interp = cv2.INTER_AREA if affine[0, 0] < 1 else cv2.INTER_CUBIC
         crop = cv2.warpAffine(image, affine, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
@@ -338,4 +482,4 @@ def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = N
     finally:
         if own:
             tracker.close()
-    return SourcePortrait(image=crop, landmarks=landmarks)
+    return SourcePortrait(image=crop, landmarks=landmarks, faces=max(1, len(faces)))

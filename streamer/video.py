@@ -1,8 +1,10 @@
-"""Small PyAV helpers: probe a video, read its frames as RGB arrays, write H.264 MP4.
+"""The project's video I/O, on PyAV: probe a video, read its frames as upright RGB arrays,
+and the one video writer (H.264 MP4 by default; the container follows the file name).
 
-The offline `animate` command uses them, and the server may reuse them (recordings,
-uploaded driving clips). Every failure to read a file becomes a `VideoError` with a
-message fit for a user; PyAV's own errors never leak out of `probe` and `read_frames`.
+`animate` reads driving clips and writes its output with them, `xportrait client` records
+the avatar stream with `VideoWriter`, and `sample-clip` and the tests write clips with
+`write_video`. Every failure to read a file becomes a `VideoError` with a message fit for a
+user; PyAV's own errors never leak out of `probe` and `read_frames`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -21,6 +25,7 @@ AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 1600
 # Audio codecs copied into MP4 untouched: those the format holds and common players decode.
 # (ffmpeg accepts more, e.g. PCM, but writes no playable file for them.) The rest become AAC.
 MP4_AUDIO_CODECS = frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"})
+OPUS_SAMPLE_RATES = (48000, 24000, 16000, 12000, 8000)
 FALLBACK_FPS = Fraction(25)  # only for streams that state no rate at all (a lone image, raw streams)
 
 
@@ -147,24 +152,78 @@ def read_frames(path: str | os.PathLike) -> Iterator[DecodedFrame]:
         raise VideoError(f"no frames could be decoded from {path}")
 
 
+
+@dataclass(frozen=True)
+class Container:
+    """How a file of one extension is written: ffmpeg's muxer, the video encoder and its
+    pixel format, the audio codecs carried over untouched, and the audio encoder for the rest
+    (None: the format holds no audio)."""
+
+    format: str
+    video: str
+    pix_fmt: str
+    audio_copied: frozenset[str] = frozenset()
+    audio: str | None = None
+    audio_rates: tuple[int, ...] = AAC_SAMPLE_RATES
+    time_base: Fraction | None = None  # where the format fixes it (GIF: centiseconds)
+    constant_rate: bool = False  # frames on the 1/fps grid only (AVI stores no timestamps)
+    description: str = ""
+
+
+CONTAINERS = {
+    ".mp4": Container("mp4", "libx264", "yuv420p", MP4_AUDIO_CODECS, "aac", description="H.264 + AAC"),
+    ".mov": Container("mov", "libx264", "yuv420p", MP4_AUDIO_CODECS | {"pcm_s16le", "pcm_s24le"}, "aac",
+                      description="H.264 + AAC, QuickTime"),
+    ".mkv": Container("matroska", "libx264", "yuv420p",
+                      MP4_AUDIO_CODECS | {"vorbis", "pcm_s16le", "pcm_s24le", "pcm_f32le"}, "aac",
+                      description="H.264 + AAC, Matroska"),
+    ".webm": Container("webm", "libvpx-vp9", "yuv420p", frozenset({"opus", "vorbis"}), "libopus",
+                       OPUS_SAMPLE_RATES, description="VP9 + Opus"),
+    # MP3 in AVI shifts the video by a frame (the muxer pads for the encoder's delay): PCM.
+    ".avi": Container("avi", "mpeg4", "yuv420p", frozenset({"pcm_s16le"}), "pcm_s16le", constant_rate=True,
+                      description="MPEG-4 Part 2 + PCM"),
+    ".gif": Container("gif", "gif", "pal8", time_base=Fraction(1, 100), description="animated GIF, no audio"),
+    ".y4m": Container("yuv4mpegpipe", "rawvideo", "yuv420p", description="raw YUV 4:2:0, no audio"),
+}
+
+
+def supported_extensions() -> str:
+    return ", ".join(CONTAINERS)
+
+
+def container_for(path: str | os.PathLike) -> Container:
+    """The Container for a file name's extension; ValueError naming the supported ones."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONTAINERS:
+        what = f"'{suffix}' files" if suffix else "a file name without an extension"
+        raise ValueError(f"cannot write {what}: the output's extension chooses the format, one of "
+                         f"{supported_extensions()}")
+    return CONTAINERS[suffix]
+
+
 class _AudioCarrier:
     """Carries the first audio stream of one file into an output container.
 
     Packets are copied untouched where the output format can hold the codec (AAC, MP3,
-    Opus, ... in MP4); anything else is decoded and re-encoded as AAC. `until(t)` moves
-    the audio up to time t so audio and video interleave in the file as they play.
+    Opus, ... in MP4); anything else is decoded and re-encoded with the format's encoder.
+    `until(t)` moves the audio up to time t so audio and video interleave in the file as
+    they play.
     """
 
-    def __init__(self, output: av.container.OutputContainer, source: str):
+    def __init__(self, output: av.container.OutputContainer, source: str, kind: Container):
         self._input = av.open(source, mode="r")
-        self._in = self._input.streams.audio[0]
-        self.copied = self._in.codec_context.codec.canonical_name in MP4_AUDIO_CODECS
-        if self.copied:
-            self.stream = output.add_stream_from_template(self._in)
-        else:
-            rate = self._in.rate if self._in.rate in AAC_SAMPLE_RATES else 48000
-            self.stream = output.add_stream("aac", rate=rate)
-            self.stream.layout = "mono" if self._in.channels == 1 else "stereo"
+        try:
+            self._in = self._input.streams.audio[0]
+            self.copied = self._in.codec_context.codec.canonical_name in kind.audio_copied
+            if self.copied:
+                self.stream = output.add_stream_from_template(self._in)
+            else:
+                rate = self._in.rate if self._in.rate in kind.audio_rates else 48000
+                self.stream = output.add_stream(kind.audio, rate=rate)
+                self.stream.layout = "mono" if self._in.channels == 1 else "stereo"
+        except BaseException:
+            self._input.close()
+            raise
         self._output = output
         self._packets = self._input.demux(self._in)
         self._pending: av.Packet | None = None
@@ -200,7 +259,8 @@ class _AudioCarrier:
         for frame in packet.decode():
             self._output.mux(self.stream.encode(frame))
 
-    def finish(self) -> None:
+    def finish(self, end: float) -> None:
+        """Carry the rest of the audio (all of it: `end`, the video's, does not cut it)."""
         self.until(math.inf)
         if not self.copied:
             self._output.mux(self.stream.encode(None))
@@ -210,13 +270,83 @@ class _AudioCarrier:
         self._input.close()
 
 
-class VideoWriter:
-    """H.264 (yuv420p) MP4 writer, optionally carrying another file's audio. A context manager.
+class _ToneTrack:
+    """A sine test tone (amplitude 0.2) as the audio track, kept in step with the video: the
+    synthetic clips' stand-in for a voice, so that carrying audio over can be tested."""
 
-    Frames are written with their presentation time in seconds; `time_base` (e.g. the
-    driving video's) keeps those times exact. On leaving the `with` block normally the
-    encoders are drained and the file finalised; on an exception the file is only closed
-    (the caller discards it).
+    copied = False
+
+    def __init__(self, output: av.container.OutputContainer, hz: float, kind: Container, rate: int = 48000):
+        if not (math.isfinite(hz) and 0 < hz < rate / 2):
+            raise ValueError(f"tone_hz must lie in (0, {rate // 2}), got {hz!r}")
+        self.hz, self.rate = hz, rate
+        self.stream = output.add_stream(kind.audio, rate=rate, layout="mono")
+        self._output = output
+        self._done = 0  # samples written
+
+    @property
+    def codec(self) -> str:
+        return self.stream.codec_context.codec.canonical_name
+
+    def until(self, time: float) -> None:
+        end = int(round(time * self.rate))
+        if end <= self._done:
+            return
+        k = np.arange(self._done, end, dtype=np.float64)
+        tone = (0.2 * np.sin(2 * np.pi * self.hz * k / self.rate)).astype(np.float32)
+        chunk = av.AudioFrame.from_ndarray(tone[None, :], format="fltp", layout="mono")
+        chunk.sample_rate, chunk.pts = self.rate, self._done
+        self._output.mux(self.stream.encode(chunk))
+        self._done = end
+
+    def finish(self, end: float) -> None:
+        self.until(end)
+        self._output.mux(self.stream.encode(None))
+
+    def close(self) -> None:
+        pass
+
+
+class _Palettes:
+    """RGB frames to 8-bit palette frames for GIF, one palette made per frame (ffmpeg's
+    palettegen + paletteuse: far better than one fixed palette)."""
+
+    def __init__(self, width: int, height: int, time_base: Fraction):
+        graph = av.filter.Graph()
+        source = graph.add_buffer(width=width, height=height, format="rgb24", time_base=time_base)
+        split = graph.add("split")
+        palette = graph.add("palettegen", "stats_mode=single:reserve_transparent=0")
+        use = graph.add("paletteuse", "new=1:dither=sierra2_4a")
+        sink = graph.add("buffersink")
+        source.link_to(split)
+        split.link_to(use, 0, 0)
+        split.link_to(palette, 1, 0)
+        palette.link_to(use, 0, 1)
+        use.link_to(sink)
+        graph.configure()
+        self._graph = graph
+
+    def convert(self, frame: av.VideoFrame | None) -> list[av.VideoFrame]:
+        """Push a frame (None: the end) and return the frames ready."""
+        self._graph.push(frame)
+        ready = []
+        while True:
+            try:
+                ready.append(self._graph.pull())
+            except (av.BlockingIOError, av.EOFError):
+                return ready
+
+
+class VideoWriter:
+    """The one video writer: frames in (RGB uint8, with their times), a playable file out,
+    optionally carrying another file's audio. A context manager.
+
+    The container follows the file name's extension (`CONTAINERS`: .mp4 H.264 + AAC by
+    default, .mov, .mkv, .webm VP9 + Opus, .avi, .gif, .y4m); `format` overrides it. Frames
+    are written with their presentation time in seconds; `time_base` (e.g. the driving
+    video's) keeps those times exact. On leaving the `with` block normally the encoders are
+    drained and the file finalised; on an exception the file is only closed (the caller
+    discards it). `tone_hz` writes a sine test tone as the audio instead (synthetic clips).
     """
 
     def __init__(
@@ -228,26 +358,47 @@ class VideoWriter:
         *,
         time_base: Fraction | None = None,
         audio_from: str | os.PathLike | None = None,
+        tone_hz: float | None = None,
         crf: int = 18,
         preset: str = "medium",
+        format: str | None = None,
     ):
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"H.264 yuv420p needs even, positive dimensions, got {width}x{height}")
+        kind = CONTAINERS[format] if format else container_for(path)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"frame size must be positive, got {width}x{height}")
+        if kind.pix_fmt == "yuv420p" and (width % 2 or height % 2):
+            raise ValueError(f"4:2:0 video ({kind.description}) needs even dimensions, got {width}x{height}")
+        self.kind = kind
         self.width, self.height = width, height
         self.fps = Fraction(fps).limit_denominator(1001 * 1000)
-        self.time_base = Fraction(time_base) if time_base else 1 / self.fps
+        if kind.constant_rate:
+            time_base = 1 / self.fps
+        self.time_base = kind.time_base or (Fraction(time_base) if time_base else 1 / self.fps)
         self.frames = 0
         self._last_pts: int | None = None
-        self._container = av.open(os.fspath(path), mode="w", format="mp4",
-                                  options={"movflags": "+faststart"})  # playable while downloading
+        options = {"movflags": "+faststart"} if kind.format in ("mp4", "mov") else {}  # playable while downloading
+        self._container = av.open(os.fspath(path), mode="w", format=kind.format, options=options)
+        self.audio = None
         try:
-            self._video = self._container.add_stream("libx264", rate=self.fps)
+            self._video = self._container.add_stream(kind.video, rate=self.fps)
             self._video.width, self._video.height = width, height
-            self._video.pix_fmt = "yuv420p"  # the one every player decodes
+            self._video.pix_fmt = kind.pix_fmt
             self._video.time_base = self.time_base
             self._video.codec_context.time_base = self.time_base
-            self._video.options = {"crf": str(crf), "preset": preset}
-            self.audio = _AudioCarrier(self._container, os.fspath(audio_from)) if audio_from else None
+            if kind.video == "libx264":
+                self._video.options = {"crf": str(crf), "preset": preset}
+            elif kind.video == "libvpx-vp9":  # constant quality, fast enough to encode as it renders
+                self._video.options = {"crf": str(crf + 14), "b": "0", "deadline": "good", "cpu-used": "5",
+                                       "row-mt": "1"}
+            elif kind.video == "mpeg4":
+                self._video.bit_rate = max(1_000_000, int(width * height * float(self.fps) * 0.3))
+            self._palettes = _Palettes(width, height, self.time_base) if kind.pix_fmt == "pal8" else None
+            if (audio_from or tone_hz is not None) and kind.audio is None:
+                self.audio = None  # the format holds no audio (GIF, Y4M): the video alone
+            elif tone_hz is not None:
+                self.audio = _ToneTrack(self._container, tone_hz, kind)
+            elif audio_from:
+                self.audio = _AudioCarrier(self._container, os.fspath(audio_from), kind)
         except BaseException:
             self._container.close()
             raise
@@ -255,8 +406,9 @@ class VideoWriter:
     def write(self, rgb: np.ndarray, time: float | None = None) -> None:
         """Encode one (height, width, 3) uint8 RGB frame shown at `time` seconds
         (default: one frame period after the previous one)."""
-        if rgb.shape != (self.height, self.width, 3):
-            raise ValueError(f"expected a {self.height}x{self.width} RGB frame, got shape {rgb.shape}")
+        if rgb.shape != (self.height, self.width, 3) or rgb.dtype != np.uint8:
+            raise ValueError(f"expected a {self.height}x{self.width} RGB uint8 frame, "
+                             f"got {rgb.dtype} of shape {rgb.shape}")
         if time is None:
             pts = 0 if self._last_pts is None else self._last_pts + max(1, round(1 / (self.fps * self.time_base)))
         else:
@@ -266,19 +418,33 @@ class VideoWriter:
         self._last_pts = pts
         if self.audio:
             self.audio.until(float(pts * self.time_base))
-        # Wraps the caller's buffer (no copy): the encoder converts it to yuv420p before returning.
+        # Wraps the caller's buffer (no copy): the encoder converts it before returning.
         frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = pts
         frame.time_base = self.time_base
-        self._container.mux(self._video.encode(frame))
+        self._encode(frame)
         self.frames += 1
+
+    def _encode(self, frame: av.VideoFrame | None) -> None:
+        frames = self._palettes.convert(frame) if self._palettes else [frame]
+        if self._palettes and frame is None:
+            frames.append(None)
+        for f in frames:
+            self._container.mux(self._video.encode(f))
+
+    @property
+    def end(self) -> float:
+        """The video's end in seconds: the last frame's time plus one frame period."""
+        if self._last_pts is None:
+            return 0.0
+        return float(self._last_pts * self.time_base + 1 / self.fps)
 
     def close(self) -> None:
         """Drain the encoders, carry the rest of the audio, finalise the file."""
         try:
-            self._container.mux(self._video.encode(None))
+            self._encode(None)
             if self.audio:
-                self.audio.finish()
+                self.audio.finish(self.end)
         finally:
             self._container.close()
 
@@ -299,3 +465,41 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def _checked_frames(frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The frames, each checked to be RGB uint8 of the first frame's size."""
+    shape = None
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            what = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"frame {i}: expected an RGB uint8 array (height, width, 3), got {what}")
+        if shape is None:
+            shape = frame.shape
+        elif frame.shape != shape:
+            raise ValueError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, "
+                             f"frame 0 was {shape[1]}x{shape[0]}")
+        yield frame
+
+
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 25.0, *,
+                tone_hz: float | None = None, preset: str = "veryfast") -> int:
+    """Write RGB uint8 frames at a constant `fps` with `VideoWriter` (the container by
+    extension); with `tone_hz`, a sine tone of that pitch as long as the video is the audio.
+    Returns the number of frames. On any error no file is left behind."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not (0 < fps <= 240):
+        raise ValueError(f"fps must be a number in (0, 240], got {fps!r}")
+    checked = _checked_frames(frames)
+    first = next(checked, None)
+    if first is None:
+        raise ValueError("no frames to write")
+    path = Path(path)
+    try:
+        with VideoWriter(path, first.shape[1], first.shape[0], Fraction(fps).limit_denominator(1001),
+                         tone_hz=tone_hz, preset=preset) as writer:
+            for frame in chain((first,), checked):
+                writer.write(frame)
+        return writer.frames
+    except BaseException:
+        path.unlink(missing_ok=True)  # no half-written file that looks like a clip
+        raise

@@ -23,6 +23,7 @@ import pytest
 from conftest import running_server, stop
 
 from streamer import samples
+from streamer.video import write_video
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
@@ -105,7 +106,7 @@ def webcam_clip(tmp_path) -> Path:
     """Chromium's fake webcam plays this Y4M file in a loop."""
     path = tmp_path / "webcam.y4m"
     frames = (frame for frame, _ in samples.driving_clip("astronaut", frames=2 * FPS, fps=FPS))
-    samples.write_y4m(path, frames, fps=FPS)
+    write_video(path, frames, fps=FPS)
     return path
 
 

@@ -1,4 +1,5 @@
-"""streamer.samples: the bundled portraits and the synthetic driving clips.
+"""streamer.samples: the bundled portraits (gallery), the synthetic driving clips (puppet),
+and the clip files streamer.video.write_video makes of them.
 
 The clips are only useful as test and demo input if a face tracker sees in them what
 their script says, so the main tests play each portrait's default clip through
@@ -28,9 +29,8 @@ from streamer.samples import (
     driving_clip,
     portrait,
     puppet,
-    write_clip,
-    write_y4m,
 )
+from streamer.video import write_video
 
 FPS = 25
 
@@ -190,9 +190,9 @@ def frames() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("audio", [False, True])
-def test_write_clip_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
+def test_write_video_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
     path = tmp_path / "clip.mp4"
-    assert write_clip(path, iter(frames), fps=FPS, audio=audio) == len(frames)
+    assert write_video(path, iter(frames), fps=FPS, tone_hz=440.0 if audio else None) == len(frames)
     with av.open(str(path)) as container:
         video = container.streams.video[0]
         assert video.codec_context.name == "h264"
@@ -215,24 +215,24 @@ def test_write_clip_makes_a_decodable_h264_mp4(tmp_path, frames, audio):
         assert 0.1 < np.abs(samples).max() < 0.3  # the 0.2 tone, not silence
 
 
-def test_write_clip_refuses_bad_frames_and_leaves_no_file(tmp_path, frames):
+def test_write_video_refuses_bad_frames_and_leaves_no_file(tmp_path, frames):
     path = tmp_path / "clip.mp4"
     with pytest.raises(ValueError, match="no frames"):
-        write_clip(path, [], fps=FPS)
+        write_video(path, [], fps=FPS)
     with pytest.raises(ValueError, match="even"):
-        write_clip(path, [np.zeros((101, 100, 3), np.uint8)], fps=FPS)
+        write_video(path, [np.zeros((101, 100, 3), np.uint8)], fps=FPS)
     with pytest.raises(ValueError, match="frame 2"):
-        write_clip(path, [frames[0], frames[1], frames[2][:240]], fps=FPS)
+        write_video(path, [frames[0], frames[1], frames[2][:240]], fps=FPS)
     with pytest.raises(ValueError, match="RGB uint8"):
-        write_clip(path, [frames[0].astype(np.float32)], fps=FPS)
+        write_video(path, [frames[0].astype(np.float32)], fps=FPS)
     with pytest.raises(ValueError, match="fps"):
-        write_clip(path, frames, fps=-1)
+        write_video(path, frames, fps=-1)
     assert not path.exists()
 
 
-def test_write_y4m_is_raw_420_for_chromium(tmp_path, frames):
+def test_write_video_y4m_is_raw_420_for_chromium(tmp_path, frames):
     path = tmp_path / "clip.y4m"
-    assert write_y4m(path, frames[:5], fps=FPS) == 5
+    assert write_video(path, frames[:5], fps=FPS) == 5
     data = path.read_bytes()
     header, _, _ = data.partition(b"\n")
     tokens = header.split()

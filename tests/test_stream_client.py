@@ -21,6 +21,7 @@ import pytest
 from conftest import running_server
 
 from streamer import samples
+from streamer.video import write_video
 
 TOKEN = "test-token"
 FPS = 25
@@ -35,7 +36,7 @@ def xportrait(*args: str) -> list[str]:
 def clip(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("clip") / "webcam.mp4"
     frames = (frame for frame, _ in samples.driving_clip("astronaut", frames=SECONDS * FPS, fps=FPS))
-    samples.write_clip(path, frames, fps=FPS)
+    write_video(path, frames, fps=FPS)
     return str(path)
 
 

@@ -1,8 +1,4 @@
-"""Bundled portraits, and synthetic driving clips made from them with known ground truth.
-
-The two portraits ship inside packages we depend on anyway (scikit-image's astronaut,
-matplotlib's grace_hopper.jpg), so the gallery, the README example, the tests and the
-benchmarks need no downloads.
+"""The synthetic puppet: driving clips made from one still portrait, with known ground truth.
 
 A driving clip animates one still photo the way a webcam user would move: the whole image
 is rolled, shifted and scaled about the face centre (one affine per frame), the jaw is
@@ -22,9 +18,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from itertools import chain
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -45,23 +39,7 @@ from engines.face import (
     transform_landmarks,
 )
 
-PORTRAITS = ("astronaut", "grace_hopper")
-
-
-def portrait(name: str) -> np.ndarray:
-    """A bundled portrait as an RGB uint8 array (a fresh copy the caller may modify)."""
-    if name == "astronaut":
-        from skimage import data
-
-        return np.ascontiguousarray(data.astronaut())
-    if name == "grace_hopper":
-        from matplotlib import cbook
-        from PIL import Image
-
-        with cbook.get_sample_data("grace_hopper.jpg") as f, Image.open(f) as image:
-            return np.asarray(image.convert("RGB")).copy()
-    raise ValueError(f"unknown portrait {name!r}; choose one of: {', '.join(PORTRAITS)}")
-
+from .gallery import PORTRAITS, portrait
 
 # --------------------------------------------------------------------------- poses, scripts
 
@@ -476,6 +454,12 @@ def puppet(source: str | np.ndarray, size: tuple[int, int] = (640, 480)) -> Pupp
     return Puppet(source, size)
 
 
+def _frame_rate(fps: float) -> Fraction:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (0 < fps <= 240):
+        raise ValueError(f"fps must be a number in (0, 240], got {fps!r}")
+    return Fraction(fps).limit_denominator(1001)
+
+
 def driving_clip(source: str | np.ndarray = "astronaut", frames: int | None = None, fps: float = 25.0,
                  size: tuple[int, int] = (640, 480), script: Script | None = None,
                  ) -> Iterator[tuple[np.ndarray, Pose]]:
@@ -503,89 +487,5 @@ def driving_clip(source: str | np.ndarray = "astronaut", frames: int | None = No
     return generate()
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _frame_rate(fps: float) -> Fraction:
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (0 < fps <= 240):
-        raise ValueError(f"fps must be a number in (0, 240], got {fps!r}")
-    return Fraction(fps).limit_denominator(1001)
-
-
-def _checked_frames(frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """The frames, each checked to be RGB uint8 of the first frame's even size."""
-    shape = None
-    for i, frame in enumerate(frames):
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            what = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
-            raise ValueError(f"frame {i}: expected an RGB uint8 array (height, width, 3), got {what}")
-        if shape is None:
-            shape = frame.shape
-            if shape[0] % 2 or shape[1] % 2:
-                raise ValueError(f"frame sides must be even for 4:2:0 video, got {shape[1]}x{shape[0]}")
-        elif frame.shape != shape:
-            raise ValueError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, "
-                             f"frame 0 was {shape[1]}x{shape[0]}")
-        yield frame
-
-
-def _write_video(path: str | Path, frames: Iterable[np.ndarray], rate: Fraction, container_format: str | None,
-                 codec: str, options: dict[str, str], audio_hz: float | None) -> int:
-    import av
-
-    checked = _checked_frames(frames)
-    first = next(checked, None)
-    if first is None:
-        raise ValueError("no frames to write")
-    path = Path(path)
-    count = 0
-    try:
-        with av.open(str(path), mode="w", format=container_format) as container:
-            video = container.add_stream(codec, rate=rate, options=options)
-            video.height, video.width = first.shape[:2]
-            video.pix_fmt = "yuv420p"
-            sound, sample_rate, samples_done = None, 48000, 0
-            if audio_hz is not None:
-                sound = container.add_stream("aac", rate=sample_rate, layout="mono")
-            for frame in chain((first,), checked):
-                picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
-                picture.pts = count
-                container.mux(video.encode(picture))
-                count += 1
-                if sound is not None:
-                    # Audio in step with the video: a sine tone up to this frame's end.
-                    until = int(count * sample_rate / rate)
-                    k = np.arange(samples_done, until, dtype=np.float64)
-                    tone = (0.2 * np.sin(2 * np.pi * audio_hz * k / sample_rate)).astype(np.float32)
-                    chunk = av.AudioFrame.from_ndarray(tone[None, :], format="fltp", layout="mono")
-                    chunk.sample_rate, chunk.pts = sample_rate, samples_done
-                    container.mux(sound.encode(chunk))
-                    samples_done = until
-            container.mux(video.encode(None))
-            if sound is not None:
-                container.mux(sound.encode(None))
-    except BaseException:
-        path.unlink(missing_ok=True)  # no half-written file that looks like a clip
-        raise
-    return count
-
-
-def write_clip(path: str | Path, frames: Iterable[np.ndarray], fps: float = 25.0, audio: bool = False,
-               tone_hz: float = 440.0) -> int:
-    """Write RGB uint8 frames as an H.264 (yuv420p) MP4; with audio=True add an AAC track
-    carrying a sine tone of tone_hz, as long as the video. Returns the number of frames."""
-    if audio and not (math.isfinite(tone_hz) and 0 < tone_hz < 24000):
-        raise ValueError(f"tone_hz must lie in (0, 24000), got {tone_hz!r}")
-    return _write_video(path, frames, _frame_rate(fps), None, "libx264",
-                        {"crf": "18", "preset": "veryfast"}, tone_hz if audio else None)
-
-
-def write_y4m(path: str | Path, frames: Iterable[np.ndarray], fps: float = 25.0) -> int:
-    """Write RGB uint8 frames as raw YUV4MPEG2 4:2:0 (header C420jpeg), the format of
-    Chromium's --use-file-for-fake-video-capture. Returns the number of frames."""
-    return _write_video(path, frames, _frame_rate(fps), "yuv4mpegpipe", "rawvideo", {}, None)
-
-
-__all__ = ["PORTRAITS", "portrait", "Pose", "Script", "SCRIPT_SEGMENTS", "DEFAULT_SCRIPT_SECONDS",
-           "default_script", "Puppet", "puppet", "driving_clip", "write_clip", "write_y4m",
-           "FACE_FRACTION", "FACE_ANCHOR"]
+__all__ = ["Pose", "Script", "SCRIPT_SEGMENTS", "DEFAULT_SCRIPT_SECONDS", "default_script", "Puppet", "puppet",
+           "driving_clip", "FACE_FRACTION", "FACE_ANCHOR"]
