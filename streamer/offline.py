@@ -3,13 +3,17 @@
 Two passes over the driving video, as the released X-Portrait code works on a whole clip:
 pass 1 tracks the face mesh in every frame (landmarks only, a few KB a frame) so that the
 reference frame can be chosen among all of them; pass 2 decodes again and drives the
-engine with the stored landmarks, writing each rendered frame as it comes. The MP4 keeps
-the driving video's frame times and its audio.
+engine with the stored landmarks, writing each rendered frame as it comes. The output keeps
+the driving video's frame times and its audio; its extension chooses the container (.mp4
+H.264 + AAC, .mov, .mkv, .webm, .avi, .gif: streamer.video.CONTAINERS).
 
-Bad input (unreadable image or video, no face in the source or in the whole driving clip,
-missing output directory) is reported in one line on stderr with exit status 2, and no
-output file is left behind: the video is written to a hidden file next to OUT and renamed
-only once it is complete.
+A SOURCE is an image file or the name of a bundled portrait (astronaut, grace_hopper).
+
+Bad input (unreadable image or video, no face in the source or in the driving clip's first
+FACE_SEARCH_S seconds, an output that is not a new or regular file, missing weights) is
+reported in one line on stderr with exit status 2, and no output file is left behind: the
+video is written to a hidden file next to OUT and renamed only once it is complete; Ctrl-C,
+SIGTERM and SIGHUP remove it too.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import argparse
 import contextlib
 import os
 import sys
-import secrets
 import time
 import warnings
 from fractions import Fraction
@@ -29,11 +32,16 @@ import numpy as np
 from engines import EngineError, create_engine
 
 from .options import AnimateOptions, add_engine_arguments, animate_options
-from .video import VideoError, VideoWriter, probe, read_frames
+from .output import OutputPathError, atomic_output, check_output, exit_cleanly_on_signals
+from .samples.gallery import PORTRAITS
+from .video import CONTAINERS, Container, VideoError, VideoWriter, probe, read_frames
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 PROG = "xportrait animate"
+# Pass 1 gives up when the driving clip shows no face in its first this many seconds (a
+# faceless 100,000-frame clip is refused in about a second, not after reading it all).
+FACE_SEARCH_S = 30.0
 
 
 class InputError(ValueError):
@@ -56,9 +64,12 @@ def _ref_frame(text: str) -> int | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="portrait image(s); the first is animated, the others are extra appearance references")
+                        help="portrait image(s), or a bundled portrait's name (" + ", ".join(PORTRAITS) + "); "
+                             "the first is animated, the others are extra appearance references")
     parser.add_argument("driving", metavar="DRIVING", help="driving video (any format ffmpeg reads)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="H.264 MP4 to write")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.mp4",
+                        help="video to write; its extension chooses the format: " + ", ".join(
+                            f"{ext} ({c.description})" for ext, c in CONTAINERS.items() if ext != ".y4m"))
     parser.add_argument("--ref-frame", type=_ref_frame, default=None, metavar="INDEX|auto",
                         help="driving frame that stands for the portrait's own pose and expression; "
                              "auto (default) picks the frame whose face is closest to the portrait's")
@@ -96,19 +107,13 @@ def load_image(path: str) -> np.ndarray:
         raise InputError(f"cannot read source image {path}: {e}") from None
 
 
-def _output_paths(args: AnimateOptions) -> Path:
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError(f"output is a directory, expected a file name: {out}")
-    folder = out.parent
-    if not folder.is_dir():
-        raise InputError(f"output directory does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"cannot write to output directory: {folder}")
-    inputs = {Path(p).resolve() for p in [*args.sources, args.driving] if os.path.exists(p)}
-    if out.resolve() in inputs:
-        raise InputError(f"output would overwrite an input: {out}")
-    return out
+def _source_image(path: str) -> np.ndarray:
+    """An image file, or a bundled portrait named on the command line (a file wins)."""
+    if not os.path.exists(path) and path in PORTRAITS:
+        from .samples.gallery import portrait
+
+        return portrait(path)
+    return load_image(path)
 
 
 def _fmt_rate(fps) -> str:
@@ -118,8 +123,9 @@ def _fmt_rate(fps) -> str:
 def run(args: argparse.Namespace) -> int:
     options = animate_options(args)
     try:
-        return animate(options)
-    except InputError as e:
+        with exit_cleanly_on_signals():  # SIGTERM/SIGHUP clean up as Ctrl-C does
+            return animate(options)
+    except (InputError, OutputPathError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OutputError as e:
@@ -132,21 +138,22 @@ def run(args: argparse.Namespace) -> int:
 
 def animate(args: AnimateOptions) -> int:
     started = time.perf_counter()
-    out = _output_paths(args)
+    out, container = check_output(args.output, [*args.sources, args.driving])
     # Cheap checks first: the face mesh and the engine are only loaded for valid input.
-    images = [load_image(path) for path in args.sources]
+    images = [_source_image(path) for path in args.sources]
     try:
         info = probe(args.driving)
     except VideoError as e:
         raise InputError(str(e)) from None
 
-    from tqdm import tqdm
-
     from engines.animator import Animator
     from engines.face import FaceTracker, NoFaceError, best_reference_frame
 
     size = args.engine.size
-    engine = create_engine(args.engine)
+    try:
+        engine = create_engine(args.engine)
+    except EngineError as e:  # missing weights or backend, a bad combination of options
+        raise InputError(f"engine {args.engine.name!r}: {e}") from None
     if getattr(engine, "random_weights", False):
         print(f"{PROG}: WARNING: random weights: the output is labelled and shows no real animation", file=sys.stderr)
     animator = Animator(engine, tracker=FaceTracker(video=True))
@@ -155,23 +162,12 @@ def animate(args: AnimateOptions) -> int:
             animator.set_sources(images)
         except NoFaceError:
             raise InputError(_which_source_has_no_face(args.sources, images, size)) from None
+        for path, source in zip(args.sources, animator.sources):
+            if source.faces > 1:
+                print(f"{PROG}: note: {source.faces} faces in {path}: animating the largest", file=sys.stderr)
 
-        # Pass 1: the face mesh of every frame, with one tracker (it follows the face from
-        # frame to frame, re-detecting only when it loses it).
-        landmarks: list[np.ndarray | None] = []
-        times: list[float] = []
-        try:
-            frames = read_frames(args.driving)
-            with contextlib.closing(frames):
-                for frame in tqdm(frames, total=info.frames, desc="tracking", unit="frame", disable=None):
-                    landmarks.append(animator.tracker.detect(frame.image))
-                    times.append(frame.time)
-        except VideoError as e:
-            raise InputError(str(e)) from None
+        landmarks, times = _track(animator, args.driving, info)
         count = len(landmarks)
-        if all(marks is None for marks in landmarks):
-            raise InputError(f"no face found in any of the {count} frames of the driving video {args.driving}")
-
         if args.ref_frame is None:
             reference = best_reference_frame(animator.sources[0].landmarks, landmarks)
         elif args.ref_frame >= count:
@@ -183,54 +179,86 @@ def animate(args: AnimateOptions) -> int:
         animator.set_reference(landmarks[reference])
 
         # Pass 2: animate and write. The file is hidden until complete; any failure,
-        # Ctrl-C included, removes it.
-        written, audio = _render(animator, args.driving, landmarks, times, info, out, size)
+        # Ctrl-C and SIGTERM included, removes it.
+        written, audio = _render(animator, args.driving, landmarks, times, info, out, container, size)
     finally:
         animator.close()
 
     elapsed = time.perf_counter() - started
     held = animator.frames_without_face
-    print(f"wrote {out}: {written} frames, {size}x{size} at {_fmt_rate(info.fps)} fps"
-          + (f", audio {audio}" if audio else ", no audio"))
+    if audio:
+        sound = f", audio {audio}"
+    else:
+        sound = ", no audio" + (f" ({out.suffix} holds none)" if info.has_audio and container.audio is None else "")
+    print(f"wrote {args.output}: {written} frames, {size}x{size} at {_fmt_rate(info.fps)} fps" + sound)
     print(f"frames without a face: {held}" + (" (the last good pose was held)" if held else "")
           + f"; reference frame {reference}")
     print(f"elapsed {elapsed:.1f} s, {written / elapsed:.1f} frames/s")
     return 0
 
 
-def _render(animator, driving: str, landmarks: list, times: list[float], info, out: Path, size: int):
+def _track(animator, driving: str, info) -> tuple[list[np.ndarray | None], list[float]]:
+    """Pass 1: the face mesh of every frame, with one tracker (it follows the face from
+    frame to frame, re-detecting only when it loses it). Stops, with InputError, once
+    FACE_SEARCH_S seconds of video have shown no face."""
     from tqdm import tqdm
 
-    partial = _create_partial(out)
+    landmarks: list[np.ndarray | None] = []
+    times: list[float] = []
+    seen = False
     try:
-        try:
-            with VideoWriter(partial, size, size, info.fps, time_base=_output_time_base(info, times),
-                             audio_from=driving if info.has_audio else None) as writer:
-                frames = read_frames(driving)
-                with contextlib.closing(frames):
-                    bar = tqdm(total=len(landmarks), desc="animating", unit="frame", disable=None)
-                    with bar:
-                        # zip: the same decode yields the same frames as pass 1.
-                        for frame, marks in zip(frames, landmarks):
-                            rendered = animator.drive(frame.image, frame.time, tag=frame.index, landmarks=marks)
-                            if rendered is not None:
-                                writer.write(rendered.image, times[rendered.tag])
-                            bar.update()
-                for rendered in animator.flush():
-                    writer.write(rendered.image, times[rendered.tag])
-                written = writer.frames
-                audio = None
-                if writer.audio:
-                    audio = f"{writer.audio.codec} ({'copied' if writer.audio.copied else 're-encoded'})"
-        except VideoError as e:
-            raise InputError(str(e)) from None
-        except OSError as e:  # disk full, permissions changed mid-run, ffmpeg write errors
-            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-        os.replace(partial, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        raise
+        frames = read_frames(driving)
+        with contextlib.closing(frames), tqdm(total=info.frames, desc="tracking faces", unit="frame",
+                                              disable=None) as bar:
+            for frame in frames:
+                marks = animator.tracker.detect(frame.image)
+                seen = seen or marks is not None
+                landmarks.append(marks)
+                times.append(frame.time)
+                bar.update()
+                if not seen and frame.time - times[0] >= FACE_SEARCH_S:
+                    raise InputError(
+                        f"no face found in the first {FACE_SEARCH_S:g} s ({len(landmarks)} frames) of the driving "
+                        f"video {driving}: use a clip where one face is clearly visible, or trim it to start "
+                        "where the face appears")
+    except VideoError as e:
+        raise InputError(str(e)) from None
+    if not seen:
+        raise InputError(f"no face found in any of the {len(landmarks)} frames of the driving video {driving}: "
+                         "use a clip where one face is clearly visible")
+    return landmarks, times
+
+
+def _render(animator, driving: str, landmarks: list, times: list[float], info, out: Path, container: Container,
+            size: int):
+    from tqdm import tqdm
+
+    try:
+        with atomic_output(out) as partial, \
+                VideoWriter(partial, size, size, info.fps, time_base=_output_time_base(info, times),
+                            audio_from=driving if info.has_audio else None, container=container) as writer:
+            frames = read_frames(driving)
+            with contextlib.closing(frames), tqdm(total=len(landmarks), desc="animating", unit="frame",
+                                                  disable=None) as bar:
+                # zip: the same decode yields the same frames as pass 1.
+                for frame, marks in zip(frames, landmarks):
+                    rendered = animator.drive(frame.image, frame.time, tag=frame.index, landmarks=marks)
+                    if rendered is not None:
+                        writer.write(rendered.image, times[rendered.tag])
+                    bar.update()
+            if animator.frames > writer.frames:
+                # An engine that renders the whole clip at the end (the diffusion engine's windows).
+                print(f"{PROG}: rendering {animator.frames - writer.frames} frames...", file=sys.stderr, flush=True)
+            for rendered in animator.flush():
+                writer.write(rendered.image, times[rendered.tag])
+            written = writer.frames
+            audio = None
+            if writer.audio:
+                audio = f"{writer.audio.codec} ({'copied' if writer.audio.copied else 're-encoded'})"
+    except VideoError as e:
+        raise InputError(str(e)) from None
+    except OSError as e:  # disk full, permissions changed mid-run, ffmpeg write errors
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     return written, audio
 
 
@@ -249,24 +277,9 @@ def _output_time_base(info, times: list[float]) -> Fraction:
     return tb
 
 
-def _create_partial(out: Path) -> str:
-    """A new hidden file next to `out` (same file system, so the final rename is atomic).
-    Unlike tempfile.mkstemp's 0600, it gets the permissions the umask gives any new file."""
-    for _ in range(100):
-        partial = out.parent / f".{out.name}.{secrets.token_hex(4)}.part"
-        try:
-            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return str(partial)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise OutputError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    raise OutputError(f"cannot create a temporary file in {out.parent}")
-
-
 def _which_source_has_no_face(paths: list[str], images: list[np.ndarray], size: int) -> str:
     """Name the portrait without a face (only runs on that error, so the extra meshing is fine)."""
-    from engines.face import FaceTracker, NoFaceError, prepare_source
+    from engines.face import NO_FACE_ADVICE, FaceTracker, NoFaceError, prepare_source
 
     if len(paths) > 1:
         with FaceTracker(video=False) as still:
@@ -274,5 +287,5 @@ def _which_source_has_no_face(paths: list[str], images: list[np.ndarray], size: 
                 try:
                     prepare_source(image, size, still)
                 except NoFaceError:
-                    return f"no face found in the source image {path}"
-    return f"no face found in the source image {paths[0]}"
+                    return f"no face found in the source image {path}: {NO_FACE_ADVICE}"
+    return f"no face found in the source image {paths[0]}: {NO_FACE_ADVICE}"

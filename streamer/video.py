@@ -342,7 +342,7 @@ class VideoWriter:
     optionally carrying another file's audio. A context manager.
 
     The container follows the file name's extension (`CONTAINERS`: .mp4 H.264 + AAC by
-    default, .mov, .mkv, .webm VP9 + Opus, .avi, .gif, .y4m); `format` overrides it. Frames
+    default, .mov, .mkv, .webm VP9 + Opus, .avi, .gif, .y4m); `container` overrides it. Frames
     are written with their presentation time in seconds; `time_base` (e.g. the driving
     video's) keeps those times exact. On leaving the `with` block normally the encoders are
     drained and the file finalised; on an exception the file is only closed (the caller
@@ -361,9 +361,9 @@ class VideoWriter:
         tone_hz: float | None = None,
         crf: int = 18,
         preset: str = "medium",
-        format: str | None = None,
+        container: Container | None = None,
     ):
-        kind = CONTAINERS[format] if format else container_for(path)
+        kind = container or container_for(path)
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         if kind.pix_fmt == "yuv420p" and (width % 2 or height % 2):

@@ -429,3 +429,193 @@ def test_video_helpers_raise_video_error(tmp_path):
             probe(bad)
         with pytest.raises(VideoError):
             list(read_frames(bad))
+
+
+# -- output formats, output paths, signals, chatter ----------------------------------------------
+@pytest.mark.parametrize("suffix, format_name, codec, audio", [
+    (".gif", "gif", "gif", None),  # GIF holds no audio
+    (".avi", "avi", "mpeg4", "pcm_s16le"),
+    (".webm", "matroska,webm", "vp9", "opus"),
+    (".mkv", "matroska,webm", "h264", "aac"),
+])
+def test_output_container_follows_the_extension(suffix, format_name, codec, audio, media, tmp_path, capsys):
+    out = tmp_path / f"animated{suffix}"
+    clip = "driving" if audio else "short"  # the short clip is silent; GIF's palettes are slow to make
+    code, stdout, err = animate(capsys, media["source"], media[clip], "-o", out, "--size", SIZE)
+    assert code == 0, err
+    with av.open(str(out)) as container:
+        assert container.format.name == format_name
+        assert container.streams.video[0].codec_context.name == codec
+        assert [s.codec_context.name for s in container.streams.audio] == ([audio] if audio else [])
+    frames, times = decode(out)
+    assert len(frames) == probe(media[clip]).frames and frames[0].shape == (SIZE, SIZE, 3)
+    assert times[1] - times[0] == pytest.approx(1 / FPS, abs=1e-3)
+    with FaceTracker(video=False) as tracker:  # a face, the portrait's, in every format
+        assert tracker.detect(frames[len(frames) // 2]) is not None
+    if audio:
+        assert f"audio {audio} (re-encoded)" in stdout or f"audio {audio} (copied)" in stdout
+
+
+@pytest.mark.parametrize("name", ["out", "out.txt", "out.mp3"])
+def test_output_without_a_video_extension_is_refused(name, media, tmp_path, capsys):
+    out = tmp_path / name
+    code, _, err = animate(capsys, media["source"], media["short"], "-o", out, "--size", SIZE)
+    assert_one_line_error(code, err, "extension chooses the format", ".mp4", ".gif", ".webm", ".avi")
+    assert_nothing_written(tmp_path, out)
+
+
+def test_output_is_never_a_device_or_fifo_and_they_are_not_replaced(media, tmp_path, capsys):
+    import os
+    import stat
+
+    null = tmp_path / "null.mp4"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a second /dev/null
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    for target, what in ((null, "a character device"), (fifo, "a FIFO"), (Path("/dev/null"), "a character device")):
+        code, _, err = animate(capsys, media["source"], media["short"], "-o", target, "--size", SIZE)
+        assert_one_line_error(code, err, what, "never replaced")
+    assert stat.S_ISCHR(os.stat(null).st_mode) and os.stat(null).st_rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null.mp4", "pipe.mp4"]  # no partial file
+
+
+def test_output_through_a_symbolic_link_writes_the_file_it_names(media, tmp_path, capsys):
+    real = tmp_path / "real.mp4"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(real)
+    code, _, err = animate(capsys, media["source"], media["short"], "-o", link, "--size", SIZE)
+    assert code == 0, err
+    assert link.is_symlink() and probe(real).frames == 8
+
+
+def test_a_bundled_portrait_name_is_a_source(media, tmp_path, capsys):
+    out = tmp_path / "astronaut.mp4"
+    code, stdout, err = animate(capsys, "astronaut", media["short"], "-o", out, "--size", SIZE)
+    assert code == 0, err
+    frames, _ = decode(out)
+    with FaceTracker(video=False) as tracker:
+        assert tracker.detect(frames[0]) is not None
+
+
+def test_group_shot_source_animates_the_largest_face_and_says_so(media, tmp_path, capsys):
+    import skimage.data
+
+    hopper = np.asarray(Image.open(media["source"]).convert("RGB"))
+    group = np.full((700, 1400, 3), 200, np.uint8)
+    group[100:612, 20:532] = skimage.data.astronaut()  # face ~100 px
+    small = cv2.resize(hopper, None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA)  # face ~70 px
+    group[300:300 + small.shape[0], 900:900 + small.shape[1]] = small
+    source = tmp_path / "group.png"
+    Image.fromarray(group).save(source)
+    out = tmp_path / "group.mp4"
+    code, _, err = animate(capsys, source, media["short"], "-o", out, "--size", SIZE)
+    assert code == 0, err
+    assert "note: 2 faces in" in err and "animating the largest" in err
+    # The astronaut (the larger face) is the one animated: the first (upright) frame is her crop.
+    from engines.face import prepare_source
+
+    first = decode(out)[0][0].astype(np.int16)
+    astronaut = np.abs(first - prepare_source(skimage.data.astronaut(), SIZE).image).mean()
+    grace = np.abs(first - prepare_source(hopper, SIZE).image).mean()
+    assert astronaut < 12 and grace > 3 * astronaut, (astronaut, grace)
+
+
+def _long_faceless_clip(path: Path, seconds: float, fps: int = 10) -> Path:
+    frames = [np.roll(gradient(64, 64), i % 64, axis=1) for i in range(int(seconds * fps))]
+    return write_clip(path, frames, fps=fps, audio=None)
+
+
+def test_faceless_driving_clip_is_refused_once_its_first_seconds_show_no_face(media, tmp_path, capsys):
+    from streamer.offline import FACE_SEARCH_S
+
+    driving = _long_faceless_clip(tmp_path / "faceless.mp4", seconds=3 * FACE_SEARCH_S)
+    out = tmp_path / "out.mp4"
+    code, _, err = animate(capsys, media["source"], driving, "-o", out, "--size", SIZE)
+    assert_one_line_error(code, err, f"no face found in the first {FACE_SEARCH_S:g} s", "trim")
+    # It stopped at FACE_SEARCH_S: 30 s at 10 fps is frame 301 of 900.
+    assert f"({int(FACE_SEARCH_S * 10) + 1} frames)" in err
+    assert_nothing_written(tmp_path, out)
+
+
+def _xportrait(*args) -> list[str]:
+    return [sys.executable, "-m", "streamer", *map(str, args)]
+
+
+NATIVE_CHATTER = ("W0000", "I0000", "E0000", "Feedback manager", "XNNPACK", "TensorFlow Lite", "absl::InitializeLog",
+                  "landmark_projection")
+
+
+def test_sigterm_mid_run_removes_the_partial_file(media, tmp_path):
+    import signal
+    import time
+
+    driving = write_clip(tmp_path / "long.mp4", astronaut_frames(roll_angles(200)), audio=None)
+    out = tmp_path / "out.mp4"
+    process = subprocess.Popen(_xportrait("animate", media["source"], driving, "-o", out, "--size", SIZE),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]:  # pass 2 has begun
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few frames into the file
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
+
+
+def test_no_native_chatter_reaches_the_terminal(media, tmp_path):
+    # Refusals after the face models loaded (where mediapipe's chatter used to precede the one
+    # line); a good run is checked on a terminal in the progress-bar test below.
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(gray)
+    runs = {
+        "no face in the source": ([gray, media["short"]], 2),
+        "no face in the second source": ([media["source"], gray, media["short"]], 2),
+    }
+    for what, (args, expected) in runs.items():
+        result = subprocess.run(_xportrait("animate", *args, "-o", tmp_path / "out.mp4", "--size", SIZE),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == expected, (what, result.stderr)
+        assert not [line for line in result.stderr.splitlines() if any(c in line for c in NATIVE_CHATTER)], \
+            (what, result.stderr)
+        if expected:
+            assert len(result.stderr.strip().splitlines()) == 1, (what, result.stderr)
+
+
+def test_progress_bars_from_the_first_frame_on_a_terminal(media, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 wide
+    process = subprocess.Popen(_xportrait("animate", media["source"], media["driving"], "-o", tmp_path / "o.mp4",
+                                          "--size", SIZE), stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "tracking faces" in text and f"{FRAMES}/{FRAMES}" in text
+    assert "animating" in text
+    assert "tracking faces:   0%" in text  # the bar is up before the first frame is tracked
+    assert not any(c in text for c in NATIVE_CHATTER), text
