@@ -133,3 +133,77 @@ def test_image_checks_and_downscale():
 def test_prepare_source_refuses_a_portrait_without_a_face():
     with pytest.raises(NoFaceError, match="no face"):
         prepare_source(np.full((300, 300, 3), 128, np.uint8), 256)
+
+
+# -- small and off-centre faces (the full-range detector before the mesh) ----------------------
+def _pasted(canvas_shape, portrait, x, y, scale=1.0):
+    canvas = np.full((*canvas_shape, 3), 200, np.uint8)
+    if scale != 1.0:
+        portrait = cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = portrait.shape[:2]
+    canvas[y:y + h, x:x + w] = portrait
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def astronaut_crop():
+    return prepare_source(data.astronaut(), 256)
+
+
+@pytest.mark.parametrize("what, canvas, x, y, scale", [
+    ("512 astronaut centred on 1024 canvas", (1024, 1024), 256, 256, 1.0),
+    ("512 astronaut in the corner of a 1024 canvas", (1024, 1024), 512, 512, 1.0),
+    ("1080p photo, face top left", (1080, 1920), 0, 0, 0.6),
+    ("1080p photo, face bottom right", (1080, 1920), 1920 - 512, 1080 - 512, 1.0),
+    ("half-body: face small in a 2048 canvas", (2048, 2048), 1200, 300, 0.5),
+])
+def test_small_or_off_centre_faces_are_found_and_cropped_like_the_portrait(what, canvas, x, y, scale,
+                                                                          astronaut_crop):
+    image = _pasted(canvas, data.astronaut(), x, y, scale)
+    with FaceTracker(video=False) as tracker:
+        assert tracker.detect(image) is None or scale == 1.0  # the mesh alone misses the small ones
+        source = prepare_source(image, 256, tracker)
+    assert source.faces == 1
+    box, expected = head_box(source.landmarks), head_box(astronaut_crop.landmarks)
+    # The same framing as the astronaut's own photo gives: head centred, same size.
+    assert box.center == pytest.approx(expected.center, abs=6)
+    assert box.height == pytest.approx(expected.height, rel=0.08)
+    if scale == 1.0:  # the same pixels: the crop is the photo's own crop
+        assert np.abs(source.image.astype(np.int16) - astronaut_crop.image).mean() < 8
+
+
+def test_group_shot_takes_the_largest_face_and_counts_them():
+    from streamer.samples import portrait
+
+    group = _pasted((700, 1400), data.astronaut(), 20, 100)  # face ~105 px
+    hopper = cv2.resize(portrait("grace_hopper"), None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA)  # ~65 px
+    group[300:300 + hopper.shape[0], 900:900 + hopper.shape[1]] = hopper
+    with FaceTracker(video=False) as tracker:
+        boxes = tracker.find_faces(group)
+        source = prepare_source(group, 256, tracker)
+    assert len(boxes) == 2 and boxes[0].width > boxes[1].width
+    assert 20 < boxes[0].center[0] < 532 and 900 < boxes[1].center[0] < 900 + hopper.shape[1]
+    assert source.faces == 2
+    # The astronaut's face, framed as in her own photo.
+    own = prepare_source(data.astronaut(), 256)
+    assert np.abs(source.image.astype(np.int16) - own.image).mean() < 8
+
+
+def test_no_face_says_what_to_do():
+    with pytest.raises(NoFaceError, match=r"use a portrait where one face is clearly visible, at least \d+ px"):
+        prepare_source(np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8), 256)
+
+
+def test_concurrent_muting_restores_stderr():
+    """Two threads starting trackers at once (two sessions) must not leave fd 2 on /dev/null."""
+    import os
+    import threading
+
+    before = os.fstat(2)
+    threads = [threading.Thread(target=lambda: FaceTracker(video=True).close()) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
