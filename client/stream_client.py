@@ -246,6 +246,8 @@ async def stream(server: str, path: str, mode: str, *, output: str | None = None
                     answer = await response.json()
         except aiohttp.ClientConnectionError as exc:
             raise ConnectionError(f"cannot reach the server at {server}: {exc}") from None
+        except aiohttp.ClientError as exc:  # an invalid URL, a malformed answer
+            raise ConnectionError(f"cannot talk to the server at {server}: {type(exc).__name__}: {exc}") from None
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         try:
             await asyncio.wait_for(first_frame.wait(), connect_timeout)
@@ -318,9 +320,29 @@ async def measure(args: ClientOptions) -> dict:
     return report if len(modes) > 1 else report[modes[0]]
 
 
+def server_url(text: str) -> str:
+    """The server's base URL: http(s)://HOST[:PORT][/PATH]; a bare HOST[:PORT] means http://.
+    For argparse: anything else is an error that says what is expected."""
+    url = text.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in range)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port number from 1 to 65535, got {text!r}") \
+            from None
+    if not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"expected a URL such as http://127.0.0.1:8080, got {text!r}")
+    return url.rstrip("/")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="video file to play as the webcam")
-    parser.add_argument("--server", default="http://127.0.0.1:8080", help="the server's URL (default: %(default)s)")
+    parser.add_argument("--server", type=server_url, default="http://127.0.0.1:8080", metavar="URL",
+                        help="the server's URL; a bare HOST:PORT means http:// (default: %(default)s)")
     parser.add_argument("--output", help="write the avatar stream to this MP4 file")
     parser.add_argument("--mode", choices=("animate", "echo", "both"), default="animate",
                         help="animate (default); echo bypasses the engine (the transport floor); both runs echo, "

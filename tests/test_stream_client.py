@@ -144,3 +144,18 @@ def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
     result = subprocess.run(xportrait("serve", "--port", port), capture_output=True, text=True, timeout=120,
                             env={**os.environ})
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(server, clip):
+    bare = server.removeprefix("http://")  # 127.0.0.1:PORT, as users type it
+    result = subprocess.run(xportrait("client", clip, "--server", bare, "--token", TOKEN, "--duration", "1"),
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["frames_sent"] == FPS and report["frames_received"] > 0
+    for bad, phrase in (("ftp://127.0.0.1:8080", "http:// or https://"), ("127.0.0.1:http", "port number"),
+                        ("http://", "such as http://127.0.0.1:8080")):
+        result = subprocess.run(xportrait("client", clip, "--server", bad), capture_output=True, text=True,
+                                timeout=90)
+        assert result.returncode == 2 and phrase in result.stderr, (bad, result.stderr)
+        assert "Traceback" not in result.stderr
