@@ -450,6 +450,19 @@ def _mesh_around(image: np.ndarray, box: Box, tracker: FaceTracker, side: int = 
     return landmarks
 
 
+def locate_face(image: np.ndarray, tracker: FaceTracker) -> tuple[np.ndarray, int]:
+    """The face mesh of the largest face in an RGB image, in its pixels, and how many faces it
+    shows. The full-range detector finds the candidates (small or off-centre faces too), each
+    is meshed around its box (a detector's false alarm does not mesh, so it does not count);
+    a close-up the detector misses is meshed whole. Raises NoFaceError, with advice."""
+    meshed = [m for m in (_mesh_around(image, box, tracker) for box in tracker.find_faces(image)[:MAX_FACES])
+              if m is not None]
+    landmarks = meshed[0] if meshed else tracker.detect(image)
+    if landmarks is None:
+        raise NoFaceError(f"no face found in the source portrait: {NO_FACE_ADVICE}")
+    return landmarks, max(1, len(meshed))
+
+
 def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = None):
     """Crop a portrait to the engine's square and find its face mesh in the crop.
 
@@ -465,13 +478,7 @@ def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = N
     own = tracker is None
     tracker = tracker or FaceTracker(video=False)
     try:
-        # Each candidate is meshed: the count says how many faces there really are (a tile
-        # can fool the detector), the largest that meshes is the one cropped.
-        meshed = [m for m in (_mesh_around(image, box, tracker) for box in tracker.find_faces(image)[:MAX_FACES])
-                  if m is not None]
-        landmarks = meshed[0] if meshed else tracker.detect(image)  # a close-up the detector misses
-        if landmarks is None:
-            raise NoFaceError(f"no face found in the source portrait: {NO_FACE_ADVICE}")
+        landmarks, faces = locate_face(image, tracker)
         affine = portrait_crop_affine(image.shape, head_box(landmarks), size)
         interp = cv2.INTER_AREA if affine[0, 0] < 1 else cv2.INTER_CUBIC
         crop = cv2.warpAffine(image, affine, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
@@ -481,4 +488,4 @@ def prepare_source(image: np.ndarray, size: int, tracker: FaceTracker | None = N
     finally:
         if own:
             tracker.close()
-    return SourcePortrait(image=crop, landmarks=landmarks, faces=max(1, len(meshed)))
+    return SourcePortrait(image=crop, landmarks=landmarks, faces=faces)

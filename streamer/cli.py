@@ -20,12 +20,23 @@ COMMANDS = {
     "client": ("client.stream_client", "stream a video file to a running server as a webcam"),
     "bench": ("streamer.bench", "measure an engine's speed"),
     "export": ("export.cli", "export the streaming engine's modules to ONNX (and a manifest)"),
+    "sample-clip": ("streamer.sample_clip", "write a driving clip made from a bundled portrait, to try animate"),
 }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xportrait")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and each subcommand's (for its usage errors)."""
     parser = argparse.ArgumentParser(prog="xportrait", description="Real-time portrait animation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     commands = {}

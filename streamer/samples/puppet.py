@@ -36,6 +36,7 @@ from engines.face import (
     downscale,
     head_box,
     head_roll,
+    locate_face,
     transform_landmarks,
 )
 
@@ -386,9 +387,7 @@ class Puppet:
         width, height = self.size
         image = downscale(as_rgb(image))
         with FaceTracker(video=False) as tracker:
-            landmarks = tracker.detect(image)
-        if landmarks is None:
-            raise NoFaceError("no face found in the portrait")
+            landmarks, _ = locate_face(image, tracker)  # the largest face; NoFaceError if none
         box = head_box(landmarks)
         zoom = FACE_FRACTION * height / max(box.height, 1.0)
         pad = max(width, height) // 4

@@ -1,0 +1,252 @@
+"""Every command the README shows is run by a test, as written.
+
+The README's shell blocks are read here; each `xportrait ...` / `make ...` line (with its
+continuation lines, comments dropped, `.venv/bin/` taken as the installed console script)
+must have an entry in COMMANDS, and every entry must still be in the README. An optional
+`[...]` part makes two commands: without the optional parts and with all of them. An entry
+says how the command is run:
+
+- RunHere: run here as written, by the real console script, in a fresh folder (the
+  quick start: `--version`, `sample-clip`, `animate` on the sample clip);
+- NeedsWeights: run here as written (in-process, so torch loads once); with no weights, no
+  graphs and no GPU on this machine it must refuse in one clear line with exit status 2;
+- RunBy: run by the named test, which must exist and run that command (its source names the
+  subcommand and the command's flags); used where the command is a server or needs one.
+
+An entry may carry `known`, a defect of a command owned elsewhere: the check is then an
+expected failure (xfail, not strict: when it passes, pytest reports XPASS and the mark goes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SCRIPT = Path(sys.executable).with_name("xportrait")
+
+
+# -- the README's commands --------------------------------------------------------------------------
+def _expand_optional(command: str) -> list[str]:
+    """`a [b] [c]` -> ["a", "a b c"]: as written without the optional parts, and with all."""
+    if "[" not in command:
+        return [command]
+    bare = re.sub(r"\s*\[[^\]]*\]", "", command)
+    full = re.sub(r"\[([^\]]*)\]", r"\1", command)
+    return [" ".join(bare.split()), " ".join(full.split())]
+
+
+def readme_commands(text: str) -> list[str]:
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|shell|console)?\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()  # a trailing comment
+            if line.startswith("#") or not line:
+                continue
+            line = line.removeprefix(".venv/bin/")
+            if line.split()[0] in ("xportrait", "make"):
+                commands.extend(_expand_optional(" ".join(line.split())))
+    return list(dict.fromkeys(commands))
+
+
+@dataclass(frozen=True)
+class RunHere:
+    pass
+
+
+@dataclass(frozen=True)
+class NeedsWeights:
+    message: str  # a regular expression the one-line refusal matches
+    known: str | None = None
+    run: bool = True  # False: the command does not refuse and would run for minutes
+
+
+@dataclass(frozen=True)
+class RunBy:
+    test: str  # "tests/test_x.py::test_name"
+    flags: tuple[str, ...]  # what the test's source must name besides the subcommand
+    known: str | None = None
+
+
+WEIGHTS = r"(needs|not found|no such|GPU|CUDA|TensorRT)"
+
+COMMANDS = {
+    # The quick start.
+    "make serve": RunBy("tests/test_readme.py::test_make_targets_run_what_the_readme_says", ("serve",)),
+    "make test": RunBy("tests/test_readme.py::test_make_targets_run_what_the_readme_says", ("test",)),
+    "xportrait --version": RunHere(),
+    "xportrait sample-clip driving.mp4": RunHere(),
+    "xportrait animate grace_hopper driving.mp4 -o out.mp4": RunHere(),
+    "xportrait animate portrait.jpg driving.mp4 -o out.mp4": RunHere(),
+    # Serving and measuring the live path: a server, then a client against it.
+    "xportrait serve": RunBy("tests/conftest.py::running_server", ("serve", "--port", "0")),
+    "xportrait serve --host 127.0.0.1 --port 8080 --token SECRET --max-sessions 4":
+        RunBy("tests/test_stream_client.py::server", ("running_server", "--token", "--max-sessions")),
+    "xportrait client clip.mp4 --server http://127.0.0.1:8080 --mode both --output avatar.mp4":
+        RunBy("tests/test_stream_client.py::test_client_measures_echo_then_animate_and_records_both",
+              ("client", "--mode", "both", "--output")),
+    # The diffusion engine, which needs weights (and, live, a GPU).
+    "xportrait animate portrait.jpg driving.mp4 -o out.mp4 --engine xportrait --base stable-diffusion-v1-5/ "
+    "--checkpoint model_state-415001.th": NeedsWeights(WEIGHTS),
+    "xportrait animate portrait.jpg driving.mp4 -o out.mp4 --engine xportrait --base stable-diffusion-v1-5/ "
+    "--checkpoint model_state-415001.th --lcm-lora lcm-lora-sdv1-5.safetensors --steps 4": NeedsWeights(WEIGHTS),
+    "xportrait serve --engine xportrait --base ... --checkpoint ... --lcm-lora ...": NeedsWeights(WEIGHTS),
+    "xportrait serve --engine xportrait --base ... --checkpoint ... --lcm-lora ... --compile "
+    "--tiny-decoder taesd/": NeedsWeights(WEIGHTS),
+    "xportrait export --to graphs/ --size 512 --steps 4 --window 16 --base ... --checkpoint ...":
+        NeedsWeights(WEIGHTS, known="export exits 1, not 2, on missing weights (export/cli.py, `structure`)"),
+    "xportrait serve --engine xportrait --backend onnx --graphs graphs/":
+        NeedsWeights(WEIGHTS, known="serve --backend onnx without graphs ends in a traceback (ExportError "
+                                    "escapes live_engine_options; `structure`/`live`)"),
+    "xportrait bench --engine warp --size 512": RunBy(
+        "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench", "--engine", "warp", "--size"),
+        known="UnboundLocalError: a local `measure` shadows the function (streamer/bench.py, `structure`)"),
+    "xportrait bench --engine xportrait --random-weights --stream --compile": NeedsWeights(
+        WEIGHTS, run=False, known="without a GPU it compiles and runs on the CPU for many minutes instead of "
+                                  "refusing (streamer/bench.py, `structure`)"),
+}
+
+
+def test_every_readme_command_has_an_entry_and_every_entry_is_in_the_readme():
+    shown = readme_commands(README.read_text())
+    assert shown, "no commands found in README.md"
+    missing = [c for c in shown if c not in COMMANDS]
+    stale = [c for c in COMMANDS if c not in shown]
+    assert not missing, f"README commands no test runs: {missing}"
+    assert not stale, f"entries for commands the README no longer shows: {stale}"
+
+
+def test_readme_commands_are_read_as_a_shell_would():
+    text = "```sh\n.venv/bin/xportrait a b \\\n    --c d [--e f] [--g]   # note\n# a comment\nls -l\nmake x\n```\n"
+    assert readme_commands(text) == ["xportrait a b --c d", "xportrait a b --c d --e f --g", "make x"]
+
+
+def _marks(entry) -> list:
+    if isinstance(entry, NeedsWeights) and entry.known:
+        return [pytest.mark.xfail(reason=entry.known, strict=False, run=getattr(entry, "run", True))]
+    return []
+
+
+def _params(kind) -> list:
+    return [pytest.param(c, e, id=c[:70], marks=_marks(e)) for c, e in COMMANDS.items() if isinstance(e, kind)]
+
+
+# -- run here: the quick start, as a new user types it ----------------------------------------------
+def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    argv = shlex.split(command)
+    assert argv[0] == "xportrait"
+    return subprocess.run([str(SCRIPT), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_start_runs_as_written(tmp_path):
+    """`--version`, then `sample-clip driving.mp4`, then `animate` on it (a bundled portrait's
+    name, then a portrait file of one's own), in a fresh folder, by the installed script."""
+    from importlib.metadata import version
+
+    from engines.face import FaceTracker
+    from streamer.samples import portrait
+
+    here = [c for c, e in COMMANDS.items() if isinstance(e, RunHere)]
+    assert here == ["xportrait --version", "xportrait sample-clip driving.mp4",
+                    "xportrait animate grace_hopper driving.mp4 -o out.mp4",
+                    "xportrait animate portrait.jpg driving.mp4 -o out.mp4"]
+    assert SCRIPT.exists(), "the project's console script is not installed"
+    Image.fromarray(portrait("grace_hopper")).save(tmp_path / "portrait.jpg")  # a portrait of one's own
+    results = {}
+    for command in here:
+        result = _run(command, tmp_path)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "W0000" not in result.stderr, (command, result.stderr)
+        results[command] = result
+        if "animate" in command:
+            with av.open(str(tmp_path / "out.mp4")) as container:
+                stream = container.streams.video[0]
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            assert (stream.width, stream.height, len(frames)) == (512, 512, 250)
+            with FaceTracker(video=False) as tracker:
+                assert all(tracker.detect(frames[i]) is not None for i in (0, 125, 249))
+            # Not a still: the head moves as the driving clip's does.
+            assert np.abs(frames[60].astype(np.int16) - frames[0]).mean() > 3
+            assert "250 frames" in result.stdout
+    assert results["xportrait --version"].stdout.strip() == f"xportrait {version('xportrait')}"
+    with av.open(str(tmp_path / "driving.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height, stream.frames, stream.average_rate) == (640, 480, 250, 25)
+
+
+# -- needs weights: refused in one clear line, exit 2 ---------------------------------------------
+@pytest.mark.parametrize("command, entry", _params(NeedsWeights))
+def test_commands_that_need_weights_refuse_in_one_line(command, entry, tmp_path, monkeypatch, capsys):
+    from streamer.cli import main
+
+    from streamer.samples import driving_clip, portrait
+    from streamer.video import write_video
+
+    monkeypatch.chdir(tmp_path)  # a fresh folder: a portrait and a driving clip, no weights, no graphs
+    Image.fromarray(portrait("grace_hopper")).save(tmp_path / "portrait.jpg")
+    write_video(tmp_path / "driving.mp4", (frame for frame, _ in driving_clip("astronaut", frames=3)))
+    try:
+        code = main(shlex.split(command)[1:])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("xportrait ")]
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert ours and re.search(entry.message, ours[-1]), err[-2000:]
+
+
+# -- run by another test ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, entry", _params(RunBy))
+def test_commands_run_by_other_tests(command, entry):
+    path, name = entry.test.split("::")
+    module = importlib.import_module(Path(path).stem)
+    target = getattr(module, name, None)
+    assert target is not None, f"{entry.test} does not exist"
+    source = inspect.getsource(getattr(target, "__wrapped__", target))
+    subcommand = shlex.split(command)[1]
+    for word in (subcommand, *entry.flags):
+        assert word in source, f"{entry.test} does not run `{command}` ({word!r} not in it)"
+
+
+def test_make_targets_run_what_the_readme_says():
+    """`make serve` sets up and serves on 127.0.0.1:8080; `make test` sets up, then runs pytest
+    (this suite, as CI's .ci/run does): the recipes, as make would run them."""
+    plan = subprocess.run(["make", "-n", "-B", "serve", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install -q -e ." in plan.stdout
+    assert "/nonexistent-venv/bin/xportrait serve --host 127.0.0.1 --port 8080" in plan.stdout
+    plan = subprocess.run(["make", "-n", "-B", "test", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install -q -e '.[test]'" in plan.stdout
+    assert "/nonexistent-venv/bin/python -m pytest -q" in plan.stdout
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+BENCH_WARP = "xportrait bench --engine warp --size 512"
+_BENCH_KNOWN = COMMANDS[BENCH_WARP].known
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(BENCH_WARP, marks=[pytest.mark.xfail(reason=_BENCH_KNOWN, strict=False)] if _BENCH_KNOWN else [])])
+def test_bench_warp_runs_as_written(command, capsys):
+    from streamer.cli import main
+
+    code = main(shlex.split(command)[1:])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "warp" in out and "512" in out
