@@ -245,3 +245,46 @@ def test_write_video_y4m_is_raw_420_for_chromium(tmp_path, frames):
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == 5
     assert np.abs(decoded[3].astype(int) - frames[3]).mean() < 3
+
+
+# -- xportrait sample-clip ---------------------------------------------------------------------
+def test_sample_clip_command_writes_a_driving_clip_a_tracker_follows(tmp_path, capsys):
+    from PIL import Image
+
+    from streamer.cli import main
+
+    out = tmp_path / "driving.webm"
+    assert main(["sample-clip", str(out), "--portrait", "grace_hopper", "--seconds", "1.2", "--fps", "10",
+                 "--size", "320x240"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "vp9"
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 12 and frames[0].shape == (240, 320, 3)
+    with FaceTracker(video=False) as tracker:
+        assert tracker.detect(frames[0]) is not None
+    # A portrait image of one's own works the same way; the face may be small in it.
+    canvas = np.full((1080, 1920, 3), 200, np.uint8)
+    canvas[500:1012, 1300:1812] = portrait("astronaut")
+    Image.fromarray(canvas).save(tmp_path / "me.png")
+    assert main(["sample-clip", str(tmp_path / "me.mp4"), "--portrait", str(tmp_path / "me.png"),
+                 "--seconds", "0.4"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driving.webm", "me.mp4", "me.png"]
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["x.mp4", "--portrait", "nobody"], "name a bundled portrait: astronaut, grace_hopper"),
+    (["x.mp4", "--portrait", "GRAY"], "no face found in"),
+    (["x"], "extension chooses the format"),
+])
+def test_sample_clip_refuses_bad_input_in_one_line(args, phrase, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from streamer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(tmp_path / "GRAY", format="PNG")
+    assert main(["sample-clip", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xportrait sample-clip: error: ") and phrase in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["GRAY"]
