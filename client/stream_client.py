@@ -116,7 +116,8 @@ class FileTrack(MediaStreamTrack):
 
 
 class Recorder:
-    """Writes received frames to a file on its own thread (H.264 MP4, via streamer.video)."""
+    """Writes received frames to a file on its own thread (streamer.video.VideoWriter: H.264
+    MP4, or the format the file name's extension names)."""
 
     def __init__(self, path: str | None, fps: float):
         self.path, self.fps = path, fps
@@ -432,7 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="video file to play as the webcam")
     parser.add_argument("--server", type=server_url, default="http://127.0.0.1:8080", metavar="URL",
                         help="the server's URL; a bare HOST:PORT means http:// (default: %(default)s)")
-    parser.add_argument("--output", help="write the avatar stream to this MP4 file")
+    parser.add_argument("--output", help="record the avatar stream to this file (the extension chooses the format: "
+                                         ".mp4, .webm, .mkv, ...)")
     parser.add_argument("--mode", choices=("animate", "echo", "both"), default="animate",
                         help="animate (default); echo bypasses the engine (the transport floor); both runs echo, "
                              "then animate")
@@ -448,6 +450,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = client_options(args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    if options.output is not None:
+        from streamer.output import OutputPathError, check_output
+
+        try:
+            check_output(options.output, [options.input])
+        except OutputPathError as exc:
+            print(f"xportrait client: --output: {exc}", file=sys.stderr)
+            return 2
     try:
         report = asyncio.run(measure(options))
     except VideoError as exc:

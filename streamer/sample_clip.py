@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
+
+from engines.options import OptionError
 
 from .output import OutputPathError, atomic_output, check_output, exit_cleanly_on_signals
 from .samples.gallery import PORTRAITS
@@ -19,24 +22,29 @@ from .samples.gallery import PORTRAITS
 PROG = "xportrait sample-clip"
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value <= 600:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 600], got {text}")
-    return value
+@dataclass(frozen=True)
+class SampleClipOptions:
+    """`xportrait sample-clip`. `seconds` None: the puppet's default script once (10 s)."""
+
+    output: str
+    portrait: str = "astronaut"  # a bundled portrait's name or an image file
+    seconds: float | None = None
+    fps: float = 25.0
+    size: tuple[int, int] = (640, 480)  # width, height
+
+    def __post_init__(self):
+        if self.seconds is not None and not 0 < self.seconds <= 600:
+            raise OptionError(f"--seconds must lie in (0, 600], got {self.seconds:g}")
+        if not 1 <= self.fps <= 120:
+            raise OptionError(f"--fps must lie in [1, 120], got {self.fps:g}")
+        width, height = self.size
+        if width < 64 or height < 64 or width % 2 or height % 2 or max(width, height) > 3840:
+            raise OptionError(f"--size sides must be even, from 64 to 3840, got {width}x{height}")
 
 
-def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected frames per second, got {text!r}") from None
-    if not 1 <= value <= 120:
-        raise argparse.ArgumentTypeError(f"must lie in [1, 120], got {text}")
-    return value
+def sample_clip_options(args: argparse.Namespace) -> SampleClipOptions:
+    return SampleClipOptions(output=args.output, portrait=args.portrait, seconds=args.seconds, fps=args.fps,
+                             size=args.size)
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -44,9 +52,7 @@ def _frame_size(text: str) -> tuple[int, int]:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
-    if width < 64 or height < 64 or width % 2 or height % 2 or max(width, height) > 3840:
-        raise argparse.ArgumentTypeError(f"sides must be even, from 64 to 3840, got {text}")
-    return width, height
+    return width, height  # SampleClipOptions checks the sides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,17 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--portrait", default="astronaut", metavar="NAME|IMAGE",
                         help=f"who moves: a bundled portrait ({', '.join(PORTRAITS)}) or a portrait image "
                              "(default: %(default)s)")
-    parser.add_argument("--seconds", type=_seconds, default=None,
+    parser.add_argument("--seconds", type=float, default=None,
                         help="length (default: the 10 s script once: rolls, shifts, mouth, blinks, speech)")
-    parser.add_argument("--fps", type=_fps, default=25.0, help="frame rate (default: 25)")
+    parser.add_argument("--fps", type=float, default=25.0, help="frame rate (default: 25)")
     parser.add_argument("--size", type=_frame_size, default=(640, 480), metavar="WxH",
                         help="frame size, a webcam's by default (640x480)")
 
 
 def run(args: argparse.Namespace) -> int:
+    options = sample_clip_options(args)
     try:
         with exit_cleanly_on_signals():
-            return write_sample_clip(args)
+            return write_sample_clip(options)
     except (OutputPathError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def write_sample_clip(args: argparse.Namespace) -> int:
+def write_sample_clip(args: SampleClipOptions) -> int:
     from tqdm import tqdm
 
     from engines.face import NoFaceError

@@ -13,8 +13,9 @@ says how the command is run:
 - RunBy: run by the named test, which must exist and run that command (its source names the
   subcommand and the command's flags); used where the command is a server or needs one.
 
-An entry may carry `known`, a defect of a command owned elsewhere: the check is then an
-expected failure (xfail, not strict: when it passes, pytest reports XPASS and the mark goes).
+A NeedsWeights entry may carry `known`, a defect of a command owned elsewhere: the check is
+then an expected failure (xfail, not strict: when it passes, pytest reports XPASS and the
+mark goes).
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ class NeedsWeights:
 class RunBy:
     test: str  # "tests/test_x.py::test_name"
     flags: tuple[str, ...]  # what the test's source must name besides the subcommand
-    known: str | None = None
 
 
 WEIGHTS = r"(needs|not found|no such|GPU|CUDA|TensorRT)"
@@ -111,8 +111,7 @@ COMMANDS = {
         NeedsWeights(WEIGHTS, known="serve --backend onnx without graphs ends in a traceback (ExportError "
                                     "escapes live_engine_options; `structure`/`live`)"),
     "xportrait bench --engine warp --size 512": RunBy(
-        "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench", "--engine", "warp", "--size"),
-        known="UnboundLocalError: a local `measure` shadows the function (streamer/bench.py, `structure`)"),
+        "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench --engine warp --size 512",)),
     "xportrait bench --engine xportrait --random-weights --stream --compile": NeedsWeights(
         WEIGHTS, run=False, known="without a GPU it compiles and runs on the CPU for many minutes instead of "
                                   "refusing (streamer/bench.py, `structure`)"),
@@ -237,16 +236,10 @@ def test_make_targets_run_what_the_readme_says():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-BENCH_WARP = "xportrait bench --engine warp --size 512"
-_BENCH_KNOWN = COMMANDS[BENCH_WARP].known
-
-
-@pytest.mark.parametrize("command", [
-    pytest.param(BENCH_WARP, marks=[pytest.mark.xfail(reason=_BENCH_KNOWN, strict=False)] if _BENCH_KNOWN else [])])
-def test_bench_warp_runs_as_written(command, capsys):
+def test_bench_warp_runs_as_written(capsys):
     from streamer.cli import main
 
-    code = main(shlex.split(command)[1:])
+    code = main(shlex.split("xportrait bench --engine warp --size 512")[1:])
     out = capsys.readouterr().out
     assert code == 0
     assert "warp" in out and "512" in out

@@ -288,3 +288,14 @@ def test_sample_clip_refuses_bad_input_in_one_line(args, phrase, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("xportrait sample-clip: error: ") and phrase in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["GRAY"]
+
+
+@pytest.mark.parametrize("args, phrase", [(["--seconds", "0"], "--seconds"), (["--fps", "500"], "--fps"),
+                                          (["--size", "63x64"], "--size"), (["--size", "big"], "WIDTHxHEIGHT")])
+def test_sample_clip_options_are_usage_errors(args, phrase, tmp_path, capsys):
+    from streamer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample-clip", str(tmp_path / "x.mp4"), *args])
+    assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -159,3 +159,6 @@ def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(se
                                 timeout=90)
         assert result.returncode == 2 and phrase in result.stderr, (bad, result.stderr)
         assert "Traceback" not in result.stderr
+    result = subprocess.run(xportrait("client", clip, "--server", server, "--output", "/dev/null"),
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and "character device" in result.stderr, result.stderr
