@@ -481,7 +481,7 @@ def test_a_full_disk_leaves_no_half_written_checkpoint_or_export(tmp_path, monke
             pass
 
         def save_state(self, folder):
-            os.makedirs(folder)
+            os.makedirs(folder, exist_ok=True)  # as accelerate does
             Path(folder, "optimizer.bin").write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
 
