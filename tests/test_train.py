@@ -32,7 +32,7 @@ from engines.xportrait.train.data import ClipSet, DataError
 from engines.xportrait.train.dataset import SampleSpec, TrainingSamples
 from engines.xportrait.train.export import ExportError, export, to_released
 from engines.xportrait.train.pairs import SCALE_RANGE, CrossIdentityControl
-from engines.xportrait.train.stages import MODULES, STAGES, StageForward, freeze_for, submodule
+from engines.xportrait.train.stages import MODULES, STAGES, StageForward, freeze_for
 from engines.xportrait.train.trainer import TrainError, save_checkpoint, train
 from released_layout import SD_PARTS, released_shapes, released_state_dict
 from streamer.cli import main as cli
@@ -481,7 +481,7 @@ def test_a_full_disk_leaves_no_half_written_checkpoint_or_export(tmp_path, monke
             pass
 
         def save_state(self, folder):
-            os.makedirs(folder)
+            os.makedirs(folder, exist_ok=True)  # as accelerate does
             Path(folder, "optimizer.bin").write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -543,7 +543,7 @@ def test_two_processes_average_gradients_and_keep_parameters_equal(data64, base,
 # ---------------------------------------------------------------------------------------------
 
 def _stream_frames(n: int, size: int = 64):
-    frames, boxes = [], []
+    frames = []
     from engines.face import local_patch_boxes
 
     for f, _ in driving_clip("astronaut", frames=n, size=(size, size), script=talking):

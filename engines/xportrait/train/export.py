@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import re
 from pathlib import Path
@@ -209,7 +208,3 @@ def stage_of(path: str | Path) -> str | None:
     except Exception:
         return None
     return None
-
-
-def describe(paths: list[Path]) -> str:
-    return json.dumps([str(p) for p in paths])

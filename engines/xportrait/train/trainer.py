@@ -544,5 +544,6 @@ def validate(model: XPortraitModel, clips: ClipSet, config: TrainConfig, out: Pa
     figures = motion_accuracy(rendered, aligned_lm)
     figures["step"] = step
     figures["video"] = str(video)
-    _append(out / "validation.jsonl", figures)
+    _append(out / "validation.jsonl", {k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
+                                       for k, v in figures.items()})
     return figures
