@@ -241,6 +241,12 @@ class _Eyelid:
         if lo is None or ks[hi] - ks[lo] < 0.2:
             lo, hi = 6, 16  # no clean band found: the middle of the way
         self.band = (float(ks[lo]), float(ks[hi]))
+        # A band darker than skin (an eye in shadow, behind dark glasses, a painter's dark
+        # socket) would close the eye in the colour of the open one: such a lid is the skin's
+        # colour instead, shaded.
+        band_colour = np.median(colour[lo:hi + 1], axis=0)
+        self.flat = float(band_colour.sum()) < 0.7 * float(skin_tone.sum())
+        self.skin_tone = skin_tone.astype(np.float32)
         # How far below the mesh's lower lid the opening really reaches (a drawn eye's white
         # often does; on a photo the lower lid is skin at once), in eye heights.
         low = mesh[self.lower, :2][middle]
@@ -248,7 +254,8 @@ class _Eyelid:
         below = low[None] + (down[:, None, None] * self.height) * np.array([0.0, 1.0])
         px_low = cv2.remap(image.astype(np.float32), below[..., 0].astype(np.float32), below[..., 1].astype(np.float32),
                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        white = ~_skin_like(np.median(px_low, axis=1), skin_tone)
+        below_colour = np.median(px_low, axis=1)
+        white = ~_skin_like(below_colour, skin_tone) & (below_colour.sum(axis=1) > 1.1 * float(skin_tone.sum()))
         reach = next((i for i in range(len(down)) if not white[i]), len(down) - 1)
         self.reach = float(down[reach])
         # Past the corners too (a drawn eye's white beyond where the mesh puts its corners):
@@ -328,19 +335,30 @@ class _Eyelid:
         map_x = xs + shift * n_hat[0] - x0
         map_y = ys + shift * n_hat[1] - y0
         lid = cv2.remap(roi, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
+        covered = (vv > c) & (vv < edge) & (span > 0.5)
+        if self.flat and covered.sum() > 4:
+            # The colour of the skin just above (the cheeks' where that is dark too), with half
+            # the band's own texture.
+            tone = roi[above].astype(np.float32).mean(axis=0) if above.sum() > 4 else self.skin_tone
+            if tone.sum() < 0.7 * self.skin_tone.sum():
+                tone = self.skin_tone
+            lid = tone + 0.5 * (lid - lid[covered].mean(axis=0))
         # Stretched skin is smooth along the stretch (a stretched pore is a streak).
         blur = 2 * int(max(1.0, 0.15 * height)) + 1
         lid = cv2.GaussianBlur(lid, (3, blur), 0)
         # Lit as the skin just above it (the band often lies in the crease's shade): a closed
         # lid catches the light as the brow bone does.
-        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
-        covered = (vv > c) & (vv < edge) & (span > 0.5)
-        if above.sum() > 4 and covered.sum() > 4:
+        if not self.flat and above.sum() > 4 and covered.sum() > 4:
             gain = roi[above].astype(np.float32).mean(axis=0) / np.maximum(lid[covered].mean(axis=0), 1.0)
             fall = np.clip((vv - c) / depth, 0.0, 1.0)
             lid *= 1.0 + (np.clip(gain, 0.85, 1.35) - 1.0) * (np.minimum(fall * 3, 1.0) * onset * span)[..., None]
         # Coverage: 1 down to the edge, feathered over about a pixel, only where the eye is.
         cover = np.clip(edge - vv + 0.5, 0.0, 1.0) * (vv >= c - 1.0)
+        # Above the open lid's line the lid only changes skin into skin: fade it in from its top
+        # so no edge shows there; over the eye it covers fully.
+        soft = _smoothstep((vv - c) / max(0.3 * height, 1.0))
+        cover *= np.where(vv < t - 1.5 * unit, soft, 1.0)  # (the lash line itself is covered)
         cover *= np.clip(u + 3.0 * unit, 0.0, 1.0) * np.clip(length - u + 3.0 * unit, 0.0, 1.0)  # just past the corners
         # The lash line along the edge and the lid's shadow on the eye beneath it.
         lash_width = max(0.7, 0.07 * height)
