@@ -287,14 +287,13 @@ def clips():
 # Each case: the portrait, the driver (another identity), and the correlations it must reach.
 # Thresholds: 0.8 for the mouth and 0.7 for each eye are what a viewer reads as following (the
 # issue's failing cases were 0.64 and -0.48); roll must follow almost exactly (0.95: the
-# instrument's own jitter on a painting costs a little). Where the
-# measuring instrument itself (mediapipe on the output) cannot read a style, no threshold
-# is claimed: the painted portrait's eyes sit in dark glasses-and-shadow blobs whose
-# opening mediapipe does not track even on the unanimated painting.
+# instrument's own jitter on a painting costs a little). The painting's eyes sit in dark
+# glasses-and-shadow blobs that mediapipe reads less surely: 0.6 there; so is the cartoon's
+# left eye (measured 0.67-0.69: its lid's skin band runs into the drawn brow at one corner).
 CASES = [
     ("astronaut", "grace_hopper", {"mouth": 0.8, "eye_right": 0.7, "eye_left": 0.7, "roll": 0.97}),
     # The driver's resting face is an open, toothy smile; the portrait's mouth is closed.
-    ("painted_hopper", "astronaut", {"mouth": 0.8, "roll": 0.95}),
+    ("painted_hopper", "astronaut", {"mouth": 0.8, "eye_right": 0.6, "eye_left": 0.6, "roll": 0.95}),
     ("cartoon", "grace_hopper", {"mouth": 0.8, "eye_right": 0.7, "eye_left": 0.6, "roll": 0.97}),
 ]
 
