@@ -783,14 +783,15 @@ class Reenactor:
         ids.fill(0)
         points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
         # Face triangles far to near (a turned head's far cheek under its nose, not over it),
-        # and none that a turn has flipped over (seen from behind: the near ones cover it).
+        # those a turn has flipped over (seen from behind) first of all: where the face's
+        # edge turns away they fill in with the cheek's own colours, under every facing one.
         f = self._face_start
         face_depth = depth[self._face_depth_points].mean(axis=1)
-        facing = det[f:] * self._source_det[f:] > 0
+        flipped = det[f:] * self._source_det[f:] <= 0
         order = self._order
-        order[f:] = f + np.argsort(-face_depth, kind="stable")
+        order[f:] = f + np.lexsort((-face_depth, ~flipped))
         self._rank[order] = self._ranks
-        drawn = order[(order < f) | np.concatenate([np.zeros(f, bool), facing])[order]]
+        drawn = order
         for k, triangle in zip((drawn + 1).tolist(), points[drawn]):
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
