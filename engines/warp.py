@@ -192,6 +192,12 @@ def _catmull_rom(count: int, samples: int) -> np.ndarray:
     return np.array(rows)
 
 
+def _flat(points: np.ndarray) -> np.ndarray:
+    """Points (N, >=2) in the image plane, z set to 0: a similarity fitted on them is a roll,
+    a shift and a scale."""
+    return np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
@@ -627,11 +633,9 @@ class Reenactor:
         # The rings follow the head's motion in the image plane only (roll, shift, scale): a
         # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
         # stretch smoothly instead of folding over the cheek.
-        flat = lambda points: np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
-        self._flat = flat
-        self._q2 = Similarity.fit(flat(ref[list(RIGID)]), flat(self._mesh3d[list(RIGID)]))
-        self._ref_rigid_2d = flat(ref[list(RIGID)])
-        self._rings_in_ref = self._q2.inverse()(flat(self._rings3d))
+        self._q2 = Similarity.fit(_flat(ref[list(RIGID)]), _flat(self._mesh3d[list(RIGID)]))
+        self._ref_rigid_2d = _flat(ref[list(RIGID)])
+        self._rings_in_ref = self._q2.inverse()(_flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self.calibration = DriverCalibration(reference)
         self._reference_key = key
@@ -659,7 +663,8 @@ class Reenactor:
         return mesh
 
     def landmarks(self, driving: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`."""
+        """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`
+        (a driving frame like any other: it updates the driver's calibration, as render does)."""
         motion = self._motion(driving, reference)
         _shut, mouth = self.calibration.update(driving)
         return self._moved(driving, motion, mouth)
@@ -673,7 +678,7 @@ class Reenactor:
         mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        planar = Similarity.fit(self._ref_rigid_2d, self._flat(driving[list(RIGID)].astype(np.float64)))
+        planar = Similarity.fit(self._ref_rigid_2d, _flat(driving[list(RIGID)].astype(np.float64)))
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
