@@ -192,6 +192,12 @@ def _catmull_rom(count: int, samples: int) -> np.ndarray:
     return np.array(rows)
 
 
+def _flat(points: np.ndarray) -> np.ndarray:
+    """Points (N, >=2) in the image plane, z set to 0: a similarity fitted on them is a roll,
+    a shift and a scale."""
+    return np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
@@ -241,6 +247,12 @@ class _Eyelid:
         if lo is None or ks[hi] - ks[lo] < 0.2:
             lo, hi = 6, 16  # no clean band found: the middle of the way
         self.band = (float(ks[lo]), float(ks[hi]))
+        # A band darker than skin (an eye in shadow, behind dark glasses, a painter's dark
+        # socket) would close the eye in the colour of the open one: such a lid is the skin's
+        # colour instead, shaded.
+        band_colour = np.median(colour[lo:hi + 1], axis=0)
+        self.flat = float(band_colour.sum()) < 0.7 * float(skin_tone.sum())
+        self.skin_tone = skin_tone.astype(np.float32)
         # How far below the mesh's lower lid the opening really reaches (a drawn eye's white
         # often does; on a photo the lower lid is skin at once), in eye heights.
         low = mesh[self.lower, :2][middle]
@@ -248,7 +260,8 @@ class _Eyelid:
         below = low[None] + (down[:, None, None] * self.height) * np.array([0.0, 1.0])
         px_low = cv2.remap(image.astype(np.float32), below[..., 0].astype(np.float32), below[..., 1].astype(np.float32),
                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        white = ~_skin_like(np.median(px_low, axis=1), skin_tone)
+        below_colour = np.median(px_low, axis=1)
+        white = ~_skin_like(below_colour, skin_tone) & (below_colour.sum(axis=1) > 1.1 * float(skin_tone.sum()))
         reach = next((i for i in range(len(down)) if not white[i]), len(down) - 1)
         self.reach = float(down[reach])
         # Past the corners too (a drawn eye's white beyond where the mesh puts its corners):
@@ -328,19 +341,30 @@ class _Eyelid:
         map_x = xs + shift * n_hat[0] - x0
         map_y = ys + shift * n_hat[1] - y0
         lid = cv2.remap(roi, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
+        covered = (vv > c) & (vv < edge) & (span > 0.5)
+        if self.flat and covered.sum() > 4:
+            # The colour of the skin just above (the cheeks' where that is dark too), with half
+            # the band's own texture.
+            tone = roi[above].astype(np.float32).mean(axis=0) if above.sum() > 4 else self.skin_tone
+            if tone.sum() < 0.7 * self.skin_tone.sum():
+                tone = self.skin_tone
+            lid = tone + 0.5 * (lid - lid[covered].mean(axis=0))
         # Stretched skin is smooth along the stretch (a stretched pore is a streak).
         blur = 2 * int(max(1.0, 0.15 * height)) + 1
         lid = cv2.GaussianBlur(lid, (3, blur), 0)
         # Lit as the skin just above it (the band often lies in the crease's shade): a closed
         # lid catches the light as the brow bone does.
-        above = (vv > c - 0.35 * height) & (vv < c) & (span > 0.5)
-        covered = (vv > c) & (vv < edge) & (span > 0.5)
-        if above.sum() > 4 and covered.sum() > 4:
+        if not self.flat and above.sum() > 4 and covered.sum() > 4:
             gain = roi[above].astype(np.float32).mean(axis=0) / np.maximum(lid[covered].mean(axis=0), 1.0)
             fall = np.clip((vv - c) / depth, 0.0, 1.0)
             lid *= 1.0 + (np.clip(gain, 0.85, 1.35) - 1.0) * (np.minimum(fall * 3, 1.0) * onset * span)[..., None]
         # Coverage: 1 down to the edge, feathered over about a pixel, only where the eye is.
         cover = np.clip(edge - vv + 0.5, 0.0, 1.0) * (vv >= c - 1.0)
+        # Above the open lid's line the lid only changes skin into skin: fade it in from its top
+        # so no edge shows there; over the eye it covers fully.
+        soft = _smoothstep((vv - c) / max(0.3 * height, 1.0))
+        cover *= np.where(vv < t - 1.5 * unit, soft, 1.0)  # (the lash line itself is covered)
         cover *= np.clip(u + 3.0 * unit, 0.0, 1.0) * np.clip(length - u + 3.0 * unit, 0.0, 1.0)  # just past the corners
         # The lash line along the edge and the lid's shadow on the eye beneath it.
         lash_width = max(0.7, 0.07 * height)
@@ -609,11 +633,9 @@ class Reenactor:
         # The rings follow the head's motion in the image plane only (roll, shift, scale): a
         # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
         # stretch smoothly instead of folding over the cheek.
-        flat = lambda points: np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
-        self._flat = flat
-        self._q2 = Similarity.fit(flat(ref[list(RIGID)]), flat(self._mesh3d[list(RIGID)]))
-        self._ref_rigid_2d = flat(ref[list(RIGID)])
-        self._rings_in_ref = self._q2.inverse()(flat(self._rings3d))
+        self._q2 = Similarity.fit(_flat(ref[list(RIGID)]), _flat(self._mesh3d[list(RIGID)]))
+        self._ref_rigid_2d = _flat(ref[list(RIGID)])
+        self._rings_in_ref = self._q2.inverse()(_flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self.calibration = DriverCalibration(reference)
         self._reference_key = key
@@ -641,7 +663,8 @@ class Reenactor:
         return mesh
 
     def landmarks(self, driving: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`."""
+        """The source mesh (468, 3) moved as the driver moved from `reference` to `driving`
+        (a driving frame like any other: it updates the driver's calibration, as render does)."""
         motion = self._motion(driving, reference)
         _shut, mouth = self.calibration.update(driving)
         return self._moved(driving, motion, mouth)
@@ -655,7 +678,7 @@ class Reenactor:
         mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        planar = Similarity.fit(self._ref_rigid_2d, self._flat(driving[list(RIGID)].astype(np.float64)))
+        planar = Similarity.fit(self._ref_rigid_2d, _flat(driving[list(RIGID)].astype(np.float64)))
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
@@ -765,14 +788,15 @@ class Reenactor:
         ids.fill(0)
         points = np.rint(dst * (16 * self.grid / self.size)).astype(np.int32)  # 4 fractional bits
         # Face triangles far to near (a turned head's far cheek under its nose, not over it),
-        # and none that a turn has flipped over (seen from behind: the near ones cover it).
+        # those a turn has flipped over (seen from behind) first of all: where the face's
+        # edge turns away they fill in with the cheek's own colours, under every facing one.
         f = self._face_start
         face_depth = depth[self._face_depth_points].mean(axis=1)
-        facing = det[f:] * self._source_det[f:] > 0
+        flipped = det[f:] * self._source_det[f:] <= 0
         order = self._order
-        order[f:] = f + np.argsort(-face_depth, kind="stable")
+        order[f:] = f + np.lexsort((-face_depth, ~flipped))
         self._rank[order] = self._ranks
-        drawn = order[(order < f) | np.concatenate([np.zeros(f, bool), facing])[order]]
+        drawn = order
         for k, triangle in zip((drawn + 1).tolist(), points[drawn]):
             cv2.fillConvexPoly(ids, triangle, k, cv2.LINE_8, 4)
         np.take(self._affines, ids.reshape(-1), axis=0, out=self._chosen)  # each pixel's affine
