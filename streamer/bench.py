@@ -221,8 +221,10 @@ def bench_xportrait_stream(args: argparse.Namespace) -> dict:
 
     options = {k: v for k, v in live_engine_options(args).items()
                if k not in ("sampler", "guidance", "tiny_decoder", "compile", "stream")}
-    if args.profile and pick_device(options.get("device")).type != "cuda":
-        raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
+    if args.profile:  # checked before the long run
+        if pick_device(options.get("device")).type != "cuda":
+            raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     source, frames = _cost_inputs(args, args.frames)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
@@ -354,6 +356,9 @@ def _print_offline(result: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.profile and not (args.engine == "xportrait" and args.stream):
+        print("error: --profile is for --engine xportrait --stream (the live tick)", file=sys.stderr)
+        return 2
     if args.engine == "xportrait":
         measure, show = (bench_xportrait_stream, _print_stream) if args.stream else (bench_xportrait_offline, _print_offline)
         try:
