@@ -99,6 +99,9 @@ def bench_stream(options: BenchOptions) -> dict:
 
         if pick_device(engine_options.device).type != "cuda":
             raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
+        from pathlib import Path
+
+        Path(options.profile).mkdir(parents=True, exist_ok=True)  # before the long run
     source, frames = _cost_inputs(options, options.frames, fps=30)
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []

@@ -272,7 +272,7 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
     if args.fast_only and not args.stream:
         raise OptionError("--fast-only is for --engine xportrait --stream")
     if args.profile and not args.stream:
-        raise OptionError("--profile is for --engine xportrait --stream")
+        raise OptionError("--profile is for --engine xportrait --stream (the live tick)")
     if args.stream and args.engine != "xportrait":
         raise OptionError("--stream is for --engine xportrait (the warp engine always runs frame by frame)")
     try:

@@ -73,6 +73,11 @@ def test_profiling_without_a_gpu_is_a_clear_error_before_any_work(tmp_path, caps
     assert not (tmp_path / "profile").exists()
 
 
+def test_profile_is_only_for_the_live_engine(tmp_path, capsys):
+    assert main(["bench", "--engine", "warp", "--profile", str(tmp_path / "p")]) == 2
+    assert "--profile is for --engine xportrait --stream" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles CUDA kernels")
 def test_the_stream_bench_profiles_its_tick_on_a_gpu(tmp_path, capsys):
     assert main(TINY + ["--profile", str(tmp_path), "--json"]) == 0
