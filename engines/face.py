@@ -46,6 +46,7 @@ RIGHT_EYE_LIDS, LEFT_EYE_LIDS = (159, 145), (386, 374)
 RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS = (33, 133), (362, 263)
 MOUTH_LIDS, MOUTH_CORNERS = (13, 14), (78, 308)
 
+REDETECT_PASSES = 2  # extra mesh passes on a frame whose face was just detected (FaceTracker.detect)
 MAX_SIDE = 2048  # larger images are downscaled before anything else (memory, mesh speed)
 
 
@@ -163,6 +164,7 @@ class FaceTracker:
 
         self._min_confidence = min_confidence
         self._detector: FaceDetector | None = None
+        self._video, self._tracking = video, False
         with _native_stderr_muted():
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=not video,
@@ -177,11 +179,15 @@ class FaceTracker:
         """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
         global _said_once
         h, w = rgb.shape[:2]
-        if _said_once:
+        with contextlib.nullcontext() if _said_once else _native_stderr_muted():
             result = self._mesh.process(rgb)
-        else:
-            with _native_stderr_muted():
-                result = self._mesh.process(rgb)
+            if self._video and not self._tracking and result.multi_face_landmarks:
+                # A face just (re)detected is meshed from the detector's box, which sits the mesh
+                # ~1.5 degrees off in pitch against every later, tracked frame of the same still
+                # face; meshing it once more from its own landmarks' box gives the tracked answer.
+                for _ in range(REDETECT_PASSES):
+                    result = self._mesh.process(rgb)
+        self._tracking = bool(result.multi_face_landmarks)
         if not result.multi_face_landmarks:
             return None
         _said_once = True

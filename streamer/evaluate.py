@@ -19,22 +19,13 @@ import json
 import math
 import sys
 
-from engines import ENGINES, EngineError, add_engine_arguments, create_engine, engine_options
+from engines import EngineError, create_engine
+
+from .options import EVAL_MAX_FRAMES, EvalOptions, add_engine_arguments, eval_options
 
 PROG = "xportrait eval"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
-MAX_FRAMES = 5000  # frames are held in memory: about 4.6 GB at 640x480; cut longer clips
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= value <= MAX_FRAMES:
-        raise argparse.ArgumentTypeError(f"must lie in [1, {MAX_FRAMES}], got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,17 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="portrait image(s) or bundled names (astronaut, grace_hopper); the first is animated")
     parser.add_argument("driving", metavar="DRIVING",
                         help="driving video, or puppet:NAME for a bundled portrait's synthetic clip")
-    parser.add_argument("--engine", choices=ENGINES, default="warp", help="engine to evaluate (default: %(default)s)")
-    from .offline import _size
-
-    parser.add_argument("--size", type=_size, default=512, help="output resolution (default: 512)")
-    parser.add_argument("--frames", type=_positive, default=None,
-                        help=f"evaluate the first N frames (default: all, at most {MAX_FRAMES})")
+    parser.add_argument("--frames", type=int, default=None,
+                        help=f"evaluate the first N frames (default: all, at most {EVAL_MAX_FRAMES})")
     parser.add_argument("--ref-frame", type=int, default=None, metavar="INDEX",
                         help="driving frame standing for the portrait's pose (default: the closest to it)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="write driver against output curves as a PNG")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser)  # --engine, --size and the diffusion engine's flags
 
 
 class InputError(ValueError):
@@ -60,25 +47,18 @@ class InputError(ValueError):
 
 
 def _load_source(spec: str):
-    import os
+    """An image file or a bundled portrait's name, as `animate` reads them."""
+    from .offline import InputError as OfflineInputError, source_image
 
-    from .offline import InputError as OfflineInputError, load_image
-
-    if not os.path.exists(spec):
-        from .samples import PORTRAITS, portrait
-
-        if spec in PORTRAITS:
-            return portrait(spec)
-        raise InputError(f"source image not found: {spec} (bundled portraits: {', '.join(PORTRAITS)})")
     try:
-        return load_image(spec)
+        return source_image(spec)
     except OfflineInputError as e:
         raise InputError(str(e)) from None
 
 
 def _driving(spec: str, limit: int | None) -> tuple[list, float]:
     """The driving frames (RGB arrays) and their rate."""
-    count = MAX_FRAMES if limit is None else limit
+    count = EVAL_MAX_FRAMES if limit is None else limit
     if spec.startswith("puppet:"):
         from engines.face import NoFaceError
 
@@ -130,32 +110,34 @@ def summary(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = eval_options(args)
+    name = options.engine.name
     from engines.face import NoFaceError
     from engines.metrics import evaluate, plot
 
     try:
-        sources = [_load_source(s) for s in args.sources]
-        frames, fps = _driving(args.driving, args.frames)
-        if args.ref_frame is not None and not 0 <= args.ref_frame < len(frames):
-            raise InputError(f"--ref-frame {args.ref_frame} is out of range: the clip has {len(frames)} frames")
-        engine = create_engine(args.engine, size=args.size, **engine_options(args))
-        comparison = evaluate(engine, sources, frames, fps, reference=args.ref_frame)
+        sources = [_load_source(s) for s in options.sources]
+        frames, fps = _driving(options.driving, options.frames)
+        if options.ref_frame is not None and options.ref_frame >= len(frames):
+            raise InputError(f"--ref-frame {options.ref_frame} is out of range: the clip has {len(frames)} frames")
+        engine = create_engine(options.engine)
+        comparison = evaluate(engine, sources, frames, fps, reference=options.ref_frame)
     except (InputError, NoFaceError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except EngineError as e:
-        print(f"{PROG}: error: engine {args.engine!r}: {e}", file=sys.stderr)
+        print(f"{PROG}: error: engine {name!r}: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    report = {"engine": args.engine, "size": args.size, "sources": args.sources, "driving": args.driving,
+    report = {"engine": name, "size": options.engine.size, "sources": list(options.sources), "driving": options.driving,
               **comparison.report}
     try:
-        if args.plot:
-            plot(comparison, args.plot, fps, title=f"{args.engine}: {args.sources[0]} driven by {args.driving}")
-        if args.json == "-":
+        if options.plot:
+            plot(comparison, options.plot, fps, title=f"{name}: {options.sources[0]} driven by {options.driving}")
+        if options.json == "-":
             print(json.dumps(report, indent=2))
         else:
-            if args.json:
-                with open(args.json, "w") as f:
+            if options.json:
+                with open(options.json, "w") as f:
                     json.dump(report, f, indent=2)
             print(summary(report))
     except OSError as e:

@@ -18,7 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.face import MAX_SIDE, downscale
 
-MAX_PIXELS = 40_000_000  # decoded at most (after JPEG's reduced decode): ~160 MB as RGBA
+MAX_PIXELS = 40_000_000  # an upload decodes to at most this (after JPEG's reduced decode): ~160 MB as RGBA
+# A local file (`animate`): the user's own photo, read once, so up to Pillow's own bomb limit
+# (a 100 MP camera raw export decodes; a true decompression bomb is still refused).
+FILE_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, ..."
 
 

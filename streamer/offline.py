@@ -77,15 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_image(path: str) -> np.ndarray:
     """Any image Pillow reads, as uint8 RGB, upright: the loader `serve` uses for uploads."""
-    from .images import ImageError, read_image
+    from .images import FILE_MAX_PIXELS, ImageError, read_image
 
     try:
-        return read_image(path, what="source image")
+        return read_image(path, what="source image", max_pixels=FILE_MAX_PIXELS)
     except ImageError as e:
         raise InputError(str(e)) from None
 
 
-def _source_image(path: str) -> np.ndarray:
+def source_image(path: str) -> np.ndarray:
     """An image file, or a bundled portrait named on the command line (a file wins)."""
     if not os.path.exists(path) and path in PORTRAITS:
         from .samples.gallery import portrait
@@ -118,7 +118,7 @@ def animate(args: AnimateOptions) -> int:
     started = time.perf_counter()
     out, container = check_output(args.output, [*args.sources, args.driving])
     # Cheap checks first: the face mesh and the engine are only loaded for valid input.
-    images = [_source_image(path) for path in args.sources]
+    images = [source_image(path) for path in args.sources]
     try:
         info = probe(args.driving)
     except VideoError as e:

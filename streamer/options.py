@@ -235,6 +235,37 @@ def animate_options(args: argparse.Namespace) -> AnimateOptions:
                           engine=engine_options(args), ref_frame=args.ref_frame)
 
 
+# -- eval -------------------------------------------------------------------------------------------
+EVAL_MAX_FRAMES = 5000  # frames are held in memory: about 4.6 GB at 640x480; cut longer clips
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """`xportrait eval`: how well `engine` follows `driving` (a video, or puppet:NAME).
+    `frames` None: all of them (at most EVAL_MAX_FRAMES); `ref_frame` None: the closest to the portrait."""
+
+    sources: tuple[str, ...]
+    driving: str
+    engine: EngineOptions = field(default_factory=WarpOptions)
+    frames: int | None = None
+    ref_frame: int | None = None
+    json: str | None = None
+    plot: str | None = None
+
+    def __post_init__(self):
+        if not self.sources:
+            raise OptionError("eval needs at least one SOURCE portrait")
+        if self.frames is not None and not 1 <= self.frames <= EVAL_MAX_FRAMES:
+            raise OptionError(f"--frames must lie in [1, {EVAL_MAX_FRAMES}], got {self.frames}")
+        if self.ref_frame is not None:
+            at_least(self.ref_frame, 0, "ref_frame")
+
+
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(sources=tuple(args.sources), driving=args.driving, engine=engine_options(args),
+                       frames=args.frames, ref_frame=args.ref_frame, json=args.json, plot=args.plot)
+
+
 # -- bench ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchOptions:

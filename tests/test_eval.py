@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from engines import create_engine
+from engines import WarpOptions, create_engine
 from engines.base import Rendered, Timings
 from engines.metrics import FEATURES, compare, evaluate, head_pose, shape_distance
 from streamer.cli import main
@@ -74,7 +74,7 @@ def test_head_pose_recovers_a_known_rotation():
 
 def test_a_still_driver_gives_no_error(astronaut):
     still = [f for f, _ in driving_clip("grace_hopper", frames=24, fps=FPS, script=lambda t: Pose())]
-    report = evaluate(create_engine("warp", SIZE), [astronaut], still, FPS).report
+    report = evaluate(create_engine(WarpOptions(size=SIZE)), [astronaut], still, FPS).report
     assert report["frames_compared"] == 24
     for axis, error in report["pose_error_deg"].items():
         assert error < 0.5, (axis, error)  # mediapipe's own wobble on still frames: ~0.1-0.3
@@ -88,7 +88,7 @@ def test_a_still_driver_gives_no_error(astronaut):
 
 def test_a_frozen_output_gives_a_large_error_and_the_warp_a_small_one(astronaut, moving_clip):
     frozen = evaluate(FrozenEngine(), [astronaut], moving_clip, FPS).report
-    warp = evaluate(create_engine("warp", SIZE), [astronaut], moving_clip, FPS).report
+    warp = evaluate(create_engine(WarpOptions(size=SIZE)), [astronaut], moving_clip, FPS).report
     # The driver rolls +-12 degrees and opens its mouth to ~0.7 of its width.
     assert frozen["features"]["roll"]["driver_range"] > 20
     assert frozen["pose_error_deg"]["roll"] > 4.0
