@@ -70,7 +70,7 @@ def compare(model, graph_dir: Path, steps: int, window: int, repeat: int, out=sy
 
 def run(args: argparse.Namespace) -> int:
     options = export_options(args)
-    from engines.xportrait.weights import load_model
+    from engines.xportrait.weights import WeightsError, load_model
     from engines.xportrait.runtime import model_config
 
     from .onnx_export import export_all
@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
         manifest = export_all(model, out, steps=steps, window=window, show_progress=True)
+    except WeightsError as e:  # missing or unusable weights: bad input
+        print(f"xportrait export: {e}", file=sys.stderr)
+        return 2
     except (EngineError, OSError) as e:
         print(f"xportrait export: {e}", file=sys.stderr)
         return 1

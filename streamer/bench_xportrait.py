@@ -93,10 +93,13 @@ def bench_stream(options: BenchOptions) -> dict:
 
     from .options import engine_factory
 
-    engine_options, live = options.engine, options.engine.live
-    if options.profile:
-        from engines.xportrait.runtime import pick_device
+    from engines.xportrait.runtime import pick_device
 
+    engine_options, live = options.engine, options.engine.live
+    if engine_options.model_size == "sd15" and pick_device(engine_options.device).type != "cuda":
+        # Minutes of CPU for figures that say nothing about the live engine: refuse at once.
+        raise EngineError("the live engine's bench at SD size needs a CUDA GPU (on a CPU: --model-size tiny)")
+    if options.profile:
         if pick_device(engine_options.device).type != "cuda":
             raise EngineError("--profile needs a CUDA GPU (it profiles the tick's kernels)")
         from pathlib import Path

@@ -80,7 +80,7 @@ class RunBy:
     flags: tuple[str, ...]  # what the test's source must name besides the subcommand
 
 
-WEIGHTS = r"(needs|not found|no such|GPU|CUDA|TensorRT)"
+WEIGHTS = r"(needs|not found|no such|no manifest|GPU|CUDA|TensorRT)"
 
 COMMANDS = {
     # The quick start.
@@ -106,15 +106,35 @@ COMMANDS = {
     "xportrait serve --engine xportrait --base ... --checkpoint ... --lcm-lora ... --compile "
     "--tiny-decoder taesd/": NeedsWeights(WEIGHTS),
     "xportrait export --to graphs/ --size 512 --steps 4 --window 16 --base ... --checkpoint ...":
-        NeedsWeights(WEIGHTS, known="export exits 1, not 2, on missing weights (export/cli.py, `structure`)"),
-    "xportrait serve --engine xportrait --backend onnx --graphs graphs/":
-        NeedsWeights(WEIGHTS, known="serve --backend onnx without graphs ends in a traceback (ExportError "
-                                    "escapes live_engine_options; `structure`/`live`)"),
+        NeedsWeights(WEIGHTS),
+    "xportrait serve --engine xportrait --backend onnx --graphs graphs/": NeedsWeights(WEIGHTS),
     "xportrait bench --engine warp --size 512": RunBy(
         "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench --engine warp --size 512",)),
-    "xportrait bench --engine xportrait --random-weights --stream --compile": NeedsWeights(
-        WEIGHTS, run=False, known="without a GPU it compiles and runs on the CPU for many minutes instead of "
-                                  "refusing (streamer/bench.py, `structure`)"),
+    # Serving to another machine over HTTPS.
+    "xportrait serve --host 0.0.0.0 --self-signed --token SECRET": RunBy(
+        "tests/test_serve_tls.py::test_serve_self_signed_prints_an_https_url_and_the_fingerprint",
+        ("0.0.0.0", "--self-signed", "--token")),
+    # The virtual camera: a camera is needed, so the tests run them on a video file as the camera.
+    "make cam": RunBy("tests/test_readme.py::test_make_targets_run_what_the_readme_says", ("cam",)),
+    "xportrait cam --server https://gpu-box:8080 --token SECRET": RunBy(
+        "tests/test_cam.py::test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects",
+        ("server", "token")),
+    "xportrait cam --portrait my-avatar.png --portrait astronaut": RunBy(
+        "tests/test_cam.py::test_the_preview_window_shows_what_the_call_sees", ("--portrait",)),
+    # Evaluation.
+    "xportrait eval astronaut puppet:grace_hopper --frames 50 --json report.json --plot curves.png": RunBy(
+        "tests/test_eval.py::test_the_eval_command_writes_json_and_a_plot",
+        ("astronaut", "puppet:grace_hopper", "--frames", "--json", "--plot")),
+    # Training: needs Stable Diffusion 1.5 and talking-head videos.
+    "xportrait prepare-data videos/ --out data/": NeedsWeights(WEIGHTS),
+    "xportrait train --stage appearance --data data/ --base sd15/ --out runs/r/": NeedsWeights(WEIGHTS),
+    "xportrait train --stage motion --data data/ --base sd15/ --init runs/r/model_state-30000.th --out runs/c/":
+        NeedsWeights(WEIGHTS),
+    "xportrait train --stage temporal --data data/ --base sd15/ --init runs/c/model_state-30000.th --out runs/m/":
+        NeedsWeights(WEIGHTS),
+    "xportrait train --stage causal --data data/ --base sd15/ --init runs/m/model_state-30000.th --out runs/live/":
+        NeedsWeights(WEIGHTS),
+    "xportrait bench --engine xportrait --random-weights --stream --compile": NeedsWeights(WEIGHTS),
 }
 
 
@@ -234,6 +254,11 @@ def test_make_targets_run_what_the_readme_says():
     assert "pip install -q -e '.[test]'" in plan.stdout
     assert "/nonexistent-venv/bin/python -m pytest -q" in plan.stdout
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+    plan = subprocess.run(["make", "-n", "-B", "cam", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install -q -e '.[cam]'" in plan.stdout
+    assert "/nonexistent-venv/bin/xportrait cam" in plan.stdout
 
 
 def test_bench_warp_runs_as_written(capsys):
