@@ -32,6 +32,7 @@ from engines.face import FaceTracker, head_roll
 from streamer import samples
 from streamer.cam import CamError, Controls, LocalAvatar, cam, open_sinks, still_of
 from streamer.options import CamOptions
+from streamer.video import write_video
 from streamer.capture import Camera, CameraError, CameraInput, _open_error, camera_input
 from streamer.sinks import MODPROBE, Feed, PipeWireSource, SinkError, VirtualCamera, virtual_camera_missing
 
@@ -55,7 +56,7 @@ def clip(tmp_path_factory) -> tuple[str, list[np.ndarray], list[samples.Pose]]:
     """Four seconds of a webcam user (Grace Hopper) as raw y4m, the frames and their poses."""
     pairs = list(samples.driving_clip("grace_hopper", frames=4 * FPS, fps=FPS, script=rolling_script))
     path = tmp_path_factory.mktemp("cam") / "webcam.y4m"
-    samples.write_y4m(path, (frame for frame, _ in pairs), fps=FPS)
+    write_video(path, (frame for frame, _ in pairs), fps=FPS)
     return str(path), [frame for frame, _ in pairs], [pose for _, pose in pairs]
 
 
@@ -109,7 +110,7 @@ def short_clip(clip, tmp_path_factory) -> tuple[str, list[np.ndarray]]:
     """The clip's first 1.2 s (30 frames), for the reader's own tests."""
     frames = clip[1][:30]
     path = tmp_path_factory.mktemp("cam") / "short.y4m"
-    samples.write_y4m(path, frames, fps=FPS)
+    write_video(path, frames, fps=FPS)
     return str(path), frames
 
 
