@@ -21,7 +21,7 @@ import sys
 
 from engines import EngineError, create_engine
 
-from .options import EVAL_MAX_FRAMES, EvalOptions, add_engine_arguments, eval_options
+from .options import EVAL_MAX_FRAMES, add_engine_arguments, eval_options
 
 PROG = "xportrait eval"
 EXIT_BAD_INPUT = 2

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import running_server
 from cryptography import x509
 from live_helpers import FPS, Peer, Webcam, clip, configured, prepared, running, until  # noqa: F401
 
@@ -163,19 +164,7 @@ def test_tunnel_offers_media_on_the_network_addresses(tmp_path):
                  if isinstance(ip.ip, str) and not ip.ip.startswith("127.")}
     if not addresses:
         pytest.skip("this machine has no network address besides loopback")
-    process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--tunnel", "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        url = None
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-            url = match and match.group(1)
-        assert url, "serve --tunnel did not start"
-
+    with running_server("--tunnel") as (process, url):
         async def answer() -> str:
             peer = Peer(Webcam(lambda i: None, 0))
             async with aiohttp.ClientSession(url) as http:
@@ -187,6 +176,5 @@ def test_tunnel_offers_media_on_the_network_addresses(tmp_path):
 
         candidates = set(re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+ typ host", asyncio.run(answer())))
         assert candidates & addresses, candidates
-    finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
