@@ -506,6 +506,26 @@ def test_export_names_every_key_the_released_way():
                 and "input_hint_block" not in k]
 
 
+def test_export_refuses_weights_that_would_not_load_back():
+    """The exporter's check is the loader's: a tensor with no released name, or one the
+    loader would read back with another value, stops the export before anything is written."""
+    from engines.xportrait.train.export import check_loads_back, released_weights
+
+    model = random_model(TINY, seed=1)
+    ours = model.state_dict()
+    released = released_weights(TINY, model)
+    check_loads_back(TINY, ours, released)  # the model's own export loads back
+    name = next(k for k in released if k.startswith("pose_control_model."))
+    bad = dict(released, **{name: released[name] + 1})
+    with pytest.raises(ExportError, match="load back with other values"):
+        check_loads_back(TINY, ours, bad)
+    with pytest.raises(ExportError, match="(?s)would not load back.*no weights for 1 "):
+        check_loads_back(TINY, ours, {k: v for k, v in released.items() if k != name})
+    model.register_parameter("stray", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ExportError, match="(?s)no released name.*stray"):
+        released_weights(TINY, model)
+
+
 def released_layout_buffers():
     from released_layout import DDPM_BUFFERS
 
