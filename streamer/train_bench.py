@@ -57,12 +57,13 @@ def _loader(args) -> int:
 
 def _synthetic_data(out: Path, size: int) -> Path:
     from engines.xportrait.train.data import PrepareOptions, prepare
-    from streamer.samples import driving_clip, write_clip
+    from streamer.samples import driving_clip
+    from streamer.video import write_video
 
     videos = []
     for name in ("astronaut", "grace_hopper"):
         path = out / f"{name}.mp4"
-        write_clip(path, (f for f, _ in driving_clip(name, frames=120, size=(960, 720))))
+        write_video(path, (f for f, _ in driving_clip(name, frames=120, size=(960, 720))))
         videos.append(path)
     prepare(videos, out / "data", PrepareOptions(size=size))
     return out / "data"

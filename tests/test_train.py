@@ -26,17 +26,18 @@ import torch
 
 from engines.face import FACE_OVAL, FaceTracker, head_box, head_roll, mouth_opening
 from engines.xportrait.config import XPortraitConfig
-from engines.xportrait.loading import load_model, random_model
+from engines.xportrait.weights import load_model, random_model, to_released
 from engines.xportrait.train.config import build_config
 from engines.xportrait.train.data import ClipSet, DataError
 from engines.xportrait.train.dataset import SampleSpec, TrainingSamples
-from engines.xportrait.train.export import ExportError, export, to_released
+from engines.xportrait.train.export import ExportError, export
 from engines.xportrait.train.pairs import SCALE_RANGE, CrossIdentityControl
 from engines.xportrait.train.stages import MODULES, STAGES, StageForward, freeze_for
 from engines.xportrait.train.trainer import TrainError, save_checkpoint, train
 from released_layout import SD_PARTS, released_shapes, released_state_dict
 from streamer.cli import main as cli
-from streamer.samples import Pose, driving_clip, write_clip
+from streamer.samples import Pose, driving_clip
+from streamer.video import write_video
 
 TINY = XPortraitConfig.tiny()
 FRAMES = 24
@@ -64,7 +65,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     for name in ("astronaut", "grace_hopper"):
         frames = [f for f, _ in driving_clip(name, frames=FRAMES, size=(320, 240), script=talking)]
         out[name] = folder / f"{name}.mp4"
-        write_clip(out[name], frames)
+        write_video(out[name], frames)
     return out
 
 
@@ -144,10 +145,10 @@ def test_prepare_data_splits_at_cuts_and_reports_faceless_and_unreadable_videos(
     a = [f for f, _ in driving_clip("astronaut", frames=12, size=(320, 240), script=talking)]
     b = [f for f, _ in driving_clip("grace_hopper", frames=12, size=(320, 240), script=talking)]
     cut = tmp_path / "cut.mp4"
-    write_clip(cut, a + b)  # one video, two shots
+    write_video(cut, a + b)  # one video, two shots
     faceless = tmp_path / "faceless.mp4"
     rng = np.random.default_rng(0)
-    write_clip(faceless, [np.full((240, 320, 3), 90, np.uint8) + rng.integers(0, 30, (240, 320, 3), dtype=np.uint8)
+    write_video(faceless, [np.full((240, 320, 3), 90, np.uint8) + rng.integers(0, 30, (240, 320, 3), dtype=np.uint8)
                           for _ in range(10)])
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00not a video" * 100)
@@ -168,7 +169,7 @@ def test_prepare_data_refuses_empty_folders_and_videos_without_faces(tmp_path, c
     assert cli(["prepare-data", str(empty), "--out", str(tmp_path / "o1"), "--quiet"]) == 2
     assert "no videos found" in capsys.readouterr().err
     faceless = tmp_path / "grey.mp4"
-    write_clip(faceless, [np.full((128, 128, 3), 128, np.uint8)] * 10)
+    write_video(faceless, [np.full((128, 128, 3), 128, np.uint8)] * 10)
     assert cli(["prepare-data", str(faceless), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no clip could be made" in err and "no face" in err
@@ -494,7 +495,7 @@ def test_a_full_disk_leaves_no_half_written_checkpoint_or_export(tmp_path, monke
 
 
 def test_export_names_every_key_the_released_way():
-    released = to_released(TINY, random_model(TINY, seed=1).state_dict())
+    released = to_released(TINY, random_model(TINY, seed=1))
     layout = released_shapes(TINY)
     assert set(released) <= set(layout)
     missing = {k.split(".")[0] for k in set(layout) - set(released)}
@@ -503,6 +504,26 @@ def test_export_names_every_key_the_released_way():
     assert missing <= {"cond_stage_model", "appearance_control_model", *released_layout_buffers()}
     assert not [k for k in set(layout) - set(released) if k.startswith("appearance_control_model.")
                 and "input_hint_block" not in k]
+
+
+def test_export_refuses_weights_that_would_not_load_back():
+    """The exporter's check is the loader's: a tensor with no released name, or one the
+    loader would read back with another value, stops the export before anything is written."""
+    from engines.xportrait.train.export import check_loads_back, released_weights
+
+    model = random_model(TINY, seed=1)
+    ours = model.state_dict()
+    released = released_weights(TINY, model)
+    check_loads_back(TINY, ours, released)  # the model's own export loads back
+    name = next(k for k in released if k.startswith("pose_control_model."))
+    bad = dict(released, **{name: released[name] + 1})
+    with pytest.raises(ExportError, match="load back with other values"):
+        check_loads_back(TINY, ours, bad)
+    with pytest.raises(ExportError, match="(?s)would not load back.*no weights for 1 "):
+        check_loads_back(TINY, ours, {k: v for k, v in released.items() if k != name})
+    model.register_parameter("stray", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ExportError, match="(?s)no released name.*stray"):
+        released_weights(TINY, model)
 
 
 def released_layout_buffers():
@@ -585,24 +606,27 @@ def test_the_causal_pattern_is_the_one_the_live_engine_attends_with(window, look
 
 def test_the_causal_forward_of_a_clip_is_what_the_live_engine_streams():
     """All frames of a clip at one timestep in one pass with the pattern = the streaming
-    engine's frames, one at a time through its rings (one LCM step, no look-ahead)."""
+    engine's frames, one at a time through its rings (one LCM step, no look-ahead). In float64:
+    the two paths sum in different orders (the stream's fused q/k/v and ring sums), which in
+    float32 leaves rounding of ~6e-7 of the latents' scale; in float64 any other difference shows."""
     from engines.xportrait.stream import LCMLevels, StreamingDenoiser, StreamSettings, control_hints
     from engines.xportrait.train.causal import live_pattern
 
-    model = random_model(TINY, seed=0)
+    dtype = torch.float64
+    model = random_model(TINY, seed=0).to(dtype)
     n, window = 6, 3
     settings = StreamSettings(steps=1, window=window)
     frames, boxes = _stream_frames(n)
-    source = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    denoiser = StreamingDenoiser(model, settings, "cpu", torch.float32)
+    source = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype) * 2 - 1
+    denoiser = StreamingDenoiser(model, settings, "cpu", dtype)
     denoiser.prepare(source)
     streamed = [denoiser.tick(frames[i], boxes[i])[0].clone() for i in range(n)]
 
-    levels = LCMLevels(model, settings, "cpu", torch.float32)
+    levels = LCMLevels(model, settings, "cpu", dtype)
     t = levels.timesteps[0]
     latent = model.encode(source)
     x = levels.enter(latent).expand(n, -1, -1, -1)
-    pose, local = control_hints(frames, boxes, torch.float32)
+    pose, local = control_hints(frames, boxes, dtype)
     reference = model.reference_features([latent], t)
     past = [live_pattern(n, window)] * len(model.unet.motion.in_order())
     eps = model.predict_noise(x, t, n, reference, pose, local, temporal_past=past)

@@ -124,16 +124,13 @@ class StageForward(nn.Module):
                 keep = (~uncond).repeat_interleave(f).to(noisy.dtype).view(-1, 1, 1, 1)
                 pose_hint, local_hint = pose_hint * keep, local_hint * keep
             down, mid = model.controls(noisy, t_frames, pose_hint, local_hint)
-        model._reference.active = reference
-        try:
-            if stage.temporal:
-                modules = len(model.unet.motion.in_order())
-                past = [self.pattern] * modules if self.pattern is not None else None
-                eps = model.unet(noisy, t_frames, model.text, f, down, mid, temporal_past=past)
-            else:  # M not plugged in: the SD1.5 UNet alone
-                eps = walk(model.unet.unet, noisy, t_frames, model.text, down_residuals=down, mid_residual=mid)
-        finally:
-            model._reference.active = None
+        if stage.temporal:
+            modules = len(model.unet.motion.in_order())
+            past = [self.pattern] * modules if self.pattern is not None else None
+            eps = model.unet(noisy, t_frames, model.text, f, down, mid, temporal_past=past, reference=reference)
+        else:  # M not plugged in: the SD1.5 UNet alone
+            eps = walk(model.unet.unet, noisy, t_frames, model.text, down_residuals=down, mid_residual=mid,
+                       reference=reference)
         return F.mse_loss(eps.float(), noise.float())
 
     def reference(self, z_source: torch.Tensor, t: torch.Tensor, frames: int):

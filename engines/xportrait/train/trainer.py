@@ -32,12 +32,12 @@ import torch
 
 from ...base import EngineError
 from ..config import XPortraitConfig
-from ..loading import WeightsError, load_model
+from ..weights import WeightsError, load_model, write_released
 from ..model import XPortraitModel
 from .config import TrainConfig
 from .data import ClipSet, DataError
 from .dataset import SampleSpec, TrainingSamples
-from .export import ExportError, atomic_write, export, stage_of, to_released
+from .export import ExportError, atomic_write, export, released_weights, stage_of
 from .stages import MODULES, ORDER, STAGES, StageForward, freeze_for, submodule
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,13 @@ def model_config(config: TrainConfig, resolution: int) -> XPortraitConfig:
     return XPortraitConfig.tiny(size) if config.model == "tiny" else XPortraitConfig.sd15(size)
 
 
-def fresh_modules(config: XPortraitConfig) -> dict[str, torch.Tensor]:
-    """M and both ControlNets as the released training starts them, under our names: M with
-    zero output projections (each module an identity), ControlNets with the default init
-    (their UNet part is copied from the base UNet after loading; zero output convolutions)."""
+def fresh_modules(config: XPortraitConfig) -> torch.nn.Module:
+    """M and both ControlNets as the released training starts them, named as in the model
+    (`unet.motion.`, `pose_controlnet.`, `local_controlnet.`): M with zero output projections
+    (each module an identity), ControlNets with the default init (their UNet part is copied
+    from the base UNet after loading; zero output convolutions)."""
+    import copy
+
     from diffusers import ControlNetModel
 
     from ..temporal import MotionModules
@@ -70,11 +73,12 @@ def fresh_modules(config: XPortraitConfig) -> dict[str, torch.Tensor]:
     for module in motion.in_order():
         torch.nn.init.zeros_(module.proj_out.weight)
         torch.nn.init.zeros_(module.proj_out.bias)
-    state = {"unet.motion." + k: v for k, v in motion.state_dict().items()}
-    control = ControlNetModel(**config.controlnet_kwargs()).state_dict()
-    for name in ("pose_controlnet.", "local_controlnet."):
-        state.update({name + k: v.clone() for k, v in control.items()})  # two modules, two storages
-    return state
+    fresh = torch.nn.Module()
+    fresh.unet = torch.nn.Module()
+    fresh.unet.motion = motion
+    fresh.pose_controlnet = ControlNetModel(**config.controlnet_kwargs())
+    fresh.local_controlnet = copy.deepcopy(fresh.pose_controlnet)  # two modules, two storages
+    return fresh
 
 
 def _copy_unet_into_controlnets(model: XPortraitModel) -> None:
@@ -98,12 +102,11 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu
     if config.base == RANDOM_BASE:
         if config.init:
             raise TrainError("--base random draws every weight: it takes no --init")
-        from ..loading import random_model
+        from ..weights import random_model
 
         log.warning("--base random: RANDOM Stable Diffusion weights (for speed and memory measurements only)")
         model = random_model(xp, config.seed, device)
-        fresh = fresh_modules(xp)
-        model.load_state_dict({**model.state_dict(), **fresh})
+        model.load_state_dict({**model.state_dict(), **fresh_modules(xp).state_dict()})
         _copy_unet_into_controlnets(model)
         return model.train()
     base = Path(config.base)
@@ -120,7 +123,7 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu
     if init is None:  # the loader wants every tensor: the fresh modules go in as a checkpoint
         scratch.mkdir(parents=True, exist_ok=True)
         checkpoint = atomic_write(scratch / "fresh-modules.th",
-                                  lambda p: torch.save({"state_dict": to_released(xp, fresh_modules(xp))}, p))
+                                  lambda p: write_released(p, released_weights(xp, fresh_modules(xp))))
     try:
         model = load_model(xp, base=base, checkpoint=checkpoint)
     except WeightsError as e:
@@ -138,33 +141,17 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu
 
 
 def enable_checkpointing(model: XPortraitModel) -> None:
-    """Activation checkpointing: diffusers' own in the ControlNets and the attention blocks,
-    torch's wrapper on every resnet and temporal module the UNet walk calls directly.
-
-    The UNet's self-attention reads the reference tokens active at the time of the call; its
-    recomputation (in backward, when no reference is active) gets the ones of the forward."""
-    import torch.utils.checkpoint as checkpoint
+    """Activation checkpointing: diffusers' own in the UNets, the ControlNets and their
+    attention blocks, torch's wrapper on every resnet and temporal module the UNet walk calls
+    directly. The reference keys/values are an argument of every attention call
+    (cross_attention_kwargs), so the recomputation in backward gets the forward's."""
     from diffusers.models.resnet import ResnetBlock2D
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 
     from ..temporal import TemporalModule
 
-    state = model._reference
-
-    def with_reference(module, *args):
-        active = state.active
-
-        def run(*inputs):
-            previous, state.active = state.active, active
-            try:
-                return module(*inputs)
-            finally:
-                state.active = previous
-
-        return checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-    model.unet.unet.enable_gradient_checkpointing(with_reference)
+    model.unet.unet.enable_gradient_checkpointing()
     for module in (model.reference_net.unet, model.pose_controlnet, model.local_controlnet):
         module.enable_gradient_checkpointing()
     wrap = lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -509,7 +496,7 @@ def validate(model: XPortraitModel, clips: ClipSet, config: TrainConfig, out: Pa
     import cv2
     import numpy as np
 
-    from streamer.samples import write_clip
+    from streamer.video import write_video
 
     from ...face import alignment_affine, best_reference_frame, head_box, transform_landmarks
     from ..pipeline import SamplerSettings, XPortraitPipeline
@@ -540,7 +527,7 @@ def validate(model: XPortraitModel, clips: ClipSet, config: TrainConfig, out: Pa
     video = out / "validation" / f"step-{step:06d}.mp4"
     side = np.concatenate([aligned, rendered], axis=2)  # driving | rendered
     fps = clips.clips[0].fps if 0 < clips.clips[0].fps <= 240 else 25.0
-    atomic_write(video, lambda p: write_clip(p, side, fps=fps))
+    atomic_write(video, lambda p: write_video(p, side, fps=fps))
     figures = motion_accuracy(rendered, aligned_lm)
     figures["step"] = step
     figures["video"] = str(video)
