@@ -7,11 +7,13 @@ from .base import DrivingFrame, Engine, EngineError, Rendered, SourcePortrait, T
 from .options import ENGINES, EngineOptions, LiveOptions, OptionError, WarpOptions, XPortraitOptions
 
 
-def create_engine(options: EngineOptions, model=None) -> Engine:
+def create_engine(options: EngineOptions, model=None, progress=None) -> Engine:
     """Build the engine `options` describe. `model`: for the xportrait engines, a model to
     render with instead of loading one: one already loaded (engines share it), or for the live
     engine any `DenoiserModel`, e.g. exported graphs (export.graph_model loads those: engines do
-    not import export). Bad configurations raise EngineError."""
+    not import export). `progress(done, total)`: told of each denoising step by engines that
+    render a whole clip at the end (the offline diffusion engine); others never call it.
+    Bad configurations raise EngineError."""
     if isinstance(options, WarpOptions):
         if model is not None:
             raise EngineError("the warp engine takes no model")
@@ -25,7 +27,7 @@ def create_engine(options: EngineOptions, model=None) -> Engine:
             return XPortraitLiveEngine(options, model)
         from .xportrait.offline import XPortraitEngine
 
-        return XPortraitEngine(options, model)  # offline: the whole clip at once
+        return XPortraitEngine(options, model, progress=progress)  # offline: the whole clip at once
     raise EngineError(f"not engine options: {options!r}; the engines are: {', '.join(ENGINES)}")
 
 

@@ -128,8 +128,9 @@ def animate(args: AnimateOptions) -> int:
     from engines.face import FaceTracker, NoFaceError, best_reference_frame
 
     size = args.engine.size
+    steps = _StepBar()
     try:
-        engine = create_engine(args.engine)
+        engine = create_engine(args.engine, progress=steps)
     except EngineError as e:  # missing weights or backend, a bad combination of options
         raise InputError(f"engine {args.engine.name!r}: {e}") from None
     if getattr(engine, "random_weights", False):
@@ -160,6 +161,7 @@ def animate(args: AnimateOptions) -> int:
         # Ctrl-C and SIGTERM included, removes it.
         written, audio = _render(animator, args.driving, landmarks, times, info, out, container, size)
     finally:
+        steps.close()
         animator.close()
 
     elapsed = time.perf_counter() - started
@@ -205,6 +207,25 @@ def _track(animator, driving: str, info) -> tuple[list[np.ndarray | None], list[
         raise InputError(f"no face found in any of the {len(landmarks)} frames of the driving video {driving}: "
                          "use a clip where one face is clearly visible")
     return landmarks, times
+
+
+class _StepBar:
+    """A progress bar of the denoising steps of an engine that renders the clip at the end,
+    opened at its first step (the engine says how many there are)."""
+
+    def __init__(self):
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="denoising", unit="step", disable=None)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _render(animator, driving: str, landmarks: list, times: list[float], info, out: Path, container: Container,

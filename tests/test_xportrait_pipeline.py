@@ -277,3 +277,24 @@ def test_guidance_uses_the_plain_unet_as_the_unconditional_branch(model):
     plain = model.unet(x, t, model.text, 4)
     guided = model.predict_noise(x, t, 4, ref, driving, local, guidance=5.0)
     torch.testing.assert_close(guided, plain + 5.0 * (cond - plain), rtol=1e-4, atol=1e-5)
+
+
+def test_the_offline_engine_reports_each_denoising_step_to_its_progress(model):
+    """`animate` shows a bar of the denoising steps while the diffusion engine renders the clip
+    at the end: the engine says how many steps there are and when each is done."""
+    import numpy as np
+
+    from engines import XPortraitOptions, create_engine
+    from engines.base import DrivingFrame, SourcePortrait
+
+    calls = []
+    options = XPortraitOptions(size=RES, model_size="tiny", random_weights=True, device="cpu", sampler="lcm", steps=3)
+    engine = create_engine(options, model=model, progress=lambda done, total: calls.append((done, total)))
+    image = np.full((RES, RES, 3), 128, np.uint8)
+    marks = np.full((478, 3), RES / 2, np.float32)
+    engine.prepare([SourcePortrait(image, marks)])
+    for k in range(3):
+        engine.step(DrivingFrame(marks, marks, k / 25, image=image, tag=k))
+    assert calls == []  # nothing is rendered before flush
+    assert [r.tag for r in engine.flush()] == [0, 1, 2]
+    assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -9,7 +9,7 @@ frame, is live.py.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,9 +45,11 @@ class XPortraitEngine:
     needs_driving_image = True
     waits_on_device = False  # offline: frames are kept, not rendered, until flush
 
-    def __init__(self, options: XPortraitOptions, model=None, settings: SamplerSettings | None = None):
+    def __init__(self, options: XPortraitOptions, model=None, settings: SamplerSettings | None = None,
+                 progress: Callable[[int, int], None] | None = None):
         """`model`: an XPortraitModel already loaded (not loaded again); `settings`: the
-        sampler, when not the one the options describe (the bench times several on one model)."""
+        sampler, when not the one the options describe (the bench times several on one model);
+        `progress(done, total)`: called after each denoising step of `flush`."""
         if options.live is not None:
             raise EngineError("these are the live engine's options (live is set): create_engine builds that one")
         self.options = options
@@ -56,6 +58,7 @@ class XPortraitEngine:
         self.device = pick_device(options.device)
         self.dtype, config = resolve_dtype(options.dtype, self.device), model_config(options.model_size, options.size)
         self.settings = settings or sampler_settings(options)
+        self._progress = progress
 
         if model is None:
             from .weights import load_model
@@ -99,7 +102,7 @@ class XPortraitEngine:
         t0 = time.perf_counter()
         pose, local = control_hints(torch.from_numpy(np.stack(self._driving)).to(self.device),
                                     torch.from_numpy(np.stack(self._boxes)).to(self.device), self.dtype)
-        frames = self.pipeline(self._sources, pose, local)
+        frames = self.pipeline(self._sources, pose, local, progress=self._progress)
         images = to_images(frames)
         elapsed = (time.perf_counter() - t0) * 1e3
         self._timings.record("pipeline", elapsed)
