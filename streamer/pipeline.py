@@ -93,6 +93,7 @@ class EnginePool:
 # -- stages: what the two threads do to a frame ---------------------------------------------------
 class Stage(Protocol):
     takes_portrait: bool
+    tracks_faces: bool  # track() runs the face mesh (its time is the "face" stage)
     waits_on_device: bool  # overlap tracking with the engine step
     frames_without_face: int
 
@@ -112,6 +113,7 @@ class AnimateStage:
     engine from the pool, given back when the stage closes."""
 
     takes_portrait = True
+    tracks_faces = True
 
     def __init__(self, pool: EnginePool, portrait: np.ndarray):
         self._pool = pool
@@ -174,6 +176,7 @@ class EchoStage:
     """The webcam frame itself, through the same threads and slots: the transport's own cost."""
 
     takes_portrait = False
+    tracks_faces = False
     waits_on_device = False
     frames_without_face = 0
 
@@ -453,7 +456,7 @@ class Pipeline:
         moment = float(moment) if moment is not None else frame.arrived
         driving = self.stage.track(rgb, moment, frame)
         t2 = time.perf_counter()
-        return Prepared(driving, (t1 - t0) * 1e3, (t2 - t1) * 1e3, t2)
+        return Prepared(driving, (t1 - t0) * 1e3, (t2 - t1) * 1e3 if self.stage.tracks_faces else 0.0, t2)
 
     def _render(self, driving: DrivingFrame | Rendered) -> tuple[Output, float, float] | None:
         """Engine thread: a prepared frame in; the output frame, when one leaves the engine."""

@@ -255,7 +255,7 @@ def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_
     still_after = [i for i, s in enumerate(states) if s == "still" and i > first_live]
     # The live frame goes out at once, then repeats at the rate (50 fps) for hold_s, then the still.
     assert times[first_live] - put_at < 0.02
-    assert 20 <= len(held) <= 27 and all(shown[i] == 200 for i in held)
+    assert 20 <= len(held) <= 30 and all(shown[i] == 200 for i in held)  # 25 at 50 fps, give or take the clock
     assert times[still_after[0]] - put_at == pytest.approx(0.5, abs=0.05) and all(shown[i] == 10 for i in still_after)
     paused = [i for i, s in enumerate(states) if s == "paused"]
     assert len(paused) >= 15 and all(shown[i] == 10 for i in paused)

@@ -74,7 +74,9 @@ def test_profiling_without_a_gpu_is_a_clear_error_before_any_work(tmp_path, caps
 
 
 def test_profile_is_only_for_the_live_engine(tmp_path, capsys):
-    assert main(["bench", "--engine", "warp", "--profile", str(tmp_path / "p")]) == 2
+    with pytest.raises(SystemExit) as stop:  # an option error is a usage error
+        main(["bench", "--engine", "warp", "--profile", str(tmp_path / "p")])
+    assert stop.value.code == 2
     assert "--profile is for --engine xportrait --stream" in capsys.readouterr().err
 
 
