@@ -20,6 +20,7 @@ from engines.base import SourcePortrait
 from engines.face import LEFT_EYE, LEFT_LID_PAIRS, RIGHT_EYE, RIGHT_LID_PAIRS, FaceTracker, prepare_source
 from engines.metrics import evaluate
 from engines.warp import Reenactor
+from test_warp import open_mouth  # tests/ is on sys.path: one jaw-drop helper for both warp test files
 from streamer.samples import Pose, driving_clip, portrait
 from styles import cartoon_face, inked, painted
 
@@ -72,17 +73,6 @@ def turned(landmarks: np.ndarray, yaw: float = 0.0, roll: float = 0.0, shift=(0.
     ry = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
     rz = np.array([[math.cos(b), -math.sin(b), 0], [math.sin(b), math.cos(b), 0], [0, 0, 1]])
     return ((landmarks - c) @ (rz @ ry).T + c + [shift[0], shift[1], 0]).astype(np.float32)
-
-
-def open_mouth(landmarks: np.ndarray, pixels: float) -> np.ndarray:
-    """The driver's jaw drops by `pixels`: lower lip and chin, fading out towards the cheeks."""
-    out = landmarks.copy()
-    lips = (out[13, 1] + out[14, 1]) / 2
-    below = np.clip((out[:, 1] - lips) / (out[152, 1] - lips) * 1.5, 0, 1)
-    below[out[:, 1] <= lips] = 0
-    below[[14, 87, 178, 88, 95, 317, 402, 318, 324, 17, 84, 181, 91, 146, 314, 405, 321, 375]] = 1
-    out[:, 1] += pixels * below
-    return out
 
 
 def eye_openings(landmarks: np.ndarray) -> list[np.ndarray]:
