@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", choices=("clip", "video", "folder"), default="clip",
                         help="what stands for one person: each clip, each video, or the video's folder "
                              "(default: %(default)s)")
+    parser.add_argument("--control-cache", action="store_true",
+                        help="also render every frame's cross-identity control image once (for "
+                             "`xportrait train --cached-controls`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -56,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         if not videos:
             raise DataError(f"no videos found in {', '.join(args.videos)}")
         summary = prepare(videos, args.out, options, progress=not args.quiet)
+        cached = None
+        if args.control_cache:
+            from engines.xportrait.train.data import ClipSet
+            from engines.xportrait.train.dataset import build_control_cache
+
+            cached = build_control_cache(ClipSet(args.out), progress=not args.quiet)
     except DataError as e:
         print(f"xportrait prepare-data: {e}", file=sys.stderr)
         return 2
@@ -63,5 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"xportrait prepare-data: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(summary.text())
+    if cached is not None:
+        print(f"control cache: {cached} control images")
     print(f"wrote {args.out} (summary: {Path(args.out) / 'summary.json'})")
     return 0

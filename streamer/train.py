@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--workers", type=int, help="data-loader worker processes")
+    parser.add_argument("--cached-controls", action="store_true", default=None,
+                        help="read the control images `prepare-data --control-cache` rendered (faster loader; "
+                             "no face models needed on the training machine)")
     parser.add_argument("--model", choices=("sd15", "tiny"), help="architecture size (tiny: tests)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
                               out=args.out, resume=args.resume, steps=args.steps, stop_after=args.stop_after,
                               batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                               mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                              workers=args.workers, model=args.model, seed=args.seed)
+                              workers=args.workers, cached_controls=args.cached_controls,
+                              model=args.model, seed=args.seed)
     except ConfigError as e:
         print(f"xportrait train: {e}", file=sys.stderr)
         return 2

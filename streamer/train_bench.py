@@ -4,7 +4,7 @@
         samples/s of the training loader with the control images rendered on the fly (in the
         workers) and read from a cache (built first if missing): which keeps a GPU fed.
 
-    python -m streamer.train_bench gpu --out DIR [--data DIR] [--steps 6] [--curve-steps 300]
+    python -m streamer.train_bench gpu --out DIR [--data DIR [--cached-controls]] [--steps 6] [--curve-steps 300]
         On a CUDA GPU at SD size (512², RANDOM SD1.5 weights: labelled so): seconds per step and
         peak memory of every stage at 16 frames (the temporal stages; smaller clips where 16 do
         not fit, said so), gradient checkpointing on and off, bf16; then a run of
@@ -56,7 +56,8 @@ def _loader(args) -> int:
 
 
 def _synthetic_data(out: Path, size: int) -> Path:
-    from engines.xportrait.train.data import PrepareOptions, prepare
+    from engines.xportrait.train.data import ClipSet, PrepareOptions, prepare
+    from engines.xportrait.train.dataset import build_control_cache
     from streamer.samples import driving_clip
     from streamer.video import write_video
 
@@ -66,6 +67,7 @@ def _synthetic_data(out: Path, size: int) -> Path:
         write_video(path, (f for f, _ in driving_clip(name, frames=120, size=(960, 720))))
         videos.append(path)
     prepare(videos, out / "data", PrepareOptions(size=size))
+    build_control_cache(ClipSet(out / "data"))
     return out / "data"
 
 
@@ -81,6 +83,7 @@ def _gpu(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else _synthetic_data(out, 512)
+    args.cached_controls = args.cached_controls or not args.data
     device = torch.cuda.get_device_name()
     results = []
 
@@ -91,7 +94,7 @@ def _gpu(args) -> int:
         config = build_config(None, stage=stage, data=str(data), base="random", out=str(folder), steps=steps,
                               mixed_precision="bf16", gradient_checkpointing=checkpointing, workers=args.workers,
                               frames=frames if stage in ("temporal", "causal") else None, save=False,
-                              log_every=10, lr=1e-5, warmup_steps=0, **extra)
+                              log_every=10, lr=1e-5, warmup_steps=0, cached_controls=args.cached_controls, **extra)
         return train(config, progress=False)
 
     for stage in args.stages:
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--workers", type=int, default=8)
     gpu.add_argument("--curve-steps", type=int, default=300)
     gpu.add_argument("--curve-stage", default="temporal")
+    gpu.add_argument("--cached-controls", action="store_true",
+                     help="read --data's control cache (`prepare-data --control-cache`): no face models needed")
     args = parser.parse_args(argv)
     return _loader(args) if args.what == "loader" else _gpu(args)
 

@@ -454,6 +454,43 @@ def test_bad_training_inputs_get_clear_messages(uninterrupted, data64, base, tmp
         run_config(data64, base, tmp_path / "d", frames=4)
 
 
+def test_cached_controls_train_without_the_face_models(videos, base, tmp_path, capsys, monkeypatch):
+    """`prepare-data --control-cache` renders I_C once; `train --cached-controls` reads it and
+    never runs a face model (a GPU host need not have mediapipe). Without the cache: exit 2."""
+    from engines.xportrait.train.dataset import CACHE, cached_control
+
+    data = tmp_path / "set"
+    assert prepare(list(videos.values()), data, "--size", "64", "--format", "npy", "--control-cache") == 0
+    clips = ClipSet(data)
+    frames = sum(c.frames for c in clips.clips)
+    assert f"control cache: {frames} control images" in capsys.readouterr().out
+    assert len(list((data / CACHE).glob("*/*.jpg"))) == frames
+
+    import engines.matte
+
+    def no_face_models(*args, **kwargs):
+        raise AssertionError("a face model ran in the loader")
+
+    monkeypatch.setattr(engines.matte, "segment_person", no_face_models)
+    samples = TrainingSamples(clips, SampleSpec(frames=1, scale=False, cached=True), seed=0, length=4)
+    drawn = samples.draw(2)
+    cached = cached_control(clips, drawn["clip"], drawn["targets"][0], drawn["scale"])
+    assert np.array_equal(samples[2]["control"][0].numpy(), cached.image)
+    argv = ["train", "--stage", "motion", "--data", str(data), "--base", str(base), "--model", "tiny", "--steps", "2",
+            "--workers", "0", "--quiet", "--cached-controls"]
+    assert cli([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert "motion: step 2, loss" in capsys.readouterr().out
+
+    for folder in (data / CACHE).iterdir():  # a cache with a clip missing: refused at the start
+        import shutil
+
+        shutil.rmtree(folder)
+        break
+    assert cli([*argv, "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "no cached control images for 1 of" in err and "prepare-data --control-cache" in err
+
+
 def test_the_papers_config_file_reads_and_flags_override_it():
     path = Path("engines/xportrait/train/paper.toml")
     config = build_config(path, stage="temporal", data="d", base="b", out="o", lr=2e-5)
@@ -544,7 +581,7 @@ def test_two_processes_average_gradients_and_keep_parameters_equal(data64, base,
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__).with_name("train_ddp_check.py")), str(data64), str(base),
                            str(tmp_path / "run"), str(report)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-12000:]
     for rank in (0, 1):
         result = json.loads(Path(f"{report}.rank{rank}").read_text())
         assert result["ranks"] == 2 and len(result["steps"]) == 2 and len(result["losses"]) == 2

@@ -56,6 +56,7 @@ class TrainConfig:
     lookahead: int = 0  # ...and look-ahead
     scale_augment: bool = True  # random heterogeneous scaling of the control images (paper 3.4)
     uncond_prob: float = 0.0
+    cached_controls: bool = False  # I_C from `prepare-data --control-cache` (no face models in the loader)
     # bookkeeping
     log_every: int = 10
     checkpoint_every: int = 1000

@@ -46,6 +46,12 @@ class TrainingSamples(Dataset):
         if spec.controls and len(clips.identities) < 2:
             raise DataError(f"{clips.root}: cross-identity control images need clips of at least two identities; "
                             f"the set has one ({clips.identities[0]})")
+        if spec.controls and spec.cached:
+            missing = [c.id for c in clips.clips if not (clips.root / CACHE / c.id / "other.npy").is_file()]
+            if missing:
+                raise DataError(f"{clips.root}: no cached control images for {len(missing)} of {len(clips)} clips "
+                                f"(first: {missing[0]}); build them with `xportrait prepare-data --control-cache`, "
+                                "or train without --cached-controls")
         self.usable = usable
 
     def __len__(self) -> int:

@@ -121,8 +121,8 @@ def build_model(config: TrainConfig, resolution: int, scratch: Path, device="cpu
                     "(pass the previous stage's export or the released checkpoint)", stage.name)
     checkpoint = init
     if init is None:  # the loader wants every tensor: the fresh modules go in as a checkpoint
-        scratch.mkdir(parents=True, exist_ok=True)
-        checkpoint = atomic_write(scratch / "fresh-modules.th",
+        scratch.mkdir(parents=True, exist_ok=True)  # one file per process: every rank of a run loads
+        checkpoint = atomic_write(scratch / f"fresh-modules-{os.getpid()}.th",
                                   lambda p: write_released(p, released_weights(xp, fresh_modules(xp))))
     try:
         model = load_model(xp, base=base, checkpoint=checkpoint)
@@ -310,7 +310,7 @@ def train(config: TrainConfig, progress: bool = True, after_backward=None) -> di
     per_step = config.batch_size * config.grad_accum * accelerator.num_processes
     try:
         samples = TrainingSamples(clips, SampleSpec(frames=frames, controls=stage.controls, scale=config.scale_augment,
-                                                    uncond_prob=config.uncond_prob), config.seed, config.steps * per_step)
+                                                    uncond_prob=config.uncond_prob, cached=config.cached_controls), config.seed, config.steps * per_step)
     except DataError as e:
         raise TrainError(str(e)) from None
     loader = torch.utils.data.DataLoader(samples, batch_size=config.batch_size, shuffle=False,
