@@ -14,15 +14,6 @@ TINY = ["bench", "--engine", "xportrait", "--stream", "--random-weights", "--mod
         "--frames", "7", "--warmup", "2", "--fast-only"]
 
 
-def test_the_readme_warp_bench_runs_as_written(capsys):
-    """README: `xportrait bench --engine warp --size 512` (it once died of an UnboundLocalError)."""
-    assert main(["bench", "--engine", "warp", "--size", "512"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("engine warp at 512x512 on ")
-    assert "  290 frames: " in out  # the default 300, less the 10 warm-up frames
-    assert "baseline (scikit-image PiecewiseAffineTransform warp)" in out
-
-
 def test_the_warp_bench_reports_its_run_next_to_the_textbook_baseline(capsys):
     assert main(["bench", "--engine", "warp", "--size", "128", "--frames", "12", "--warmup", "2",
                  "--baseline-frames", "2", "--json"]) == 0

@@ -303,18 +303,31 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
     assert sink.closed
 
 
+def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """An Xvfb on a free display. -displayfd: Xvfb picks the display and writes its number
+    once it accepts connections. Two X servers starting at once (other tests, other jobs on
+    the machine) can race for one display number: the loser exits, and is started again."""
+    errors = []
+    for _ in range(attempts):
+        xvfb = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        number = xvfb.stdout.readline().strip()
+        if number:
+            return xvfb, ":" + number
+        xvfb.kill()
+        errors.append(xvfb.communicate()[1].strip()[-300:])
+        time.sleep(0.5)
+    pytest.fail("Xvfb did not start: " + " | ".join(errors))
+
+
 def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
     """`--preview` in a real X server (Xvfb), read back from its screen: paused from the
     terminal, the window shows the still portrait."""
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed (`make pipewire` installs it as root)")
-    # -displayfd: Xvfb picks a free display and writes its number once it accepts connections.
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    xvfb, display = start_xvfb()
     producer = None
     try:
-        display = ":" + xvfb.stdout.readline().strip()
-        assert display != ":", "Xvfb did not start"
         env = {**os.environ, "DISPLAY": display}
         producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--loop",
                                      "--portrait", "astronaut", "--virtual-camera", "off", "--pipewire", "off",

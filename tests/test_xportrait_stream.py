@@ -164,12 +164,11 @@ def test_lookahead_lets_a_frame_see_the_next_frames_and_costs_k_frames_of_latenc
     changed = driving.clone()
     changed[1] = 255 - changed[1]
     causal = StreamSettings(steps=2, window=3)
-    for lookahead_settings, should_change in ((settings, True), (causal, False)):
-        a, _ = stream(model, lookahead_settings, sources, driving, boxes)
+    plain, _ = stream(model, causal, sources, driving, boxes)
+    for lookahead_settings, a, should_change in ((settings, out, True), (causal, plain, False)):
         b, _ = stream(model, lookahead_settings, sources, changed, boxes)
         assert torch.allclose(a[0], b[0], atol=1e-6) != should_change
     # With no look-ahead the engine is the causal one, frame for frame.
-    plain, _ = stream(model, causal, sources, driving, boxes)
     torch.testing.assert_close(plain, render_causal(model, causal, sources, *control_hints(driving, boxes, torch.float32)),
                                rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, plain, atol=1e-4)
