@@ -34,6 +34,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
+from .retarget import NEUTRAL, DrivingReposer, Retargeter, Retargeting
 
 _MISSING = object()
 
@@ -85,10 +86,11 @@ class _BufferSets:
 
 class Animator:
     def __init__(self, engine: Engine, tracker: FaceTracker | None = None, smoothing: bool = True,
-                 buffers: int = 1):
+                 buffers: int = 1, retargeting: Retargeting = NEUTRAL):
         """`buffers`: how many driving frames may be handed out by `track` and not yet
         rendered or released (one for `drive`; a pipelined caller needs one per frame in
-        flight plus the one being tracked)."""
+        flight plus the one being tracked). `retargeting`: the controls' first values
+        (`retarget` changes them)."""
         self.engine = engine
         self.size = engine.size
         self.tracker = tracker or FaceTracker(video=True)
@@ -103,6 +105,8 @@ class Animator:
         self._last: DrivingFrame | None = None
         self._aligned = np.empty((NUM_LANDMARKS, 3), np.float32)  # before smoothing
         self._buffers = _BufferSets(buffers, self.size, engine.needs_driving_image)
+        self.retargeter = Retargeter(retargeting)
+        self._reposer: DrivingReposer | None = None  # F's source frame, for engines that read pixels
 
     # -- per source ---------------------------------------------------------------------------
     def set_sources(self, images: Sequence[np.ndarray]) -> None:
@@ -120,6 +124,7 @@ class Animator:
     def recalibrate(self) -> None:
         """Make the next frame with a face the new alignment and motion reference."""
         self._affine = self._reference = self._last = None
+        self._forget_reference()
         if self.smoother:
             self.smoother.reset()
         self.engine.reset()
@@ -134,6 +139,24 @@ class Animator:
         """Fix alignment and motion reference from a driving frame's raw landmarks."""
         self._affine = alignment_affine(head_box(self.sources[0].landmarks), head_box(landmarks))
         self._reference = transform_landmarks(landmarks, self._affine)
+        self._forget_reference()
+
+    # -- retargeting (engines/retarget.py) ------------------------------------------------------
+    def retarget(self, settings: Retargeting) -> None:
+        """New values for the controls, from any thread: the next frames ramp to them."""
+        self.retargeter.settings = settings
+
+    def _forget_reference(self) -> None:
+        self.retargeter.reset()
+        self._reposer = None
+
+    def _retarget(self, aligned: np.ndarray, unedited: np.ndarray, image: np.ndarray | None) -> None:
+        """Edit the aligned driving mesh in place; for an engine that reads driving pixels,
+        re-pose `image` (in place) to it with F. Nothing is touched while the controls are neutral."""
+        if image is not None and self._reposer is None:  # F's source: the first face since the reference
+            self._reposer = DrivingReposer(image, unedited)
+        if self.retargeter.apply(aligned, self._reference) and image is not None:
+            self._reposer.render(aligned, image, self.retargeter.engaged, out=image)
 
     @property
     def reference(self) -> np.ndarray | None:
@@ -192,6 +215,7 @@ class Animator:
         if self.engine.needs_driving_image:
             image = cv2.warpAffine(frame, self._affine, (self.size, self.size), dst=buffers.images[index],
                                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        self._retarget(aligned, self._aligned if self.smoother else aligned, image)
         self._last = DrivingFrame(landmarks=aligned, reference=self._reference, time=time, image=image, tag=tag)
         return buffers.hand_out(self._last)
 
