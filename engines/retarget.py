@@ -99,7 +99,7 @@ def _check_number(value, name: str, low: float, high: float, spelling: str) -> N
     if not number or not math.isfinite(min(max(value, -1e300), 1e300)):  # clamped: a huge int is no float
         raise OptionError(f"{spelling} must be a number in [{low:g}, {high:g}], got {value!r:.40}")
     if not low <= value <= high:
-        raise OptionError(f"{spelling} must be in [{low:g}, {high:g}], got {value:g}")
+        raise OptionError(f"{spelling} must be in [{low:g}, {high:g}], got {value!r:.40}")
 
 
 NEUTRAL = Retargeting()
