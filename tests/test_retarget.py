@@ -243,3 +243,58 @@ def test_the_diffusion_engine_gets_its_driving_image_reposed_by_F(clip, eye):
     # What the ControlNet reads is that image.
     for image in given[-3:]:
         assert any(np.abs(h.astype(int) - image).max() <= 1 for h in hints)
+
+
+# -- the data channel -------------------------------------------------------------------------------------
+def test_the_data_channel_sets_the_controls_and_answers_a_bad_message_with_an_error():
+    """A program on the data channel: a retarget message changes the controls it names (the
+    reply and /stats say the values in force), a bad one is answered with what is wrong, the
+    controls stay as they were and the session keeps streaming; an echo session has none."""
+    import asyncio
+    import json
+
+    from live_helpers import FPS as LIVE_FPS
+    from live_helpers import Peer, Webcam, freed, running, until
+    from streamer.server import Config, Server
+
+    pictures = [frame for frame, _ in driving_clip("astronaut", frames=LIVE_FPS, fps=LIVE_FPS)]
+    server = Server(Config(max_sessions=2, idle_timeout=3.0, connect_timeout=5.0))
+    server.prepare()
+
+    def replies(peer, kind):
+        return [m for m in peer.stats if m["type"] == kind]
+
+    async def main():
+        async with running(server) as http:
+            peer = Peer(Webcam(lambda i: pictures[i % len(pictures)], 10 * LIVE_FPS))
+            assert (await peer.offer(http)).status == 200
+            session = server.sessions[peer.session]
+            await until(lambda: replies(peer, "stats") and session.stats.frames_processed >= 3, 30)
+            peer.channel.send(json.dumps({"type": "retarget", "head_pose": 0, "eyes": "open"}))
+            await until(lambda: replies(peer, "retargeting"), 10)
+            assert replies(peer, "retargeting")[-1] == {"type": "retargeting", "expression": 1.0, "head_pose": 0.0,
+                                                        "mouth_open": 1.0, "eyes": "open"}
+            for bad, said in (({"head_pose": 9}, "head_pose must be in [0, 2], got 9"),
+                              ({"mouth_open": "wide"}, "mouth_open must be a number"),
+                              ({"grin": 1}, "unknown retarget field 'grin'")):
+                peer.channel.send(json.dumps({"type": "retarget", **bad}))
+                await until(lambda: any(said in m["message"] for m in replies(peer, "error")), 10)
+            assert all(m["command"] == "retarget" for m in replies(peer, "error"))
+            async with http.get("/stats") as response:
+                listed = (await response.json())["sessions"][0]
+            assert listed["retargeting"] == {"expression": 1.0, "head_pose": 0.0, "mouth_open": 1.0, "eyes": "open"}
+            processed = session.stats.frames_processed
+            await until(lambda: session.stats.frames_processed >= processed + 5, 10)  # still streaming
+            assert session.stats.errors == 0 and not session.closed
+
+            echo = Peer(Webcam(lambda i: pictures[i % len(pictures)], 10 * LIVE_FPS))
+            assert (await echo.offer(http, mode="echo")).status == 200
+            await until(lambda: replies(echo, "stats"), 30)
+            echo.channel.send(json.dumps({"type": "retarget", "expression": 0}))
+            await until(lambda: replies(echo, "error"), 10)
+            assert "echo mode" in replies(echo, "error")[0]["message"]
+            for p in (peer, echo):
+                await p.close()
+            assert await freed(server)
+
+    asyncio.run(main())
