@@ -298,3 +298,103 @@ def test_the_data_channel_sets_the_controls_and_answers_a_bad_message_with_an_er
             assert await freed(server)
 
     asyncio.run(main())
+
+
+# -- the command line: animate's flags, cam's flags and keys ------------------------------------------------
+def test_animate_and_cam_take_the_controls_as_flags():
+    import argparse
+
+    from streamer import cam, offline
+    from streamer.options import animate_options, cam_options
+
+    parser = argparse.ArgumentParser()
+    offline.add_arguments(parser)
+    args = parser.parse_args(["astronaut", "clip.mp4", "-o", "out.mp4", "--head-pose", "0", "--eyes", "open"])
+    assert animate_options(args).retargeting == Retargeting(head_pose=0.0, eyes="open")
+    parser = argparse.ArgumentParser()
+    cam.add_arguments(parser)
+    assert cam_options(parser.parse_args(["--mouth-open", "1.5"])).retargeting == Retargeting(mouth_open=1.5)
+    with pytest.raises(OptionError, match="--expression must be in"):
+        cam_options(parser.parse_args(["--expression", "5"]))
+
+
+def test_cam_keys_toggle_the_controls_from_their_start_values():
+    from streamer.cam import Controls
+
+    start = Retargeting(head_pose=0.0, mouth_open=2.0)
+    controls = Controls(retargeting=start)
+    for key, expected in (("h", Retargeting(mouth_open=2.0)), ("h", start),
+                          ("x", Retargeting(expression=0.0, head_pose=0.0, mouth_open=2.0)),
+                          ("o", Retargeting(expression=0.0, head_pose=0.0, mouth_open=2.0, eyes="open")),
+                          ("+", Retargeting(expression=0.0, head_pose=0.0, mouth_open=2.25, eyes="open")),
+                          ("0", NEUTRAL), ("-", Retargeting(mouth_open=0.75))):
+        controls.key(key)
+        assert controls.retargeting == expected, key
+    assert controls.pending() == ["retarget"] * 7
+    for _ in range(20):
+        controls.key("-")
+    assert controls.retargeting.mouth_open == 0.0  # held at the end of its range
+
+
+def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
+    """`xportrait cam --head-pose 0`, then the h key on the terminal: the avatar's head holds
+    still while the camera's rolls, then follows it."""
+    import os
+    import threading
+    import time
+
+    from streamer.cam import cam
+    from streamer.options import CamOptions
+    from streamer.video import write_video
+
+    def rolled(t: float) -> Pose:
+        return Pose() if t % 3.0 < 1.0 else Pose(roll_deg=ROLL)
+
+    path = tmp_path / "webcam.y4m"
+    write_video(path, (f for f, _ in driving_clip("grace_hopper", frames=3 * FPS, fps=FPS, script=rolled)), fps=FPS)
+
+    class Sink:
+        name = "test sink"
+
+        def __init__(self):
+            self.frames: list[tuple[float, np.ndarray]] = []
+
+        def send(self, rgb):
+            self.frames.append((time.perf_counter(), rgb[::2, ::2].copy()))
+
+        def close(self):
+            pass
+
+    def rolls(sink, since: float) -> list[float]:
+        with FaceTracker(video=False) as tracker:
+            found = [tracker.detect(np.ascontiguousarray(f)) for t, f in sink.frames if t > since]
+        return [head_roll(lm) for lm in found if lm is not None]
+
+    sink = Sink()
+    opts = CamOptions(engine=WarpOptions(SIZE), camera=str(path), loop=True, portraits=("astronaut",),
+                      virtual_camera="off", pipewire="off", fps=FPS, duration=40,
+                      retargeting=Retargeting(head_pose=0.0))
+    read_end, write_end = os.pipe()
+    result: dict = {}
+    with os.fdopen(read_end, "rb", buffering=0) as stdin:
+        runner = threading.Thread(target=lambda: result.update(cam(opts, sinks=[sink], stdin=stdin)))
+        runner.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(sink.frames) < 3 * FPS // 2 and time.monotonic() < deadline:  # 3 s of output at least
+                time.sleep(0.2)
+            started = sink.frames[0][0] if sink.frames else 0.0
+            time.sleep(3.0)
+            steady = rolls(sink, started)
+            os.write(write_end, b"h")
+            pressed = time.perf_counter() + 0.5
+            time.sleep(3.5)
+            moving = rolls(sink, pressed)
+        finally:
+            os.write(write_end, b"q")
+            runner.join(30)
+            os.close(write_end)
+    assert not runner.is_alive() and result
+    assert len(steady) > 10 and len(moving) > 10
+    assert max(steady) - min(steady) < 3.0  # the head held while the camera's rolled 12 degrees
+    assert max(moving) - min(moving) > 0.7 * ROLL  # after h it follows
