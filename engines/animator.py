@@ -1,7 +1,8 @@
 """Drives any engine with raw video frames: the per-frame loop that `animate` and the
 streamer share.
 
-raw frame -> face mesh -> alignment to the source head box -> One-Euro smoothing -> engine.
+raw frame -> face mesh -> alignment to the source head box -> One-Euro smoothing ->
+retargeting (the user's controls, engines/retarget.py) -> engine.
 The alignment (translation + scale) and the motion reference are fixed by one driving frame:
 the first frame with a face unless the caller chooses one (offline, the released code picks
 the frame closest to the source). A frame with no face holds the last good pose.
@@ -135,11 +136,17 @@ class Animator:
         switching resolution), where the head is now elsewhere in pixels."""
         self._realign = True
 
-    def set_reference(self, landmarks: np.ndarray) -> None:
-        """Fix alignment and motion reference from a driving frame's raw landmarks."""
+    def set_reference(self, landmarks: np.ndarray, image: np.ndarray | None = None) -> None:
+        """Fix alignment and motion reference from a driving frame's raw landmarks. `image`:
+        that frame, for an engine that reads driving pixels while the retargeting controls
+        edit them (F re-poses it; without it, the first frame driven after this is used)."""
         self._affine = alignment_affine(head_box(self.sources[0].landmarks), head_box(landmarks))
         self._reference = transform_landmarks(landmarks, self._affine)
         self._forget_reference()
+        if image is not None and self.engine.needs_driving_image:
+            aligned = cv2.warpAffine(as_rgb(image), self._affine, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE)
+            self._reposer = DrivingReposer(aligned, self._reference)
 
     # -- retargeting (engines/retarget.py) ------------------------------------------------------
     def retarget(self, settings: Retargeting) -> None:

@@ -119,10 +119,10 @@ class Retargeter:
             raise ValueError("ramp_frames must be at least 1")
         self.settings = settings
         self._step = 1.0 / ramp_frames
-        # expression, head pose, mouth gain, eyes held open (0..1), re-posing engaged (0..1):
-        # the values being applied, each on its way to the settings' value.
-        self._current = np.array([settings.expression, settings.head_pose, settings.mouth_open,
-                                  float(settings.eyes == "open"), float(not settings.neutral)])
+        # The values being applied (_values' order), each on its way to the settings' value.
+        self._current = _values(settings)
+        self._aimed_at, self._target, self._settled = settings, _values(settings), True
+        self._neutral = settings.neutral
         self._reference_key: int | None = None
 
     @property
@@ -141,12 +141,17 @@ class Retargeter:
         self._reference_key = None
 
     def _ramp(self) -> bool:
-        """Move the applied values one frame towards the settings; False when all are neutral."""
-        s = self.settings
-        target = np.array([s.expression, s.head_pose, s.mouth_open, float(s.eyes == "open"), float(not s.neutral)])
-        c = self._current
-        c += np.clip(target - c, -self._step, self._step)
-        return not (c[0] == 1.0 and c[1] == 1.0 and c[2] == 1.0 and c[3] == 0.0 and c[4] == 0.0)
+        """Move the applied values one frame towards the settings; False when all are neutral
+        (settled there: a frame then costs two comparisons)."""
+        settings = self.settings
+        if settings is not self._aimed_at:
+            self._aimed_at, self._target, self._settled = settings, _values(settings), False
+            self._neutral = settings.neutral
+        if not self._settled:
+            c = self._current
+            c += np.clip(self._target - c, -self._step, self._step)
+            self._settled = bool((c == self._target).all())
+        return not (self._settled and self._neutral)
 
     def apply(self, driving: np.ndarray, reference: np.ndarray) -> bool:
         """Edit `driving` (478, 3), aligned like `reference`, in place. Returns False, and
@@ -206,6 +211,12 @@ class Retargeter:
                 eye = face[self._eyes[k]]
                 self._open_eyes[k] = eye - face[self._corners[k]].mean(axis=0)
                 self._open_aperture[k] = aperture
+
+
+def _values(settings: Retargeting) -> np.ndarray:
+    """expression, head pose, mouth gain, eyes held open (0..1), re-posing engaged (0..1)."""
+    return np.array([settings.expression, settings.head_pose, settings.mouth_open,
+                     float(settings.eyes == "open"), float(not settings.neutral)])
 
 
 def _partial(motion, amount: float, centre: np.ndarray):

@@ -156,7 +156,7 @@ def animate(args: AnimateOptions) -> int:
             raise InputError(f"driving frame {args.ref_frame} has no face: choose another --ref-frame or 'auto'")
         else:
             reference = args.ref_frame
-        animator.set_reference(landmarks[reference])
+        animator.set_reference(landmarks[reference], _reference_image(args, engine, reference))
 
         # Pass 2: animate and write. The file is hidden until complete; any failure,
         # Ctrl-C and SIGTERM included, removes it.
@@ -208,6 +208,19 @@ def _track(animator, driving: str, info) -> tuple[list[np.ndarray | None], list[
         raise InputError(f"no face found in any of the {len(landmarks)} frames of the driving video {driving}: "
                          "use a clip where one face is clearly visible")
     return landmarks, times
+
+
+def _reference_image(args: AnimateOptions, engine, index: int) -> np.ndarray | None:
+    """The reference frame itself, for an engine that reads driving pixels while the
+    retargeting controls edit them (F re-poses that frame); None otherwise (nothing decoded)."""
+    if args.retargeting.neutral or not engine.needs_driving_image:
+        return None
+    frames = read_frames(args.driving)
+    with contextlib.closing(frames):
+        for frame in frames:
+            if frame.index == index:
+                return frame.image
+    return None
 
 
 class _StepBar:

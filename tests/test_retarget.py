@@ -398,3 +398,19 @@ def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
     assert len(steady) > 10 and len(moving) > 10
     assert max(steady) - min(steady) < 3.0  # the head held while the camera's rolled 12 degrees
     assert max(moving) - min(moving) > 0.7 * ROLL  # after h it follows
+
+
+def test_animate_with_a_steady_head_writes_a_clip_whose_head_holds_still(clip, eye, tmp_path):
+    """`xportrait animate astronaut clip.mp4 -o out.mp4 --head-pose 0` on the scripted clip."""
+    from streamer.cli import main
+    from streamer.video import read_frames, write_video
+
+    driving = tmp_path / "clip.mp4"
+    write_video(driving, iter(clip[0]), fps=FPS)
+    out = tmp_path / "out.mp4"
+    assert main(["animate", "astronaut", str(driving), "-o", str(out), "--size", str(SIZE), "--ref-frame", "0",
+                 "--head-pose", "0"]) == 0
+    frames = read_frames(str(out))
+    rolls = [measure(eye, frame.image)[0] for frame in frames]
+    assert len(rolls) == FRAMES
+    assert max(rolls) - min(rolls) < 2.5  # the driver rolled 12 degrees
