@@ -22,7 +22,7 @@ where M^p is M raised to the power p (rotation angle, scale and shift times p, a
 reference head's centre). The warp engine takes D' directly. An engine that reads driving
 *pixels* (the diffusion engine's motion ControlNet) gets the driving image re-posed to D'
 by our reenactor F (`DrivingReposer`: engines.warp.Reenactor, the F the training pairs
-use), from the reference frame's own image.
+use), from one aligned driving frame: the reference frame itself.
 
 A change never jumps: each control moves towards its new value by at most 1/RAMP_FRAMES a
 frame. While every control is at its neutral value the mesh and the image are left exactly
