@@ -139,6 +139,7 @@ class AnimateStage:
             self._pool.give_back(engine)
             raise
         self.animator, self._portrait, self.size = animator, None, animator.size
+        animator.retarget(self._retargeting)  # one that came while the animator was being made
 
     @property
     def waits_on_device(self) -> bool:
