@@ -338,7 +338,7 @@ def test_cam_keys_toggle_the_controls_from_their_start_values():
 
 def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
     """`xportrait cam --head-pose 0`, then the h key on the terminal: the avatar's head holds
-    still while the camera's rolls, then follows it."""
+    still while the camera's rolls (and its mouth still talks), then follows it."""
     import os
     import threading
     import time
@@ -348,10 +348,10 @@ def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
     from streamer.video import write_video
 
     def rolled(t: float) -> Pose:
-        return Pose() if t % 3.0 < 1.0 else Pose(roll_deg=ROLL)
+        return Pose() if t % 2.0 < 0.6 else Pose(roll_deg=ROLL, mouth=0.4)
 
     path = tmp_path / "webcam.y4m"
-    write_video(path, (f for f, _ in driving_clip("grace_hopper", frames=3 * FPS, fps=FPS, script=rolled)), fps=FPS)
+    write_video(path, (f for f, _ in driving_clip("grace_hopper", frames=2 * FPS, fps=FPS, script=rolled)), fps=FPS)
 
     class Sink:
         name = "test sink"
@@ -365,10 +365,11 @@ def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
         def close(self):
             pass
 
-    def rolls(sink, since: float) -> list[float]:
+    def measured(sink, since: float) -> np.ndarray:
+        """(frames, 2) roll and mouth opening of what the sink got since then."""
         with FaceTracker(video=False) as tracker:
             found = [tracker.detect(np.ascontiguousarray(f)) for t, f in sink.frames if t > since]
-        return [head_roll(lm) for lm in found if lm is not None]
+        return np.array([(head_roll(lm), mouth_opening(lm)) for lm in found if lm is not None])
 
     sink = Sink()
     opts = CamOptions(engine=WarpOptions(SIZE), camera=str(path), loop=True, portraits=("astronaut",),
@@ -381,23 +382,24 @@ def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
         runner.start()
         try:
             deadline = time.monotonic() + 30
-            while len(sink.frames) < 3 * FPS // 2 and time.monotonic() < deadline:  # 3 s of output at least
-                time.sleep(0.2)
-            started = sink.frames[0][0] if sink.frames else 0.0
-            time.sleep(3.0)
-            steady = rolls(sink, started)
+            while not sink.frames and time.monotonic() < deadline:
+                time.sleep(0.1)
+            started = time.perf_counter()
+            time.sleep(2.2)  # a loop of the clip: neutral, then rolled
+            steady = measured(sink, started)
             os.write(write_end, b"h")
             pressed = time.perf_counter() + 0.5
-            time.sleep(3.5)
-            moving = rolls(sink, pressed)
+            time.sleep(2.7)
+            moving = measured(sink, pressed)
         finally:
             os.write(write_end, b"q")
             runner.join(30)
             os.close(write_end)
     assert not runner.is_alive() and result
     assert len(steady) > 10 and len(moving) > 10
-    assert max(steady) - min(steady) < 3.0  # the head held while the camera's rolled 12 degrees
-    assert max(moving) - min(moving) > 0.7 * ROLL  # after h it follows
+    assert np.ptp(steady[:, 1]) > 0.15  # live frames (the mouth talks), not the still portrait
+    assert np.ptp(steady[:, 0]) < 3.0  # the head held while the camera's rolled 12 degrees
+    assert np.ptp(moving[:, 0]) > 0.7 * ROLL  # after h it follows
 
 
 def test_animate_with_a_steady_head_writes_a_clip_whose_head_holds_still(clip, eye, tmp_path):
