@@ -416,3 +416,15 @@ def test_animate_with_a_steady_head_writes_a_clip_whose_head_holds_still(clip, e
     rolls = [measure(eye, frame.image)[0] for frame in frames]
     assert len(rolls) == FRAMES
     assert max(rolls) - min(rolls) < 2.5  # the driver rolled 12 degrees
+
+
+def test_the_diffusion_engine_gets_the_neutral_face_on_a_moving_head_with_expression_zero(clip, eye):
+    last = BLINK[0] + 1
+    given, _ = _diffusion_run(clip, Retargeting(expression=0.0), last)
+    up = lambda image: cv2.resize(image, (3 * DIFFUSION_SIZE,) * 2, interpolation=cv2.INTER_CUBIC)  # noqa: E731
+    posed = np.array([measure(eye, up(image)) for image in given])
+    camera = np.array([measure(eye, up(image)) for image in _camera(clip, last)])
+    assert camera[-2, 1] > camera[0, 1] + 0.15 and camera[-1, 2] < 0.6 * camera[0, 2]  # the camera talks, blinks
+    assert np.abs(posed[:, 1] - camera[0, 1]).max() < 0.05  # the re-posed mouth stays as at the reference
+    assert posed[-1, 2] > 0.85 * camera[0, 2]  # and its eyes through the blink
+    assert np.abs(posed[:, 0] - camera[:, 0]).max() < 2.5  # while its head rolls with the camera's
