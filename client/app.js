@@ -237,6 +237,8 @@ async function start() {
     const message = JSON.parse(event.data);
     if (message.type === 'stats') showStats(message);
   });
+  channel.addEventListener('open', sendRetargeting); // the controls this browser keeps
+  channel.addEventListener('message', onRetargetReply);
 
   setStatus('connecting...');
   try {
@@ -287,6 +289,65 @@ function stop(resetStatus = true) {
   $('recalibrate').disabled = true;
   if (resetStatus) setStatus('idle');
 }
+
+// ---- retargeting controls: sent on the data channel, kept in this browser (localStorage) -----------
+const RETARGET_KEY = 'xportrait.retargeting';
+const RETARGET_SLIDERS = ['expression', 'head_pose', 'mouth_open'];
+
+function savedRetargeting() {
+  const settings = { expression: 1, head_pose: 1, mouth_open: 1, eyes: 'follow' };
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(RETARGET_KEY)) || {}; } catch (e) { /* none, or not ours */ }
+  for (const name of RETARGET_SLIDERS) {
+    const slider = $(`rt-${name}`);
+    const value = Number(saved[name]);
+    if (Number.isFinite(value) && value >= Number(slider.min) && value <= Number(slider.max)) settings[name] = value;
+  }
+  if (saved.eyes === 'open') settings.eyes = 'open';
+  return settings;
+}
+
+function showRetargeting() {
+  for (const name of RETARGET_SLIDERS) {
+    $(`rt-${name}`).value = state.retargeting[name];
+    $(`rt-${name}-value`).textContent = Number(state.retargeting[name]).toFixed(2);
+  }
+  $('rt-eyes-open').checked = state.retargeting.eyes === 'open';
+}
+
+function sendRetargeting() {
+  if (channel && channel.readyState === 'open' && !$('echo').checked) {
+    channel.send(JSON.stringify({ type: 'retarget', ...state.retargeting }));
+  }
+}
+
+function setRetargeting(changes) {
+  state.retargeting = { ...state.retargeting, ...changes };
+  try { localStorage.setItem(RETARGET_KEY, JSON.stringify(state.retargeting)); } catch (e) { /* private mode */ }
+  showRetargeting();
+  sendRetargeting();
+}
+
+function onRetargetReply(event) {
+  const message = JSON.parse(event.data);
+  if (message.type === 'retargeting') {
+    state.retargetingApplied = message;
+    $('rt-status').textContent = '';
+    $('rt-status').classList.remove('error');
+  } else if (message.type === 'error' && message.command === 'retarget') {
+    $('rt-status').textContent = message.message;
+    $('rt-status').classList.add('error');
+  }
+}
+
+state.retargeting = savedRetargeting();
+state.retargetingApplied = null; // the values the server last confirmed
+showRetargeting();
+for (const name of RETARGET_SLIDERS) {
+  $(`rt-${name}`).addEventListener('input', (event) => setRetargeting({ [name]: Number(event.target.value) }));
+}
+$('rt-eyes-open').addEventListener('change', (event) => setRetargeting({ eyes: event.target.checked ? 'open' : 'follow' }));
+$('rt-reset').addEventListener('click', () => setRetargeting({ expression: 1, head_pose: 1, mouth_open: 1, eyes: 'follow' }));
 
 $('start').addEventListener('click', start);
 $('stop').addEventListener('click', () => stop());

@@ -1,7 +1,8 @@
 """Drives any engine with raw video frames: the per-frame loop that `animate` and the
 streamer share.
 
-raw frame -> face mesh -> alignment to the source head box -> One-Euro smoothing -> engine.
+raw frame -> face mesh -> alignment to the source head box -> One-Euro smoothing ->
+retargeting (the user's controls, engines/retarget.py) -> engine.
 The alignment (translation + scale) and the motion reference are fixed by one driving frame:
 the first frame with a face unless the caller chooses one (offline, the released code picks
 the frame closest to the source). A frame with no face holds the last good pose.
@@ -34,6 +35,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
+from .retarget import NEUTRAL, DrivingReposer, Retargeter, Retargeting
 
 _MISSING = object()
 
@@ -85,10 +87,11 @@ class _BufferSets:
 
 class Animator:
     def __init__(self, engine: Engine, tracker: FaceTracker | None = None, smoothing: bool = True,
-                 buffers: int = 1):
+                 buffers: int = 1, retargeting: Retargeting = NEUTRAL):
         """`buffers`: how many driving frames may be handed out by `track` and not yet
         rendered or released (one for `drive`; a pipelined caller needs one per frame in
-        flight plus the one being tracked)."""
+        flight plus the one being tracked). `retargeting`: the controls' first values
+        (`retarget` changes them)."""
         self.engine = engine
         self.size = engine.size
         self.tracker = tracker or FaceTracker(video=True)
@@ -103,6 +106,8 @@ class Animator:
         self._last: DrivingFrame | None = None
         self._aligned = np.empty((NUM_LANDMARKS, 3), np.float32)  # before smoothing
         self._buffers = _BufferSets(buffers, self.size, engine.needs_driving_image)
+        self.retargeter = Retargeter(retargeting)
+        self._reposer: DrivingReposer | None = None  # F's source frame, for engines that read pixels
 
     # -- per source ---------------------------------------------------------------------------
     def set_sources(self, images: Sequence[np.ndarray]) -> None:
@@ -120,6 +125,7 @@ class Animator:
     def recalibrate(self) -> None:
         """Make the next frame with a face the new alignment and motion reference."""
         self._affine = self._reference = self._last = None
+        self._forget_reference()
         if self.smoother:
             self.smoother.reset()
         self.engine.reset()
@@ -130,10 +136,34 @@ class Animator:
         switching resolution), where the head is now elsewhere in pixels."""
         self._realign = True
 
-    def set_reference(self, landmarks: np.ndarray) -> None:
-        """Fix alignment and motion reference from a driving frame's raw landmarks."""
+    def set_reference(self, landmarks: np.ndarray, image: np.ndarray | None = None) -> None:
+        """Fix alignment and motion reference from a driving frame's raw landmarks. `image`:
+        that frame, for an engine that reads driving pixels while the retargeting controls
+        edit them (F re-poses it; without it, the first frame driven after this is used)."""
         self._affine = alignment_affine(head_box(self.sources[0].landmarks), head_box(landmarks))
         self._reference = transform_landmarks(landmarks, self._affine)
+        self._forget_reference()
+        if image is not None and self.engine.needs_driving_image:
+            aligned = cv2.warpAffine(as_rgb(image), self._affine, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE)
+            self._reposer = DrivingReposer(aligned, self._reference)
+
+    # -- retargeting (engines/retarget.py) ------------------------------------------------------
+    def retarget(self, settings: Retargeting) -> None:
+        """New values for the controls, from any thread: the next frames ramp to them."""
+        self.retargeter.settings = settings
+
+    def _forget_reference(self) -> None:
+        self.retargeter.reset()
+        self._reposer = None
+
+    def _retarget(self, aligned: np.ndarray, unedited: np.ndarray, image: np.ndarray | None) -> None:
+        """Edit the aligned driving mesh in place; for an engine that reads driving pixels,
+        re-pose `image` (in place) to it with F. Nothing is touched while the controls are neutral."""
+        if image is not None and self._reposer is None:  # F's source: the first face since the reference
+            self._reposer = DrivingReposer(image, unedited)
+        if self.retargeter.apply(aligned, self._reference) and image is not None:
+            self._reposer.render(aligned, image, self.retargeter.engaged, out=image)
 
     @property
     def reference(self) -> np.ndarray | None:
@@ -192,6 +222,7 @@ class Animator:
         if self.engine.needs_driving_image:
             image = cv2.warpAffine(frame, self._affine, (self.size, self.size), dst=buffers.images[index],
                                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        self._retarget(aligned, self._aligned if self.smoother else aligned, image)
         self._last = DrivingFrame(landmarks=aligned, reference=self._reference, time=time, image=image, tag=tag)
         return buffers.hand_out(self._last)
 

@@ -16,7 +16,10 @@ keeps showing the last good frame, then the still portrait, while the client rec
 backoff; each step is said on stderr.
 
 Keys, in the preview window or on the terminal: r recalibrate (the current pose becomes
-neutral), n / p next / previous portrait, space pause (the still portrait), q quit.
+neutral), n / p next / previous portrait, space pause (the still portrait), q quit; and the
+retargeting controls (engines/retarget.py; --expression, --head-pose, --mouth-open and --eyes
+set their start values): h steady head on / off, x neutral expression on / off, o keep eyes
+open on / off, + / - mouth opening gain up / down, 0 every control back to as driven.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from typing import Callable
 import numpy as np
 
 from engines import Engine, EngineError
+from engines.retarget import NEUTRAL, RANGES, Retargeting
 
 from .capture import Camera, CameraError, CameraInput, camera_input
 from .options import CAM_SWITCH, CAMERA_FPS, CAMERA_SIZE, HOLD_S, LOST_AFTER_S, CamOptions, add_engine_arguments, \
-    cam_options
+    add_retarget_arguments, cam_options
 from .sinks import (
     NAME,
     Feed,
@@ -60,7 +64,12 @@ logger = logging.getLogger("xportrait.cam")
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between reconnection attempts; the last repeats
 KEYS = {"r": "recalibrate", "n": "next", "]": "next", "p": "previous", "[": "previous", " ": "pause",
         "q": "quit", "esc": "quit", "\x1b": "quit", "\x03": "quit"}
-KEY_HELP = "keys: r recalibrate, n/p next/previous portrait, space pause, q quit"
+# The retargeting controls' keys: each makes new settings from the current ones and the start values.
+RETARGET_KEYS = {"h": "steady-head", "x": "neutral-expression", "o": "eyes-open", "+": "mouth-wider",
+                 "=": "mouth-wider", "-": "mouth-narrower", "0": "as-driven"}
+MOUTH_STEP = 0.25
+KEY_HELP = ("keys: r recalibrate, n/p next/previous portrait, space pause, q quit; h steady head, "
+            "x neutral expression, o eyes open, +/- mouth gain, 0 controls as driven")
 
 
 class CamError(RuntimeError):
@@ -120,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"remote: reconnect after this long without a frame (default {LOST_AFTER_S:g})")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
+    add_retarget_arguments(parser)  # the controls' start values; the keys change them
     add_engine_arguments(parser)  # --engine, --size (the virtual camera's too) and the diffusion engine's flags
 
 
@@ -129,12 +139,18 @@ class Controls:
     engine. Pause goes straight to the Feed; quit sets `quit`; the rest wait in `commands`
     (user actions, a handful a minute: a queue is right here) until the driver is between frames."""
 
-    def __init__(self, feed: Feed | None = None):
+    def __init__(self, feed: Feed | None = None, retargeting: Retargeting = NEUTRAL):
         self.feed = feed
         self.quit = threading.Event()
         self.commands: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.start_retargeting = self.retargeting = retargeting  # a "retarget" command sends `retargeting`
 
     def key(self, key: str) -> None:
+        if key in RETARGET_KEYS:
+            self.retargeting = retargeted(self.retargeting, RETARGET_KEYS[key], self.start_retargeting)
+            say("controls: " + describe(self.retargeting))
+            self.commands.put("retarget")
+            return
         command = KEYS.get(key.lower() if len(key) == 1 else key)
         if command == "quit":
             self.quit.set()
@@ -151,6 +167,31 @@ class Controls:
                 out.append(self.commands.get_nowait())
             except queue.Empty:
                 return out
+
+
+def retargeted(settings: Retargeting, command: str, start: Retargeting) -> Retargeting:
+    """The controls after one of RETARGET_KEYS' commands. A toggle goes to its 'on' value and
+    back to the start value (or to as driven, when the start value was 'on')."""
+    def toggle(name: str, on):
+        back = getattr(start, name) if getattr(start, name) != on else getattr(NEUTRAL, name)
+        return {name: back if getattr(settings, name) == on else on}
+
+    if command == "steady-head":
+        return Retargeting(**{**settings.as_dict(), **toggle("head_pose", 0.0)})
+    if command == "neutral-expression":
+        return Retargeting(**{**settings.as_dict(), **toggle("expression", 0.0)})
+    if command == "eyes-open":
+        return Retargeting(**{**settings.as_dict(), **toggle("eyes", "open")})
+    if command in ("mouth-wider", "mouth-narrower"):
+        low, high = RANGES["mouth_open"]
+        step = MOUTH_STEP if command == "mouth-wider" else -MOUTH_STEP
+        return Retargeting(**{**settings.as_dict(), "mouth_open": min(max(settings.mouth_open + step, low), high)})
+    return NEUTRAL  # as-driven
+
+
+def describe(settings: Retargeting) -> str:
+    return (f"expression {settings.expression:g}, head pose {settings.head_pose:g}, "
+            f"mouth open {settings.mouth_open:g}, eyes {settings.eyes}")
 
 
 class TerminalKeys:
@@ -321,7 +362,7 @@ class LocalAvatar:
         from .pipeline import AnimateStage, Pipeline
 
         loop = asyncio.get_running_loop()
-        stage = AnimateStage(self.pool, self.images[0])
+        stage = AnimateStage(self.pool, self.images[0], controls.retargeting)
         pipeline = Pipeline(stage, name="cam")
         self.stats = pipeline.stats
         await pipeline.start()
@@ -350,7 +391,7 @@ class LocalAvatar:
         try:
             while not controls.quit.is_set() and time.perf_counter() < until and not tasks[0].done():
                 for command in controls.pending():
-                    await self._command(command, pipeline, stage, feed)
+                    await self._command(command, pipeline, stage, feed, controls)
                 await asyncio.sleep(0.05)
         finally:
             for task in tasks:
@@ -359,10 +400,12 @@ class LocalAvatar:
             await pipeline.close()
             reader.shutdown(wait=False)
 
-    async def _command(self, command: str, pipeline, stage, feed: Feed) -> None:
+    async def _command(self, command: str, pipeline, stage, feed: Feed, controls: Controls) -> None:
         from engines.face import NoFaceError
 
-        if command == "recalibrate":
+        if command == "retarget":
+            pipeline.retarget(controls.retargeting)
+        elif command == "recalibrate":
             await pipeline.recalibrate()
             say("recalibrated: the next frame is the neutral pose")
         elif command in ("next", "previous") and len(self.images) > 1:
@@ -412,7 +455,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
 
         names = list(opts.portraits or PORTRAITS)
         images = [load_portrait(name) for name in names]
-    controls = controls or Controls()
+    controls = controls or Controls(retargeting=opts.retargeting)
     if sinks is None:
         sinks = open_sinks(opts, controls, system)
     feed = None

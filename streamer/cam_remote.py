@@ -152,9 +152,14 @@ class RemoteAvatar:
 
     async def _watch(self, connection, feed: Feed, controls: Controls, until: float) -> str | None:
         """Until the connection is lost (the reason) or it is time to stop (None)."""
+        retarget = not controls.retargeting.neutral  # the controls, for this session too
         while not controls.quit.is_set() and time.perf_counter() < until:
+            if retarget:  # once the data channel is open
+                retarget = not connection.send({"type": "retarget", **controls.retargeting.as_dict()})
             for command in controls.pending():
-                if command == "recalibrate":
+                if command == "retarget":
+                    retarget = not connection.send({"type": "retarget", **controls.retargeting.as_dict()})
+                elif command == "recalibrate":
                     if connection.send({"type": "recalibrate"}):
                         say("recalibrated: the next frame is the neutral pose")
                 elif command in ("next", "previous") and len(self.names) > 1:

@@ -30,7 +30,7 @@ import numpy as np
 
 from engines import EngineError, create_engine
 
-from .options import AnimateOptions, add_engine_arguments, animate_options
+from .options import AnimateOptions, add_engine_arguments, add_retarget_arguments, animate_options
 from .output import OutputPathError, atomic_output, check_output, exit_cleanly_on_signals
 from .samples.gallery import PORTRAITS
 from .video import CONTAINERS, Container, VideoError, VideoWriter, probe, read_frames
@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-frame", type=_ref_frame, default=None, metavar="INDEX|auto",
                         help="driving frame that stands for the portrait's own pose and expression; "
                              "auto (default) picks the frame whose face is closest to the portrait's")
+    add_retarget_arguments(parser)
     add_engine_arguments(parser)
 
 
@@ -135,7 +136,7 @@ def animate(args: AnimateOptions) -> int:
         raise InputError(f"engine {args.engine.name!r}: {e}") from None
     if getattr(engine, "random_weights", False):
         print(f"{PROG}: WARNING: random weights: the output is labelled and shows no real animation", file=sys.stderr)
-    animator = Animator(engine, tracker=FaceTracker(video=True))
+    animator = Animator(engine, tracker=FaceTracker(video=True), retargeting=args.retargeting)
     try:
         try:
             animator.set_sources(images)
@@ -155,7 +156,7 @@ def animate(args: AnimateOptions) -> int:
             raise InputError(f"driving frame {args.ref_frame} has no face: choose another --ref-frame or 'auto'")
         else:
             reference = args.ref_frame
-        animator.set_reference(landmarks[reference])
+        animator.set_reference(landmarks[reference], _reference_image(args, engine, reference))
 
         # Pass 2: animate and write. The file is hidden until complete; any failure,
         # Ctrl-C and SIGTERM included, removes it.
@@ -207,6 +208,19 @@ def _track(animator, driving: str, info) -> tuple[list[np.ndarray | None], list[
         raise InputError(f"no face found in any of the {len(landmarks)} frames of the driving video {driving}: "
                          "use a clip where one face is clearly visible")
     return landmarks, times
+
+
+def _reference_image(args: AnimateOptions, engine, index: int) -> np.ndarray | None:
+    """The reference frame itself, for an engine that reads driving pixels while the
+    retargeting controls edit them (F re-poses that frame); None otherwise (nothing decoded)."""
+    if args.retargeting.neutral or not engine.needs_driving_image:
+        return None
+    frames = read_frames(args.driving)
+    with contextlib.closing(frames):
+        for frame in frames:
+            if frame.index == index:
+                return frame.image
+    return None
 
 
 class _StepBar:

@@ -37,6 +37,7 @@ from engines.options import (
     flag,
     positive,
 )
+from engines.retarget import EYE_MODES, NEUTRAL, RANGES, Retargeting
 
 DEFAULT_PORT = 8080
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -132,6 +133,28 @@ def _positive_fields(options, names) -> None:
         positive(getattr(options, name), name)
 
 
+# -- retargeting (engines/retarget.py): animate and cam --------------------------------------------------
+def add_retarget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The retargeting controls' values (cam: the start values; its keys change them)."""
+    g = parser.add_argument_group("retargeting: how much of the driver reaches the portrait")
+    r = {name: f"[{low:g}, {high:g}]" for name, (low, high) in RANGES.items()}
+    g.add_argument("--expression", type=float, default=1.0, metavar="X",
+                   help=f"expression intensity in {r['expression']}: 0 the neutral face, 1 as driven (default), "
+                        "2 exaggerated")
+    g.add_argument("--head-pose", type=float, default=1.0, metavar="X",
+                   help=f"head-pose intensity in {r['head_pose']}: 0 a steady head that still talks, 1 as driven "
+                        "(default)")
+    g.add_argument("--mouth-open", type=float, default=1.0, metavar="X",
+                   help=f"gain on the mouth's opening in {r['mouth_open']}: 0 closed, 1 as driven (default)")
+    g.add_argument("--eyes", choices=EYE_MODES, default="follow",
+                   help="follow: blinks pass through (default); open: the eyes stay open")
+
+
+def retargeting_options(args: argparse.Namespace) -> Retargeting:
+    return Retargeting(expression=args.expression, head_pose=args.head_pose, mouth_open=args.mouth_open,
+                       eyes=args.eyes)
+
+
 # -- serve ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOptions:
@@ -222,6 +245,7 @@ class AnimateOptions:
     output: str
     engine: EngineOptions = field(default_factory=WarpOptions)
     ref_frame: int | None = None
+    retargeting: Retargeting = NEUTRAL
 
     def __post_init__(self):
         if not self.sources:
@@ -232,7 +256,8 @@ class AnimateOptions:
 
 def animate_options(args: argparse.Namespace) -> AnimateOptions:
     return AnimateOptions(sources=tuple(args.sources), driving=args.driving, output=args.output,
-                          engine=engine_options(args), ref_frame=args.ref_frame)
+                          engine=engine_options(args), ref_frame=args.ref_frame,
+                          retargeting=retargeting_options(args))
 
 
 # -- eval -------------------------------------------------------------------------------------------
@@ -404,6 +429,7 @@ class CamOptions:
     lost_after: float = LOST_AFTER_S
     duration: float | None = None
     report: str | None = None
+    retargeting: Retargeting = NEUTRAL  # the controls' start values (keys change them)
 
     def __post_init__(self):
         _positive_fields(self, ("camera_fps", "connect_timeout", "fps", "hold", "lost_after"))
@@ -440,5 +466,6 @@ def cam_options(args: argparse.Namespace) -> CamOptions:
         engine = WarpOptions(size=args.size)
     else:
         engine = engine_options(args, live=True)
-    return CamOptions(engine=engine, portraits=tuple(args.portrait),
-                      **{f.name: getattr(args, f.name) for f in fields(CamOptions) if f.name not in ("engine", "portraits")})
+    return CamOptions(engine=engine, portraits=tuple(args.portrait), retargeting=retargeting_options(args),
+                      **{f.name: getattr(args, f.name) for f in fields(CamOptions)
+                         if f.name not in ("engine", "portraits", "retargeting")})

@@ -5,6 +5,7 @@
     pipeline.feed(frame)                                 # the newest input frame, as it arrives
     out = await pipeline.next_output()                   # the newest output frame
     await pipeline.recalibrate(); await pipeline.set_portrait(load)   # between two frames
+    pipeline.retarget(Retargeting(head_pose=0))           # at any moment (engines/retarget.py)
     pipeline.snapshot(); await pipeline.close()
 
 The WebRTC session (streamer/session.py) feeds it the frames aiortc decodes; a local camera or
@@ -45,6 +46,7 @@ import numpy as np
 from engines import Engine
 from engines.animator import Animator, prepare_sources
 from engines.base import DrivingFrame, Rendered, SourcePortrait
+from engines.retarget import NEUTRAL, Retargeting
 
 from .stats import SessionStats
 
@@ -105,6 +107,7 @@ class Stage(Protocol):
     def recalibrate(self) -> None: ...  # engine thread, between frames
     def prepare_portrait(self, image: np.ndarray) -> Any: ...  # any thread: slow, touches no state
     def use_portrait(self, prepared: Any) -> None: ...  # engine thread, between frames
+    def retarget(self, settings: Retargeting) -> None: ...  # any thread, any moment (engines/retarget.py)
     def close(self) -> None: ...  # engine thread, last
 
 
@@ -115,16 +118,17 @@ class AnimateStage:
     takes_portrait = True
     tracks_faces = True
 
-    def __init__(self, pool: EnginePool, portrait: np.ndarray):
+    def __init__(self, pool: EnginePool, portrait: np.ndarray, retargeting: Retargeting = NEUTRAL):
         self._pool = pool
         self._portrait: np.ndarray | None = portrait
+        self._retargeting = retargeting
         self.animator: Animator | None = None
         self.size = 0  # the engine's, once open
 
     def open(self) -> None:
         engine = self._pool.take()
         try:
-            animator = Animator(engine, buffers=PIPELINE_BUFFERS)
+            animator = Animator(engine, buffers=PIPELINE_BUFFERS, retargeting=self._retargeting)
         except BaseException:
             self._pool.give_back(engine)
             raise
@@ -135,6 +139,7 @@ class AnimateStage:
             self._pool.give_back(engine)
             raise
         self.animator, self._portrait, self.size = animator, None, animator.size
+        animator.retarget(self._retargeting)  # one that came while the animator was being made
 
     @property
     def waits_on_device(self) -> bool:
@@ -164,6 +169,11 @@ class AnimateStage:
 
     def use_portrait(self, prepared: Sequence[SourcePortrait]) -> None:
         self.animator.use_sources(prepared)
+
+    def retarget(self, settings: Retargeting) -> None:
+        self._retargeting = settings  # for open(), if it has not run yet
+        if self.animator is not None:
+            self.animator.retarget(settings)
 
     def close(self) -> None:
         if self.animator is not None:
@@ -203,6 +213,9 @@ class EchoStage:
 
     def use_portrait(self, prepared) -> None:
         raise NoPortrait("this session runs in echo mode: it has no portrait")
+
+    def retarget(self, settings) -> None:
+        raise NoPortrait("this session runs in echo mode: it has no portrait to retarget")
 
     def close(self) -> None:
         pass
@@ -333,6 +346,12 @@ class Pipeline:
         image, prepared = await asyncio.get_running_loop().run_in_executor(executor, prepare)
         await self._between_frames(self.stage.use_portrait, prepared)
         return image
+
+    def retarget(self, settings: Retargeting) -> None:
+        """New values for the retargeting controls; the next frames ramp to them. Raises
+        NoPortrait in echo mode."""
+        self._check_open()
+        self.stage.retarget(settings)
 
     def snapshot(self) -> dict:
         self.stats.frames_without_face = self.stage.frames_without_face

@@ -21,6 +21,8 @@ from aiortc.contrib.media import MediaBlackhole
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
+from engines.retarget import MESSAGE_TYPE as RETARGET, NEUTRAL, Retargeting
+
 from .pipeline import Pipeline, PipelineClosed, Stage
 
 logger = logging.getLogger("xportrait.session")
@@ -79,6 +81,7 @@ class Session:
         self._tasks: set[asyncio.Task] = {asyncio.ensure_future(self._report())}
         self._blackhole = MediaBlackhole()  # drains tracks we do not use (audio), so they cannot queue up
         self._closing: asyncio.Task | None = None
+        self.retargeting: Retargeting = NEUTRAL  # the controls' values (engines/retarget.py)
 
     @property
     def media_flowing(self) -> bool:
@@ -97,15 +100,38 @@ class Session:
         return False
 
     def on_message(self, message) -> None:
-        """Data channel commands from the page: {"type": "recalibrate"}."""
+        """Data channel commands from the page: {"type": "recalibrate"}, and
+        {"type": "retarget", "head_pose": 0, ...} (`_retarget`)."""
         try:
-            command = json.loads(message).get("type")
+            message = json.loads(message)
+            command = message.get("type")
         except (ValueError, AttributeError, TypeError, RecursionError):
             return
         if command == "recalibrate" and not self.closed:
             task = asyncio.ensure_future(self.pipeline.recalibrate())
             self._tasks.add(task)
             task.add_done_callback(self._command_done)
+        elif command == RETARGET and not self.closed:
+            self._retarget(message)
+
+    def _retarget(self, message: dict) -> None:
+        """The controls the message names take its values (the others keep theirs). The peer
+        hears back the values now in force, or, for a bad message, what is wrong with it (and
+        nothing changes)."""
+        try:
+            settings = self.retargeting.updated(message)
+            self.pipeline.retarget(settings)
+        except PipelineClosed:
+            return
+        except ValueError as e:  # a bad value, or an echo session (NoPortrait)
+            self._send({"type": "error", "command": RETARGET, "message": str(e)})
+            return
+        self.retargeting = settings
+        self._send({"type": "retargeting", **settings.as_dict()})
+
+    def _send(self, reply: dict) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps(reply))
 
     def _command_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -125,7 +151,8 @@ class Session:
     def snapshot(self) -> dict:
         """What anyone may see (/stats): nothing here grants control of the session."""
         return {"id": self.id, "mode": self.mode, "portrait": self.portrait,
-                "connection": self.pc.connectionState, **self.pipeline.snapshot()}
+                "connection": self.pc.connectionState, "retargeting": self.retargeting.as_dict(),
+                **self.pipeline.snapshot()}
 
     async def _report(self) -> None:
         while True:

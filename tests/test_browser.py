@@ -188,6 +188,7 @@ async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None
             assert re.search(r"fps \d+\.\d", overlay) and re.search(r"p50 \d+\.\d ms", overlay)
             assert "drops" in overlay
             assert (await server_stats(http, url))["sessions_active"] == 1
+            await check_controls(page, http, url)
 
             # Portraits from the page: a bundled one by name, an upload (a still of the avatar
             # itself, so it has a face), and a file that is no image (refused, shown, portrait kept).
@@ -214,6 +215,49 @@ async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None
             while (stats := await server_stats(http, url))["sessions_active"] or stats["worker_threads"]:
                 assert time.monotonic() < deadline, f"the session outlived Stop: {stats}"
                 await asyncio.sleep(0.2)
+
+
+# -- the retargeting controls (engines/retarget.py) ---------------------------------------------------
+MOVE_SLIDER = """(() => {{
+  const slider = document.getElementById('rt-{name}');
+  slider.value = '{value}';
+  slider.dispatchEvent(new Event('input'));
+}})()"""
+CONTROLS = """JSON.stringify({
+  saved: JSON.parse(localStorage.getItem('xportrait.retargeting')),
+  shown: document.getElementById('rt-head_pose-value').textContent,
+  status: document.getElementById('rt-status').textContent,
+  applied: xportrait.retargetingApplied,
+})"""
+
+
+async def check_controls(page: DevTools, http: aiohttp.ClientSession, url: str) -> None:
+    """Moving a slider and ticking 'keep eyes open' change the session's controls (/stats says
+    so), the page keeps them in localStorage, and a bad value sent on the page's data channel
+    is answered with an error the page shows; then Reset puts everything back."""
+    async def session_controls(condition, what: str) -> dict:
+        deadline = time.monotonic() + 15
+        while not condition(controls := (await server_stats(http, url))["sessions"][0]["retargeting"]):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {controls}"
+            await asyncio.sleep(0.2)
+        return controls
+
+    await page.evaluate(MOVE_SLIDER.format(name="head_pose", value="0"))
+    await page.evaluate("document.getElementById('rt-eyes-open').click()")
+    await session_controls(lambda c: c["head_pose"] == 0 and c["eyes"] == "open", "head pose 0, eyes open")
+    state = json.loads(await page.evaluate(CONTROLS))
+    assert state["saved"] == {"expression": 1, "head_pose": 0, "mouth_open": 1, "eyes": "open"}
+    assert state["shown"] == "0.00" and state["applied"]["head_pose"] == 0
+    await page.evaluate("channel.send(JSON.stringify({type: 'retarget', head_pose: 7}))")
+    deadline = time.monotonic() + 10
+    while "head_pose must be in [0, 2], got 7" not in (state := json.loads(await page.evaluate(CONTROLS)))["status"]:
+        assert time.monotonic() < deadline, f"no error shown for a bad value: {state}"
+        await asyncio.sleep(0.2)
+    if os.environ.get("XPORTRAIT_SCREENSHOTS"):
+        await screenshot(page, Path(os.environ["XPORTRAIT_SCREENSHOTS"]) / "controls.png")
+    await page.evaluate("document.getElementById('rt-reset').click()")
+    await session_controls(lambda c: c == {"expression": 1, "head_pose": 1, "mouth_open": 1, "eyes": "follow"},
+                           "the controls reset")
 
 
 # -- what a browser user sees when something is missing, and the layout -----------------------------
