@@ -41,8 +41,9 @@ import numpy as np
 from engines import Engine, EngineError
 
 from .capture import Camera, CameraError, CameraInput, camera_input
+from .governor import GovernorOptions
 from .options import CAM_SWITCH, CAMERA_FPS, CAMERA_SIZE, HOLD_S, LOST_AFTER_S, CamOptions, add_engine_arguments, \
-    cam_options
+    add_governor_arguments, cam_options
 from .sinks import (
     NAME,
     Feed,
@@ -121,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
     add_engine_arguments(parser)  # --engine, --size (the virtual camera's too) and the diffusion engine's flags
+    add_governor_arguments(parser)
 
 
 # -- controls -----------------------------------------------------------------------------------------
@@ -308,8 +310,11 @@ class LocalAvatar:
     runs per session: the newest camera frame in, tracked and rendered on the pipeline's two
     threads, the newest avatar frame out to the Feed."""
 
-    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str], size: int):
+    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str], size: int,
+                 governor: GovernorOptions | None = None):
         from .pipeline import EnginePool
+
+        self.governor = governor  # --target-fps / --max-latency-ms
 
         self.images, self.names, self.index = images, names, 0
         self.pool = EnginePool(lambda: engine)  # this one engine, for the pipeline to take
@@ -322,7 +327,7 @@ class LocalAvatar:
 
         loop = asyncio.get_running_loop()
         stage = AnimateStage(self.pool, self.images[0])
-        pipeline = Pipeline(stage, name="cam")
+        pipeline = Pipeline(stage, name="cam", governor=self.governor)
         self.stats = pipeline.stats
         await pipeline.start()
         reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
@@ -439,7 +444,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                     engine = create_engine(opts.engine)
                 except EngineError as exc:
                     raise CamError(str(exc)) from None
-            avatar = LocalAvatar(engine, images, names, opts.size)
+            avatar = LocalAvatar(engine, images, names, opts.size, opts.governor)
             start_still = avatar.still
         try:  # opened once the engine is ready, so that its first frames are not dropped waiting
             camera = Camera(source, loop=opts.loop)

@@ -21,6 +21,7 @@ from aiortc.contrib.media import MediaBlackhole
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
+from .governor import GovernorOptions
 from .pipeline import Pipeline, PipelineClosed, Stage
 
 logger = logging.getLogger("xportrait.session")
@@ -59,13 +60,14 @@ class AvatarTrack(MediaStreamTrack):
 
 class Session:
     def __init__(self, pc: RTCPeerConnection, mode: str, stage: Stage, portrait: str,
-                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float):
+                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float,
+                 governor: GovernorOptions | None = None):
         self.id = secrets.token_hex(6)  # public: /stats lists it
         self.secret = secrets.token_urlsafe(18)  # given only to the peer: controls the session
         self.pc = pc
         self.mode = mode
         self.portrait = portrait
-        self.pipeline = Pipeline(stage, name=self.id, convert_out=to_video_frame)
+        self.pipeline = Pipeline(stage, name=self.id, convert_out=to_video_frame, governor=governor)
         self.stats = self.pipeline.stats
         self.output = AvatarTrack(self.pipeline)
         self.channel = None  # the peer's data channel, for live stats

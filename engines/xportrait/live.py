@@ -9,11 +9,12 @@ the new driving frame in and the rendered frame out. The offline engine is offli
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
-from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
+from ..base import DrivingFrame, EngineError, QualityLevel, Rendered, SourcePortrait, Timings, check_sources
 from ..face import local_patch_boxes
 from ..options import XPortraitOptions
 from .config import XPortraitConfig
@@ -99,17 +100,22 @@ class XPortraitLiveEngine:
         if options.random_weights:  # the label is burnt in on the device, inside the tick
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
-        try:
-            # The ControlNets beside the UNet's down path on three streams: same frames, and on
-            # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
-            self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype, decode=decode,
-                                              overlay=overlay, split=native and cuda)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        # The ControlNets beside the UNet's down path on three streams: same frames, and on
+        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
+        self._denoiser_args = dict(decode=decode, overlay=overlay, split=native and cuda)
+        self.denoiser = self._new_denoiser(settings)
         self.waits_on_device = cuda
         self.cuda_graph = native and live.cuda_graph and cuda
         self.compile = live.compile and self.cuda_graph
         self.latency_frames = settings.steps - 1 + settings.lookahead
+        # Quality levels (engines.base.Governed): the options' stream, then without look-ahead,
+        # then one LCM step fewer at a time down to 2. Each level is its own stream batch (and,
+        # on a GPU, its own CUDA graph), made the first time it is set and kept.
+        ladder = [settings] + ([replace(settings, lookahead=0)] if settings.lookahead else [])
+        ladder += [replace(settings, steps=n, lookahead=0) for n in range(settings.steps - 1, 1, -1)]
+        self._ladder = ladder
+        self._denoisers = {0: self.denoiser}
+        self._sources: torch.Tensor | None = None
         # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
         # the device may still be copying from the other (a tick that returns no frame does not
         # wait for the device).
@@ -120,15 +126,45 @@ class XPortraitLiveEngine:
         self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=cuda)
         self._timings = Timings()
 
+    def _new_denoiser(self, settings: StreamSettings) -> StreamingDenoiser:
+        try:
+            return StreamingDenoiser(self.model, settings, self.device, self.dtype, **self._denoiser_args)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
     @property
     def timings(self) -> Timings:
         return self._timings
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         check_sources(sources, self.size, self.name)
-        self.denoiser.prepare(to_tensor([s.image for s in sources], self.device, self.dtype))
-        if self.cuda_graph and not self.denoiser.captured:
-            self.denoiser.capture(compile=self.compile)
+        self._sources = to_tensor([s.image for s in sources], self.device, self.dtype)
+        for denoiser in self._denoisers.values():  # every level made so far: its graph stays valid
+            self._prepare(denoiser)
+
+    def _prepare(self, denoiser: StreamingDenoiser) -> None:
+        denoiser.prepare(self._sources)
+        if self.cuda_graph and not denoiser.captured:
+            denoiser.capture(compile=self.compile)
+
+    def quality_levels(self) -> list[QualityLevel]:
+        best = self._ladder[0]
+        return [QualityLevel(f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else ""),
+                             cost=(s.steps + s.lookahead) / (best.steps + best.lookahead),
+                             latency_frames=s.steps - 1 + s.lookahead) for s in self._ladder]
+
+    def set_quality(self, level: int) -> None:
+        """Between frames: the stream continues on that level's batch, empty (its frames in
+        flight at the old level are dropped; the first leaves steps - 1 frames later)."""
+        if level not in self._denoisers:
+            self._denoisers[level] = denoiser = self._new_denoiser(self._ladder[level])
+            if self._sources is not None:
+                self._prepare(denoiser)
+        if self._denoisers[level] is not self.denoiser:
+            self.denoiser = self._denoisers[level]
+            self.denoiser.reset()
+        settings = self._ladder[level]
+        self.latency_frames = settings.steps - 1 + settings.lookahead
 
     def _staged(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
         """The frame and its patch boxes in pinned memory; the tick builds both hints from them."""
