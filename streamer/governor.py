@@ -41,6 +41,7 @@ SETTLE_S = 0.3  # after a move, frames still made at (or filling in from) the ol
 MIN_FRAMES = 6  # measurements needed before judging a window
 FPS_TOLERANCE = 0.9  # fps short: under this share of the target
 FAILED_UP_S = 15.0  # a step down this soon after a step up: the step up failed
+EVALUATE_EVERY_S = 0.2  # decide() judges the window this often (it is called per frame)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class Governor:
         self.reason = "start: the best level"
         self.changes = 0
         # cost(level i) / cost(level i + 1): the ladder's word first, measured at each move.
-        self._ratio = [max(a.cost, 1e-6) / max(b.cost, 1e-6) for a, b in zip(self.levels, self.levels[1:])]
+        self._stated = [max(a.cost, 1e-6) / max(b.cost, 1e-6) for a, b in zip(self.levels, self.levels[1:])]
+        self._ratio = list(self._stated)
         self._frames: deque[tuple[float, float, float]] = deque()  # (time, latency ms, cost ms)
         self._drops: deque[tuple[float, int]] = deque()
         self._moved_at: float | None = None
@@ -109,6 +111,7 @@ class Governor:
         self._up_wait = options.up_after_s
         self._last_up: float | None = None
         self.measured: dict[str, float | None] = {}
+        self._evaluated_at = -math.inf
 
     # -- measurements ---------------------------------------------------------------------------
     def observe(self, now: float, latency_ms: float, cost_ms: float) -> None:
@@ -143,6 +146,9 @@ class Governor:
     def decide(self, now: float, fps_in: float, dropped: int = 0) -> int | None:
         """The level to move to now (one rung), or None to stay. `fps_in`: the input's rate;
         `dropped`: the pipeline's drops so far (a running count)."""
+        if now - self._evaluated_at < EVALUATE_EVERY_S:
+            return None
+        self._evaluated_at = now
         m = self._window(now, fps_in, dropped)
         if m is None:
             return None
@@ -205,7 +211,11 @@ class Governor:
             return
         measured = cost / m["cost_ms"] if level == upper else m["cost_ms"] / cost
         if math.isfinite(measured):
-            self._ratio[upper] = 0.5 * self._ratio[upper] + 0.5 * measured
+            # Within a factor of two of the ladder's word (and a cheaper rung never costs more):
+            # a load that changed right at the move must not convince it of anything wilder.
+            stated = self._stated[upper]
+            blended = 0.5 * self._ratio[upper] + 0.5 * measured
+            self._ratio[upper] = float(np.clip(blended, max(1.0, stated / 2), max(1.0, stated * 2)))
 
     def _move(self, now: float, level: int, why: str, m: dict) -> int:
         direction = "down" if level > self.level else "up"
