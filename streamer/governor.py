@@ -73,8 +73,9 @@ class GovernorOptions:
 
 
 def governed_engine(stage: Any) -> Governed | None:
-    """The engine of a pipeline stage, if it has quality levels to govern (echo has none)."""
-    animator = getattr(stage, "animator", None)
+    """The engine of a pipeline stage (or an Animator), if it has quality levels to govern
+    (echo has none)."""
+    animator = getattr(stage, "animator", stage)
     engine = getattr(animator, "engine", None)
     if isinstance(engine, Governed) and len(engine.quality_levels()) > 1:
         return engine

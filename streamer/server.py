@@ -50,6 +50,7 @@ from engines import EngineError
 from engines.animator import Animator
 from engines.face import NoFaceError
 
+from .governor import governed_engine, warm_levels
 from .images import ImageError, ImageTooLarge, read_image
 from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, add_governor_arguments,
                       engine_factory, serve_options)
@@ -142,6 +143,8 @@ class Server:
         try:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
+            if self.config.governor is not None and (governed := governed_engine(animator)):
+                warm_levels(governed)  # every quality level made (CUDA graphs captured) before the first session
         finally:
             animator.close()
             self.engines.give_back(engine)

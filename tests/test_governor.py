@@ -348,3 +348,11 @@ def test_every_diffusion_level_renders_the_frames_a_stream_of_its_settings_does(
     assert engine.denoiser is batch  # already made: no rebuild
     engine.set_quality(0)
     assert engine.denoiser is not batch and run(engine)[0][0] == 0  # the best level's batch, empty again
+
+
+def test_cam_leaves_the_governor_to_the_server_it_streams_to():
+    from streamer.options import CamOptions
+
+    with pytest.raises(OptionError, match="--target-fps, --max-latency-ms: the engine runs on the server"):
+        CamOptions(server="http://127.0.0.1:8080", governor=fast_options())
+    assert CamOptions(governor=fast_options()).governor.target_fps == 25.0
