@@ -321,6 +321,7 @@ class LocalAvatar:
         self.still = still_of(images[0], size)  # proves the first portrait has a face, early
         self.rendered = 0
         self.stats = None
+        self.pipeline = None
 
     async def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
         from .pipeline import AnimateStage, Pipeline
@@ -329,6 +330,7 @@ class LocalAvatar:
         stage = AnimateStage(self.pool, self.images[0])
         pipeline = Pipeline(stage, name="cam", governor=self.governor)
         self.stats = pipeline.stats
+        self.pipeline = pipeline  # its governor's level, for the report
         await pipeline.start()
         reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
 
@@ -498,7 +500,8 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
     elif avatar.stats is not None:
         stats = avatar.stats.snapshot()
         report.update(pipeline={key: stats[key] for key in ("frames_processed", "dropped_stale", "dropped_prepared",
-                                                              "frames_without_face", "errors", "stages_ms")})
+                                                              "frames_without_face", "errors", "stages_ms")},
+                      quality=avatar.pipeline.governor.snapshot() if avatar.pipeline.governor else None)
     return report
 
 

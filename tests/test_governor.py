@@ -197,7 +197,7 @@ class FakeStage:
 
 
 def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_renders():
-    from streamer.pipeline import Pipeline
+    from streamer.pipeline import Pipeline, worker_threads
 
     engine = FakeEngine(cost_ms=90.0)  # 90, 67.5, 45 ms a frame: only the last makes 20 fps
     assert isinstance(engine, Governed) and governed_engine(FakeStage(engine)) is engine
@@ -239,6 +239,10 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
         return down, up, outputs
 
     down, up, outputs = asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while worker_threads() and time.monotonic() < deadline:  # each thread ends after its last job
+        time.sleep(0.05)
+    assert worker_threads() == 0
     assert down["level"] == 2 and down["name"] == "cheapest" and down["reason"].startswith("down"), down
     assert up["level"] == 0 and up["reason"].startswith("up"), up
     assert set(engine.rendered_at) == {0, 1, 2}  # set between frames, on the engine thread
@@ -356,3 +360,27 @@ def test_cam_leaves_the_governor_to_the_server_it_streams_to():
     with pytest.raises(OptionError, match="--target-fps, --max-latency-ms: the engine runs on the server"):
         CamOptions(server="http://127.0.0.1:8080", governor=fast_options())
     assert CamOptions(governor=fast_options()).governor.target_fps == 25.0
+
+
+def test_cam_governs_its_local_engine(tmp_path):
+    """`cam --target-fps`: the local pipeline runs the governor on the warp engine's ladder."""
+    from engines.warp import WarpEngine
+    from streamer import samples
+    from streamer.cam import Controls, LocalAvatar
+    from streamer.capture import Camera, camera_input
+    from streamer.sinks import Feed
+    from streamer.video import write_video
+
+    path = tmp_path / "camera.mp4"
+    write_video(path, (f for f, _ in samples.driving_clip("astronaut", frames=50, fps=25)), fps=25)
+    avatar = LocalAvatar(WarpEngine(256), [samples.portrait("astronaut")], ["astronaut"], 256,
+                         governor=GovernorOptions(max_latency_ms=1))  # out of reach: it must step down
+    feed = Feed([], 256, 25, avatar.still)
+    try:
+        with Camera(camera_input(str(path)), loop=True) as camera:
+            asyncio.run(avatar.run(camera, feed, Controls(feed), until=time.perf_counter() + 5.0))
+    finally:
+        feed.close()
+    quality = avatar.pipeline.governor.snapshot()
+    assert quality["levels"] == ["full", "coarse map", "coarse map, no matte"]
+    assert quality["level"] >= 1 and quality["reason"].startswith("down"), (quality, avatar.rendered)
