@@ -195,5 +195,5 @@ class Session:
         self.pc.remove_all_listeners()
         if self.channel is not None:
             self.channel.remove_all_listeners()
-        self.channel = self.webcam = None
+        self.channel = self.webcam = self.output.sender = None
         self._on_closed(self)
