@@ -117,7 +117,9 @@ class Governed(Protocol):
     thread that steps the engine, never during a step."""
 
     def quality_levels(self) -> Sequence[QualityLevel]:
-        """The ladder, best first; level 0 is what the engine's options ask for."""
+        """The ladder, best first. An engine starts at the level its options ask for (level 0,
+        or with the diffusion engine's --tiny-decoder level 1: the full VAE is the rung above);
+        a governor starts at the best."""
 
     def set_quality(self, level: int) -> None:
         """Render the next frames at `levels[level]`. Frames in flight may be dropped (a

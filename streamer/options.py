@@ -135,7 +135,7 @@ def add_governor_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-fps", type=float, metavar="FPS",
                    help="hold this output frame rate: the engine steps down its ladder of cheaper settings when "
                         "it falls short, and back up when there is room (warp: a coarser warp map, then no matte; "
-                        "xportrait: no look-ahead, then fewer LCM steps, down to 2)")
+                        "xportrait: the full VAE over --tiny-decoder's, no look-ahead, then fewer LCM steps, down to 2)")
     g.add_argument("--max-latency-ms", type=float, metavar="MS",
                    help="hold a frame's input-to-output latency (p50) under this, along the same ladder")
 

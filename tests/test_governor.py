@@ -384,3 +384,39 @@ def test_cam_governs_its_local_engine(tmp_path):
     quality = avatar.pipeline.governor.snapshot()
     assert quality["levels"] == ["full", "coarse map", "coarse map, no matte"]
     assert quality["level"] >= 1 and quality["reason"].startswith("down"), (quality, avatar.rendered)
+
+
+def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):
+    """--tiny-decoder: the engine starts decoding with it (as asked); the governor's best rung
+    decodes with the full VAE, and the tiny decoder is the first rung down. Each renders what
+    an engine made with that decoder renders."""
+    from engines import LiveOptions, XPortraitOptions, create_engine
+    from engines.base import SourcePortrait
+
+    res = 64
+
+    def options(tiny: bool) -> XPortraitOptions:
+        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4,
+                                live=LiveOptions(tiny_decoder="random" if tiny else None))
+
+    rng = np.random.default_rng(4)
+    source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
+    landmarks = np.full((478, 3), res / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
+              for i in range(3)]
+
+    def run(engine) -> list[np.ndarray]:
+        return [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+
+    engine = create_engine(options(tiny=True))
+    engine.prepare(source)
+    assert [level.name for level in engine.quality_levels()] == ["2 steps, full VAE", "2 steps, tiny decoder"]
+    started = run(engine)  # no governor: the tiny decoder, as the options ask
+    plain, tiny = create_engine(options(tiny=False)), create_engine(options(tiny=True))
+    plain.prepare(source), tiny.prepare(source)
+    want_vae, want_tiny = run(plain), run(tiny)
+    assert len(started) == 2 and all(np.array_equal(a, b) for a, b in zip(started, want_tiny))
+    engine.set_quality(0)
+    got = run(engine)
+    assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, want_vae))
+    assert not np.array_equal(got[0], started[0])  # another decoder: another picture
