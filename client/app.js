@@ -15,6 +15,7 @@ const state = {
   avatarFrames: 0, // avatar frames painted on screen
   stats: null, // the server's latest stats message
   error: null,
+  glassToGlass: null, // camera-to-screen ms, p50 of the last frames; null: not measurable here (n/a)
 };
 window.xportrait = state;
 
@@ -161,6 +162,8 @@ function showStats(stats) {
   $('overlay').textContent =
     `fps ${stats.fps_out.toFixed(1)} (camera ${stats.fps_in.toFixed(1)})\n` +
     `latency p50 ${ms(latency.p50)} ms  p95 ${ms(latency.p95)} ms\n` +
+    `glass-to-glass ${glassText()}\n` +
+    qualityText(stats) +
     `drops ${stats.dropped}  no face ${stats.frames_without_face}\n` +
     `ms: ${stage(['wait', 'convert_in', 'face'])}\n` +
     `    ${stage(['wait_engine', 'engine'])}\n` +
@@ -172,13 +175,62 @@ function showStats(stats) {
   }
 }
 
+// The quality governor's level and why it moved (serve --target-fps / --max-latency-ms).
+function qualityText(stats) {
+  const q = stats.quality;
+  if (!q) return '';
+  return `quality ${q.name} (${q.level + 1}/${q.levels.length})  ${q.reason}\n`;
+}
+
+// ---- glass-to-glass: camera capture to the avatar frame on screen ------------------------------
+// The server's capture clock (streamer/glass.py) takes an avatar frame's RTP timestamp to the
+// moment the browser captured the camera frame it was made from; that moment must be one of our
+// own camera video's frame capture times (requestVideoFrameCallback), or nothing is shown.
+const cameraCaptures = []; // unix ms of the camera video's recent frames
+const glassSamples = [];
+const CAMERA_FRAMES_KEPT = 300;
+const GLASS_SAMPLES_KEPT = 60;
+const CAPTURE_MATCH_MS = 8; // a capture moment within this of a camera frame's is that frame
+
+function glassText() {
+  return state.glassToGlass === null ? 'n/a' : `p50 ${state.glassToGlass.toFixed(1)} ms`;
+}
+
+function watchCameraCaptures(video) {
+  if (!('requestVideoFrameCallback' in HTMLVideoElement.prototype)) return;
+  const onFrame = (now, metadata) => {
+    if (metadata.captureTime !== undefined) {
+      cameraCaptures.push(performance.timeOrigin + metadata.captureTime);
+      if (cameraCaptures.length > CAMERA_FRAMES_KEPT) cameraCaptures.shift();
+    }
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+function glassSample(metadata) {
+  const clock = state.stats && state.stats.capture_clock;
+  if (!clock || metadata.rtpTimestamp === undefined || !cameraCaptures.length) return;
+  const delta = ((metadata.rtpTimestamp - clock.rtp) | 0) / 90; // RTP ticks wrap at 2^32
+  const capture = clock.unix_ms + delta;
+  let nearest = cameraCaptures[0];
+  for (const t of cameraCaptures) if (Math.abs(t - capture) < Math.abs(nearest - capture)) nearest = t;
+  if (Math.abs(nearest - capture) > CAPTURE_MATCH_MS) return; // not one of our frames: clocks disagree
+  const shown = performance.timeOrigin + metadata.expectedDisplayTime;
+  glassSamples.push(shown - nearest);
+  if (glassSamples.length > GLASS_SAMPLES_KEPT) glassSamples.shift();
+  const sorted = [...glassSamples].sort((a, b) => a - b);
+  state.glassToGlass = sorted.length >= 5 ? sorted[Math.floor(sorted.length / 2)] : null;
+}
+
 function countAvatarFrames(video) {
   if (!('requestVideoFrameCallback' in HTMLVideoElement.prototype)) {
     video.addEventListener('timeupdate', () => { state.avatarFrames += 1; });
     return;
   }
-  const onFrame = () => {
+  const onFrame = (now, metadata) => {
     state.avatarFrames += 1;
+    glassSample(metadata);
     video.requestVideoFrameCallback(onFrame);
   };
   video.requestVideoFrameCallback(onFrame);
@@ -280,7 +332,8 @@ function stop(resetStatus = true) {
   channel = null;
   if (camera) camera.getTracks().forEach((track) => track.stop());
   camera = null;
-  state.session = state.secret = state.stats = null;
+  state.session = state.secret = state.stats = state.glassToGlass = null;
+  cameraCaptures.length = glassSamples.length = 0;
   $('camera').srcObject = null;
   $('avatar').srcObject = null;
   $('overlay').textContent = 'no stream';
@@ -360,4 +413,5 @@ $('upload').addEventListener('change', (event) => {
   event.target.value = '';
 });
 countAvatarFrames($('avatar'));
+watchCameraCaptures($('camera'));
 loadGallery().catch((e) => setStatus(`could not load portraits: ${e.message}`, true));

@@ -96,6 +96,36 @@ class Engine(Protocol):
     def timings(self) -> Timings: ...
 
 
+@dataclass(frozen=True)
+class QualityLevel:
+    """One rung of an engine's quality ladder (`Governed`), best first.
+
+    `cost` is the rung's per-frame cost relative to the best (1.0), as the engine expects it:
+    the live governor starts from it and learns the real ratios as it measures them.
+    `latency_frames` is how many frames a frame spends in flight at this rung (the diffusion
+    engine's LCM steps - 1 + look-ahead; 0 for a frame-in, frame-out engine)."""
+
+    name: str
+    cost: float = 1.0
+    latency_frames: int = 0
+
+
+@runtime_checkable
+class Governed(Protocol):
+    """An engine with cheaper settings to fall back on (streamer/governor.py moves along them).
+    Engines without levels simply are not governed. Both are called between frames, on the
+    thread that steps the engine, never during a step."""
+
+    def quality_levels(self) -> Sequence[QualityLevel]:
+        """The ladder, best first. An engine starts at the level its options ask for (level 0,
+        or with the diffusion engine's --tiny-decoder level 1: the full VAE is the rung above);
+        a governor starts at the best."""
+
+    def set_quality(self, level: int) -> None:
+        """Render the next frames at `levels[level]`. Frames in flight may be dropped (a
+        streaming engine starts its batch again); a level already used costs no rebuild."""
+
+
 class EngineError(RuntimeError):
     """A user-facing engine failure (missing weights, missing backend, bad configuration)."""
 

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from .base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
+from .base import DrivingFrame, EngineError, QualityLevel, Rendered, SourcePortrait, Timings, check_sources
 from .face import (
     FACE_OVAL,
     LEFT_LID_PAIRS,
@@ -595,6 +595,7 @@ class Reenactor:
         self._mouth_region = list(OUTER_LIPS)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
+        self.composite = True  # the person over the plate; off (a quality level): the warped frame as it is
 
     def _opening_weights(self, mesh: np.ndarray) -> np.ndarray:
         """(468,) how much of the mouth's opening each point takes: the lower lip fully
@@ -695,15 +696,16 @@ class Reenactor:
         cv2.convertMaps(self._map_x, self._map_y, cv2.CV_16SC2, dstmap1=self._fixed_xy, dstmap2=self._fixed_frac)
         cv2.remap(self._source_rgba, self._fixed_xy, self._fixed_frac, cv2.INTER_LINEAR, dst=self._warped_rgba,
                   borderMode=cv2.BORDER_REPLICATE)
-        cv2.cvtColor(self._warped_rgba, cv2.COLOR_RGBA2RGB, dst=self._warped)
-        cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
-        # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
-        # by a pixel so the outline stays antialiased everywhere.
-        cv2.GaussianBlur(self._alpha_u8, (3, 3), 0, dst=self._alpha_u8)
-        # The person, where the warp took it, over the background plate.
-        np.multiply(self._alpha_u8, np.float32(1 / 255), out=self._alpha, casting="unsafe")
-        np.subtract(1.0, self._alpha, out=self._beta)
-        cv2.blendLinear(self._warped, self.plate, self._alpha, self._beta, dst=self.output)
+        cv2.cvtColor(self._warped_rgba, cv2.COLOR_RGBA2RGB, dst=self._warped if self.composite else self.output)
+        if self.composite:
+            cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
+            # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
+            # by a pixel so the outline stays antialiased everywhere.
+            cv2.GaussianBlur(self._alpha_u8, (3, 3), 0, dst=self._alpha_u8)
+            # The person, where the warp took it, over the background plate.
+            np.multiply(self._alpha_u8, np.float32(1 / 255), out=self._alpha, casting="unsafe")
+            np.subtract(1.0, self._alpha, out=self._beta)
+            cv2.blendLinear(self._warped, self.plate, self._alpha, self._beta, dst=self.output)
         t3 = time.perf_counter()
         scale = self._q.scale * motion.scale
         for eye, amount in zip(self._eyes, shut):
@@ -814,6 +816,8 @@ class WarpEngine:
         self.size = size
         self._grid = grid
         self._reenactor: Reenactor | None = None
+        self._reenactors: dict[tuple[int, int], Reenactor] = {}  # per quality level's grid, this source's
+        self._level = 0
         self._timings = Timings()
 
     @property
@@ -826,6 +830,8 @@ class WarpEngine:
         check_sources(sources, self.size, self.name)
         source = sources[0]
         self._reenactor = Reenactor(source, self._grid)
+        self._reenactors = {(id(source), self._reenactor.grid): self._reenactor}
+        self.set_quality(self._level)
 
     def step(self, frame: DrivingFrame) -> Rendered:
         if self._reenactor is None:
@@ -841,8 +847,29 @@ class WarpEngine:
 
     def reset(self) -> None:
         # Driving state: the driver's calibration starts again with the next reference.
-        if self._reenactor is not None:
-            self._reenactor._reference_key = None
+        for reenactor in self._reenactors.values():
+            reenactor._reference_key = None
+
+    # Quality levels (engines.base.Governed), what costs on the CPU: the warp map on a grid of a
+    # quarter of the size (raster: about half), then no matte composite (the background follows the head).
+    QUALITY = ((QualityLevel("full"), None, True), (QualityLevel("coarse map", 0.85), 4, True),
+               (QualityLevel("coarse map, no matte", 0.72), 4, False))
+
+    def quality_levels(self) -> list[QualityLevel]:
+        return [level for level, _, _ in self.QUALITY]
+
+    def set_quality(self, level: int) -> None:
+        """A grid of another size is another Reenactor (same matte and plate), kept per source."""
+        _, divisor, composite = self.QUALITY[level]
+        self._level, old = level, self._reenactor
+        if old is not None:
+            grid = (self._grid or max(64, self.size // 2)) if divisor is None else max(32, self.size // divisor)
+            key = (id(old.source), grid)
+            if key not in self._reenactors:
+                self._reenactors = {k: r for k, r in self._reenactors.items() if k[0] == id(old.source)}
+                self._reenactors[key] = Reenactor(old.source, grid, matte=old.matte, plate=old.plate)
+            self._reenactor = self._reenactors[key]
+            self._reenactor.composite = composite
 
 
 def reenact(source: np.ndarray, driving: np.ndarray, reference: np.ndarray | None = None,

@@ -45,8 +45,9 @@ from engines import Engine, EngineError
 from engines.retarget import NEUTRAL, RANGES, Retargeting
 
 from .capture import Camera, CameraError, CameraInput, camera_input
+from .governor import GovernorOptions
 from .options import CAM_SWITCH, CAMERA_FPS, CAMERA_SIZE, HOLD_S, LOST_AFTER_S, CamOptions, add_engine_arguments, \
-    add_retarget_arguments, cam_options
+    add_governor_arguments, add_retarget_arguments, cam_options
 from .sinks import (
     NAME,
     Feed,
@@ -131,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="write a JSON report (frames, fps, latency) here at the end")
     add_retarget_arguments(parser)  # the controls' start values; the keys change them
     add_engine_arguments(parser)  # --engine, --size (the virtual camera's too) and the diffusion engine's flags
+    add_governor_arguments(parser)
 
 
 # -- controls -----------------------------------------------------------------------------------------
@@ -349,22 +351,27 @@ class LocalAvatar:
     runs per session: the newest camera frame in, tracked and rendered on the pipeline's two
     threads, the newest avatar frame out to the Feed."""
 
-    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str], size: int):
+    def __init__(self, engine: Engine, images: list[np.ndarray], names: list[str], size: int,
+                 governor: GovernorOptions | None = None):
         from .pipeline import EnginePool
+
+        self.governor = governor  # --target-fps / --max-latency-ms
 
         self.images, self.names, self.index = images, names, 0
         self.pool = EnginePool(lambda: engine)  # this one engine, for the pipeline to take
         self.still = still_of(images[0], size)  # proves the first portrait has a face, early
         self.rendered = 0
         self.stats = None
+        self.pipeline = None
 
     async def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
         from .pipeline import AnimateStage, Pipeline
 
         loop = asyncio.get_running_loop()
         stage = AnimateStage(self.pool, self.images[0], controls.retargeting)
-        pipeline = Pipeline(stage, name="cam")
+        pipeline = Pipeline(stage, name="cam", governor=self.governor)
         self.stats = pipeline.stats
+        self.pipeline = pipeline  # its governor's level, for the report
         await pipeline.start()
         reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
 
@@ -482,7 +489,7 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                     engine = create_engine(opts.engine)
                 except EngineError as exc:
                     raise CamError(str(exc)) from None
-            avatar = LocalAvatar(engine, images, names, opts.size)
+            avatar = LocalAvatar(engine, images, names, opts.size, opts.governor)
             start_still = avatar.still
         try:  # opened once the engine is ready, so that its first frames are not dropped waiting
             camera = Camera(source, loop=opts.loop)
@@ -536,7 +543,8 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
     elif avatar.stats is not None:
         stats = avatar.stats.snapshot()
         report.update(pipeline={key: stats[key] for key in ("frames_processed", "dropped_stale", "dropped_prepared",
-                                                              "frames_without_face", "errors", "stages_ms")})
+                                                              "frames_without_face", "errors", "stages_ms")},
+                      quality=avatar.pipeline.governor.snapshot() if avatar.pipeline.governor else None)
     return report
 
 

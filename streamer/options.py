@@ -39,6 +39,8 @@ from engines.options import (
 )
 from engines.retarget import EYE_MODES, NEUTRAL, RANGES, Retargeting
 
+from .governor import GovernorOptions
+
 DEFAULT_PORT = 8080
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
@@ -128,6 +130,23 @@ def engine_factory(options: EngineOptions) -> Callable[[], object]:
     return lambda: create_engine(options, model)
 
 
+# -- the quality governor (serve, cam; streamer/governor.py) -----------------------------------------
+def add_governor_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("quality governor (off unless one of these is given)")
+    g.add_argument("--target-fps", type=float, metavar="FPS",
+                   help="hold this output frame rate: the engine steps down its ladder of cheaper settings when "
+                        "it falls short, and back up when there is room (warp: a coarser warp map, then no matte; "
+                        "xportrait: the full VAE over --tiny-decoder's, no look-ahead, then fewer LCM steps, down to 2)")
+    g.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="hold a frame's input-to-output latency (p50) under this, along the same ladder")
+
+
+def governor_options(args: argparse.Namespace) -> GovernorOptions | None:
+    if args.target_fps is None and args.max_latency_ms is None:
+        return None
+    return GovernorOptions(target_fps=args.target_fps, max_latency_ms=args.max_latency_ms)
+
+
 def _positive_fields(options, names) -> None:
     for name in names:
         positive(getattr(options, name), name)
@@ -176,6 +195,7 @@ class ServeOptions:
     insecure: bool = False  # plain HTTP on a network address, knowingly
     tunnel: bool = False  # the page comes through an SSH tunnel: media on the network addresses anyway
     verbose: bool = False  # aioice/aiortc at INFO too
+    governor: GovernorOptions | None = None  # --target-fps / --max-latency-ms: None, off
 
     @property
     def tls(self) -> bool:
@@ -231,7 +251,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                         idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, self_signed=args.self_signed,
                         allow_origins=tuple(args.allow_origin), insecure=args.insecure, tunnel=args.tunnel,
-                        verbose=args.verbose)
+                        verbose=args.verbose, governor=governor_options(args))
 
 
 # -- animate ----------------------------------------------------------------------------------------
@@ -430,9 +450,13 @@ class CamOptions:
     duration: float | None = None
     report: str | None = None
     retargeting: Retargeting = NEUTRAL  # the controls' start values (keys change them)
+    governor: GovernorOptions | None = None  # the local engine's (a server governs its own)
 
     def __post_init__(self):
         _positive_fields(self, ("camera_fps", "connect_timeout", "fps", "hold", "lost_after"))
+        if self.governor is not None and self.server is not None:
+            raise OptionError("--target-fps, --max-latency-ms: the engine runs on the server with --server "
+                              "(give them to its serve)")
         if self.duration is not None:
             positive(self.duration, "duration")
         for name in ("virtual_camera", "pipewire"):
@@ -467,5 +491,6 @@ def cam_options(args: argparse.Namespace) -> CamOptions:
     else:
         engine = engine_options(args, live=True)
     return CamOptions(engine=engine, portraits=tuple(args.portrait), retargeting=retargeting_options(args),
+                      governor=governor_options(args),
                       **{f.name: getattr(args, f.name) for f in fields(CamOptions)
-                         if f.name not in ("engine", "portraits", "retargeting")})
+                         if f.name not in ("engine", "portraits", "retargeting", "governor")})

@@ -48,6 +48,7 @@ from engines.animator import Animator, prepare_sources
 from engines.base import DrivingFrame, Rendered, SourcePortrait
 from engines.retarget import NEUTRAL, Retargeting
 
+from .governor import Governor, GovernorOptions, governed_engine, warm_levels
 from .stats import SessionStats
 
 logger = logging.getLogger("xportrait.pipeline")
@@ -244,6 +245,7 @@ class Output:
     frame: Any  # what `convert_out` made of the rendered image (default: a copy of it)
     arrived: float  # when the input frame it was made from arrived
     source: Any  # that input frame (its pts, its time base)
+    cost_ms: float = 0.0  # its cost at the bottleneck: the engine step (+ the face mesh on a CPU engine)
 
 
 def _copy(image: np.ndarray, source: Any) -> np.ndarray:
@@ -256,9 +258,10 @@ def _nothing() -> None:
 
 class Pipeline:
     def __init__(self, stage: Stage, stats: SessionStats | None = None, name: str = "",
-                 convert_out: Callable[[np.ndarray, Any], Any] = _copy):
+                 convert_out: Callable[[np.ndarray, Any], Any] = _copy, governor: GovernorOptions | None = None):
         """`convert_out(image, input_frame)` runs on the engine thread for each output frame
-        (e.g. into a VideoFrame carrying the input's pts); `name` tags the threads."""
+        (e.g. into a VideoFrame carrying the input's pts); `name` tags the threads; `governor`:
+        hold a frame rate / latency by moving the engine along its quality levels."""
         self.stage = stage
         self.stats = stats or SessionStats()
         self._convert_out = convert_out
@@ -277,14 +280,18 @@ class Pipeline:
         self._size: tuple[int, int] | None = None  # of the last input frame tracked (prep thread)
         self._handed_at: float | None = None  # when the previous output frame was taken
         self._handed_arrival = 0.0
+        self._handed_cost = 0.0
         self._tasks: list[asyncio.Task] = []
+        self._governor_options = governor
+        self.governor: Governor | None = None  # once started, if the engine has levels
+        self._quality_request: int | None = None  # a level for the engine thread to set before its next step
 
     # -- the caller's side ------------------------------------------------------------------------
     async def start(self) -> None:
         """Build the stage on the engine thread (an engine, the first portrait), then let frames
         flow. Raises what the stage raises (e.g. NoFaceError); the pipeline is closed then."""
         try:
-            await self._between_frames(self.stage.open)
+            await self._between_frames(self._open_stage)
         except BaseException:
             await self.close()
             raise
@@ -316,6 +323,8 @@ class Pipeline:
             stats.stages["encode_send"].add((now - self._handed_at) * 1e3)
             stats.latency.add((now - self._handed_arrival) * 1e3)
             self._handed_at = None
+            if self.governor is not None:
+                self._govern(now, (now - self._handed_arrival) * 1e3)
         while self._output is None:
             if self.closed:
                 raise PipelineClosed("the pipeline has closed")
@@ -323,7 +332,7 @@ class Pipeline:
             self._output_ready.clear()
         output, self._output = self._output, None
         stats.frames_out += 1
-        self._handed_at, self._handed_arrival = time.perf_counter(), output.arrived
+        self._handed_at, self._handed_arrival, self._handed_cost = time.perf_counter(), output.arrived, output.cost_ms
         stats.fps_out.tick(self._handed_at)
         return output
 
@@ -355,7 +364,7 @@ class Pipeline:
 
     def snapshot(self) -> dict:
         self.stats.frames_without_face = self.stage.frames_without_face
-        return self.stats.snapshot()
+        return {**self.stats.snapshot(), "quality": self.governor.snapshot() if self.governor else None}
 
     async def close(self) -> None:
         """Stop taking frames, let each thread finish the job it holds, free the stage on the
@@ -444,6 +453,7 @@ class Pipeline:
                 if result is None:  # the engine is holding frames in flight
                     continue
                 output, engine_ms, convert_out_ms = result
+                output.cost_ms = engine_ms + (0.0 if self.stage.waits_on_device else prepared.face_ms)
                 stats.frames_processed += 1
                 stats.stages["engine"].add(engine_ms)
                 stats.stages["convert_out"].add(convert_out_ms)
@@ -459,6 +469,32 @@ class Pipeline:
             self.stage.release(self._prepared.driving)
             self._prepared = None
             self._engine_done.set()
+
+    # -- the quality governor (streamer/governor.py) -------------------------------------------------
+    def _open_stage(self) -> None:
+        """Engine thread: open the stage; a governed engine starts at its best level."""
+        self.stage.open()
+        engine = governed_engine(self.stage) if self._governor_options is not None else None
+        if engine is not None:
+            warm_levels(engine)  # every level made now, not mid-stream; ends at the best (the pool's
+            # engine may come back at another session's level)
+            self.governor = Governor(self._governor_options, engine.quality_levels())
+
+    def _govern(self, now: float, latency_ms: float) -> None:
+        """Event loop, per frame handed out: measure; a move is set by the engine thread."""
+        stats, governor = self.stats, self.governor
+        governor.observe(now, latency_ms, self._handed_cost)
+        dropped = stats.dropped_stale + stats.dropped_prepared + stats.dropped_output
+        level = governor.decide(now, stats.fps_in.rate(now), dropped)
+        if level is not None:
+            logger.info("quality %s", governor.reason)
+            self._quality_request = level
+
+    def _apply_quality(self) -> None:
+        """Engine thread, between two steps: the level the governor chose, if it chose one."""
+        level, self._quality_request = self._quality_request, None
+        if level is not None:
+            governed_engine(self.stage).set_quality(level)
 
     # -- on the threads ----------------------------------------------------------------------------
     def _prepare(self, frame: Input) -> Prepared:
@@ -479,6 +515,8 @@ class Pipeline:
 
     def _render(self, driving: DrivingFrame | Rendered) -> tuple[Output, float, float] | None:
         """Engine thread: a prepared frame in; the output frame, when one leaves the engine."""
+        if self._quality_request is not None:
+            self._apply_quality()
         t0 = time.perf_counter()
         rendered = self.stage.render(driving)
         t1 = time.perf_counter()

@@ -50,8 +50,10 @@ from engines import EngineError
 from engines.animator import Animator
 from engines.face import NoFaceError
 
+from .governor import governed_engine, warm_levels
 from .images import ImageError, ImageTooLarge, read_image
-from .options import DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, engine_factory, serve_options
+from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, add_governor_arguments,
+                      engine_factory, serve_options)
 from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
 from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from .session import Session
@@ -141,6 +143,8 @@ class Server:
         try:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
+            if self.config.governor is not None and (governed := governed_engine(animator)):
+                warm_levels(governed)  # every quality level made (CUDA graphs captured) before the first session
         finally:
             animator.close()
             self.engines.give_back(engine)
@@ -316,7 +320,7 @@ class Server:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # a local server needs no STUN
         stage = AnimateStage(self.engines, self.gallery[name]) if mode == "animate" else EchoStage()
         session = Session(pc, mode, stage, name, self._forget, self.config.idle_timeout,
-                          self.config.connect_timeout)
+                          self.config.connect_timeout, governor=self.config.governor)
         self.sessions[session.id] = session  # counts against --max-sessions from here on
 
         @pc.on("connectionstatechange")
@@ -494,6 +498,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="log WebRTC details too (ICE and DTLS state changes of aioice and aiortc)")
     add_engine_arguments(parser)
+    add_governor_arguments(parser)
 
 
 async def serve(server: Server, host: str, port: int) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from fractions import Fraction
 from typing import Callable
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
@@ -23,11 +24,14 @@ from av import VideoFrame
 
 from engines.retarget import MESSAGE_TYPE as RETARGET, NEUTRAL, Retargeting
 
+from .glass import capture_clock, receiver_origin, record_sender_reports, sender_rtp
+from .governor import GovernorOptions
 from .pipeline import Pipeline, PipelineClosed, Stage
 
 logger = logging.getLogger("xportrait.session")
 
 REPORT_INTERVAL_S = 0.5
+RTP_TIME_BASE = Fraction(1, 90000)
 
 
 def to_video_frame(image, source: VideoFrame) -> VideoFrame:
@@ -45,10 +49,20 @@ class AvatarTrack(MediaStreamTrack):
     def __init__(self, pipeline: Pipeline):
         super().__init__()
         self._pipeline = pipeline
+        self.sender = None  # our RTCRtpSender, for the capture clock (streamer/glass.py)
+        self.avatar_origin: int | None = None  # avatar RTP timestamp minus pts
+        self._sent_pts: int | None = None
+
+    def _note_rtp_origin(self) -> None:
+        """aiortc asks for a frame once the last one is sent: its RTP timestamp is the last packet's."""
+        rtp = sender_rtp(self.sender)
+        if rtp is not None and self._sent_pts is not None:
+            self.avatar_origin = (rtp - self._sent_pts) & 0xFFFFFFFF
 
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        self._note_rtp_origin()
         try:
             frame = (await self._pipeline.next_output()).frame
         except PipelineClosed:
@@ -56,18 +70,21 @@ class AvatarTrack(MediaStreamTrack):
         stats = self._pipeline.stats
         if stats.output_pts_origin is None:
             stats.output_pts_origin = frame.pts
+        self._sent_pts = frame.pts if frame.time_base == RTP_TIME_BASE else None
         return frame
 
 
 class Session:
     def __init__(self, pc: RTCPeerConnection, mode: str, stage: Stage, portrait: str,
-                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float):
+                 on_closed: Callable[["Session"], None], idle_timeout: float, connect_timeout: float,
+                 governor: GovernorOptions | None = None):
+        record_sender_reports()  # the capture clock's half from the browser (streamer/glass.py)
         self.id = secrets.token_hex(6)  # public: /stats lists it
         self.secret = secrets.token_urlsafe(18)  # given only to the peer: controls the session
         self.pc = pc
         self.mode = mode
         self.portrait = portrait
-        self.pipeline = Pipeline(stage, name=self.id, convert_out=to_video_frame)
+        self.pipeline = Pipeline(stage, name=self.id, convert_out=to_video_frame, governor=governor)
         self.stats = self.pipeline.stats
         self.output = AvatarTrack(self.pipeline)
         self.channel = None  # the peer's data channel, for live stats
@@ -166,7 +183,16 @@ class Session:
                 self.request_close(f"no webcam frame for {self._idle_timeout:g} s")
                 return
             if self.channel is not None and self.channel.readyState == "open":
-                self.channel.send(json.dumps({"type": "stats", **self.snapshot()}))
+                self.channel.send(json.dumps({"type": "stats", **self.snapshot(), "capture_clock": self._capture_clock()}))
+
+    def _capture_clock(self) -> dict | None:
+        """For the page's glass-to-glass figure (streamer/glass.py); None until it is known."""
+        output = self.output
+        if output.sender is None:
+            output.sender = next((s for s in self.pc.getSenders() if s.track is output), None)
+        receiver = next((r for r in self.pc.getReceivers() if r.track is self.webcam), None) if self.webcam else None
+        return capture_clock(getattr(receiver, "xportrait_sender_report", None), receiver_origin(receiver),
+                             output.avatar_origin)
 
     # -- teardown -----------------------------------------------------------------------------------
     def request_close(self, reason: str) -> asyncio.Task:
@@ -196,5 +222,5 @@ class Session:
         self.pc.remove_all_listeners()
         if self.channel is not None:
             self.channel.remove_all_listeners()
-        self.channel = self.webcam = None
+        self.channel = self.webcam = self.output.sender = None
         self._on_closed(self)

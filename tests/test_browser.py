@@ -64,6 +64,7 @@ PAGE_STATE = """(() => {
     width: avatar.videoWidth, height: avatar.videoHeight, brightness,
     overlay: document.getElementById('overlay').textContent,
     portraits: document.querySelectorAll('#gallery button').length,
+    glass: xportrait.glassToGlass,
   });
 })()"""
 
@@ -99,7 +100,8 @@ class DevTools:
 
 @pytest.fixture
 def server():
-    with running_server("--token", TOKEN, "--idle-timeout", "3") as (process, url):
+    # --target-fps: the quality governor's level shows on /stats and the overlay
+    with running_server("--token", TOKEN, "--idle-timeout", "3", "--target-fps", "20") as (process, url):
         yield url
     process.wait(timeout=30)
 
@@ -154,6 +156,21 @@ async def wait_for_portrait(http: aiohttp.ClientSession, url: str, name: str) ->
         await asyncio.sleep(0.2)
 
 
+async def check_quality_and_glass(page: DevTools, http: aiohttp.ClientSession, url: str) -> None:
+    """The governor's level on /stats and the overlay; glass-to-glass a plausible number or n/a."""
+    quality = (await server_stats(http, url))["sessions"][0]["quality"]
+    assert quality["target_fps"] == 20 and quality["name"] in quality["levels"] and quality["reason"]
+    state = await poll(page, lambda s: s["glass"] is not None, 15, "a glass-to-glass figure")
+    shown = state["stats"]["quality"]
+    assert f"quality {shown['name']} ({shown['level'] + 1}/{len(shown['levels'])})" in state["overlay"]
+    glass, server_p50 = state["glass"], state["stats"]["latency_ms"]["p50"]
+    # Camera to screen holds the server's input-to-output time and more (encode, network, decode).
+    assert server_p50 < glass < 5000, (glass, server_p50)
+    assert re.search(r"glass-to-glass p50 \d+\.\d ms", state["overlay"]), state["overlay"]
+    if os.environ.get("XPORTRAIT_SCREENSHOTS"):
+        await screenshot(page, Path(os.environ["XPORTRAIT_SCREENSHOTS"]) / "governor-glass.png")
+
+
 async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None:
     port_file = profile / "DevToolsActivePort"
     deadline = time.monotonic() + 60
@@ -189,6 +206,7 @@ async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None
             assert "drops" in overlay
             assert (await server_stats(http, url))["sessions_active"] == 1
             await check_controls(page, http, url)
+            await check_quality_and_glass(page, http, url)
 
             # Portraits from the page: a bundled one by name, an upload (a still of the avatar
             # itself, so it has a face), and a file that is no image (refused, shown, portrait kept).

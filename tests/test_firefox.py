@@ -54,7 +54,8 @@ PAGE_STATE = """(() => {
   if (!avatar || !window.xportrait) return null;
   return JSON.stringify({status: xportrait.status, error: xportrait.error, frames: xportrait.avatarFrames,
                          stats: xportrait.stats, width: avatar.videoWidth, height: avatar.videoHeight,
-                         overlay: (document.getElementById('overlay') || {}).textContent || ''});
+                         overlay: (document.getElementById('overlay') || {}).textContent || '',
+                         glass: xportrait.glassToGlass});
 })()"""
 
 
@@ -146,5 +147,13 @@ async def drive(url: str, port: int, browser: subprocess.Popen) -> None:
             stats = page["stats"]
             assert stats["mode"] == "animate" and stats["errors"] == 0 and stats["fps_out"] > 5
             assert "fps" in page["overlay"] and "p50" in page["overlay"]
+            # Glass-to-glass: a plausible figure where Firefox gives capture times and RTP
+            # timestamps to requestVideoFrameCallback, n/a where it does not; never a wrong number.
+            await asyncio.sleep(3)
+            page = await state()
+            if page["glass"] is None:
+                assert "glass-to-glass n/a" in page["overlay"], page["overlay"]
+            else:
+                assert page["stats"]["latency_ms"]["p50"] < page["glass"] < 5000, page
             async with http.get(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
                 assert (await response.json())["sessions_active"] == 1

@@ -9,11 +9,12 @@ the new driving frame in and the rendered frame out. The offline engine is offli
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
-from ..base import DrivingFrame, EngineError, Rendered, SourcePortrait, Timings, check_sources
+from ..base import DrivingFrame, EngineError, QualityLevel, Rendered, SourcePortrait, Timings, check_sources
 from ..face import local_patch_boxes
 from ..options import XPortraitOptions
 from .config import XPortraitConfig
@@ -93,23 +94,34 @@ class XPortraitLiveEngine:
         if live.tiny_decoder is not None and not isinstance(model, torch.nn.Module):
             raise EngineError("--tiny-decoder works with the torch backend only")
         self.model = model
-        decode = model.decode if live.tiny_decoder is None else \
+        small = None if live.tiny_decoder is None else \
             load_small_decoder(live.tiny_decoder, self.device, self.dtype, native and live.channels_last and cuda)
         overlay = None
         if options.random_weights:  # the label is burnt in on the device, inside the tick
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
-        try:
-            # The ControlNets beside the UNet's down path on three streams: same frames, and on
-            # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
-            self.denoiser = StreamingDenoiser(self.model, settings, self.device, self.dtype, decode=decode,
-                                              overlay=overlay, split=native and cuda)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        # The ControlNets beside the UNet's down path on three streams: same frames, and on
+        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
+        self._denoiser_args = dict(overlay=overlay, split=native and cuda)
         self.waits_on_device = cuda
         self.cuda_graph = native and live.cuda_graph and cuda
         self.compile = live.compile and self.cuda_graph
+        # Quality levels (engines.base.Governed), best first: with a tiny decoder, the options'
+        # stream decoded by the full VAE, then by the tiny decoder (where the engine starts);
+        # then without look-ahead, then one LCM step fewer at a time down to 2. Each level is its
+        # own stream batch (and, on a GPU, its own CUDA graph), made the first time it is set.
+        streams = [settings] + ([replace(settings, lookahead=0)] if settings.lookahead else [])
+        streams += [replace(settings, steps=n, lookahead=0) for n in range(settings.steps - 1, 1, -1)]
+        vae = model.decode
+        self._ladder = [(s, small or vae) for s in streams]  # (stream, decoder)
+        self._two_decoders = small is not None
+        if small is not None:
+            self._ladder.insert(0, (settings, vae))
+        self._level = 1 if small is not None else 0
+        self.denoiser = self._new_denoiser(*self._ladder[self._level])
+        self._denoisers = {self._level: self.denoiser}
         self.latency_frames = settings.steps - 1 + settings.lookahead
+        self._sources: torch.Tensor | None = None
         # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
         # the device may still be copying from the other (a tick that returns no frame does not
         # wait for the device).
@@ -120,15 +132,53 @@ class XPortraitLiveEngine:
         self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=cuda)
         self._timings = Timings()
 
+    def _new_denoiser(self, settings: StreamSettings, decode) -> StreamingDenoiser:
+        try:
+            return StreamingDenoiser(self.model, settings, self.device, self.dtype, decode=decode,
+                                     **self._denoiser_args)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
     @property
     def timings(self) -> Timings:
         return self._timings
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         check_sources(sources, self.size, self.name)
-        self.denoiser.prepare(to_tensor([s.image for s in sources], self.device, self.dtype))
-        if self.cuda_graph and not self.denoiser.captured:
-            self.denoiser.capture(compile=self.compile)
+        self._sources = to_tensor([s.image for s in sources], self.device, self.dtype)
+        for denoiser in self._denoisers.values():  # every level made so far: its graph stays valid
+            self._prepare(denoiser)
+
+    def _prepare(self, denoiser: StreamingDenoiser) -> None:
+        denoiser.prepare(self._sources)
+        if self.cuda_graph and not denoiser.captured:
+            denoiser.capture(compile=self.compile)
+
+    def quality_levels(self) -> list[QualityLevel]:
+        best, vae = self._ladder[0]
+        levels = []
+        for s, decode in self._ladder:
+            name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "")
+            cost = (s.steps + s.lookahead) / (best.steps + best.lookahead)
+            if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick
+                name += ", full VAE" if decode is vae else ", tiny decoder"
+                cost *= 1.0 if decode is vae else 0.75
+            levels.append(QualityLevel(name, cost=cost, latency_frames=s.steps - 1 + s.lookahead))
+        return levels
+
+    def set_quality(self, level: int) -> None:
+        """Between frames: the stream continues on that level's batch, empty (its frames in
+        flight at the old level are dropped; the first leaves steps - 1 frames later)."""
+        if level not in self._denoisers:
+            self._denoisers[level] = denoiser = self._new_denoiser(*self._ladder[level])
+            if self._sources is not None:
+                self._prepare(denoiser)
+        if self._denoisers[level] is not self.denoiser:
+            self.denoiser = self._denoisers[level]
+            self.denoiser.reset()
+        self._level = level
+        settings, _ = self._ladder[level]
+        self.latency_frames = settings.steps - 1 + settings.lookahead
 
     def _staged(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
         """The frame and its patch boxes in pinned memory; the tick builds both hints from them."""

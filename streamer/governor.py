@@ -1,0 +1,237 @@
+"""The quality governor: holds a live session to `--target-fps` and/or `--max-latency-ms` by
+moving its engine along the engine's ladder of cheaper settings (engines.base.Governed) and
+back, with hysteresis.
+
+    governor = Governor(GovernorOptions(target_fps=25), engine.quality_levels())
+    governor.observe(now, latency_ms, cost_ms)         # each frame handed out
+    move = governor.decide(now, fps_in, dropped)        # a level to set between frames, or None
+
+What it watches, over the last `window_s` seconds measured at the current level (frames from
+before a move, or from the settling right after it, never count):
+  - the output rate against the target (or the camera's rate, when the camera is slower:
+    no rung makes frames the camera did not send),
+  - the latency of a frame, input to output (p50), against the maximum,
+  - the per-frame cost of the pipeline's bottleneck (`cost_ms`: the engine step, plus the
+    face mesh where both share the CPU), and the drops, for the reason it gives.
+
+Down: over the target (fps short, or latency over) for `down_after_s`. Up: only when the rung
+above is *predicted* to fit comfortably (its cost, scaled from the current one by the ratio
+the ladder states and then by the ratios measured at each move, within `headroom` of the frame
+budget; its latency, with its extra frames in flight, within `headroom` of the maximum) for
+`up_after_s`, longer. So a steady load settles on one rung: the rung above would not fit, and
+the governor knows it without trying. Where the prediction was wrong (a step up followed by a
+step down soon after), the wait before the next step up doubles, up to `MAX_UP_WAIT_S`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from engines.base import Governed, QualityLevel
+from engines.options import OptionError
+
+MAX_TARGET_FPS = 240.0
+MAX_UP_WAIT_S = 120.0
+SETTLE_S = 0.3  # after a move, frames still made at (or filling in from) the old level
+MIN_FRAMES = 6  # measurements needed before judging a window
+FPS_TOLERANCE = 0.9  # fps short: under this share of the target
+FAILED_UP_S = 15.0  # a step down this soon after a step up: the step up failed
+EVALUATE_EVERY_S = 0.2  # decide() judges the window this often (it is called per frame)
+
+
+@dataclass(frozen=True)
+class GovernorOptions:
+    """`--target-fps` and/or `--max-latency-ms` (one at least), and the hysteresis."""
+
+    target_fps: float | None = None
+    max_latency_ms: float | None = None
+    window_s: float = 2.0
+    down_after_s: float = 1.5
+    up_after_s: float = 6.0
+    headroom: float = 0.8
+
+    def __post_init__(self):
+        if self.target_fps is None and self.max_latency_ms is None:
+            raise OptionError("the governor needs --target-fps or --max-latency-ms")
+        if self.target_fps is not None and not 0 < self.target_fps <= MAX_TARGET_FPS:
+            raise OptionError(f"--target-fps must lie in (0, {MAX_TARGET_FPS:g}], got {self.target_fps:g}")
+        if self.max_latency_ms is not None and not 1 <= self.max_latency_ms <= 60_000:
+            raise OptionError(f"--max-latency-ms must lie in [1, 60000], got {self.max_latency_ms:g}")
+        for name in ("window_s", "down_after_s", "up_after_s"):
+            if not getattr(self, name) > 0:
+                raise OptionError(f"the governor's {name} must be positive, got {getattr(self, name)}")
+        if self.up_after_s <= self.down_after_s:
+            raise OptionError("the governor steps up only after longer than it steps down: "
+                              f"up_after_s {self.up_after_s} <= down_after_s {self.down_after_s}")
+        if not 0 < self.headroom < 1:
+            raise OptionError(f"the governor's headroom must lie in (0, 1), got {self.headroom}")
+
+
+def governed_engine(stage: Any) -> Governed | None:
+    """The engine of a pipeline stage (or an Animator), if it has quality levels to govern
+    (echo has none)."""
+    animator = getattr(stage, "animator", stage)
+    engine = getattr(animator, "engine", None)
+    if isinstance(engine, Governed) and len(engine.quality_levels()) > 1:
+        return engine
+    return None
+
+
+def warm_levels(engine: Governed) -> None:
+    """Make every level once, ending at the best (the diffusion engine's stream batches and CUDA
+    graphs): a move mid-stream then builds nothing. On the engine's thread, between frames."""
+    for level in reversed(range(len(engine.quality_levels()))):
+        engine.set_quality(level)
+
+
+class Governor:
+    """Decides; never touches an engine (the pipeline sets the level it returns, between frames)."""
+
+    def __init__(self, options: GovernorOptions, levels: Sequence[QualityLevel]):
+        if not levels:
+            raise ValueError("a governor needs at least one quality level")
+        self.options = options
+        self.levels = list(levels)
+        self.level = 0
+        self.reason = "start: the best level"
+        self.changes = 0
+        # cost(level i) / cost(level i + 1): the ladder's word first, measured at each move.
+        self._stated = [max(a.cost, 1e-6) / max(b.cost, 1e-6) for a, b in zip(self.levels, self.levels[1:])]
+        self._ratio = list(self._stated)
+        self._frames: deque[tuple[float, float, float]] = deque()  # (time, latency ms, cost ms)
+        self._drops: deque[tuple[float, int]] = deque()
+        self._moved_at: float | None = None
+        self._before_move: tuple[int, float] | None = None  # (level, mean cost) just before the last move
+        self._over_since: float | None = None
+        self._room_since: float | None = None
+        self._up_wait = options.up_after_s
+        self._last_up: float | None = None
+        self.measured: dict[str, float | None] = {}
+        self._evaluated_at = -math.inf
+
+    # -- measurements ---------------------------------------------------------------------------
+    def observe(self, now: float, latency_ms: float, cost_ms: float) -> None:
+        """One frame handed out: its input-to-output latency and its cost at the bottleneck."""
+        if self._moved_at is not None and now - self._moved_at < SETTLE_S:
+            return
+        self._frames.append((now, latency_ms, cost_ms))
+        self._trim(self._frames, now)
+
+    def _trim(self, ring: deque, now: float) -> None:
+        while ring and ring[0][0] < now - self.options.window_s:
+            ring.popleft()
+
+    def _window(self, now: float, fps_in: float, dropped: int) -> dict | None:
+        self._trim(self._frames, now)
+        self._drops.append((now, dropped))
+        self._trim(self._drops, now)
+        frames = self._frames
+        if len(frames) < MIN_FRAMES:
+            return None
+        span = frames[-1][0] - frames[0][0]
+        if span < self.options.window_s / 2:
+            return None
+        latencies = np.fromiter((f[1] for f in frames), float, len(frames))
+        costs = np.fromiter((f[2] for f in frames), float, len(frames))
+        drop_span = self._drops[-1][0] - self._drops[0][0]
+        return {"fps": (len(frames) - 1) / span, "fps_in": fps_in,
+                "latency_ms": float(np.percentile(latencies, 50)), "cost_ms": float(costs.mean()),
+                "drops_per_s": (self._drops[-1][1] - self._drops[0][1]) / drop_span if drop_span > 0 else 0.0}
+
+    # -- the decision -----------------------------------------------------------------------------
+    def decide(self, now: float, fps_in: float, dropped: int = 0) -> int | None:
+        """The level to move to now (one rung), or None to stay. `fps_in`: the input's rate;
+        `dropped`: the pipeline's drops so far (a running count)."""
+        if now - self._evaluated_at < EVALUATE_EVERY_S:
+            return None
+        self._evaluated_at = now
+        m = self._window(now, fps_in, dropped)
+        if m is None:
+            return None
+        self.measured = {k: round(v, 2) for k, v in m.items()}
+        self._learn(m)
+        over = self._over(m)
+        self._over_since = (self._over_since or now) if over else None
+        room = None if over or self.level == 0 else self._room(m)
+        self._room_since = (self._room_since or now) if room else None
+        if self._last_up is not None and now - self._last_up > 2 * FAILED_UP_S:
+            self._up_wait = self.options.up_after_s  # the last step up held: trust predictions again
+        if over and self.level < len(self.levels) - 1 and now - self._over_since >= self.options.down_after_s:
+            if self._last_up is not None and now - self._last_up < FAILED_UP_S:
+                self._up_wait = min(2 * self._up_wait, MAX_UP_WAIT_S)
+            return self._move(now, self.level + 1, over, m)
+        if room and now - self._room_since >= self._up_wait:
+            self._last_up = now
+            return self._move(now, self.level - 1, room, m)
+        return None
+
+    def _over(self, m: dict) -> str | None:
+        """Why this window misses the target, or None."""
+        o = self.options
+        if o.target_fps is not None:
+            expected = min(o.target_fps, m["fps_in"]) if m["fps_in"] > 0 else o.target_fps
+            if m["fps"] < FPS_TOLERANCE * expected:
+                return (f"fps {m['fps']:.1f} under {expected:.1f} (cost {m['cost_ms']:.1f} ms a frame, "
+                        f"{m['drops_per_s']:.1f} drops/s)")
+        if o.max_latency_ms is not None and m["latency_ms"] > o.max_latency_ms:
+            return f"latency {m['latency_ms']:.0f} ms over {o.max_latency_ms:g} ms"
+        return None
+
+    def _room(self, m: dict) -> str | None:
+        """Why the rung above is predicted to fit comfortably, or None."""
+        o, up = self.options, self.level - 1
+        cost_up = m["cost_ms"] * self._ratio[up]
+        parts = []
+        if o.target_fps is not None:
+            budget = 1e3 / o.target_fps
+            if cost_up > o.headroom * budget:
+                return None
+            parts.append(f"{self.levels[up].name} predicted {cost_up:.1f} ms of a {budget:.1f} ms budget")
+        if o.max_latency_ms is not None:
+            interval = 1e3 / m["fps_in"] if m["fps_in"] > 0 else 0.0
+            extra = self.levels[up].latency_frames - self.levels[self.level].latency_frames
+            latency_up = m["latency_ms"] + (cost_up - m["cost_ms"]) + extra * interval
+            if latency_up > o.headroom * o.max_latency_ms:
+                return None
+            parts.append(f"latency predicted {latency_up:.0f} of {o.max_latency_ms:g} ms")
+        return "room: " + ", ".join(parts)
+
+    def _learn(self, m: dict) -> None:
+        """The first full window after a move measures the two levels' cost ratio."""
+        if self._before_move is None:
+            return
+        level, cost = self._before_move
+        self._before_move = None
+        upper, lower = min(level, self.level), max(level, self.level)
+        if abs(upper - lower) != 1 or cost <= 0 or m["cost_ms"] <= 0:
+            return
+        measured = cost / m["cost_ms"] if level == upper else m["cost_ms"] / cost
+        if math.isfinite(measured):
+            # Within a factor of two of the ladder's word (and a cheaper rung never costs more):
+            # a load that changed right at the move must not convince it of anything wilder.
+            stated = self._stated[upper]
+            blended = 0.5 * self._ratio[upper] + 0.5 * measured
+            self._ratio[upper] = float(np.clip(blended, max(1.0, stated / 2), max(1.0, stated * 2)))
+
+    def _move(self, now: float, level: int, why: str, m: dict) -> int:
+        direction = "down" if level > self.level else "up"
+        self._before_move = (self.level, m["cost_ms"])
+        self.level = level
+        self.reason = f"{direction} to {self.levels[level].name}: {why}"
+        self.changes += 1
+        self._moved_at = now
+        self._frames.clear()
+        self._over_since = self._room_since = None
+        return level
+
+    def snapshot(self) -> dict:
+        """What /stats and the page show."""
+        return {"level": self.level, "name": self.levels[self.level].name,
+                "levels": [level.name for level in self.levels], "reason": self.reason, "changes": self.changes,
+                "target_fps": self.options.target_fps, "max_latency_ms": self.options.max_latency_ms,
+                "measured": self.measured}

@@ -1,0 +1,422 @@
+"""The quality governor (streamer/governor.py): it steps down under load, back up when the load
+goes, never oscillates on a steady load, and every level it reaches renders frames, the warp
+engine's and the diffusion engine's (the tiny model on the CPU) too.
+
+Most tests drive the governor on a simulated clock (a model of the pipeline: the output rate
+is what the per-frame cost allows of the camera's rate), so a ten-minute run takes
+milliseconds; one runs a real Pipeline with a fake engine whose per-frame cost is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from engines.base import DrivingFrame, Governed, QualityLevel, Rendered, Timings
+from engines.options import OptionError
+from streamer.governor import Governor, GovernorOptions, governed_engine
+from streamer.options import governor_options
+
+LEVELS = [QualityLevel("full"), QualityLevel("cheaper", 0.75), QualityLevel("cheapest", 0.5)]
+
+
+class SimulatedPipeline:
+    """A CPU engine's pipeline on a simulated clock: a frame costs `cost(level, t)` ms, the camera
+    sends `camera_fps`; the engine takes the newest frame once it is free (the ones between
+    drop), so the output rate is min(camera, 1000 / cost); a frame's latency is its wait, its
+    cost, and its level's frames in flight."""
+
+    def __init__(self, governor: Governor, cost, camera_fps: float = 30.0, latency_frames=None, jitter: float = 0.0,
+                 seed: int = 0):
+        self.governor, self.cost, self.camera_fps = governor, cost, camera_fps
+        self.latency_frames = latency_frames or (lambda level: 0)
+        self.rng = np.random.default_rng(seed)
+        self.jitter = jitter
+        self.t = 0.0
+        self.arrival = 0  # the camera frame being rendered
+        self.dropped = 0
+        self.levels_seen: list[int] = []
+
+    def run(self, seconds: float) -> None:
+        interval = 1 / self.camera_fps
+        end = self.t + seconds
+        while self.t < end:
+            level = self.governor.level
+            ms = self.cost(level, self.t) * (1 + self.jitter * self.rng.uniform(-1, 1))
+            done = self.t + ms / 1e3
+            latency = (done - self.arrival * interval) * 1e3 + self.latency_frames(level) * interval * 1e3
+            self.governor.observe(done, latency, ms)
+            self.governor.decide(done, self.camera_fps, self.dropped)
+            self.levels_seen.append(self.governor.level)
+            newest = int(done / interval)  # the newest camera frame by then
+            if newest > self.arrival:  # it waits: the engine takes it at once, frames between drop
+                self.dropped += newest - self.arrival - 1
+                self.arrival, self.t = newest, done
+            else:  # the engine waits for the next frame
+                self.arrival += 1
+                self.t = self.arrival * interval
+
+
+def fast_options(**kw) -> GovernorOptions:
+    return GovernorOptions(**{"target_fps": 25.0, **kw})
+
+
+def test_options_are_checked_once_and_name_the_flag():
+    with pytest.raises(OptionError, match="--target-fps or --max-latency-ms"):
+        GovernorOptions()
+    with pytest.raises(OptionError, match="--target-fps must lie"):
+        GovernorOptions(target_fps=-3)
+    with pytest.raises(OptionError, match="--max-latency-ms must lie"):
+        GovernorOptions(max_latency_ms=0)
+    with pytest.raises(OptionError, match="steps up only after longer"):
+        GovernorOptions(target_fps=25, up_after_s=1, down_after_s=2)
+    assert governor_options(SimpleNamespace(target_fps=None, max_latency_ms=None)) is None  # off by default
+    assert governor_options(SimpleNamespace(target_fps=30.0, max_latency_ms=None)).target_fps == 30.0
+
+
+def test_a_light_load_keeps_the_best_level():
+    governor = Governor(fast_options(), LEVELS)
+    SimulatedPipeline(governor, lambda level, t: 20.0 * LEVELS[level].cost).run(120)
+    assert governor.level == 0 and governor.changes == 0
+
+
+def test_it_steps_down_under_load_and_back_up_when_the_load_goes():
+    heavy = lambda t: 5 <= t < 65  # noqa: E731
+    cost = lambda level, t: (70.0 if heavy(t) else 20.0) * LEVELS[level].cost  # noqa: E731
+    governor = Governor(fast_options(), LEVELS)
+    sim = SimulatedPipeline(governor, cost)
+    sim.run(5)
+    assert governor.level == 0
+    sim.run(10)  # 70 ms a frame at the best level, 52.5 at the next, 35 at the last: under 40 ms
+    assert governor.level == 2, governor.reason
+    assert governor.reason.startswith("down") and "fps" in governor.reason
+    sim.run(50)
+    assert governor.level == 2 and governor.changes == 2  # held: no trying a level that cannot fit
+    sim.run(40)  # the load went at 65 s
+    assert governor.level == 0, governor.reason
+    assert governor.reason.startswith("up") and "budget" in governor.reason
+    assert governor.changes == 4
+    assert governor.snapshot()["name"] == "full" and governor.snapshot()["levels"] == ["full", "cheaper", "cheapest"]
+
+
+@pytest.mark.parametrize("base_ms", [36.0, 45.0, 52.0, 60.0, 75.0])
+def test_a_steady_load_never_oscillates(base_ms):
+    """Whatever the steady load, one move per rung at most, then it stays: ten minutes with 20 %
+    jitter on every frame's cost, around the target and its hysteresis band."""
+    governor = Governor(fast_options(), LEVELS)
+    sim = SimulatedPipeline(governor, lambda level, t: base_ms * LEVELS[level].cost, jitter=0.2, seed=int(base_ms))
+    sim.run(600)
+    assert governor.changes <= 2, governor.reason
+    changes_late = sum(a != b for a, b in zip(sim.levels_seen[len(sim.levels_seen) // 10:],
+                                              sim.levels_seen[len(sim.levels_seen) // 10 + 1:]))
+    assert changes_late == 0
+
+
+def test_a_ladder_that_misjudges_its_costs_is_learnt_not_oscillated_on():
+    """The engine claims its cheaper rung saves 5 % but it saves half: the governor measures the
+    ratio at its first move. When the load then eases to where the blend of claim and measure
+    still predicts room, the step up fails once; its step down measures the ratio again, and
+    from then on the governor stays."""
+    real = [1.0, 0.5]
+    ladder = [QualityLevel("full"), QualityLevel("cheaper", 0.95)]
+    governor = Governor(fast_options(), ladder)
+    SimulatedPipeline(governor, lambda level, t: 60.0 * real[level], jitter=0.1).run(600)
+    assert governor.level == 1 and governor.changes == 1
+    governor = Governor(fast_options(), ladder)
+    sim = SimulatedPipeline(governor, lambda level, t: (60.0 if t < 30 else 50.0) * real[level], jitter=0.1)
+    sim.run(600)
+    assert governor.level == 1 and governor.changes <= 3, governor.reason
+
+
+def test_a_latency_limit_trades_frames_in_flight():
+    """Diffusion-like levels: 4, 3, 2 steps hold 3, 2, 1 frames in flight; at a 25 fps camera
+    a 100 ms limit needs 2 steps (150 and 102.5 ms at 4 and 3 steps, 55 ms at 2)."""
+    levels = [QualityLevel("4 steps", 1.0, 3), QualityLevel("3 steps", 0.75, 2), QualityLevel("2 steps", 0.5, 1)]
+    governor = Governor(GovernorOptions(max_latency_ms=100), levels)
+    sim = SimulatedPipeline(governor, lambda level, t: 30.0 * levels[level].cost, camera_fps=25,
+                            latency_frames=lambda level: levels[level].latency_frames)
+    sim.run(120)
+    assert governor.level == 2 and governor.changes == 2
+    assert "latency" in governor.reason and "over 100 ms" in governor.reason
+
+
+# -- a real pipeline with a fake engine --------------------------------------------------------------
+class FakeEngine:
+    """Sleeps `cost_ms * levels[level].cost` per frame; records the level each frame was made at."""
+
+    name, size, needs_driving_image, waits_on_device = "fake", 16, False, False
+
+    def __init__(self, cost_ms: float):
+        self.cost_ms = cost_ms
+        self.level = 0
+        self.rendered_at: list[int] = []
+        self._timings = Timings()
+        self.image = np.zeros((16, 16, 3), np.uint8)
+
+    @property
+    def timings(self):
+        return self._timings
+
+    def quality_levels(self):
+        return LEVELS
+
+    def set_quality(self, level: int) -> None:
+        self.level = level
+
+    def step(self, frame):
+        time.sleep(self.cost_ms * LEVELS[self.level].cost / 1e3)
+        self.rendered_at.append(self.level)
+        self.image[:] = 40 * (self.level + 1)
+        return Rendered(self.image, frame.tag)
+
+    def prepare(self, sources): ...
+    def flush(self): return []
+    def reset(self): ...
+
+
+class FakeStage:
+    """The pipeline's stage around the fake engine (no face tracking)."""
+
+    takes_portrait, tracks_faces, waits_on_device, frames_without_face = False, False, False, 0
+
+    def __init__(self, engine: FakeEngine):
+        self.animator = SimpleNamespace(engine=engine)
+
+    def open(self): ...
+    def track(self, rgb, moment, tag):
+        zeros = np.zeros((478, 3), np.float32)
+        return DrivingFrame(zeros, zeros, moment, tag=tag)
+    def render(self, driving): return self.animator.engine.step(driving)
+    def release(self, driving): ...
+    def realign(self): ...
+    def close(self): ...
+
+
+def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_renders():
+    from streamer.pipeline import Pipeline, worker_threads
+
+    engine = FakeEngine(cost_ms=90.0)  # 90, 67.5, 45 ms a frame: only the last makes 20 fps
+    assert isinstance(engine, Governed) and governed_engine(FakeStage(engine)) is engine
+    options = GovernorOptions(target_fps=20, window_s=0.8, down_after_s=0.4, up_after_s=1.2)
+    frame = np.zeros((16, 16, 3), np.uint8)
+
+    async def main():
+        pipeline = Pipeline(FakeStage(engine), governor=options)
+        await pipeline.start()
+        assert pipeline.governor is not None and pipeline.governor.level == 0
+
+        async def camera():
+            while not pipeline.closed:
+                pipeline.feed(frame)
+                await asyncio.sleep(1 / 30)
+
+        async def consume():
+            while True:
+                out = await pipeline.next_output()
+                outputs.append(int(out.frame[0, 0, 0]) // 40 - 1)
+
+        outputs: list[int] = []
+        tasks = [asyncio.ensure_future(camera()), asyncio.ensure_future(consume())]
+        try:
+            deadline = time.monotonic() + 8
+            while pipeline.governor.level != 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            down = pipeline.snapshot()["quality"]
+            await asyncio.sleep(1.0)  # a window at the cheapest level, under the load
+            engine.cost_ms = 20.0  # the load goes
+            deadline = time.monotonic() + 10
+            while pipeline.governor.level != 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            up = pipeline.snapshot()["quality"]
+        finally:
+            await pipeline.close()
+            for task in tasks:
+                task.cancel()
+        return down, up, outputs
+
+    down, up, outputs = asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while worker_threads() and time.monotonic() < deadline:  # each thread ends after its last job
+        time.sleep(0.05)
+    assert worker_threads() == 0
+    assert down["level"] == 2 and down["name"] == "cheapest" and down["reason"].startswith("down"), down
+    assert up["level"] == 0 and up["reason"].startswith("up"), up
+    assert set(engine.rendered_at) == {0, 1, 2}  # set between frames, on the engine thread
+    assert set(outputs) == {0, 1, 2}  # and frames of every level came out
+
+
+def test_an_ungoverned_pipeline_reports_no_quality():
+    from streamer.pipeline import EchoStage, Pipeline
+
+    async def main():
+        pipeline = Pipeline(EchoStage(), governor=fast_options())  # echo has no engine to govern
+        await pipeline.start()
+        try:
+            return pipeline.governor, pipeline.snapshot()["quality"]
+        finally:
+            await pipeline.close()
+
+    assert asyncio.run(main()) == (None, None)
+
+
+# -- the real engines' levels -------------------------------------------------------------------------
+def test_every_warp_level_renders_the_portrait():
+    from engines.animator import Animator
+    from engines.warp import WarpEngine
+    from streamer import samples
+
+    engine = WarpEngine(256)
+    animator = Animator(engine)
+    animator.set_sources([samples.portrait("astronaut")])
+    clip = [frame for frame, _ in samples.driving_clip("astronaut", frames=6, fps=25)]
+    try:
+        images = []
+        for level in range(len(engine.quality_levels())):
+            engine.set_quality(level)
+            for i, frame in enumerate(clip):
+                out = animator.drive(frame, i / 25)
+            images.append(out.image.astype(np.float32).copy())
+        engine.set_quality(0)
+        for i, frame in enumerate(clip):
+            again = animator.drive(frame, (len(clip) + i) / 25).image.astype(np.float32)
+    finally:
+        animator.close()
+    for image in images:
+        assert image.shape == (256, 256, 3) and image.std() > 20  # a picture
+    assert np.abs(images[1] - images[0]).mean() < 3  # a coarser map: nearly the same frame
+    assert np.abs(images[2] - images[1]).mean() > np.abs(images[1] - images[0]).mean()  # no matte: the background moves
+    assert np.abs(again - images[0]).mean() < 1.5  # back at the best level: the best level's frame
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    from fixtures import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
+def test_every_diffusion_level_renders_the_frames_a_stream_of_its_settings_does(one_thread):
+    """The tiny model on the CPU: at each level (look-ahead, then 4, 3, 2 LCM steps) the engine
+    renders exactly what an engine made with that level's settings renders, after that
+    level's frames in flight; moving back to a level already made reuses its stream batch."""
+    from engines import LiveOptions, XPortraitOptions, create_engine
+    from engines.base import SourcePortrait
+
+    res = 64
+
+    def options(steps: int, lookahead: int) -> XPortraitOptions:
+        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=steps,
+                                window=4, live=LiveOptions(lookahead=lookahead))
+
+    rng = np.random.default_rng(3)
+    source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
+    landmarks = np.full((478, 3), res / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
+              for i in range(5)]
+
+    def run(engine) -> list[tuple[int, np.ndarray]]:
+        out = []
+        for frame in frames:
+            rendered = engine.step(frame)
+            if rendered is not None:
+                out.append((rendered.tag, rendered.image.copy()))
+        return out
+
+    engine = create_engine(options(4, 1))
+    engine.prepare(source)
+    levels = engine.quality_levels()
+    assert [level.name for level in levels] == ["4 steps + look-ahead 1", "4 steps", "3 steps", "2 steps"]
+    assert [level.latency_frames for level in levels] == [4, 3, 2, 1]
+    settings = [(4, 1), (4, 0), (3, 0), (2, 0)]
+    for level, (steps, lookahead) in enumerate(settings):
+        engine.set_quality(level)
+        assert engine.latency_frames == steps - 1 + lookahead
+        got = run(engine)
+        assert [tag for tag, _ in got] == list(range(len(frames) - engine.latency_frames))
+        assert all(image.std() > 1 for _, image in got)  # rendered, not blank
+        if level == 0:
+            continue  # the options' own batch
+        fresh = create_engine(options(steps, lookahead))
+        fresh.prepare(source)
+        want = run(fresh)
+        assert [tag for tag, _ in got] == [tag for tag, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            assert np.array_equal(a, b)
+    batch = engine.denoiser
+    engine.set_quality(3)
+    assert engine.denoiser is batch  # already made: no rebuild
+    engine.set_quality(0)
+    assert engine.denoiser is not batch and run(engine)[0][0] == 0  # the best level's batch, empty again
+
+
+def test_cam_leaves_the_governor_to_the_server_it_streams_to():
+    from streamer.options import CamOptions
+
+    with pytest.raises(OptionError, match="--target-fps, --max-latency-ms: the engine runs on the server"):
+        CamOptions(server="http://127.0.0.1:8080", governor=fast_options())
+    assert CamOptions(governor=fast_options()).governor.target_fps == 25.0
+
+
+def test_cam_governs_its_local_engine(tmp_path):
+    """`cam --target-fps`: the local pipeline runs the governor on the warp engine's ladder."""
+    from engines.warp import WarpEngine
+    from streamer import samples
+    from streamer.cam import Controls, LocalAvatar
+    from streamer.capture import Camera, camera_input
+    from streamer.sinks import Feed
+    from streamer.video import write_video
+
+    path = tmp_path / "camera.mp4"
+    write_video(path, (f for f, _ in samples.driving_clip("astronaut", frames=50, fps=25)), fps=25)
+    avatar = LocalAvatar(WarpEngine(256), [samples.portrait("astronaut")], ["astronaut"], 256,
+                         governor=GovernorOptions(max_latency_ms=1))  # out of reach: it must step down
+    feed = Feed([], 256, 25, avatar.still)
+    try:
+        with Camera(camera_input(str(path)), loop=True) as camera:
+            asyncio.run(avatar.run(camera, feed, Controls(feed), until=time.perf_counter() + 5.0))
+    finally:
+        feed.close()
+    quality = avatar.pipeline.governor.snapshot()
+    assert quality["levels"] == ["full", "coarse map", "coarse map, no matte"]
+    assert quality["level"] >= 1 and quality["reason"].startswith("down"), (quality, avatar.rendered)
+
+
+def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):
+    """--tiny-decoder: the engine starts decoding with it (as asked); the governor's best rung
+    decodes with the full VAE, and the tiny decoder is the first rung down. Each renders what
+    an engine made with that decoder renders."""
+    from engines import LiveOptions, XPortraitOptions, create_engine
+    from engines.base import SourcePortrait
+
+    res = 64
+
+    def options(tiny: bool) -> XPortraitOptions:
+        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4,
+                                live=LiveOptions(tiny_decoder="random" if tiny else None))
+
+    rng = np.random.default_rng(4)
+    source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
+    landmarks = np.full((478, 3), res / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
+              for i in range(3)]
+
+    def run(engine) -> list[np.ndarray]:
+        return [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+
+    engine = create_engine(options(tiny=True))
+    engine.prepare(source)
+    assert [level.name for level in engine.quality_levels()] == ["2 steps, full VAE", "2 steps, tiny decoder"]
+    started = run(engine)  # no governor: the tiny decoder, as the options ask
+    plain, tiny = create_engine(options(tiny=False)), create_engine(options(tiny=True))
+    plain.prepare(source), tiny.prepare(source)
+    want_vae, want_tiny = run(plain), run(tiny)
+    assert len(started) == 2 and all(np.array_equal(a, b) for a, b in zip(started, want_tiny))
+    engine.set_quality(0)
+    got = run(engine)
+    assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, want_vae))
+    assert not np.array_equal(got[0], started[0])  # another decoder: another picture
