@@ -269,6 +269,7 @@ class Front(Server):
 
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
+        await self.refresh(wait=True, timeout=2.0)  # the workers' own figures, now
         workers = list(self.workers.values())
         live = [w for w in workers if w.state == "live"]
         sessions = [{**s, "worker": w.name} for w in workers for s in w.sessions if "mode" in s]

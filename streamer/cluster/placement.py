@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from engines.options import XPortraitOptions
 
@@ -49,13 +50,18 @@ def worker_resources(options: ServeOptions) -> dict:
 def connect(cluster: ClusterOptions) -> str:
     """Start a local Ray (no address) or join one; returns the cluster's address for messages.
     Raises ClusterError."""
+    if cluster.address is not None and "RAY_AUTH_MODE" not in os.environ \
+            and (Path.home() / ".ray" / "auth_token").exists():
+        # As `ray start` does: a token here means the cluster asks for it (Ray's token auth).
+        # Ray reads this when it is imported.
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
         raise ClusterError("--workers and --ray-address need Ray: pip install 'xportrait[cluster]'") from None
     if cluster.address is None:
         cpus = min(cluster.cpus or os.cpu_count() or 1, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False,
+        ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False,  # never a running one
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING,
                  configure_logging=False)
         return "a local Ray (this machine)"
