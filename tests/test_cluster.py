@@ -286,7 +286,8 @@ def test_a_front_restart_loses_no_session(front, head, clip):
     loop = asyncio.new_event_loop()
     try:
         peer = loop.run_until_complete(main())
-        with running_server("--ray-address", head, *FRONT) as (_, url2):
+        # As a restarted front is started: --ray-address alone takes the workers that run there.
+        with running_server("--ray-address", head, "--max-sessions", "1") as (_, url2):
             loop.run_until_complete(again(peer, url2))
     finally:
         loop.close()
@@ -364,3 +365,22 @@ def test_ice_servers_reach_aiortc_and_the_page():
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_the_kuberay_example_starts_serve_with_flags_serve_takes():
+    import yaml
+
+    from streamer.cli import build_parser
+    from streamer.options import serve_options
+
+    cluster, service = yaml.safe_load_all((ROOT / "docs" / "kuberay.yaml").read_text())
+    assert (cluster["kind"], service["kind"]) == ("RayCluster", "Service")
+    head_pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    front = next(c for c in head_pod["containers"] if c["name"] == "front")
+    args = [a.replace("$(XPORTRAIT_TOKEN)", "SECRET").replace("$(TURN)", "turn:u:p@turn.example.com:3478")
+            for a in front["args"]]
+    options = serve_options(build_parser(args)[0].parse_args(args))
+    assert options.cluster.address == "auto" and options.cluster.workers == 4
+    assert options.engine.name == "xportrait" and options.ice_servers[0].username == "u"
+    gpu = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == 1

@@ -50,8 +50,8 @@ def worker_resources(options: ServeOptions) -> dict:
 def connect(cluster: ClusterOptions) -> str:
     """Start a local Ray (no address) or join one; returns the cluster's address for messages.
     Raises ClusterError."""
-    if cluster.address is not None and "RAY_AUTH_MODE" not in os.environ \
-            and (Path.home() / ".ray" / "auth_token").exists():
+    if cluster.address is not None and "RAY_AUTH_MODE" not in os.environ and (
+            (Path.home() / ".ray" / "auth_token").exists() or os.environ.get("RAY_AUTH_TOKEN")):
         # As `ray start` does: a token here means the cluster asks for it (Ray's token auth).
         # Ray reads this when it is imported.
         os.environ["RAY_AUTH_MODE"] = "token"
