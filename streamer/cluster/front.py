@@ -183,7 +183,8 @@ class Front(Server):
         if was_live or worker.sessions:
             pid, node = worker.status.get("pid"), worker.status.get("node")
             logger.warning("worker %s (pid %s on %s) is lost: %s", worker.name, pid, node, worker.detail)
-            self._end_sessions(worker, f"its worker {worker.name} (pid {pid} on {node}) died: {worker.detail}"
+            # Ray's own words stay on /stats (the worker's detail); the session's reason is plain.
+            self._end_sessions(worker, f"its worker {worker.name} (pid {pid} on {node}) died"
                                        + ("" if dead else "; Ray is restarting it"))
             worker.status = {**worker.status, "sessions": []}
 
