@@ -23,7 +23,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import running_server
-from live_helpers import FPS, Peer, Webcam, clip, until  # noqa: F401
+from live_helpers import FPS, Peer, Webcam, clip, encoded, until  # noqa: F401
+
+from streamer import samples
 
 ray = pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")
 
@@ -194,6 +196,20 @@ def test_sessions_spread_over_the_workers_and_a_third_is_refused_with_503(front,
             assert sorted(s["worker"] for s in current["sessions"]) == list(WORKERS)  # one on each
             assert all(s["frames_processed"] > 0 for s in current["sessions"])
             assert [w["sessions_active"] for w in current["workers"]] == [1, 1]
+            # An upload reaches the session's worker, with the session's secret only.
+            image = encoded(samples.portrait("grace_hopper"))
+            wrong = await http.post(f"/avatar?session={peers[0].session}", data=image,
+                                    headers={"X-Session-Secret": peers[1].secret, "Content-Type": "image/jpeg"})
+            assert wrong.status == 403 and "secret" in (await wrong.json())["error"]
+            upload = await http.post(f"/avatar?session={peers[0].session}", data=image,
+                                     headers={**peers[0].control, "Content-Type": "image/jpeg"})
+            assert upload.status == 200, await upload.text()
+            assert (await upload.json())["portrait"] == "upload"
+            current = await stats(http)
+            assert {s["id"]: s["portrait"] for s in current["sessions"]}[peers[0].session] == "upload"
+            not_an_image = await http.post(f"/avatar?session={peers[1].session}", data=b"hello",
+                                           headers={**peers[1].control, "Content-Type": "text/plain"})
+            assert not_an_image.status == 400 and "previous portrait is kept" in (await not_an_image.json())["error"]
             await close(*peers)
             await eventually(http, lambda s: not s["sessions"], 15, "the closed sessions ended on their workers")
 
@@ -257,7 +273,6 @@ def test_the_page_says_why_its_stream_stopped_when_its_worker_dies(front, tmp_pa
     says that the worker died (the front's 410 for the session), not just "connection failed"."""
     from test_browser import CHROMIUM, CHROMIUM_FLAGS, PAGE_STATE, DevTools
 
-    from streamer import samples
     from streamer.video import write_video
 
     if CHROMIUM is None:
