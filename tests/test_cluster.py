@@ -371,6 +371,7 @@ def test_a_front_restart_loses_no_session(front, head, clip):
         async with aiohttp.ClientSession(url2) as http:
             current = await stats(http)
             assert [w["name"] for w in current["workers"]] == list(WORKERS)
+            assert current["max_sessions"] == 2  # the workers' own capacity: --max-sessions was theirs
             assert [s["id"] for s in current["sessions"]] == [peer.session]
             state = await http.get(f"/session?session={peer.session}", headers=peer.control)
             assert state.status == 200
@@ -387,7 +388,7 @@ def test_a_front_restart_loses_no_session(front, head, clip):
     try:
         peer = loop.run_until_complete(main())
         # As a restarted front is started: --ray-address alone takes the workers that run there.
-        with running_server("--ray-address", head, "--max-sessions", "1") as (_, url2):
+        with running_server("--ray-address", head) as (_, url2):
             loop.run_until_complete(again(peer, url2))
     finally:
         loop.close()

@@ -274,11 +274,12 @@ class Front(Server):
         workers = list(self.workers.values())
         live = [w for w in workers if w.state == "live"]
         sessions = [{**s, "worker": w.name} for w in workers for s in w.sessions if "mode" in s]
+        engine = next((w.status["engine"] for w in live if "engine" in w.status), self.config.engine)
         return web.json_response({
-            "engine": self.config.engine.name,
-            "size": self.config.engine.size,
+            "engine": engine.name,
+            "size": engine.size,
             "max_sessions": sum(w.status.get("capacity", 0) for w in live),
-            "max_sessions_per_worker": self.config.max_sessions,
+            "max_sessions_per_worker": max((w.status.get("capacity", 0) for w in live), default=0),
             "sessions_active": len(sessions),
             "workers": [w.summary() for w in workers],
             "sessions": sessions,
@@ -315,16 +316,17 @@ async def _wait_ready(front: Front) -> str | None:
 
 
 def _mismatch(front: Front) -> str | None:
-    """A running worker made with other options than this command's (an older front's)."""
+    """With --workers: a running worker made with another engine than this command asks for
+    (an older front's). Without (joining the running workers), their engine is taken as is."""
     ours = front.config
+    if ours.cluster.workers is None:
+        return None
     for worker in front.workers.values():
-        status = worker.status
-        if status.get("engine") is not None and status["engine"] != ours.engine:
-            return (f"worker {worker.name} runs {status['engine']!r}, this serve asks {ours.engine!r}: stop the "
-                    "cluster's xportrait workers first (`ray stop` on its hosts ends the cluster)")
-        if status.get("capacity") not in (None, ours.max_sessions):
-            return (f"worker {worker.name} takes {status['capacity']} sessions, this serve asks --max-sessions "
-                    f"{ours.max_sessions}: stop the cluster's xportrait workers first")
+        engine = worker.status.get("engine")
+        if engine is not None and engine != ours.engine:
+            return (f"worker {worker.name} runs {engine!r}, this serve asks {ours.engine!r}: stop the "
+                    "cluster's xportrait workers first (`ray stop` on its hosts ends the cluster), or "
+                    "join them as they are with --ray-address alone")
     return None
 
 
