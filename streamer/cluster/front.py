@@ -296,9 +296,9 @@ class Front(Server):
 
 
 # -- the command ------------------------------------------------------------------------------------------
-async def _wait_ready(front: Front) -> str | None:
-    """Until every worker answered (or READY_TIMEOUT_S, with at least one up); the error of a
-    worker that cannot run, else None."""
+async def _wait_ready(front: Front, expected: int) -> str | None:
+    """Until `expected` workers are up (those the cluster can place now; the others join when
+    it grows), at most READY_TIMEOUT_S; the error of a worker that cannot run, else None."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         await front.refresh(wait=True, timeout=2.0)
@@ -306,7 +306,7 @@ async def _wait_ready(front: Front) -> str | None:
         if failed:
             return f"worker {failed[0].name} cannot run: {failed[0].detail}"
         waiting = [w.name for w in front.workers.values() if w.state != "live"]
-        if not waiting:
+        if len(front.workers) - len(waiting) >= min(expected, len(front.workers)):
             return None
         if time.monotonic() > deadline:
             if len(waiting) < len(front.workers):
@@ -330,15 +330,18 @@ def _mismatch(front: Front) -> str | None:
     return None
 
 
-async def _serve(front: Front, options: ServeOptions, local: bool) -> int:
+async def _serve(front: Front, options: ServeOptions, local: bool, expected: int) -> int:
     from ..server import serve
 
-    problem = await _wait_ready(front) or _mismatch(front)
+    problem = await _wait_ready(front, expected) or _mismatch(front)
     if problem:
         print(f"xportrait serve: {problem}", file=sys.stderr)
         return 2
     for worker in front.workers.values():
         status = worker.status
+        if worker.state != "live":
+            print(f"xportrait serve: worker {worker.name}: {worker.state} (it joins once placed)", flush=True)
+            continue
         gpus = f", GPU {','.join(status['gpus'])}" if status.get("gpus") else ""
         print(f"xportrait serve: worker {worker.name}: pid {status.get('pid')} on {status.get('node')}{gpus}, "
               f"{status.get('capacity')} sessions, {len(worker.sessions)} running", flush=True)
@@ -364,7 +367,8 @@ def run_front(options: ServeOptions, tls) -> int:
         return 2
     handles = {}
     try:
-        for warning in check_resources(options, count or 1, where):
+        placeable, warnings = check_resources(options, count or 1, where)
+        for warning in warnings:
             print(f"xportrait serve: warning: {warning}", file=sys.stderr)
         # One machine and a front on loopback: the workers' media stays on loopback too.
         loopback = local and is_loopback(options.host) and not options.tunnel
@@ -373,7 +377,7 @@ def run_front(options: ServeOptions, tls) -> int:
         front.prepare()
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # until serve() takes it over
         try:
-            return asyncio.run(_serve(front, options, local))
+            return asyncio.run(_serve(front, options, local, placeable if count else len(handles)))
         except OSError as exc:
             print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
             return 2

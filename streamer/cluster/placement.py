@@ -74,8 +74,9 @@ def connect(cluster: ClusterOptions) -> str:
     return f"the Ray cluster at {cluster.address}"
 
 
-def check_resources(options: ServeOptions, count: int, where: str) -> list[str]:
-    """Refuse what can never run (ClusterError); warnings for workers that will wait."""
+def check_resources(options: ServeOptions, count: int, where: str) -> tuple[int, list[str]]:
+    """How many of `count` workers the cluster can place now, and warnings for those that
+    will wait; refuses what can never run (ClusterError)."""
     import ray
 
     total = ray.cluster_resources()
@@ -83,14 +84,15 @@ def check_resources(options: ServeOptions, count: int, where: str) -> list[str]:
     if uses_gpu(options) and total.get("GPU", 0) < 1:
         raise ClusterError(f"the diffusion engine's workers take one GPU each, and {where} has no GPU: start "
                            "`ray start` on GPU hosts (or give --device cpu)")
-    warnings = []
+    warnings, placeable = [], count
     for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
         have = total.get(name, 0)
         if key in need and have < need[key] * count:
             placed = int(have // need[key])
+            placeable = min(placeable, placed)
             warnings.append(f"{count} workers need {need[key] * count:g} {name}s and {where} has {have:g}: "
                             f"{count - placed} wait until the cluster grows")
-    return warnings
+    return max(1, placeable), warnings
 
 
 def running_workers() -> list[str]:
