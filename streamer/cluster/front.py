@@ -289,10 +289,19 @@ class Front(Server):
     async def close_all(self, app: web.Application | None = None) -> None:
         self._decoder.shutdown(wait=False)  # the sessions are the workers': they outlive the front
 
-    async def end_all(self, reason: str) -> None:
-        """End every worker's sessions, each peer told why on its data channel."""
-        await asyncio.gather(*(w.handle.shutdown.remote(reason) for w in self.workers.values()),
-                             return_exceptions=True)
+    async def end_all(self, reason: str, timeout: float = 10.0) -> None:
+        """End every live worker's sessions, each peer told why on its data channel (a worker
+        not placed yet, or lost, would never answer: it is left out)."""
+        calls = [asyncio.ensure_future(self._ask_shutdown(w.handle, reason))
+                 for w in self.workers.values() if w.state == "live"]
+        if calls:
+            await asyncio.wait(calls, timeout=timeout)
+            for call in calls:
+                call.cancel()
+
+    @staticmethod
+    async def _ask_shutdown(handle, reason: str) -> None:
+        await handle.shutdown.remote(reason)
 
 
 # -- the command ------------------------------------------------------------------------------------------
