@@ -236,6 +236,37 @@ function countAvatarFrames(video) {
   video.requestVideoFrameCallback(onFrame);
 }
 
+// ---- serving on Ray workers: ICE servers, and why a session ended ----------------------------------
+async function iceServers() { // the server's --ice-server list (STUN/TURN); none from an older server
+  try {
+    const response = await fetch('ice-servers', { headers: authHeaders() });
+    return response.ok ? await response.json() : [];
+  } catch (e) {
+    return [];
+  }
+}
+
+function sessionEnded(reason) {
+  setStatus(`the stream ended: ${reason}`, true);
+  stop(false);
+}
+
+// The peer stopped answering: on Ray workers (serve --workers) the front knows when the
+// session's worker died, and says why (410); elsewhere the plain "connection failed" stands.
+async function askWhyTheConnectionDropped() {
+  const { session, secret } = state;
+  if (!session) return false;
+  try {
+    const response = await fetch(`session?session=${encodeURIComponent(session)}`,
+      { headers: { ...authHeaders(), 'X-Session-Secret': secret } });
+    if (response.status !== 410 || state.session !== session) return false;
+    sessionEnded((await response.json()).error);
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
 // ---- the stream ------------------------------------------------------------------------------------
 function iceGatheringComplete(connection) {
   if (connection.iceGatheringState === 'complete') return Promise.resolve();
@@ -274,7 +305,7 @@ async function start() {
   }
   $('camera').srcObject = camera;
 
-  pc = new RTCPeerConnection();
+  pc = new RTCPeerConnection({ iceServers: await iceServers() });
   for (const track of camera.getVideoTracks()) pc.addTrack(track, camera);
   pc.addEventListener('track', (event) => {
     $('avatar').srcObject = event.streams[0] || new MediaStream([event.track]);
@@ -282,12 +313,16 @@ async function start() {
   pc.addEventListener('connectionstatechange', () => {
     if (!pc) return;
     if (pc.connectionState === 'connected') setStatus('streaming');
-    if (pc.connectionState === 'failed') { setStatus('connection failed', true); stop(false); }
+    if (pc.connectionState === 'disconnected') askWhyTheConnectionDropped();
+    if (pc.connectionState === 'failed') {
+      askWhyTheConnectionDropped().then((told) => { if (!told && pc) { setStatus('connection failed', true); stop(false); } });
+    }
   });
   channel = pc.createDataChannel('stats');
   channel.addEventListener('message', (event) => {
     const message = JSON.parse(event.data);
     if (message.type === 'stats') showStats(message);
+    if (message.type === 'ended') sessionEnded(message.reason); // a worker shutting down says why
   });
   channel.addEventListener('open', sendRetargeting); // the controls this browser keeps
   channel.addEventListener('message', onRetargetReply);

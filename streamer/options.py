@@ -175,6 +175,69 @@ def retargeting_options(args: argparse.Namespace) -> Retargeting:
 
 
 # -- serve ------------------------------------------------------------------------------------------
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server for WebRTC's ICE, from `--ice-server URL`: stun:HOST[:PORT], or
+    turn:USER:PASSWORD@HOST[:PORT][?transport=tcp] (turns: over TLS); a TURN server needs both."""
+
+    url: str  # without the credentials: what aiortc's and the browser's `urls` take
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "IceServer":
+        scheme, _, rest = text.partition(":")
+        if scheme not in ICE_SCHEMES or not rest or rest.startswith("//"):
+            raise OptionError(f"--ice-server {text!r}: give stun:HOST[:PORT] or turn:USER:PASSWORD@HOST[:PORT]"
+                              "[?transport=udp|tcp] (turns: for TURN over TLS)")
+        username = credential = None
+        if "@" in rest:
+            login, _, rest = rest.rpartition("@")
+            username, _, credential = login.partition(":")
+        host = rest.split("?", 1)[0].rsplit(":", 1)[0] if not rest.startswith("[") else rest
+        if not host:
+            raise OptionError(f"--ice-server {text!r} names no host")
+        if scheme.startswith("turn") and not (username and credential):
+            raise OptionError(f"--ice-server {scheme}:...{rest!r}: a TURN server needs a user and a password: "
+                              f"{scheme}:USER:PASSWORD@{rest}")
+        if scheme.startswith("stun") and username:
+            raise OptionError(f"--ice-server {scheme}:...: a STUN server takes no user or password")
+        return cls(f"{scheme}:{rest}", username, credential)
+
+    def for_browser(self) -> dict:
+        """An RTCIceServer dictionary, as the page's RTCPeerConnection takes it."""
+        entry = {"urls": self.url}
+        if self.username:
+            entry.update(username=self.username, credential=self.credential)
+        return entry
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """`serve --workers N` / `--ray-address ADDRESS`: sessions run on Ray workers (streamer/cluster).
+    `workers` None with an address: the workers already there; `address` None: a local Ray,
+    started for this command with `cpus` CPUs (default: this machine's)."""
+
+    workers: int | None = None
+    address: str | None = None
+    cpus: int | None = None  # the local Ray's CPUs (never more than this machine has)
+    worker_cpus: float = 1.0  # each warp worker's CPUs (a diffusion worker takes a GPU and one CPU)
+
+    def __post_init__(self):
+        if self.workers is None and self.address is None:
+            raise OptionError("a cluster needs --workers N, or --ray-address ADDRESS (its running workers)")
+        if self.workers is not None:
+            at_least(self.workers, 1, "workers")
+        if self.address is not None and not self.address.strip():
+            raise OptionError("--ray-address must name a cluster: HOST:PORT of its head, ray://HOST:10001, or auto")
+        if self.cpus is not None:
+            at_least(self.cpus, 1, "ray_cpus")
+        positive(self.worker_cpus, "worker_cpus")
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """`xportrait serve`: the live server. `max_sessions` None: 1 for the diffusion engine (one
@@ -196,6 +259,8 @@ class ServeOptions:
     tunnel: bool = False  # the page comes through an SSH tunnel: media on the network addresses anyway
     verbose: bool = False  # aioice/aiortc at INFO too
     governor: GovernorOptions | None = None  # --target-fps / --max-latency-ms: None, off
+    ice_servers: tuple[IceServer, ...] = ()  # STUN/TURN for the server's peers and the page's
+    cluster: ClusterOptions | None = None  # None: sessions run in this process; else on Ray workers
 
     @property
     def tls(self) -> bool:
@@ -243,15 +308,31 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
+    """None unless --workers or --ray-address is given (plain serve)."""
+    if args.workers is None and args.ray_address is None:
+        given = [f for f, v in (("--ray-cpus", args.ray_cpus), ("--worker-cpus", args.worker_cpus)) if v is not None]
+        if given:
+            raise OptionError(f"{', '.join(given)}: only with --workers or --ray-address")
+        return None
+    if args.ray_address is not None and args.ray_cpus is not None:
+        raise OptionError("--ray-cpus is for the local Ray of --workers; a running cluster has its own")
+    return ClusterOptions(workers=args.workers, address=args.ray_address, cpus=args.ray_cpus,
+                          worker_cpus=1.0 if args.worker_cpus is None else args.worker_cpus)
+
+
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     if not args.max_upload_mb > 0:
         raise OptionError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+    cluster = cluster_options(args)
+    ice_servers = tuple(IceServer.parse(url) for url in args.ice_server)
     return ServeOptions(engine=engine_options(args, live=True), host=args.host, port=args.port, token=args.token,
                         max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * 2**20),
                         idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, self_signed=args.self_signed,
                         allow_origins=tuple(args.allow_origin), insecure=args.insecure, tunnel=args.tunnel,
-                        verbose=args.verbose, governor=governor_options(args))
+                        verbose=args.verbose, governor=governor_options(args), ice_servers=ice_servers,
+                        cluster=cluster)
 
 
 # -- animate ----------------------------------------------------------------------------------------

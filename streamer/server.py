@@ -15,8 +15,9 @@ Routes:
                         switch to a bundled portrait, or upload one (the image as the body, or
                         as the first file of a multipart form), once the session's video flows
   GET  /stats           every session's live statistics, as JSON (nothing that controls one)
+  GET  /ice-servers     the STUN/TURN servers (--ice-server) the page's peer connection uses, as JSON
 
-/offer, /avatar and /stats need the token when the server has one (--token): an
+/offer, /avatar, /stats and /ice-servers need the token when the server has one (--token): an
 `Authorization: Bearer TOKEN` header or a `token=TOKEN` query parameter. A session is
 controlled only with the secret its offer's answer gave. Every request's Host must name this
 server (DNS rebinding) and a browser's Origin must be the page's own or one --allow-origin
@@ -44,7 +45,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from engines import EngineError
 from engines.animator import Animator
@@ -52,8 +53,8 @@ from engines.face import NoFaceError
 
 from .governor import governed_engine, warm_levels
 from .images import ImageError, ImageTooLarge, read_image
-from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, ServeOptions, add_engine_arguments, add_governor_arguments,
-                      engine_factory, serve_options)
+from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, IceServer, ServeOptions, add_engine_arguments,
+                      add_governor_arguments, engine_factory, serve_options)
 from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
 from .rtp import complete_frames_on_marker, is_loopback, keep_media_on_loopback
 from .session import Session
@@ -128,15 +129,7 @@ class Server:
     def prepare(self, portraits: dict[str, np.ndarray] | None = None) -> None:
         """Load the gallery (default: the bundled portraits) and run one frame through an
         engine, which then waits in the pool for the first session. Raises EngineError."""
-        if portraits is None:
-            from . import samples
-
-            portraits = {name: samples.portrait(name) for name in samples.PORTRAITS}
-        for name, image in portraits.items():
-            self.gallery[name] = image
-            thumb = cv2.resize(image, _fit(image.shape, THUMBNAIL_SIDE), interpolation=cv2.INTER_AREA)
-            _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
-            self.thumbnails[name] = jpeg.tobytes()
+        self.load_gallery(portraits)
         # Loads mediapipe's models and the engine's code, and proves both work on this machine.
         engine = self.engines.take()
         animator = Animator(engine)
@@ -148,6 +141,18 @@ class Server:
         finally:
             animator.close()
             self.engines.give_back(engine)
+
+    def load_gallery(self, portraits: dict[str, np.ndarray] | None = None) -> None:
+        """The portraits sessions may name, and their thumbnails (default: the bundled ones)."""
+        if portraits is None:
+            from . import samples
+
+            portraits = {name: samples.portrait(name) for name in samples.PORTRAITS}
+        for name, image in portraits.items():
+            self.gallery[name] = image
+            thumb = cv2.resize(image, _fit(image.shape, THUMBNAIL_SIDE), interpolation=cv2.INTER_AREA)
+            _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+            self.thumbnails[name] = jpeg.tobytes()
 
     @property
     def default_portrait(self) -> np.ndarray:
@@ -164,6 +169,7 @@ class Server:
         app.router.add_post("/offer", self.offer)
         app.router.add_post("/avatar", self.avatar)
         app.router.add_get("/stats", self.stats)
+        app.router.add_get("/ice-servers", self.ice_servers)
         for name in CLIENT_FILES:
             app.router.add_get(f"/{name}", self.page)
         app.on_shutdown.append(self.close_all)
@@ -233,13 +239,11 @@ class Server:
             raise _fail(401, "missing or wrong access token: open the page as http(s)://HOST:PORT/?token=TOKEN, "
                              "or send the header 'Authorization: Bearer TOKEN'")
 
-    def _controlled_session(self, request: web.Request) -> Session:
-        """The session named by ?session=ID, if the request holds its secret."""
-        session_id = request.query.get("session", "")
+    def _controlled_session(self, session_id: str, given: str) -> Session:
+        """The session named `session_id` (?session=ID), if `given` (the request's secret header) is its secret."""
         session = self.sessions.get(session_id)
         if session is None or session.closed:
             raise _fail(404, f"no live session {session_id[:40]!r}: start the stream first")
-        given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), session.secret.encode()):
             raise _fail(403, f"session {session.id} is controlled only by the peer that started it: send "
                              f"the header '{SECRET_HEADER}' with the secret from the offer's answer")
@@ -313,11 +317,16 @@ class Server:
             check_offer(params["sdp"])  # before a slot is taken: a bad offer holds nothing
         except OfferError as exc:
             raise _fail(400, f"invalid SDP offer: {exc}") from None
+        return web.json_response(await self.open_session(params["sdp"], mode, name))
+
+    async def open_session(self, sdp: str, mode: str, name: str) -> dict:
+        """A session for a checked offer (its SDP, mode, gallery portrait): the answer
+        {"sdp", "type", "session", "secret"}. Raises JSONError (503 when full, 400)."""
         if len(self.sessions) >= self.config.max_sessions:
             raise _fail(503, f"server busy: all {self.config.max_sessions} sessions are in use; "
                              "try again when one ends")
 
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # a local server needs no STUN
+        pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))  # none given: a local server needs none
         stage = AnimateStage(self.engines, self.gallery[name]) if mode == "animate" else EchoStage()
         session = Session(pc, mode, stage, name, self._forget, self.config.idle_timeout,
                           self.config.connect_timeout, governor=self.config.governor)
@@ -341,7 +350,7 @@ class Server:
         ready = asyncio.ensure_future(session.pipeline.start())  # the engine warms up while SDP is parsed
         try:
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=params["sdp"], type="offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
                 if session.webcam is None:
                     raise _fail(400, "invalid SDP offer: it has no video track: send the webcam as a video track")
                 answer = await pc.createAnswer()  # fails when no codec is shared, among others
@@ -357,19 +366,31 @@ class Server:
             await session.close("offer refused")
             raise
         logger.info("session %s: %s, portrait %s", session.id, mode, name)
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                                  "session": session.id, "secret": session.secret})
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                "session": session.id, "secret": session.secret}
 
     async def avatar(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        session = self._controlled_session(request)
+        return web.json_response(await self.change_portrait(
+            request.query.get("session", ""), request.headers.get(SECRET_HEADER, ""), request.query.get("portrait"),
+            lambda: self._read_upload(request)))
+
+    def portrait_change_allowed(self, session_id: str, secret: str, name: str | None) -> Session:
+        """The checks of a portrait change that cost nothing (before an upload is read): the
+        session and its secret, its mode, the portrait's name, video flowing. Raises JSONError."""
+        session = self._controlled_session(session_id, secret)
         if not session.pipeline.stage.takes_portrait:
             raise _fail(400, "this session runs in echo mode: it has no portrait")
-        name = request.query.get("portrait")
         if name is not None and name not in self.gallery:
             raise _fail(404, f"no bundled portrait {name[:60]!r}")
         if name is None and not session.media_flowing:
             raise _fail(409, "no video has arrived from this session yet: upload once the stream runs")
+        return session
+
+    async def change_portrait(self, session_id: str, secret: str, name: str | None, read) -> dict:
+        """Switch session `session_id` to the gallery's `name`, or (None) to the image that
+        `await read()` returns, read only once every other check has passed. Raises JSONError."""
+        session = self.portrait_change_allowed(session_id, secret, name)
         if session.id in self._changing:
             raise _fail(429, "a portrait change for this session is still in progress; the previous "
                              "portrait is kept", {"Retry-After": "1"})
@@ -383,7 +404,7 @@ class Server:
                 image = self.gallery[name]
                 load = lambda: image  # noqa: E731
             else:
-                data = await self._read_upload(request)
+                data = await read()
                 name = "upload"
                 load = lambda: read_image(data, "the upload")  # noqa: E731
             image = await session.pipeline.set_portrait(load, self._decoder)
@@ -401,8 +422,7 @@ class Server:
         finally:
             self._changing.discard(session.id)
         session.portrait = name
-        return web.json_response({"session": session.id, "portrait": name,
-                                  "width": image.shape[1], "height": image.shape[0]})
+        return {"session": session.id, "portrait": name, "width": image.shape[1], "height": image.shape[0]}
 
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -415,6 +435,10 @@ class Server:
             "sessions": [session.snapshot() for session in self.sessions.values()],
         })
 
+    async def ice_servers(self, request: web.Request) -> web.Response:
+        self._authorize(request)  # TURN credentials are for this server's users only
+        return web.json_response([server.for_browser() for server in self.config.ice_servers])
+
     # -- teardown ------------------------------------------------------------------------------------
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
@@ -423,6 +447,12 @@ class Server:
     async def close_all(self, app: web.Application | None = None) -> None:
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
         self._decoder.shutdown(wait=False)
+
+
+def rtc_configuration(ice_servers: tuple[IceServer, ...]) -> RTCConfiguration:
+    """aiortc's configuration for the server's peers: the STUN/TURN servers of --ice-server."""
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+                                        for s in ice_servers])
 
 
 def _short(value) -> str:
@@ -497,6 +527,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on this machine's network addresses")
     parser.add_argument("--verbose", action="store_true",
                         help="log WebRTC details too (ICE and DTLS state changes of aioice and aiortc)")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                        help="a STUN or TURN server for WebRTC, given to the server's peers and the page: "
+                             "stun:HOST[:PORT] or turn:USER:PASSWORD@HOST[:PORT][?transport=tcp]; repeatable "
+                             "(behind NAT, across hosts)")
+    g = parser.add_argument_group("Ray workers (streamer/cluster; needs the cluster extra: pip install 'xportrait[cluster]')")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="run sessions on N Ray workers (each its own engine and WebRTC peers; --max-sessions "
+                        "is then per worker): on a local Ray started for this command, or on --ray-address")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join a running Ray cluster (HOST:6379 of `ray start --head`, or auto): use its "
+                        "workers, starting --workers N of them where fewer run; they outlive this command")
+    g.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray of --workers (default: all)")
+    g.add_argument("--worker-cpus", type=float, metavar="N",
+                   help="CPUs each warp-engine worker reserves (default 1; a diffusion worker takes one GPU)")
     add_engine_arguments(parser)
     add_governor_arguments(parser)
 
@@ -553,6 +597,10 @@ def run(args: argparse.Namespace) -> int:
     except (TLSError, OSError) as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
         return 2
+    if options.cluster is not None:  # sessions on Ray workers: ray is imported only here
+        from .cluster.front import run_front
+
+        return run_front(options, tls)
     engine = options.engine
     if not is_loopback(options.host) and not options.token:
         logger.warning("serving on %s without --token: anyone who can reach it can stream and upload", options.host)

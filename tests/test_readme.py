@@ -114,6 +114,16 @@ COMMANDS = {
     "xportrait serve --host 0.0.0.0 --self-signed --token SECRET": RunBy(
         "tests/test_serve_tls.py::test_serve_self_signed_prints_an_https_url_and_the_fingerprint",
         ("0.0.0.0", "--self-signed", "--token")),
+    # Ray workers (tests/test_cluster.py: a Ray head of its own, warp workers).
+    "xportrait serve --workers 2": RunBy(
+        "tests/test_cluster.py::test_serve_workers_runs_a_local_ray_and_ends_it_with_the_sessions_told",
+        ("--workers", "2")),
+    "xportrait serve --ray-address HEAD:6379 --workers 8 --engine xportrait --base ... --checkpoint ... "
+    "--lcm-lora ...": RunBy(
+        "tests/test_cluster.py::test_the_diffusion_engine_on_a_cluster_without_gpus_is_refused_in_one_line",
+        ("--ray-address", "--workers", "--engine", "xportrait", "--base", "--checkpoint", "--lcm-lora")),
+    "xportrait serve --ray-address HEAD:6379": RunBy(
+        "tests/test_cluster.py::test_a_front_restart_loses_no_session", ("running_server", "--ray-address")),
     # The virtual camera: a camera is needed, so the tests run them on a video file as the camera.
     "make cam": RunBy("tests/test_readme.py::test_make_targets_run_what_the_readme_says", ("cam",)),
     "xportrait cam --server https://gpu-box:8080 --token SECRET": RunBy(
