@@ -194,10 +194,12 @@ def supersampled(source: SourcePortrait, driving: np.ndarray, reference: np.ndar
     return cv2.resize(out, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
 
 
-# How much closer to the supersampled frame the full-resolution map brings the mouth: much on
-# a photo's textured lips, nothing to see on a cartoon's flat ones.
-# (grace_hopper: 0.82 and 4.01 since the portrait is cropped around the full-range detector's face)
-@pytest.mark.parametrize("name,gain", [("grace_hopper", 0.85), ("cartoon", 1.0)])
+# How much closer to the supersampled frame the full-resolution map brings the mouth than the
+# half-resolution grid: clearly on a photo's textured lips, nothing to see on a cartoon's flat
+# ones. (grace_hopper: 3.90 against 4.42 levels, 0.88, since the map is at full resolution
+# everywhere and so is the supersampled render's; the half-resolution grid with a full-resolution
+# mouth gave 0.82 against a reference on its own grid.)
+@pytest.mark.parametrize("name,gain", [("grace_hopper", 0.92), ("cartoon", 1.0)])
 def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     """Open mouth, shut eyes and a turned head, against the same frame rendered at twice the
     resolution and averaged down: around the lids and the mouth the frame matches it to a
@@ -209,9 +211,9 @@ def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     driving = turned(close_eyes(open_mouth(driver, 28), 1.0), yaw=12, roll=6, shift=(14, 4))
     reenactor = Reenactor(source)
     out = reenactor.render(driving, driver).copy()
-    outline = (reenactor._alpha > 0.02) & (reenactor._alpha < 0.98)
+    outline = (reenactor.alpha > 0.02) & (reenactor.alpha < 0.98)
     reference = supersampled(source, driving, driver, reenactor)
-    coarse_only = Reenactor(source, matte=reenactor.matte, plate=reenactor.plate)
+    coarse_only = Reenactor(source, grid=SIZE // 2, matte=reenactor.matte, plate=reenactor.plate)
     coarse_only._refine = lambda *_: None
     coarse = coarse_only.render(driving, driver).copy()
     moved = reenactor.landmarks(driving, driver)
@@ -232,7 +234,7 @@ def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     assert mouth < 4.1 and mouth < gain * mouth_coarse, (mouth, mouth_coarse)
     # The head's outline is the warped matte: a soft edge (no pixel-to-pixel step from
     # background to person), wherever the head went.
-    alpha = reenactor._alpha
+    alpha = reenactor.alpha
     step = np.maximum(np.abs(np.diff(alpha, axis=0)).max(), np.abs(np.diff(alpha, axis=1)).max())
     assert outline.sum() > 200 and step < 0.85, step
 
@@ -244,7 +246,7 @@ def test_the_background_stays_put_while_the_head_moves(name, sources):
     reenactor = Reenactor(source)
     for driving in (turned(driver, shift=(30, -10)), turned(driver, yaw=20, roll=-10, shift=(-25, 8))):
         out = reenactor.render(driving, driver)
-        alpha = reenactor._alpha
+        alpha = reenactor.alpha
         away = (reenactor.matte <= 0.0) & (alpha <= 0.0)  # neither where the person was nor is
         assert away.sum() > 0.1 * SIZE * SIZE
         assert np.array_equal(out[away], source.image[away]), "background pixels changed"
