@@ -387,11 +387,15 @@ class _Mouth:
     the source shows teeth the warp carries its own upper teeth (the interior's upper half
     rides with the upper lip) and their colour tints the lower set; where it shows none
     (closed lips), both sets are drawn in a light tone taken from the source's eyes' whites.
+    Where the source's lips do not stand out from its skin (a drawn or posterized mouth), the
+    opening gets a lower lip of its own along its lower edge, in a lip colour made from the
+    skin: without one an opened mouth reads as a dark hole in the chin, to a viewer and to the
+    face mesh alike (which then reads the mouth as closed).
     """
 
     SAMPLES = 4
 
-    def __init__(self, mesh: np.ndarray, image: np.ndarray, half_gap: np.ndarray):
+    def __init__(self, mesh: np.ndarray, image: np.ndarray, half_gap: np.ndarray, skin_tone: np.ndarray):
         lips = np.array(LIP_PAIRS)
         self.upper, self.lower = lips[:, 0], lips[:, 1]
         self._curve = _catmull_rom(len(self.upper) + 2, self.SAMPLES)
@@ -421,6 +425,13 @@ class _Mouth:
                 self.shows_teeth = True
                 light = np.median(teeth, axis=0)
         self.teeth = light
+        # Lips that look like skin (hue and brightness) get a rim of lip colour.
+        self.rim = None
+        if _skin_like(self.lip[None], skin_tone.astype(np.float32))[0]:
+            self.rim = skin_tone.astype(np.float32) * np.array([0.86, 0.55, 0.55], np.float32)
+        # The warp carries the source's own upper teeth only where its lips frame them; inside a
+        # drawn mouth they would sit outside the new lips: there the teeth are drawn, in their colour.
+        self.carry_teeth = self.shows_teeth and self.rim is None
         self.throat = self.lip * np.array([0.1, 0.05, 0.06])
         self.wall = self.lip * np.array([0.4, 0.2, 0.2])  # lit near the lips
         self.tongue = self.lip * np.array([0.58, 0.3, 0.32])
@@ -432,8 +443,8 @@ class _Mouth:
         upper = self._curve @ np.concatenate([[left], v[self.upper], [right]])
         lower = self._curve @ np.concatenate([[left], v[self.lower], [right]])
         midline = self._curve @ np.concatenate([[left], mid, [right]])
-        top = midline if self.shows_teeth else upper
-        pts = np.concatenate([top, lower])
+        top = midline if self.carry_teeth else upper
+        pts = np.concatenate([upper, top, lower])
         pad = 3
         x0, y0 = np.maximum(np.floor(pts.min(axis=0)).astype(int) - pad, 0)
         x1, y1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + pad, out.shape[1::-1])
@@ -476,7 +487,7 @@ class _Mouth:
 
         teeth_shade = (1.0 - 0.35 * np.abs(across) ** 2)[..., None]  # receding into shadow at the sides
         gaps = 0.12 * np.clip(np.cos(np.abs(across) * np.pi * 4.5) * 4 - 3, 0, 1)[..., None]  # the gaps between teeth
-        if not self.shows_teeth:
+        if not self.carry_teeth:
             upper_teeth = band(upper, min(0.13 * width, 0.42 * gap), True, 0.78)[..., None]
             colour = self.teeth * teeth_shade * (1 - gaps) * 0.95
             layer = layer + (colour - layer) * upper_teeth
@@ -487,7 +498,12 @@ class _Mouth:
             layer = layer + (colour - layer) * lower_teeth
         alpha = (cavity * strength)[..., None]
         base = roi.astype(np.float32)
-        roi[:] = np.clip(base + (layer - base) * alpha + 0.5, 0, 255).astype(np.uint8)
+        result = base + (layer - base) * alpha
+        if self.rim is not None:  # lips all round the opening, in front of the teeth and tongue
+            rim_width = min(0.07 * width, 0.3 * gap)
+            rim = np.maximum(band(upper, rim_width, True, 1.2), band(lower, rim_width, False, 1.2))
+            result += (self.rim * (0.9 + 0.1 * teeth_shade) - result) * (rim * strength)[..., None]
+        roi[:] = np.clip(result + 0.5, 0, 255).astype(np.uint8)
 
 
 class Reenactor:
@@ -582,7 +598,7 @@ class Reenactor:
         tone = skin_tone(image, mesh)
         self._eyes = (_Eyelid(self._lid_upper[:7], self._lid_lower[:7], RIGHT_LID_SKIN, EYE_CORNERS[0], mesh, image, tone),
                       _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
-        self._mouth = _Mouth(mesh, image, self._half_gap)
+        self._mouth = _Mouth(mesh, image, self._half_gap, tone)
         self._mouth_region = list(OUTER_LIPS)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
