@@ -358,3 +358,28 @@ def test_a_drawn_mouth_opens_with_the_driver(images, clips, tracker):
     d, o = np.array(pairs).T
     assert len(pairs) > 0.9 * len(frames)
     assert np.corrcoef(d, o)[0, 1] > 0.6, np.corrcoef(d, o)[0, 1]
+
+
+def test_what_the_head_uncovers_is_filled_with_the_scene_s_own_detail(sources):
+    """Holes cut where the true background is known (the flag, the sky beside it): within the
+    band a moving head uncovers, the plate carries the scene's edges and stripes on (inpainted)
+    instead of a blur. Measured on these three holes: detail (mean |Laplacian|) 3.1-4.0 against
+    the smooth push-pull fill's 0.8-1.7 (the true background: 6.3-11.0), with an error against
+    the truth within 7% of the smooth fill's (extrapolated stripes land a little off where the
+    blur would average them)."""
+    from engines.matte import background_plate
+
+    image = sources["grace_hopper"].image
+    gray = lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+    detail = lambda x, where: float(np.abs(cv2.Laplacian(gray(x), cv2.CV_32F))[where].mean())
+    for centre, axes in (((70, 110), (45, 60)), ((450, 120), (40, 70)), ((80, 260), (40, 40))):
+        hole = np.zeros((SIZE, SIZE), np.uint8)
+        cv2.ellipse(hole, centre, axes, 0, 0, 360, 1, -1)
+        matte = cv2.GaussianBlur(hole.astype(np.float32), (0, 0), 1.0)
+        inside = matte > 0.05
+        band = inside & (cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5) <= 25)
+        smooth, plate = background_plate(image, matte, band=0.0), background_plate(image, matte)
+        assert np.array_equal(plate[matte <= 0.01], image[matte <= 0.01])  # the background itself untouched
+        assert detail(plate, band) > 2.0 * detail(smooth, band), (detail(plate, band), detail(smooth, band))
+        error = lambda x: float(np.abs(x.astype(np.int16) - image)[band].mean())
+        assert error(plate) < 1.1 * error(smooth), (error(plate), error(smooth))
