@@ -590,8 +590,6 @@ class Reenactor:
         self._source_rgba = np.dstack([source.image, np.rint(self.matte * 255).astype(np.uint8)])
         self._warped_rgba = np.empty((size, size, 4), np.uint8)
         self._alpha_u8 = np.empty((size, size), np.uint8)
-        self._fixed_xy = np.empty((size, size, 2), np.int16)
-        self._fixed_frac = np.empty((size, size), np.uint16)
         self.output = np.empty((size, size, 3), np.uint8)
 
         image = source.image
@@ -695,10 +693,10 @@ class Reenactor:
         if self.grid < self.size and mouth_strength > 0:  # full resolution where the lips part
             self._refine(v, self._mouth_region)
         t2 = time.perf_counter()
-        # One remap carries the portrait and its matte (as a fourth channel: nearly free), in
-        # OpenCV's fixed-point map format (faster than float maps for the remap itself).
-        cv2.convertMaps(self._map_x, self._map_y, cv2.CV_16SC2, dstmap1=self._fixed_xy, dstmap2=self._fixed_frac)
-        cv2.remap(self._source_rgba, self._fixed_xy, self._fixed_frac, cv2.INTER_LINEAR, dst=self._warped_rgba,
+        # One remap carries the portrait and its matte (as a fourth channel: nearly free). On the
+        # float maps as they are: OpenCV converts them to fixed point tile by tile, which is
+        # faster than a separate cv2.convertMaps pass over the whole map (1.05 against 1.55 ms).
+        cv2.remap(self._source_rgba, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._warped_rgba,
                   borderMode=cv2.BORDER_REPLICATE)
         cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
         # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
