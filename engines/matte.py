@@ -10,7 +10,10 @@ made certain over the face itself (the face mesh's hull): on a painting or a car
 segmenter may be unsure of a face but never of where the mesh found one. The plate is filled
 by a push-pull pyramid (each coarser level averages the known pixels under it; holes take the
 coarser level's colour, feathered), which is smooth, fast (a few ms at 512²) and, unlike
-cv2.inpaint, cost-independent of the hole's size.
+cv2.inpaint, cost-independent of the hole's size. Only a band along the hole's edge is ever
+uncovered by the moving head; there the fill is cv2.inpaint's (Telea's fast marching, from the
+background's own pixels on one side and the smooth fill on the other), which carries edges
+and stripes of the scene on into the hole instead of blurring them away.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def person_matte(image: np.ndarray, landmarks: np.ndarray, segmentation: np.ndar
     return cv2.GaussianBlur(matte, (0, 0), max(0.6, image.shape[0] / 512))
 
 
-def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006) -> np.ndarray:
+def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006, band: float = 0.07) -> np.ndarray:
     """`image` with the person removed: where the matte is, the colour of the background
     around it (push-pull), filled from pixels beyond the matte grown by `grow` of the side
-    (so hair fringes and the segmenter's halo are not smeared into the fill). Pixels outside
-    the matte are the portrait's own, unchanged."""
+    (so hair fringes and the segmenter's halo are not smeared into the fill); within `band` of
+    the side of the hole's edge (what a moving head uncovers) the fill is inpainted. Pixels
+    outside the matte are the portrait's own, unchanged."""
     h, w = matte.shape
     radius = max(1, int(round(grow * max(h, w))))
     hole = cv2.dilate((matte > 0.05).astype(np.uint8), cv2.getStructuringElement(
@@ -81,5 +85,11 @@ def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006) 
         filled = c / np.maximum(k, 1e-6)[..., None] * weight + up * (1 - weight)
     # The fill only where the person is: every pixel outside the matte stays the portrait's.
     keep = (matte <= 0.01)[..., None]
-    plate = np.where(keep, image.astype(np.float32), filled)
-    return np.clip(np.rint(plate), 0, 255).astype(np.uint8)
+    plate = np.clip(np.rint(np.where(keep, image.astype(np.float32), filled)), 0, 255).astype(np.uint8)
+    # The band along the hole's edge: inpainted from the background beside it.
+    width = band * max(h, w)
+    edge = ((cv2.distanceTransform(hole, cv2.DIST_L2, 5) <= width) & (hole > 0)).astype(np.uint8)
+    if width >= 1 and edge.any():
+        painted = cv2.inpaint(plate, edge, max(3.0, width / 8), cv2.INPAINT_TELEA)
+        plate = np.where(keep, plate, painted)
+    return plate

@@ -66,7 +66,7 @@ class WarpOptions:
 
     name: ClassVar[str] = "warp"
     size: int = DEFAULT_SIZE  # square output resolution
-    grid: int | None = None  # the warp map's grid (default: half the size, at least 64)
+    grid: int | None = None  # the warp map's grid (default: the full size; coarser is cheaper)
 
     def __post_init__(self):
         check_size(self.size)

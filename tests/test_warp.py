@@ -28,6 +28,7 @@ from engines.face import (
     mouth_opening,
     prepare_source,
 )
+from engines.raster import backward_map
 from engines.warp import Reenactor, Similarity, reenact
 
 SIZE = 512
@@ -97,6 +98,46 @@ def test_similarity_fit_recovers_a_known_transform():
     assert fit.scale == pytest.approx(1.7, rel=1e-9)
     np.testing.assert_allclose(fit.rotation, rotation, atol=1e-9)
     np.testing.assert_allclose(fit.inverse()(fit(a)), a, atol=1e-9)
+
+
+def test_the_backward_map_is_the_piecewise_affine_warp_and_draws_in_order():
+    """engines.raster against scikit-image's PiecewiseAffineTransform on a jittered grid mesh
+    (every pixel, full resolution and on a coarser grid), and where two triangles overlap the
+    later one in the drawing order wins."""
+    from scipy.spatial import Delaunay
+    from skimage.transform import PiecewiseAffineTransform
+
+    rng = np.random.default_rng(0)
+    size = 96
+    g = np.linspace(-1, size, 7)
+    src = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    dst = src + rng.uniform(-4, 4, src.shape) * ((src > 0) & (src < size - 1)).all(axis=1, keepdims=True)
+    tri = Delaunay(dst).simplices  # the triangulation scikit-image makes of the moved points
+    order = np.arange(len(tri))
+    map_x, map_y = np.empty((size, size), np.float32), np.empty((size, size), np.float32)
+    backward_map(np.ascontiguousarray(dst[tri]), np.ascontiguousarray(src[tri]), order, 0.0, 0.0, 1.0, map_x, map_y)
+    transform = PiecewiseAffineTransform.from_estimate(dst, src)
+    ys, xs = np.mgrid[0:size, 0:size]
+    expected = transform(np.stack([xs.ravel(), ys.ravel()], 1)).reshape(size, size, 2)
+    inside = (expected != -1).all(axis=2)  # scikit-image's outside marker
+    assert inside.mean() > 0.95
+    assert np.abs(map_x - expected[..., 0])[inside].max() < 1e-3
+    assert np.abs(map_y - expected[..., 1])[inside].max() < 1e-3
+    # On a grid of half the resolution: the samples at its pixel centres.
+    half_x, half_y = np.empty((size // 2, size // 2), np.float32), np.empty((size // 2, size // 2), np.float32)
+    backward_map(np.ascontiguousarray(dst[tri]), np.ascontiguousarray(src[tri]), order, 0.0, 0.0, 2.0, half_x, half_y)
+    centres = transform(np.stack([xs[::2, ::2].ravel() + 0.5, ys[::2, ::2].ravel() + 0.5], 1)).reshape(size // 2,
+                                                                                                     size // 2, 2)
+    ok = (centres != -1).all(axis=2)
+    assert np.abs(half_x - centres[..., 0])[ok].max() < 1e-3
+    # Two overlapping triangles, each mapping to its own constant-ish source: the last drawn wins.
+    a = np.array([[[10, 10], [60, 10], [10, 60]], [[20, 20], [70, 20], [20, 70]]], np.float64)
+    s = np.array([[[0, 0], [0.001, 0], [0, 0.001]], [[50, 50], [50.001, 50], [50, 50.001]]], np.float64)
+    for first, last in ((0, 1), (1, 0)):
+        backward_map(a, s, np.array([first, last]), 0.0, 0.0, 1.0, map_x, map_y)
+        assert abs(map_x[30, 30] - s[last, 0, 0]) < 0.1  # covered by both
+        assert abs(map_x[12, 12] - s[0, 0, 0]) < 0.1 and abs(map_x[65, 22] - s[1, 0, 0]) < 0.1
+        assert map_x[90, 90] == 90 and map_y[90, 5] == 90  # no triangle: the pixel itself
 
 
 def test_engine_meets_the_protocol_and_rejects_misuse(astronaut):

@@ -194,10 +194,12 @@ def supersampled(source: SourcePortrait, driving: np.ndarray, reference: np.ndar
     return cv2.resize(out, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
 
 
-# How much closer to the supersampled frame the full-resolution map brings the mouth: much on
-# a photo's textured lips, nothing to see on a cartoon's flat ones.
-# (grace_hopper: 0.82 and 4.01 since the portrait is cropped around the full-range detector's face)
-@pytest.mark.parametrize("name,gain", [("grace_hopper", 0.85), ("cartoon", 1.0)])
+# How much closer to the supersampled frame the full-resolution map brings the mouth than the
+# half-resolution grid: clearly on a photo's textured lips, nothing to see on a cartoon's flat
+# ones. (grace_hopper: 3.90 against 4.42 levels, 0.88, since the map is at full resolution
+# everywhere and so is the supersampled render's; the half-resolution grid with a full-resolution
+# mouth gave 0.82 against a reference on its own grid.)
+@pytest.mark.parametrize("name,gain", [("grace_hopper", 0.92), ("cartoon", 1.0)])
 def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     """Open mouth, shut eyes and a turned head, against the same frame rendered at twice the
     resolution and averaged down: around the lids and the mouth the frame matches it to a
@@ -209,9 +211,9 @@ def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     driving = turned(close_eyes(open_mouth(driver, 28), 1.0), yaw=12, roll=6, shift=(14, 4))
     reenactor = Reenactor(source)
     out = reenactor.render(driving, driver).copy()
-    outline = (reenactor._alpha > 0.02) & (reenactor._alpha < 0.98)
+    outline = (reenactor.alpha > 0.02) & (reenactor.alpha < 0.98)
     reference = supersampled(source, driving, driver, reenactor)
-    coarse_only = Reenactor(source, matte=reenactor.matte, plate=reenactor.plate)
+    coarse_only = Reenactor(source, grid=SIZE // 2, matte=reenactor.matte, plate=reenactor.plate)
     coarse_only._refine = lambda *_: None
     coarse = coarse_only.render(driving, driver).copy()
     moved = reenactor.landmarks(driving, driver)
@@ -232,7 +234,7 @@ def test_edges_are_as_smooth_as_a_supersampled_render(name, gain, sources):
     assert mouth < 4.1 and mouth < gain * mouth_coarse, (mouth, mouth_coarse)
     # The head's outline is the warped matte: a soft edge (no pixel-to-pixel step from
     # background to person), wherever the head went.
-    alpha = reenactor._alpha
+    alpha = reenactor.alpha
     step = np.maximum(np.abs(np.diff(alpha, axis=0)).max(), np.abs(np.diff(alpha, axis=1)).max())
     assert outline.sum() > 200 and step < 0.85, step
 
@@ -244,7 +246,7 @@ def test_the_background_stays_put_while_the_head_moves(name, sources):
     reenactor = Reenactor(source)
     for driving in (turned(driver, shift=(30, -10)), turned(driver, yaw=20, roll=-10, shift=(-25, 8))):
         out = reenactor.render(driving, driver)
-        alpha = reenactor._alpha
+        alpha = reenactor.alpha
         away = (reenactor.matte <= 0.0) & (alpha <= 0.0)  # neither where the person was nor is
         assert away.sum() > 0.1 * SIZE * SIZE
         assert np.array_equal(out[away], source.image[away]), "background pixels changed"
@@ -328,3 +330,56 @@ def test_a_reference_caught_smiling_or_mid_blink_still_drives_the_right_way(sour
     opened = marker_pixels(reenactor.render(smiling, blinking))
     assert opened > 0.5 * area  # once the driver opens its eyes they read as open
     assert marker_pixels(reenactor.render(close_eyes(smiling, 1.0), blinking)) == 0
+
+
+def test_a_drawn_mouth_opens_with_the_driver(images, clips, tracker):
+    """The comic-like portrait's lips are posterized skin with ink on them: the opening gets
+    lips of its own (and drawn teeth inside them), so it reads as an open mouth, not a dark
+    hole in the chin. Read frame by frame (mediapipe's video tracker, once it has taken the
+    wide-open comic mouth for a closed one, keeps to that: `eval` still reads this clip at
+    -0.43). Measured: 0.76; the engine without the drawn lips: -0.80 (it opened a hole the
+    mesh read as the mouth closing). 0.6 is what a per-frame reading of a posterized face,
+    noisy by a few hundredths of a mouth width, reaches only when the mouth follows."""
+    from engines.animator import Animator
+    from engines.face import best_reference_frame
+    from engines.warp import mouth_aperture
+
+    frames = clips["grace_hopper"]
+    animator = Animator(create_engine(WarpOptions(size=SIZE)), tracker=FaceTracker(video=True))
+    animator.set_sources([images["inked_astronaut"]])
+    assert animator.engine._reenactor._mouth.rim is not None  # its lips read as skin
+    driver = [animator.tracker.detect(np.ascontiguousarray(f)) for f in frames]
+    animator.set_reference(driver[best_reference_frame(animator.sources[0].landmarks, driver)])
+    pairs = []
+    for i, frame in enumerate(frames):
+        out = tracker.detect(np.ascontiguousarray(animator.drive(frame, i / 25, tag=i).image))
+        if out is not None and driver[i] is not None:
+            pairs.append((mouth_aperture(driver[i]), mouth_aperture(out)))
+    d, o = np.array(pairs).T
+    assert len(pairs) > 0.9 * len(frames)
+    assert np.corrcoef(d, o)[0, 1] > 0.6, np.corrcoef(d, o)[0, 1]
+
+
+def test_what_the_head_uncovers_is_filled_with_the_scene_s_own_detail(sources):
+    """Holes cut where the true background is known (the flag, the sky beside it): within the
+    band a moving head uncovers, the plate carries the scene's edges and stripes on (inpainted)
+    instead of a blur. Measured on these three holes: detail (mean |Laplacian|) 3.1-4.0 against
+    the smooth push-pull fill's 0.8-1.7 (the true background: 6.3-11.0), with an error against
+    the truth within 7% of the smooth fill's (extrapolated stripes land a little off where the
+    blur would average them)."""
+    from engines.matte import background_plate
+
+    image = sources["grace_hopper"].image
+    gray = lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+    detail = lambda x, where: float(np.abs(cv2.Laplacian(gray(x), cv2.CV_32F))[where].mean())
+    for centre, axes in (((70, 110), (45, 60)), ((450, 120), (40, 70)), ((80, 260), (40, 40))):
+        hole = np.zeros((SIZE, SIZE), np.uint8)
+        cv2.ellipse(hole, centre, axes, 0, 0, 360, 1, -1)
+        matte = cv2.GaussianBlur(hole.astype(np.float32), (0, 0), 1.0)
+        inside = matte > 0.05
+        band = inside & (cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5) <= 25)
+        smooth, plate = background_plate(image, matte, band=0.0), background_plate(image, matte)
+        assert np.array_equal(plate[matte <= 0.01], image[matte <= 0.01])  # the background itself untouched
+        assert detail(plate, band) > 2.0 * detail(smooth, band), (detail(plate, band), detail(smooth, band))
+        error = lambda x: float(np.abs(x.astype(np.int16) - image)[band].mean())
+        assert error(plate) < 1.1 * error(smooth), (error(plate), error(smooth))
