@@ -300,7 +300,7 @@ def evaluate(engine, sources: Sequence[np.ndarray], frames: Sequence[np.ndarray]
         meter = BackgroundMeter(source.image, background_mask(person_matte(source.image, source.landmarks)))
         output: list[np.ndarray | None] = [None] * len(frames)
         seen = [False] * len(frames)
-        with FaceTracker(video=True) as eye:
+        with FaceTracker(video=False) as eye:  # each output frame read on its own: no tracker state carried
             def take(rendered) -> None:
                 if rendered is None:
                     return
