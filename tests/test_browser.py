@@ -172,67 +172,50 @@ async def check_quality_and_glass(page: DevTools, http: aiohttp.ClientSession, u
 
 
 async def drive_page(url: str, profile: Path, browser: subprocess.Popen) -> None:
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 60
-    while not port_file.exists() or not port_file.read_text().strip():
-        assert browser.poll() is None, f"chromium exited with status {browser.returncode}"
-        assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-        await asyncio.sleep(0.2)
-    port = int(port_file.read_text().split()[0])
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 30
-        while True:
-            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
-                pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith(url)]
-            if pages:
-                break
-            assert time.monotonic() < deadline, "the page did not open"
+    async with open_page(url, profile, browser) as page, aiohttp.ClientSession() as http:
+        await poll(page, lambda s: s["portraits"] == len(samples.PORTRAITS), 30, "the gallery")
+        await page.evaluate("document.getElementById('start').click()")
+        state = await poll(page, lambda s: s["frames"] >= 30 and s["stats"] and s["stats"]["frames_out"] >= 30,
+                           90, "avatar frames and stats")
+        assert state["status"] == "streaming"
+        assert (state["width"], state["height"]) == (512, 512)  # the avatar, not the 640x480 camera
+        assert state["brightness"] > 30  # a picture, not black frames
+        stats = state["stats"]
+        assert stats["mode"] == "animate" and stats["errors"] == 0 and stats["fps_out"] > 5
+        assert stats["latency_ms"]["p50"] > 0
+        assert stats["frames_without_face"] < stats["frames_in"] / 2  # the fake webcam's face is tracked
+        overlay = state["overlay"]
+        assert re.search(r"fps \d+\.\d", overlay) and re.search(r"p50 \d+\.\d ms", overlay)
+        assert "drops" in overlay
+        assert (await server_stats(http, url))["sessions_active"] == 1
+        await check_controls(page, http, url)
+        await check_quality_and_glass(page, http, url)
+
+        # Portraits from the page: a bundled one by name, an upload (a still of the avatar
+        # itself, so it has a face), and a file that is no image (refused, shown, portrait kept).
+        await page.evaluate("choosePortrait('grace_hopper')")
+        await wait_for_portrait(http, url, "grace_hopper")
+        await page.evaluate(UPLOAD_AVATAR_STILL)
+        await wait_for_portrait(http, url, "upload")
+        assert re.search(r"still\.png \(512x512\)", await page.evaluate(UPLOAD_STATUS))
+        await page.evaluate("uploadPortrait(new File(['hello'], 'notes.txt', {type: 'text/plain'}))")
+        deadline = time.monotonic() + 15
+        while "not an image" not in (status := await page.evaluate(UPLOAD_STATUS)):
+            assert time.monotonic() < deadline, f"no upload error shown: {status!r}"
             await asyncio.sleep(0.2)
-        async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
-            page = DevTools(websocket)
-            await poll(page, lambda s: s["portraits"] == len(samples.PORTRAITS), 30, "the gallery")
-            await page.evaluate("document.getElementById('start').click()")
-            state = await poll(page, lambda s: s["frames"] >= 30 and s["stats"] and s["stats"]["frames_out"] >= 30,
-                               90, "avatar frames and stats")
-            assert state["status"] == "streaming"
-            assert (state["width"], state["height"]) == (512, 512)  # the avatar, not the 640x480 camera
-            assert state["brightness"] > 30  # a picture, not black frames
-            stats = state["stats"]
-            assert stats["mode"] == "animate" and stats["errors"] == 0 and stats["fps_out"] > 5
-            assert stats["latency_ms"]["p50"] > 0
-            assert stats["frames_without_face"] < stats["frames_in"] / 2  # the fake webcam's face is tracked
-            overlay = state["overlay"]
-            assert re.search(r"fps \d+\.\d", overlay) and re.search(r"p50 \d+\.\d ms", overlay)
-            assert "drops" in overlay
-            assert (await server_stats(http, url))["sessions_active"] == 1
-            await check_controls(page, http, url)
-            await check_quality_and_glass(page, http, url)
+        assert status.startswith("400") and "previous portrait is kept" in status
+        assert "object at 0x" not in status and "BytesIO" not in status  # words, not Python internals
+        if os.environ.get("XPORTRAIT_SCREENSHOTS"):
+            await screenshot(page, Path(os.environ["XPORTRAIT_SCREENSHOTS"]) / "upload-refused.png")
+        assert (await server_stats(http, url))["sessions"][0]["portrait"] == "upload"
+        frames = (await poll(page, lambda s: True, 5, "the page"))["frames"]
+        await poll(page, lambda s: s["frames"] > frames + 10, 15, "frames after the uploads")
 
-            # Portraits from the page: a bundled one by name, an upload (a still of the avatar
-            # itself, so it has a face), and a file that is no image (refused, shown, portrait kept).
-            await page.evaluate("choosePortrait('grace_hopper')")
-            await wait_for_portrait(http, url, "grace_hopper")
-            await page.evaluate(UPLOAD_AVATAR_STILL)
-            await wait_for_portrait(http, url, "upload")
-            assert re.search(r"still\.png \(512x512\)", await page.evaluate(UPLOAD_STATUS))
-            await page.evaluate("uploadPortrait(new File(['hello'], 'notes.txt', {type: 'text/plain'}))")
-            deadline = time.monotonic() + 15
-            while "not an image" not in (status := await page.evaluate(UPLOAD_STATUS)):
-                assert time.monotonic() < deadline, f"no upload error shown: {status!r}"
-                await asyncio.sleep(0.2)
-            assert status.startswith("400") and "previous portrait is kept" in status
-            assert "object at 0x" not in status and "BytesIO" not in status  # words, not Python internals
-            if os.environ.get("XPORTRAIT_SCREENSHOTS"):
-                await screenshot(page, Path(os.environ["XPORTRAIT_SCREENSHOTS"]) / "upload-refused.png")
-            assert (await server_stats(http, url))["sessions"][0]["portrait"] == "upload"
-            frames = (await poll(page, lambda s: True, 5, "the page"))["frames"]
-            await poll(page, lambda s: s["frames"] > frames + 10, 15, "frames after the uploads")
-
-            await page.evaluate("document.getElementById('stop').click()")
-            deadline = time.monotonic() + 15
-            while (stats := await server_stats(http, url))["sessions_active"] or stats["worker_threads"]:
-                assert time.monotonic() < deadline, f"the session outlived Stop: {stats}"
-                await asyncio.sleep(0.2)
+        await page.evaluate("document.getElementById('stop').click()")
+        deadline = time.monotonic() + 15
+        while (stats := await server_stats(http, url))["sessions_active"] or stats["worker_threads"]:
+            assert time.monotonic() < deadline, f"the session outlived Stop: {stats}"
+            await asyncio.sleep(0.2)
 
 
 # -- the retargeting controls (engines/retarget.py) ---------------------------------------------------

@@ -9,7 +9,6 @@ straight to the workers. A worker is killed as a crash would kill it: SIGKILL to
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shutil
@@ -271,7 +270,7 @@ def test_a_killed_worker_ends_its_session_the_other_streams_and_it_comes_back(fr
 def test_the_page_says_why_its_stream_stopped_when_its_worker_dies(front, tmp_path):
     """Chromium with a fake webcam streams through the front; its worker is killed; the page
     says that the worker died (the front's 410 for the session), not just "connection failed"."""
-    from test_browser import CHROMIUM, CHROMIUM_FLAGS, PAGE_STATE, DevTools
+    from test_browser import CHROMIUM, CHROMIUM_FLAGS, PAGE_STATE, open_page, screenshot
 
     from streamer.video import write_video
 
@@ -290,45 +289,28 @@ def test_the_page_says_why_its_stream_stopped_when_its_worker_dies(front, tmp_pa
         return json.loads(await page.evaluate(PAGE_STATE) or "null")
 
     async def main():
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or not port_file.read_text().strip():
-            assert browser.poll() is None and time.monotonic() < deadline, "chromium did not start"
-            await asyncio.sleep(0.2)
-        port = int(port_file.read_text().split()[0])
-        async with aiohttp.ClientSession(url) as http, aiohttp.ClientSession() as devtools:
+        async with aiohttp.ClientSession(url) as http, open_page(url, profile, browser) as page:
             deadline = time.monotonic() + 30
-            while True:
-                async with devtools.get(f"http://127.0.0.1:{port}/json/list") as response:
-                    pages = [t for t in await response.json() if t["type"] == "page" and t["url"].startswith(url)]
-                if pages:
-                    break
-                assert time.monotonic() < deadline, "the page did not open"
+            while not ((state := await page_state(page)) and state["portraits"]):
+                assert time.monotonic() < deadline, "no gallery"
                 await asyncio.sleep(0.2)
-            async with devtools.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
-                page = DevTools(websocket)
-                deadline = time.monotonic() + 30
-                while not ((state := await page_state(page)) and state["portraits"]):
-                    assert time.monotonic() < deadline, "no gallery"
-                    await asyncio.sleep(0.2)
-                await page.evaluate("document.getElementById('start').click()")
-                deadline = time.monotonic() + 60
-                while not ((state := await page_state(page)) and state["frames"] >= 20):
-                    assert not state or not state["error"], state
-                    assert time.monotonic() < deadline, f"no avatar frames: {state}"
-                    await asyncio.sleep(0.3)
-                victim = worker_of(await stats(http), state["session"])
-                os.kill(victim["pid"], signal.SIGKILL)
-                deadline = time.monotonic() + 45
-                while not (state := await page_state(page))["error"]:
-                    assert time.monotonic() < deadline, f"the page said nothing: {state}"
-                    await asyncio.sleep(0.3)
-                assert "died" in state["error"] and victim["name"] in state["error"], state["error"]
-                assert state["session"] is None and state["status"].startswith("the stream ended")
-                shot = await websocket_call(websocket, "Page.captureScreenshot", {"format": "png"})
-                (tmp_path / "worker-died.png").write_bytes(base64.b64decode(shot["data"]))
-                os.environ.get("XPORTRAIT_SHOTS") and shutil.copy(tmp_path / "worker-died.png",
-                                                                  os.environ["XPORTRAIT_SHOTS"])
+            await page.evaluate("document.getElementById('start').click()")
+            deadline = time.monotonic() + 60
+            while not ((state := await page_state(page)) and state["frames"] >= 20):
+                assert not state or not state["error"], state
+                assert time.monotonic() < deadline, f"no avatar frames: {state}"
+                await asyncio.sleep(0.3)
+            victim = worker_of(await stats(http), state["session"])
+            os.kill(victim["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 45
+            while not (state := await page_state(page))["error"]:
+                assert time.monotonic() < deadline, f"the page said nothing: {state}"
+                await asyncio.sleep(0.3)
+            assert "died" in state["error"] and victim["name"] in state["error"], state["error"]
+            assert state["session"] is None and state["status"].startswith("the stream ended")
+            await screenshot(page, tmp_path / "worker-died.png")
+            os.environ.get("XPORTRAIT_SHOTS") and shutil.copy(tmp_path / "worker-died.png",
+                                                              os.environ["XPORTRAIT_SHOTS"])
             await eventually(http, lambda s: all(w["state"] == "live" for w in s["workers"]) and not s["sessions"],
                              30, "the worker back, no session left")
 
@@ -340,14 +322,6 @@ def test_the_page_says_why_its_stream_stopped_when_its_worker_dies(front, tmp_pa
             browser.wait(timeout=15)
         except subprocess.TimeoutExpired:
             browser.kill()
-
-
-async def websocket_call(websocket, method: str, params: dict) -> dict:
-    await websocket.send_json({"id": 10_000, "method": method, "params": params})
-    while True:
-        reply = await asyncio.wait_for(websocket.receive_json(), 20)
-        if reply.get("id") == 10_000:
-            return reply["result"]
 
 
 def test_a_front_restart_loses_no_session(front, head, clip):
