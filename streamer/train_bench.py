@@ -83,7 +83,7 @@ def _gpu(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else _synthetic_data(out, 512)
-    args.cached_controls = args.cached_controls or not args.data
+    cached = args.cached_controls or not args.data  # the synthetic set comes with its control cache
     device = torch.cuda.get_device_name()
     results = []
 
@@ -94,7 +94,7 @@ def _gpu(args) -> int:
         config = build_config(None, stage=stage, data=str(data), base="random", out=str(folder), steps=steps,
                               mixed_precision="bf16", gradient_checkpointing=checkpointing, workers=args.workers,
                               frames=frames if stage in ("temporal", "causal") else None, save=False,
-                              log_every=10, lr=1e-5, warmup_steps=0, cached_controls=args.cached_controls, **extra)
+                              log_every=10, lr=1e-5, warmup_steps=0, cached_controls=cached, **extra)
         return train(config, progress=False)
 
     for stage in args.stages:
