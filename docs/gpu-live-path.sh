@@ -1,5 +1,6 @@
 #!/bin/bash
 # The live path on the GPU (issues 17 item 4 and 19): off, governor on, one Ray worker through the front.
+# Run on the lent H200 as BENCHMARKS.md says (packages of ../shared/notes/gpu-live-path.md on PYTHONPATH).
 # usage: live7.sh RESULTS DURATION ENGINE_ARGS...   (run from the project root; python = the one to use)
 R=$1; D=$2; shift 2; ENG="$*"
 mkdir -p $R; X="python -m streamer"
