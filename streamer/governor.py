@@ -25,7 +25,9 @@ step down soon after), the wait before the next step up doubles, up to `MAX_UP_W
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -42,6 +44,9 @@ MIN_FRAMES = 6  # measurements needed before judging a window
 FPS_TOLERANCE = 0.9  # fps short: under this share of the target
 FAILED_UP_S = 15.0  # a step down this soon after a step up: the step up failed
 EVALUATE_EVERY_S = 0.2  # decide() judges the window this often (it is called per frame)
+SLOW_LEVEL_S = 1.0  # warm_levels logs a level that took this long to make
+
+log = logging.getLogger("xportrait.governor")
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,17 @@ def governed_engine(stage: Any) -> Governed | None:
 
 def warm_levels(engine: Governed) -> None:
     """Make every level once, ending at the best (the diffusion engine's stream batches and CUDA
-    graphs): a move mid-stream then builds nothing. On the engine's thread, between frames."""
-    for level in reversed(range(len(engine.quality_levels()))):
+    graphs): a move mid-stream then builds nothing. On the engine's thread, between frames.
+    A level that takes a while to make (with --compile: minutes on a cold compile cache) is
+    logged as it is ready, so a server's start-up says what it is doing."""
+    levels = engine.quality_levels()
+    for level in reversed(range(len(levels))):
+        started = time.perf_counter()
         engine.set_quality(level)
+        seconds = time.perf_counter() - started
+        if seconds >= SLOW_LEVEL_S:
+            log.info("quality level %d of %d (%s) ready in %.0f s", level + 1, len(levels), levels[level].name,
+                     seconds)
 
 
 class Governor:

@@ -420,3 +420,33 @@ def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):
     got = run(engine)
     assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, want_vae))
     assert not np.array_equal(got[0], started[0])  # another decoder: another picture
+
+
+def test_warming_the_levels_says_which_level_is_ready_when_one_is_slow_to_make(monkeypatch, caplog):
+    """A governed diffusion server compiles every level at start-up (minutes each on a cold
+    compile cache): each slow level is logged as it is ready, the lowest first, ending at the best."""
+    import logging
+
+    from streamer import governor
+
+    class Ladder:
+        def __init__(self):
+            self.made = []
+
+        def quality_levels(self):
+            return LEVELS
+
+        def set_quality(self, level):
+            self.made.append(level)
+
+    monkeypatch.setattr(governor, "SLOW_LEVEL_S", 0.0)
+    engine = Ladder()
+    with caplog.at_level(logging.INFO, logger="xportrait.governor"):
+        governor.warm_levels(engine)
+    assert engine.made == [2, 1, 0]
+    assert [r.getMessage().split(" ready")[0] for r in caplog.records] == [
+        "quality level 3 of 3 (cheapest)", "quality level 2 of 3 (cheaper)", "quality level 1 of 3 (full)"]
+    caplog.clear()
+    monkeypatch.setattr(governor, "SLOW_LEVEL_S", 60.0)  # quick levels (a session's second warm-up) say nothing
+    governor.warm_levels(engine)
+    assert caplog.records == []
