@@ -329,7 +329,13 @@ def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
                 raise CamError(why)
             notes.append(why)
     if opts.record:
-        sinks.append(Recording(opts.record, opts.size, opts.fps))
+        inputs = tuple(p for p in (opts.camera, *opts.portraits) if p)  # never written over
+        try:
+            sinks.append(Recording(opts.record, opts.size, opts.fps, inputs))
+        except SinkError as exc:
+            for sink in sinks:
+                sink.close()
+            raise CamError(str(exc)) from None
     if opts.preview:
         try:
             sinks.insert(0, Preview(controls.key))

@@ -20,6 +20,7 @@ paused, it sends the still portrait instead, never black and never a frozen face
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -210,13 +211,27 @@ class Preview:
 
 
 class Recording:
-    """The avatar as an H.264 MP4, each frame at the time it was sent."""
+    """The avatar as a video file (H.264 MP4, or what the extension chooses), each frame at
+    the time it was sent. The path is checked as `animate -o`'s is (streamer/output.py): a new
+    or regular file, never a device, a missing folder or one of the inputs; it grows under a
+    hidden name and takes its own on close."""
 
-    def __init__(self, path: str, size: int, fps: float):
+    def __init__(self, path: str, size: int, fps: float, inputs: tuple[str, ...] = ()):
+        from .output import OutputPathError, atomic_output, check_output
         from .video import VideoWriter
 
+        try:
+            out, container = check_output(path, inputs)
+        except OutputPathError as exc:
+            raise SinkError(f"--record: {exc}") from None
         self.name = f"recording {path}"
-        self._writer = VideoWriter(path, size, size, fps, preset="veryfast")
+        self._file = contextlib.ExitStack()
+        partial = self._file.enter_context(atomic_output(out))
+        try:
+            self._writer = VideoWriter(partial, size, size, fps, preset="veryfast", container=container)
+        except BaseException as exc:
+            self._file.__exit__(type(exc), exc, exc.__traceback__)  # the partial file goes
+            raise
         self._start: float | None = None
 
     def send(self, rgb: np.ndarray) -> None:
@@ -226,7 +241,12 @@ class Recording:
         self._writer.write(rgb, now - self._start)
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except BaseException as exc:
+            self._file.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._file.close()  # complete: renamed to its name
 
 
 # -- the feed -----------------------------------------------------------------------------------------

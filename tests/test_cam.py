@@ -405,17 +405,22 @@ def fake_device():
     pyvirtualcam.camera.BACKENDS.pop("xportrait-test", None)
 
 
-def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device):
+def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device, tmp_path):
+    """And `--record` beside it: the file holds what the virtual camera was sent, at the times sent."""
     import pyvirtualcam
+
+    from streamer.sinks import Recording
+    from streamer.video import read_frames
 
     path, _, _ = clip
     camera = VirtualCamera(512, 512, FPS, device="/dev/video10", backend="xportrait-test")
     assert camera.name == "virtual camera /dev/video10"
-    report = cam(options(path, virtual_camera="on"), sinks=[camera])
+    recording = Recording(str(tmp_path / "avatar.mp4"), 512, FPS)
+    report = cam(options(path, virtual_camera="on"), sinks=[camera, recording])
     device, = FakeDevice.opened
     assert device.args["width"] == device.args["height"] == 512 and device.args["fps"] == FPS
     assert device.args["fourcc"] == pyvirtualcam.util.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
-    assert device.closed and report["frames_out"] > 40
+    assert device.closed and report["frames_out"] > 20  # of 100 camera frames: > 5 fps even on a loaded machine
     assert len(device.frames) == report["frames_sent_to_sinks"]
     assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in device.frames)
     # It is the astronaut, and her head rolls with Grace Hopper's: still at first, then one way
@@ -423,6 +428,13 @@ def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_devi
     still = still_of(samples.portrait("astronaut"), 512)
     assert psnr(device.frames[0], still) > 40
     assert_follows_the_clip(device.frames[::3], still)
+    recorded = list(read_frames(tmp_path / "avatar.mp4"))
+    assert os.listdir(tmp_path) == ["avatar.mp4"] and len(recorded) == len(device.frames)
+    assert min(psnr(r.image, f) for r, f in zip(recorded[::5], device.frames[::5])) > 30
+    # At the times sent (repeats included): from the first still to the end, the run's length.
+    times = [r.time for r in recorded]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    assert report["seconds"] - 0.5 < times[-1] < report["seconds"] + 3, (times[-1], report["seconds"])
 
 
 def assert_follows_the_clip(frames, still: np.ndarray) -> None:
@@ -464,6 +476,26 @@ def test_the_command_line_says_so_too(clip, tmp_path):
                            "--record", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "no camera found" in done.stderr, done.stderr
+
+
+def test_a_recording_it_must_not_write_is_refused_before_anything_starts(clip, tmp_path, capsys):
+    """`--record` is checked as `animate -o` is (streamer/output.py): a device, a missing
+    folder, a format it cannot write or the camera file itself is refused at once, in one
+    line and exit status 2, not found out at the first frame (or never)."""
+    from streamer.cli import main
+
+    path = clip[0]
+    for target, said in (("/dev/null", "is a character device: only a new file or a regular file is written"),
+                         (str(tmp_path / "missing" / "avatar.mp4"), "output directory does not exist"),
+                         (str(tmp_path / "avatar.txt"), "cannot write '.txt' files"),
+                         (path, "output would overwrite an input")):
+        status = main(["cam", "--camera", path, "--portrait", "astronaut", "--virtual-camera", "off",
+                       "--pipewire", "off", "--record", target, "--duration", "5"])
+        err = capsys.readouterr().err
+        assert status == 2 and "xportrait cam: --record: " in err and said in err, (target, err)
+        assert "Traceback" not in err and "camera " not in err.split("--record")[0], err  # nothing started
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert os.listdir(tmp_path) == []  # no file, no leftover partial
 
 
 # -- PipeWire, end to end ---------------------------------------------------------------------------
