@@ -379,6 +379,7 @@ class LocalAvatar:
         self.stats = pipeline.stats
         self.pipeline = pipeline  # its governor's level, for the report
         await pipeline.start()
+        camera.start()  # the engine has its portrait: the camera's first frames are animated
         reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
 
         async def pump() -> None:
@@ -497,8 +498,8 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                     raise CamError(str(exc)) from None
             avatar = LocalAvatar(engine, images, names, opts.size, opts.governor)
             start_still = avatar.still
-        try:  # opened once the engine is ready, so that its first frames are not dropped waiting
-            camera = Camera(source, loop=opts.loop)
+        try:  # opened now (a busy camera says so at once), read once the engine has its portrait
+            camera = Camera(source, loop=opts.loop, start=False)
         except CameraError as exc:
             raise CamError(str(exc)) from None
         closing.append(camera)

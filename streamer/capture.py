@@ -180,13 +180,14 @@ def _open_error(source: CameraInput, exc: BaseException) -> CameraError:
 class Camera:
     """A reader thread on one camera input, the newest frame in `frames`. A context manager.
 
-    Opening happens in the constructor, so a missing or busy camera fails at once. A file is
-    read at its frame rate (as a device delivers frames) and, with `loop`, starts over at its
-    end; a device that stops delivering, or a file that ends, closes `frames` and sets `error`
-    or `ended`.
+    Opening happens in the constructor, so a missing or busy camera fails at once; reading
+    starts then, or with `start()` when `start=False` (once whoever takes the frames is ready:
+    a file then plays from its first frame). A file is read at its frame rate (as a device
+    delivers frames) and, with `loop`, starts over at its end; a device that stops
+    delivering, or a file that ends, closes `frames` and sets `error` or `ended`.
     """
 
-    def __init__(self, source: CameraInput, loop: bool = False):
+    def __init__(self, source: CameraInput, loop: bool = False, start: bool = True):
         self.source = source
         self.loop = loop
         try:
@@ -206,7 +207,13 @@ class Camera:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xportrait-camera", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start reading (once; later calls do nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     @property
     def dropped(self) -> int:
@@ -248,7 +255,9 @@ class Camera:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)  # a device read returns within a frame interval
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)  # a device read returns within a frame interval
+        self.frames.close()
         if not self._thread.is_alive():  # never close the container under a read in progress
             self._container.close()
 
