@@ -97,11 +97,11 @@ class CameraInput:
         return self.format is None
 
 
-def _v4l2_candidates() -> list[str]:
+def _v4l2_candidates(dev: str = "/dev", sysfs: str = "/sys/class/video4linux") -> list[str]:
     """Capture nodes in /dev/video* order, loopback devices (ours among them) left out."""
     found = []
-    for path in sorted(glob.glob("/dev/video*"), key=lambda p: int(re.sub(r"\D", "", p) or 0)):
-        node = os.path.join("/sys/class/video4linux", os.path.basename(path))
+    for path in sorted(glob.glob(os.path.join(dev, "video*")), key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0)):
+        node = os.path.join(sysfs, os.path.basename(path))
         try:
             with open(os.path.join(node, "name")) as f:
                 name = f.read().strip().lower()

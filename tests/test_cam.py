@@ -162,6 +162,24 @@ def test_camera_inputs_per_os_and_clear_answers_when_there_is_none():
         Camera(camera_input("/dev/video77", system="Linux"))
 
 
+def test_the_first_camera_is_never_a_virtual_one(tmp_path):
+    """The default camera on Linux: the first capture node in number order, never a loopback
+    device (ours, OBS's, an unnamed one) nor a webcam's metadata node."""
+    from streamer.capture import _v4l2_candidates
+
+    dev, sysfs = tmp_path / "dev", tmp_path / "sys"
+    nodes = {"video0": ("xportrait", 0), "video1": ("Dummy video device (0x0000)", 0),
+             "video2": ("Integrated Camera: Integrated C", 0), "video3": ("Integrated Camera: Integrated C", 1),
+             "video10": ("OBS Virtual Camera", 0), "video11": ("HD Pro Webcam C920", 0)}
+    dev.mkdir()
+    for name, (label, index) in nodes.items():
+        (dev / name).touch()
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "name").write_text(label + "\n")
+        (sysfs / name / "index").write_text(f"{index}\n")
+    assert _v4l2_candidates(str(dev), str(sysfs)) == [str(dev / "video2"), str(dev / "video11")]
+
+
 @pytest.mark.parametrize("code, message", [
     (errno.EBUSY, r"the camera /dev/video0 is busy: another app \(a call, a browser tab, OBS\) is using it"),
     (errno.EACCES, r"no permission to open the camera /dev/video0: add yourself to the 'video' group"),
