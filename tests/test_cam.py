@@ -73,7 +73,7 @@ class Digest:
 
 class Recorder:
     """A sink that keeps what it is sent, with the time: a copy of each frame, its Digest
-    (long runs), or nothing."""
+    (long runs), every other pixel ("halves"), or nothing."""
 
     name = "test sink"
 
@@ -83,7 +83,8 @@ class Recorder:
         self.closed = False
 
     def send(self, rgb: np.ndarray) -> None:
-        kept = rgb.copy() if self.keep == "images" else Digest(rgb) if self.keep == "digests" else None
+        kept = rgb.copy() if self.keep == "images" else Digest(rgb) if self.keep == "digests" else \
+            np.ascontiguousarray(rgb[::2, ::2]) if self.keep == "halves" else None
         self.frames.append((time.perf_counter(), kept))
 
     def close(self) -> None:
@@ -337,6 +338,40 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
         os.close(write_end)
     assert not runner.is_alive() and result and time.perf_counter() - started < 60  # q, not --duration
     assert sink.closed
+
+
+def test_r_makes_the_current_pose_the_neutral_one(tmp_path):
+    """The camera's head level for 0.8 s, then rolled and held there: the avatar rolls with it;
+    after r the held roll is the new neutral, and the avatar's head is level again."""
+    def script(t: float) -> samples.Pose:
+        return samples.Pose() if t < 0.8 else samples.Pose(roll_deg=ROLL)
+
+    path = tmp_path / "webcam.y4m"
+    write_video(path, (f for f, _ in samples.driving_clip("grace_hopper", frames=4 * FPS, fps=FPS, script=script)),
+                fps=FPS)
+    sink, controls, result = Recorder(keep="halves"), Controls(), {}
+    runner = threading.Thread(target=lambda: result.update(cam(options(str(path)), sinks=[sink], controls=controls)))
+    runner.start()
+    try:
+        wait_until(lambda: controls.feed is not None and controls.feed.fresh > 0, 60, "the avatar")
+        start = time.perf_counter()  # the camera's first frame, give or take the latency
+        time.sleep(max(0.0, start + 2.0 - time.perf_counter()))
+        controls.key("r")
+        pressed = time.perf_counter()
+        runner.join(30)  # the end of the file
+    finally:
+        controls.quit.set()
+        runner.join(30)
+    assert result and not runner.is_alive()
+    base, = rolls([cv2.resize(still_of(samples.portrait("astronaut"), 512), (256, 256), interpolation=cv2.INTER_AREA)])
+
+    def measured(since: float, until: float) -> list[float]:
+        return [r - base for r in rolls([f for t, f in sink.frames if since < t < until]) if r is not None]
+
+    before, after = measured(start + 1.3, pressed), measured(pressed + 0.6, pressed + 1.6)
+    assert len(before) >= 5 and len(after) >= 5, (len(before), len(after))
+    assert np.median(before) > ROLL / 2, before  # rolled with the camera
+    assert abs(np.median(after)) < 3, after  # the same roll, now the neutral: level
 
 
 def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
