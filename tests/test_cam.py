@@ -392,19 +392,29 @@ def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
 
 
 def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
-    """`--preview` in a real X server (Xvfb), read back from its screen: paused from the
-    terminal, the window shows the still portrait."""
+    """`--preview` in a real X server (Xvfb), read back from its screen, with the README's
+    `xportrait cam --portrait my-avatar.png --portrait astronaut` (an image file of one's own
+    first): paused from the terminal, the window shows that portrait's still; n pressed in the
+    window (a key event through the X server's XTEST, as a keyboard makes one), the next's; q
+    in the window quits."""
+    from Xlib import X, XK
+    from Xlib import display as xdisplay
+    from Xlib.ext import xtest
+
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed (`make pipewire` installs it as root)")
     xvfb, display = start_xvfb()
     producer = None
     try:
         env = {**os.environ, "DISPLAY": display}
-        producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--loop",
-                                     "--portrait", "astronaut", "--virtual-camera", "off", "--pipewire", "off",
-                                     "--preview", "--duration", "60"], env=env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        still = cv2.resize(still_of(samples.portrait("astronaut"), 512), (256, 256), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(tmp_path / "my-avatar.png"), cv2.cvtColor(samples.portrait("grace_hopper"), cv2.COLOR_RGB2BGR))
+        producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--portrait", "my-avatar.png",
+                                     "--portrait", "astronaut", "--camera", clip[0], "--loop", "--virtual-camera",
+                                     "off", "--pipewire", "off", "--preview", "--duration", "60"], env=env,
+                                    cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        stills = {name: cv2.resize(still_of(samples.portrait(name), 512), (256, 256), interpolation=cv2.INTER_AREA)
+                  for name in ("grace_hopper", "astronaut")}
 
         def screen() -> np.ndarray:
             for _ in range(10):  # a grab can fail while a window is being mapped
@@ -415,23 +425,39 @@ def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
                     time.sleep(0.2)
             pytest.fail(f"cannot read the X server's screen at {display}")
 
-        def match() -> float:
+        def match(name: str) -> float:
             shot = cv2.resize(screen(), (400, 300), interpolation=cv2.INTER_AREA)
-            return float(cv2.matchTemplate(shot, still, cv2.TM_CCOEFF_NORMED).max())
+            return float(cv2.matchTemplate(shot, stills[name], cv2.TM_CCOEFF_NORMED).max())
+
+        def shows(name: str) -> float:
+            deadline, best = time.monotonic() + 20, 0.0
+            while time.monotonic() < deadline and (best := max(best, match(name))) < 0.95:
+                time.sleep(0.3)
+            return best
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and screen().max() == 0:  # the window is not up yet
             time.sleep(0.5)
         producer.stdin.write(b" ")  # pause from the terminal
         producer.stdin.flush()
-        deadline = time.monotonic() + 20
-        best = 0.0
-        while time.monotonic() < deadline and (best := max(best, match())) < 0.95:
-            time.sleep(0.3)
-        assert best > 0.95, best
-        producer.stdin.write(b"q")  # and quit
-        producer.stdin.close()
+        assert (best := shows("grace_hopper")) > 0.95, best  # my-avatar.png
+        x = xdisplay.Display(display)
+        window = next(w for w in x.screen().root.query_tree().children if "xportrait" in str(w.get_wm_name()))
+        where = window.translate_coords(x.screen().root, 0, 0)
+        size = window.get_geometry()
+        xtest.fake_input(x, X.MotionNotify, x=size.width // 2 - where.x, y=size.height // 2 - where.y)
+
+        def press(key: str) -> None:  # the pointer is on the window: the key goes to it
+            code = x.keysym_to_keycode(XK.string_to_keysym(key))
+            xtest.fake_input(x, X.KeyPress, code)
+            xtest.fake_input(x, X.KeyRelease, code)
+            x.sync()
+
+        press("n")
+        assert (best := shows("astronaut")) > 0.95, best
+        press("q")
         assert producer.wait(30) == 0, producer.stderr.read().decode()[-2000:]
+        x.close()
     finally:
         if producer is not None and producer.poll() is None:
             producer.kill()
