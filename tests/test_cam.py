@@ -705,8 +705,25 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     """The camera to a real `xportrait serve` and back; a wrong token is refused (401: stop),
     a second camera finds the server full (503: it retries); the server killed mid-stream and
     started again on the same port: the sink keeps the last good frame, then the still
-    portrait, and the avatar comes back by itself."""
+    portrait, and the avatar comes back by itself, said on the terminal, with backoff. The
+    retargeting keys go to the server's session, and to the new one after the reconnection."""
+    import json
+    import re
+    import urllib.request
+
+    from streamer.cam import BACKOFF_S
+
     path, _, _ = clip
+
+    def session_controls(url: str) -> list[dict]:
+        request = urllib.request.Request(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return [s["retargeting"] for s in json.load(response)["sessions"]]
+
+    def waits(said: str, what: str) -> list[float]:
+        return [float(w) for w in re.findall(what + r" in ([\d.]+) s", said)]
+
+    backoff = [*BACKOFF_S, *[BACKOFF_S[-1]] * 20]
     # The stills go out exactly as made (never through a codec): a checksum tells them apart.
     still, grace = (Digest(still_of(samples.portrait(name), 512)) for name in ("astronaut", "grace_hopper"))
     sink = Recorder(keep="digests")
@@ -743,6 +760,10 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
             assert not errors, errors
+            # h: a steady head, in the server's session (its /stats says so).
+            controls.key("h")
+            wait_until(lambda: [c["head_pose"] for c in session_controls(url)] == [0.0], 20,
+                       "the steady head in the server's session")
             # n: the server's next portrait (its gallery: astronaut, grace_hopper); paused, its still shows.
             capfd.readouterr()
             controls.key("n")
@@ -761,7 +782,8 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             busy = cam(options(path, server=url, token=TOKEN), sinks=[Recorder(keep="nothing")], controls=second)
             said = capfd.readouterr().err
             assert busy["connects"] == 0 and "the server refused the offer (503): server busy" in said, said
-            assert "trying again in" in said
+            tries = waits(said, "trying again")
+            assert len(tries) >= 2 and tries == backoff[:len(tries)], said  # 0.5 s, then 1 s, ...
             # Live again (the second camera's start may have stalled this one past its hold),
             # then the server dies mid-stream.
             resumed = time.perf_counter()
@@ -778,10 +800,19 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         with running_server("--port", port, *serve_args) as (_, again):
             assert again == url
             wait_until(lambda: live_since(killed + 2.5) >= 10 or errors, 90, "the avatar after the restart")
+            # The new session got the controls in force (the steady head) without a key pressed.
+            assert [c["head_pose"] for c in session_controls(again)] == [0.0]
     finally:
         controls.quit.set()
         runner.join(30)
     assert not errors, errors
+    said = capfd.readouterr().err
+    lost = said[said.index("connection lost"):]
+    assert "the camera shows the last frame, then the portrait; reconnecting in 0.5 s" in lost, said
+    assert "reconnected to " + url in lost, said
+    for loss in lost.split("connection lost"):  # (a loaded machine may lose it once more: see below)
+        retries = waits(loss, "reconnecting")
+        assert retries == backoff[:len(retries)], said  # 0.5, 1, 2, 4, 4, ... s until it is back
     after = [(t, image) for t, image in sink.frames if t > killed]
     last_good = next(image for t, image in reversed(sink.frames) if t <= killed and not is_still(image))
     held = [t for t, image in after if image == last_good]
