@@ -31,6 +31,8 @@ DEFAULT_SIZE = (640, 480)
 DEFAULT_FPS = 30
 # v4l2loopback's card label when none is given, and ours: never picked as "the first camera".
 LOOPBACK_NAMES = ("dummy video device", "xportrait", "obs virtual camera", "v4l2loopback")
+# What a --camera that is no device but a missing video file ends in (no camera is named so).
+VIDEO_FILES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".y4m", ".gif", ".ts", ".flv", ".wmv", ".mpg")
 
 
 class CameraError(RuntimeError):
@@ -139,6 +141,8 @@ def camera_input(camera: str | None, size: tuple[int, int] = DEFAULT_SIZE, fps: 
     system = system or platform.system()
     if camera is not None and os.path.isfile(camera):
         return CameraInput(camera, None, {}, camera)
+    if camera is not None and os.path.splitext(camera)[1].lower() in VIDEO_FILES:
+        raise CameraError(f"no video file at {camera} (--camera takes a camera or a video file to play as one)")
     options = {"video_size": f"{size[0]}x{size[1]}", "framerate": f"{fps:g}"}
     if system == "Linux":
         if camera is None:

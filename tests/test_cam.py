@@ -158,6 +158,10 @@ def test_camera_inputs_per_os_and_clear_answers_when_there_is_none():
     if not any(name.startswith("video") for name in os.listdir("/dev")):
         with pytest.raises(CameraError, match=r"no camera found: no /dev/video\* capture device"):
             camera_input(None, system="Linux")
+    # A video file that is not there is that, on every OS, not a camera to plug in.
+    for system in ("Linux", "Darwin", "Windows"):
+        with pytest.raises(CameraError, match=r"no video file at clips/webcam.mp4 \(--camera takes a camera"):
+            camera_input("clips/webcam.mp4", system=system)
     # A device path that is not there goes through PyAV's real v4l2 demuxer.
     with pytest.raises(CameraError, match=r"no camera at /dev/video77: .* pick one with --camera"):
         Camera(camera_input("/dev/video77", system="Linux"))
