@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--virtual-camera", choices=CAM_SWITCH, default="auto",
                         help="the virtual camera meeting apps list (v4l2loopback / OBS Virtual Camera; default auto)")
     parser.add_argument("--virtual-camera-device", metavar="DEVICE",
-                        help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the first)")
+                        help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the one "
+                             "labelled xportrait, else the first)")
     parser.add_argument("--pipewire", choices=CAM_SWITCH, default="auto",
                         help="a PipeWire camera source (Linux desktops; default auto)")
     parser.add_argument("--name", default=NAME, help=f"the PipeWire source's name (default {NAME})")

@@ -21,9 +21,11 @@ paused, it sends the still portrait instead, never black and never a frozen face
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -73,16 +75,33 @@ def virtual_camera_missing(system: str, device: str | None, detail: str) -> str:
             f"pyvirtualcam said: {detail}")
 
 
+def named_loopback(label: str = NAME, dev: str = "/dev", sysfs: str = "/sys/class/video4linux") -> str | None:
+    """The video device whose name (v4l2loopback's card_label) is `label`, if there is one."""
+    paths = sorted(glob.glob(os.path.join(dev, "video*")), key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
+    for path in paths:
+        try:
+            with open(os.path.join(sysfs, os.path.basename(path), "name")) as f:
+                if f.read().strip() == label:
+                    return path
+        except OSError:
+            continue
+    return None
+
+
 class VirtualCamera:
     """The avatar as a camera device (pyvirtualcam). `backend` picks a pyvirtualcam backend by
-    name (None: the OS's own); tests register a fake one with `pyvirtualcam.register_backend`."""
+    name (None: the OS's own); tests register a fake one with `pyvirtualcam.register_backend`.
+    On Linux without a `device`, the loopback device labelled xportrait (`find`) when there is
+    one, not merely the first (OBS's, say), so that what the apps list as xportrait shows it."""
 
     def __init__(self, width: int, height: int, fps: float, device: str | None = None, backend: str | None = None,
-                 system: str | None = None):
+                 system: str | None = None, find: Callable[[], str | None] = named_loopback):
         try:
             import pyvirtualcam
         except ImportError:
             raise SinkError("the virtual camera needs pyvirtualcam: pip install 'xportrait[cam]'") from None
+        if device is None and (system or platform.system()) == "Linux":
+            device = find()
         try:
             self._camera = pyvirtualcam.Camera(width, height, fps, fmt=pyvirtualcam.PixelFormat.RGB,
                                                device=device, backend=backend)

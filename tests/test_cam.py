@@ -538,6 +538,34 @@ def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_devi
     assert report["seconds"] - 0.5 < times[-1] < report["seconds"] + 3, (times[-1], report["seconds"])
 
 
+def test_the_virtual_camera_writes_to_the_loopback_device_named_xportrait(tmp_path, fake_device):
+    """Beside another loopback device (OBS's, or one loaded without a label) the avatar goes to
+    the one the apps list as xportrait, as the README's modprobe line names it, whatever its
+    number; --virtual-camera-device still picks one, and without an xportrait device it is
+    pyvirtualcam's first."""
+    from streamer import sinks
+
+    dev, sysfs = tmp_path / "dev", tmp_path / "sys"
+    dev.mkdir()
+    for name, label in (("video0", "Integrated Camera"), ("video2", "OBS Virtual Camera"),
+                        ("video7", "Dummy video device (0x0000)"), ("video10", "xportrait")):
+        (dev / name).touch()
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "name").write_text(label + "\n")
+    assert sinks.named_loopback("xportrait", str(dev), str(sysfs)) == str(dev / "video10")
+    assert sinks.named_loopback("someone else", str(dev), str(sysfs)) is None
+    found = sinks.named_loopback("xportrait", str(dev), str(sysfs))
+    camera = VirtualCamera(64, 64, 30, backend="xportrait-test", system="Linux",
+                           find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] == str(dev / "video10") and camera.device == str(dev / "video10")
+    VirtualCamera(64, 64, 30, device="/dev/video3", backend="xportrait-test", system="Linux", find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] == "/dev/video3"
+    VirtualCamera(64, 64, 30, backend="xportrait-test", system="Linux", find=lambda: None)
+    assert FakeDevice.opened[-1].args["device"] is None
+    VirtualCamera(64, 64, 30, backend="xportrait-test", system="Windows", find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] is None  # OBS Virtual Camera: no device path
+
+
 def assert_follows_the_clip(frames, still: np.ndarray) -> None:
     base, = rolls([still])
     measured = rolls(frames)
