@@ -403,10 +403,14 @@ class LocalAvatar:
                 self.rendered += 1
 
         tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(drain())]
+        changes = 0  # the governor's moves said so far
         try:
             while not controls.quit.is_set() and time.perf_counter() < until and not tasks[0].done():
                 for command in controls.pending():
                     await self._command(command, pipeline, stage, feed, controls)
+                if pipeline.governor is not None and (quality := pipeline.governor.snapshot())["changes"] > changes:
+                    changes = quality["changes"]
+                    say(f"quality: {quality['reason']}")  # e.g. "down to coarse map: latency 59 ms over 45 ms"
                 await asyncio.sleep(0.05)
         finally:
             for task in tasks:
