@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--virtual-camera", choices=CAM_SWITCH, default="auto",
                         help="the virtual camera meeting apps list (v4l2loopback / OBS Virtual Camera; default auto)")
     parser.add_argument("--virtual-camera-device", metavar="DEVICE",
-                        help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the first)")
+                        help="the virtual camera device to write to (Linux: e.g. /dev/video10; default: the one "
+                             "labelled xportrait, else the first)")
     parser.add_argument("--pipewire", choices=CAM_SWITCH, default="auto",
                         help="a PipeWire camera source (Linux desktops; default auto)")
     parser.add_argument("--name", default=NAME, help=f"the PipeWire source's name (default {NAME})")
@@ -329,7 +330,13 @@ def open_sinks(opts: CamOptions, controls: Controls, system: str | None = None,
                 raise CamError(why)
             notes.append(why)
     if opts.record:
-        sinks.append(Recording(opts.record, opts.size, opts.fps))
+        inputs = tuple(p for p in (opts.camera, *opts.portraits) if p)  # never written over
+        try:
+            sinks.append(Recording(opts.record, opts.size, opts.fps, inputs))
+        except SinkError as exc:
+            for sink in sinks:
+                sink.close()
+            raise CamError(str(exc)) from None
     if opts.preview:
         try:
             sinks.insert(0, Preview(controls.key))
@@ -373,6 +380,7 @@ class LocalAvatar:
         self.stats = pipeline.stats
         self.pipeline = pipeline  # its governor's level, for the report
         await pipeline.start()
+        camera.start()  # the engine has its portrait: the camera's first frames are animated
         reader = ThreadPoolExecutor(1, thread_name_prefix="xportrait-cam-reader")
 
         async def pump() -> None:
@@ -395,10 +403,14 @@ class LocalAvatar:
                 self.rendered += 1
 
         tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(drain())]
+        changes = 0  # the governor's moves said so far
         try:
             while not controls.quit.is_set() and time.perf_counter() < until and not tasks[0].done():
                 for command in controls.pending():
                     await self._command(command, pipeline, stage, feed, controls)
+                if pipeline.governor is not None and (quality := pipeline.governor.snapshot())["changes"] > changes:
+                    changes = quality["changes"]
+                    say(f"quality: {quality['reason']}")  # e.g. "down to coarse map: latency 59 ms over 45 ms"
                 await asyncio.sleep(0.05)
         finally:
             for task in tasks:
@@ -491,8 +503,8 @@ def cam(opts: CamOptions, sinks: list[Sink] | None = None, controls: Controls | 
                     raise CamError(str(exc)) from None
             avatar = LocalAvatar(engine, images, names, opts.size, opts.governor)
             start_still = avatar.still
-        try:  # opened once the engine is ready, so that its first frames are not dropped waiting
-            camera = Camera(source, loop=opts.loop)
+        try:  # opened now (a busy camera says so at once), read once the engine has its portrait
+            camera = Camera(source, loop=opts.loop, start=False)
         except CameraError as exc:
             raise CamError(str(exc)) from None
         closing.append(camera)

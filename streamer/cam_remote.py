@@ -92,6 +92,7 @@ class RemoteAvatar:
     async def run(self, camera: Camera, feed: Feed, controls: Controls, until: float) -> None:
         opts = self.opts
         attempt = 0
+        camera.start()
         while not controls.quit.is_set() and time.perf_counter() < until and not camera.frames.closed:
             track = CameraTrack(camera)
             portrait = self.names[self.index] if self.names else None

@@ -31,6 +31,8 @@ DEFAULT_SIZE = (640, 480)
 DEFAULT_FPS = 30
 # v4l2loopback's card label when none is given, and ours: never picked as "the first camera".
 LOOPBACK_NAMES = ("dummy video device", "xportrait", "obs virtual camera", "v4l2loopback")
+# What a --camera that is no device but a missing video file ends in (no camera is named so).
+VIDEO_FILES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".y4m", ".gif", ".ts", ".flv", ".wmv", ".mpg")
 
 
 class CameraError(RuntimeError):
@@ -97,11 +99,11 @@ class CameraInput:
         return self.format is None
 
 
-def _v4l2_candidates() -> list[str]:
+def _v4l2_candidates(dev: str = "/dev", sysfs: str = "/sys/class/video4linux") -> list[str]:
     """Capture nodes in /dev/video* order, loopback devices (ours among them) left out."""
     found = []
-    for path in sorted(glob.glob("/dev/video*"), key=lambda p: int(re.sub(r"\D", "", p) or 0)):
-        node = os.path.join("/sys/class/video4linux", os.path.basename(path))
+    for path in sorted(glob.glob(os.path.join(dev, "video*")), key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0)):
+        node = os.path.join(sysfs, os.path.basename(path))
         try:
             with open(os.path.join(node, "name")) as f:
                 name = f.read().strip().lower()
@@ -139,6 +141,8 @@ def camera_input(camera: str | None, size: tuple[int, int] = DEFAULT_SIZE, fps: 
     system = system or platform.system()
     if camera is not None and os.path.isfile(camera):
         return CameraInput(camera, None, {}, camera)
+    if camera is not None and os.path.splitext(camera)[1].lower() in VIDEO_FILES:
+        raise CameraError(f"no video file at {camera} (--camera takes a camera or a video file to play as one)")
     options = {"video_size": f"{size[0]}x{size[1]}", "framerate": f"{fps:g}"}
     if system == "Linux":
         if camera is None:
@@ -180,13 +184,14 @@ def _open_error(source: CameraInput, exc: BaseException) -> CameraError:
 class Camera:
     """A reader thread on one camera input, the newest frame in `frames`. A context manager.
 
-    Opening happens in the constructor, so a missing or busy camera fails at once. A file is
-    read at its frame rate (as a device delivers frames) and, with `loop`, starts over at its
-    end; a device that stops delivering, or a file that ends, closes `frames` and sets `error`
-    or `ended`.
+    Opening happens in the constructor, so a missing or busy camera fails at once; reading
+    starts then, or with `start()` when `start=False` (once whoever takes the frames is ready:
+    a file then plays from its first frame). A file is read at its frame rate (as a device
+    delivers frames) and, with `loop`, starts over at its end; a device that stops
+    delivering, or a file that ends, closes `frames` and sets `error` or `ended`.
     """
 
-    def __init__(self, source: CameraInput, loop: bool = False):
+    def __init__(self, source: CameraInput, loop: bool = False, start: bool = True):
         self.source = source
         self.loop = loop
         try:
@@ -206,7 +211,13 @@ class Camera:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xportrait-camera", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start reading (once; later calls do nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     @property
     def dropped(self) -> int:
@@ -248,7 +259,9 @@ class Camera:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)  # a device read returns within a frame interval
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)  # a device read returns within a frame interval
+        self.frames.close()
         if not self._thread.is_alive():  # never close the container under a read in progress
             self._container.close()
 

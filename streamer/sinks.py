@@ -20,9 +20,12 @@ paused, it sends the still portrait instead, never black and never a frozen face
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -72,16 +75,33 @@ def virtual_camera_missing(system: str, device: str | None, detail: str) -> str:
             f"pyvirtualcam said: {detail}")
 
 
+def named_loopback(label: str = NAME, dev: str = "/dev", sysfs: str = "/sys/class/video4linux") -> str | None:
+    """The video device whose name (v4l2loopback's card_label) is `label`, if there is one."""
+    paths = sorted(glob.glob(os.path.join(dev, "video*")), key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
+    for path in paths:
+        try:
+            with open(os.path.join(sysfs, os.path.basename(path), "name")) as f:
+                if f.read().strip() == label:
+                    return path
+        except OSError:
+            continue
+    return None
+
+
 class VirtualCamera:
     """The avatar as a camera device (pyvirtualcam). `backend` picks a pyvirtualcam backend by
-    name (None: the OS's own); tests register a fake one with `pyvirtualcam.register_backend`."""
+    name (None: the OS's own); tests register a fake one with `pyvirtualcam.register_backend`.
+    On Linux without a `device`, the loopback device labelled xportrait (`find`) when there is
+    one, not merely the first (OBS's, say), so that what the apps list as xportrait shows it."""
 
     def __init__(self, width: int, height: int, fps: float, device: str | None = None, backend: str | None = None,
-                 system: str | None = None):
+                 system: str | None = None, find: Callable[[], str | None] = named_loopback):
         try:
             import pyvirtualcam
         except ImportError:
             raise SinkError("the virtual camera needs pyvirtualcam: pip install 'xportrait[cam]'") from None
+        if device is None and (system or platform.system()) == "Linux":
+            device = find()
         try:
             self._camera = pyvirtualcam.Camera(width, height, fps, fmt=pyvirtualcam.PixelFormat.RGB,
                                                device=device, backend=backend)
@@ -210,13 +230,27 @@ class Preview:
 
 
 class Recording:
-    """The avatar as an H.264 MP4, each frame at the time it was sent."""
+    """The avatar as a video file (H.264 MP4, or what the extension chooses), each frame at
+    the time it was sent. The path is checked as `animate -o`'s is (streamer/output.py): a new
+    or regular file, never a device, a missing folder or one of the inputs; it grows under a
+    hidden name and takes its own on close."""
 
-    def __init__(self, path: str, size: int, fps: float):
+    def __init__(self, path: str, size: int, fps: float, inputs: tuple[str, ...] = ()):
+        from .output import OutputPathError, atomic_output, check_output
         from .video import VideoWriter
 
+        try:
+            out, container = check_output(path, inputs)
+        except OutputPathError as exc:
+            raise SinkError(f"--record: {exc}") from None
         self.name = f"recording {path}"
-        self._writer = VideoWriter(path, size, size, fps, preset="veryfast")
+        self._file = contextlib.ExitStack()
+        partial = self._file.enter_context(atomic_output(out))
+        try:
+            self._writer = VideoWriter(partial, size, size, fps, preset="veryfast", container=container)
+        except BaseException as exc:
+            self._file.__exit__(type(exc), exc, exc.__traceback__)  # the partial file goes
+            raise
         self._start: float | None = None
 
     def send(self, rgb: np.ndarray) -> None:
@@ -226,7 +260,12 @@ class Recording:
         self._writer.write(rgb, now - self._start)
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except BaseException as exc:
+            self._file.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._file.close()  # complete: renamed to its name
 
 
 # -- the feed -----------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Digest:
 
 class Recorder:
     """A sink that keeps what it is sent, with the time: a copy of each frame, its Digest
-    (long runs), or nothing."""
+    (long runs), every other pixel ("halves"), or nothing."""
 
     name = "test sink"
 
@@ -83,7 +83,8 @@ class Recorder:
         self.closed = False
 
     def send(self, rgb: np.ndarray) -> None:
-        kept = rgb.copy() if self.keep == "images" else Digest(rgb) if self.keep == "digests" else None
+        kept = rgb.copy() if self.keep == "images" else Digest(rgb) if self.keep == "digests" else \
+            np.ascontiguousarray(rgb[::2, ::2]) if self.keep == "halves" else None
         self.frames.append((time.perf_counter(), kept))
 
     def close(self) -> None:
@@ -157,9 +158,31 @@ def test_camera_inputs_per_os_and_clear_answers_when_there_is_none():
     if not any(name.startswith("video") for name in os.listdir("/dev")):
         with pytest.raises(CameraError, match=r"no camera found: no /dev/video\* capture device"):
             camera_input(None, system="Linux")
+    # A video file that is not there is that, on every OS, not a camera to plug in.
+    for system in ("Linux", "Darwin", "Windows"):
+        with pytest.raises(CameraError, match=r"no video file at clips/webcam.mp4 \(--camera takes a camera"):
+            camera_input("clips/webcam.mp4", system=system)
     # A device path that is not there goes through PyAV's real v4l2 demuxer.
     with pytest.raises(CameraError, match=r"no camera at /dev/video77: .* pick one with --camera"):
         Camera(camera_input("/dev/video77", system="Linux"))
+
+
+def test_the_first_camera_is_never_a_virtual_one(tmp_path):
+    """The default camera on Linux: the first capture node in number order, never a loopback
+    device (ours, OBS's, an unnamed one) nor a webcam's metadata node."""
+    from streamer.capture import _v4l2_candidates
+
+    dev, sysfs = tmp_path / "dev", tmp_path / "sys"
+    nodes = {"video0": ("xportrait", 0), "video1": ("Dummy video device (0x0000)", 0),
+             "video2": ("Integrated Camera: Integrated C", 0), "video3": ("Integrated Camera: Integrated C", 1),
+             "video10": ("OBS Virtual Camera", 0), "video11": ("HD Pro Webcam C920", 0)}
+    dev.mkdir()
+    for name, (label, index) in nodes.items():
+        (dev / name).touch()
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "name").write_text(label + "\n")
+        (sysfs / name / "index").write_text(f"{index}\n")
+    assert _v4l2_candidates(str(dev), str(sysfs)) == [str(dev / "video2"), str(dev / "video11")]
 
 
 @pytest.mark.parametrize("code, message", [
@@ -211,7 +234,7 @@ def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
     finally:
         feed.close()
     steps = len(engine.ages)
-    assert 10 <= steps <= 3.0 / 0.15 + 1, steps  # the engine's pace, not the camera's
+    assert 5 <= steps <= 3.0 / 0.15 + 1, steps  # the engine's pace (less its start), not the camera's
     # The frames it had no time for were dropped (at the camera's slot or the pipeline's), not kept.
     dropped = camera.dropped + avatar.stats.dropped_stale + avatar.stats.dropped_prepared
     assert camera.read - steps - 3 <= dropped <= camera.read - steps and dropped > 2 * steps
@@ -224,6 +247,24 @@ def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
     assert latency.max() < 1000 * (0.15 + 1 / FPS + 0.15)
     assert abs(np.median(latency[-5:]) - np.median(latency[:5])) < 60
     assert sink.closed
+
+
+class SlowToStart(SlowEngine):
+    """The warp engine, slow to take its portrait (as a loaded machine, or a bigger engine)."""
+
+    def __init__(self, delay: float):
+        super().__init__(0.0)
+        self.prepare = lambda sources: (time.sleep(delay), self._engine.prepare(sources))
+
+
+def test_the_camera_is_read_once_the_engine_has_its_portrait(short_clip):
+    """A file as the camera starts playing when the engine is ready, not while it starts: its
+    first frames (the neutral pose the motion is measured from) are animated, not lost."""
+    path, frames = short_clip
+    sink = Recorder(keep="nothing")
+    report = cam(options(path), sinks=[sink], engine=SlowToStart(1.5))  # longer than the 1.2-s clip
+    assert report["frames_captured"] == len(frames)
+    assert report["frames_out"] >= len(frames) // 2, report  # not the ~0 a camera read during the start leaves
 
 
 def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_still():
@@ -303,6 +344,40 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
     assert sink.closed
 
 
+def test_r_makes_the_current_pose_the_neutral_one(tmp_path):
+    """The camera's head level for 0.8 s, then rolled and held there: the avatar rolls with it;
+    after r the held roll is the new neutral, and the avatar's head is level again."""
+    def script(t: float) -> samples.Pose:
+        return samples.Pose() if t < 0.8 else samples.Pose(roll_deg=ROLL)
+
+    path = tmp_path / "webcam.y4m"
+    write_video(path, (f for f, _ in samples.driving_clip("grace_hopper", frames=4 * FPS, fps=FPS, script=script)),
+                fps=FPS)
+    sink, controls, result = Recorder(keep="halves"), Controls(), {}
+    runner = threading.Thread(target=lambda: result.update(cam(options(str(path)), sinks=[sink], controls=controls)))
+    runner.start()
+    try:
+        wait_until(lambda: controls.feed is not None and controls.feed.fresh > 0, 60, "the avatar")
+        start = time.perf_counter()  # the camera's first frame, give or take the latency
+        time.sleep(max(0.0, start + 2.0 - time.perf_counter()))
+        controls.key("r")
+        pressed = time.perf_counter()
+        runner.join(30)  # the end of the file
+    finally:
+        controls.quit.set()
+        runner.join(30)
+    assert result and not runner.is_alive()
+    base, = rolls([cv2.resize(still_of(samples.portrait("astronaut"), 512), (256, 256), interpolation=cv2.INTER_AREA)])
+
+    def measured(since: float, until: float) -> list[float]:
+        return [r - base for r in rolls([f for t, f in sink.frames if since < t < until]) if r is not None]
+
+    before, after = measured(start + 1.3, pressed), measured(pressed + 0.6, pressed + 1.6)
+    assert len(before) >= 5 and len(after) >= 5, (len(before), len(after))
+    assert np.median(before) > ROLL / 2, before  # rolled with the camera
+    assert abs(np.median(after)) < 3, after  # the same roll, now the neutral: level
+
+
 def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
     """An Xvfb on a free display. -displayfd: Xvfb picks the display and writes its number
     once it accepts connections. Two X servers starting at once (other tests, other jobs on
@@ -321,19 +396,29 @@ def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
 
 
 def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
-    """`--preview` in a real X server (Xvfb), read back from its screen: paused from the
-    terminal, the window shows the still portrait."""
+    """`--preview` in a real X server (Xvfb), read back from its screen, with the README's
+    `xportrait cam --portrait my-avatar.png --portrait astronaut` (an image file of one's own
+    first): paused from the terminal, the window shows that portrait's still; n pressed in the
+    window (a key event through the X server's XTEST, as a keyboard makes one), the next's; q
+    in the window quits."""
+    from Xlib import X, XK
+    from Xlib import display as xdisplay
+    from Xlib.ext import xtest
+
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed (`make pipewire` installs it as root)")
     xvfb, display = start_xvfb()
     producer = None
     try:
         env = {**os.environ, "DISPLAY": display}
-        producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--loop",
-                                     "--portrait", "astronaut", "--virtual-camera", "off", "--pipewire", "off",
-                                     "--preview", "--duration", "60"], env=env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        still = cv2.resize(still_of(samples.portrait("astronaut"), 512), (256, 256), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(tmp_path / "my-avatar.png"), cv2.cvtColor(samples.portrait("grace_hopper"), cv2.COLOR_RGB2BGR))
+        producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--portrait", "my-avatar.png",
+                                     "--portrait", "astronaut", "--camera", clip[0], "--loop", "--virtual-camera",
+                                     "off", "--pipewire", "off", "--preview", "--duration", "60"], env=env,
+                                    cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        stills = {name: cv2.resize(still_of(samples.portrait(name), 512), (256, 256), interpolation=cv2.INTER_AREA)
+                  for name in ("grace_hopper", "astronaut")}
 
         def screen() -> np.ndarray:
             for _ in range(10):  # a grab can fail while a window is being mapped
@@ -344,23 +429,39 @@ def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
                     time.sleep(0.2)
             pytest.fail(f"cannot read the X server's screen at {display}")
 
-        def match() -> float:
+        def match(name: str) -> float:
             shot = cv2.resize(screen(), (400, 300), interpolation=cv2.INTER_AREA)
-            return float(cv2.matchTemplate(shot, still, cv2.TM_CCOEFF_NORMED).max())
+            return float(cv2.matchTemplate(shot, stills[name], cv2.TM_CCOEFF_NORMED).max())
+
+        def shows(name: str) -> float:
+            deadline, best = time.monotonic() + 20, 0.0
+            while time.monotonic() < deadline and (best := max(best, match(name))) < 0.95:
+                time.sleep(0.3)
+            return best
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and screen().max() == 0:  # the window is not up yet
             time.sleep(0.5)
         producer.stdin.write(b" ")  # pause from the terminal
         producer.stdin.flush()
-        deadline = time.monotonic() + 20
-        best = 0.0
-        while time.monotonic() < deadline and (best := max(best, match())) < 0.95:
-            time.sleep(0.3)
-        assert best > 0.95, best
-        producer.stdin.write(b"q")  # and quit
-        producer.stdin.close()
+        assert (best := shows("grace_hopper")) > 0.95, best  # my-avatar.png
+        x = xdisplay.Display(display)
+        window = next(w for w in x.screen().root.query_tree().children if "xportrait" in str(w.get_wm_name()))
+        where = window.translate_coords(x.screen().root, 0, 0)
+        size = window.get_geometry()
+        xtest.fake_input(x, X.MotionNotify, x=size.width // 2 - where.x, y=size.height // 2 - where.y)
+
+        def press(key: str) -> None:  # the pointer is on the window: the key goes to it
+            code = x.keysym_to_keycode(XK.string_to_keysym(key))
+            xtest.fake_input(x, X.KeyPress, code)
+            xtest.fake_input(x, X.KeyRelease, code)
+            x.sync()
+
+        press("n")
+        assert (best := shows("astronaut")) > 0.95, best
+        press("q")
         assert producer.wait(30) == 0, producer.stderr.read().decode()[-2000:]
+        x.close()
     finally:
         if producer is not None and producer.poll() is None:
             producer.kill()
@@ -405,17 +506,22 @@ def fake_device():
     pyvirtualcam.camera.BACKENDS.pop("xportrait-test", None)
 
 
-def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device):
+def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device, tmp_path):
+    """And `--record` beside it: the file holds what the virtual camera was sent, at the times sent."""
     import pyvirtualcam
+
+    from streamer.sinks import Recording
+    from streamer.video import read_frames
 
     path, _, _ = clip
     camera = VirtualCamera(512, 512, FPS, device="/dev/video10", backend="xportrait-test")
     assert camera.name == "virtual camera /dev/video10"
-    report = cam(options(path, virtual_camera="on"), sinks=[camera])
+    recording = Recording(str(tmp_path / "avatar.mp4"), 512, FPS)
+    report = cam(options(path, virtual_camera="on"), sinks=[camera, recording])
     device, = FakeDevice.opened
     assert device.args["width"] == device.args["height"] == 512 and device.args["fps"] == FPS
     assert device.args["fourcc"] == pyvirtualcam.util.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
-    assert device.closed and report["frames_out"] > 40
+    assert device.closed and report["frames_out"] > 20  # of 100 camera frames: > 5 fps even on a loaded machine
     assert len(device.frames) == report["frames_sent_to_sinks"]
     assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in device.frames)
     # It is the astronaut, and her head rolls with Grace Hopper's: still at first, then one way
@@ -423,6 +529,41 @@ def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_devi
     still = still_of(samples.portrait("astronaut"), 512)
     assert psnr(device.frames[0], still) > 40
     assert_follows_the_clip(device.frames[::3], still)
+    recorded = list(read_frames(tmp_path / "avatar.mp4"))
+    assert os.listdir(tmp_path) == ["avatar.mp4"] and len(recorded) == len(device.frames)
+    assert min(psnr(r.image, f) for r, f in zip(recorded[::5], device.frames[::5])) > 30
+    # At the times sent (repeats included): from the first still to the end, the run's length.
+    times = [r.time for r in recorded]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    assert report["seconds"] - 0.5 < times[-1] < report["seconds"] + 3, (times[-1], report["seconds"])
+
+
+def test_the_virtual_camera_writes_to_the_loopback_device_named_xportrait(tmp_path, fake_device):
+    """Beside another loopback device (OBS's, or one loaded without a label) the avatar goes to
+    the one the apps list as xportrait, as the README's modprobe line names it, whatever its
+    number; --virtual-camera-device still picks one, and without an xportrait device it is
+    pyvirtualcam's first."""
+    from streamer import sinks
+
+    dev, sysfs = tmp_path / "dev", tmp_path / "sys"
+    dev.mkdir()
+    for name, label in (("video0", "Integrated Camera"), ("video2", "OBS Virtual Camera"),
+                        ("video7", "Dummy video device (0x0000)"), ("video10", "xportrait")):
+        (dev / name).touch()
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "name").write_text(label + "\n")
+    assert sinks.named_loopback("xportrait", str(dev), str(sysfs)) == str(dev / "video10")
+    assert sinks.named_loopback("someone else", str(dev), str(sysfs)) is None
+    found = sinks.named_loopback("xportrait", str(dev), str(sysfs))
+    camera = VirtualCamera(64, 64, 30, backend="xportrait-test", system="Linux",
+                           find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] == str(dev / "video10") and camera.device == str(dev / "video10")
+    VirtualCamera(64, 64, 30, device="/dev/video3", backend="xportrait-test", system="Linux", find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] == "/dev/video3"
+    VirtualCamera(64, 64, 30, backend="xportrait-test", system="Linux", find=lambda: None)
+    assert FakeDevice.opened[-1].args["device"] is None
+    VirtualCamera(64, 64, 30, backend="xportrait-test", system="Windows", find=lambda: found)
+    assert FakeDevice.opened[-1].args["device"] is None  # OBS Virtual Camera: no device path
 
 
 def assert_follows_the_clip(frames, still: np.ndarray) -> None:
@@ -453,17 +594,40 @@ def test_no_v4l2loopback_device_says_the_exact_modprobe_line(clip, capsys):
     assert "camera extension" in virtual_camera_missing("Darwin", None, "x")
 
 
-def test_the_command_line_says_so_too(clip, tmp_path):
+def test_the_command_line_says_so_too(clip, tmp_path, capsys):
+    """The installed command's exit status and words; then the command line in this process
+    (the same `main`, without a second interpreter's start)."""
+    from streamer.cli import main
+
     if any(name.startswith("video") for name in os.listdir("/dev")):
         pytest.skip("this machine has /dev/video* devices")
     done = subprocess.run([sys.executable, "-m", "streamer", "cam", "--camera", clip[0], "--virtual-camera", "on",
                            "--pipewire", "off"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert MODPROBE in done.stderr
-    done = subprocess.run([sys.executable, "-m", "streamer", "cam", "--virtual-camera", "off", "--pipewire", "off",
-                           "--record", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == 2 and "no camera found" in done.stderr, done.stderr
+    assert main(["cam", "--virtual-camera", "off", "--pipewire", "off", "--record", str(tmp_path / "x.mp4")]) == 2
+    assert "no camera found" in (err := capsys.readouterr().err), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_recording_it_must_not_write_is_refused_before_anything_starts(clip, tmp_path, capsys):
+    """`--record` is checked as `animate -o` is (streamer/output.py): a device, a missing
+    folder, a format it cannot write or the camera file itself is refused at once, in one
+    line and exit status 2, not found out at the first frame (or never)."""
+    from streamer.cli import main
+
+    path = clip[0]
+    for target, said in (("/dev/null", "is a character device: only a new file or a regular file is written"),
+                         (str(tmp_path / "missing" / "avatar.mp4"), "output directory does not exist"),
+                         (str(tmp_path / "avatar.txt"), "cannot write '.txt' files"),
+                         (path, "output would overwrite an input")):
+        status = main(["cam", "--camera", path, "--portrait", "astronaut", "--virtual-camera", "off",
+                       "--pipewire", "off", "--record", target, "--duration", "5"])
+        err = capsys.readouterr().err
+        assert status == 2 and "xportrait cam: --record: " in err and said in err, (target, err)
+        assert "Traceback" not in err and "camera " not in err.split("--record")[0], err  # nothing started
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert os.listdir(tmp_path) == []  # no file, no leftover partial
 
 
 # -- PipeWire, end to end ---------------------------------------------------------------------------
@@ -576,8 +740,25 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
     """The camera to a real `xportrait serve` and back; a wrong token is refused (401: stop),
     a second camera finds the server full (503: it retries); the server killed mid-stream and
     started again on the same port: the sink keeps the last good frame, then the still
-    portrait, and the avatar comes back by itself."""
+    portrait, and the avatar comes back by itself, said on the terminal, with backoff. The
+    retargeting keys go to the server's session, and to the new one after the reconnection."""
+    import json
+    import re
+    import urllib.request
+
+    from streamer.cam import BACKOFF_S
+
     path, _, _ = clip
+
+    def session_controls(url: str) -> list[dict]:
+        request = urllib.request.Request(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return [s["retargeting"] for s in json.load(response)["sessions"]]
+
+    def waits(said: str, what: str) -> list[float]:
+        return [float(w) for w in re.findall(what + r" in ([\d.]+) s", said)]
+
+    backoff = [*BACKOFF_S, *[BACKOFF_S[-1]] * 20]
     # The stills go out exactly as made (never through a codec): a checksum tells them apart.
     still, grace = (Digest(still_of(samples.portrait(name), 512)) for name in ("astronaut", "grace_hopper"))
     sink = Recorder(keep="digests")
@@ -614,6 +795,10 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         try:
             wait_until(lambda: live_since(0) >= 10 or errors, 90, "the avatar from the server")
             assert not errors, errors
+            # h: a steady head, in the server's session (its /stats says so).
+            controls.key("h")
+            wait_until(lambda: [c["head_pose"] for c in session_controls(url)] == [0.0], 20,
+                       "the steady head in the server's session")
             # n: the server's next portrait (its gallery: astronaut, grace_hopper); paused, its still shows.
             capfd.readouterr()
             controls.key("n")
@@ -632,7 +817,8 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             busy = cam(options(path, server=url, token=TOKEN), sinks=[Recorder(keep="nothing")], controls=second)
             said = capfd.readouterr().err
             assert busy["connects"] == 0 and "the server refused the offer (503): server busy" in said, said
-            assert "trying again in" in said
+            tries = waits(said, "trying again")
+            assert len(tries) >= 2 and tries == backoff[:len(tries)], said  # 0.5 s, then 1 s, ...
             # Live again (the second camera's start may have stalled this one past its hold),
             # then the server dies mid-stream.
             resumed = time.perf_counter()
@@ -649,10 +835,19 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         with running_server("--port", port, *serve_args) as (_, again):
             assert again == url
             wait_until(lambda: live_since(killed + 2.5) >= 10 or errors, 90, "the avatar after the restart")
+            # The new session got the controls in force (the steady head) without a key pressed.
+            assert [c["head_pose"] for c in session_controls(again)] == [0.0]
     finally:
         controls.quit.set()
         runner.join(30)
     assert not errors, errors
+    said = capfd.readouterr().err
+    lost = said[said.index("connection lost"):]
+    assert "the camera shows the last frame, then the portrait; reconnecting in 0.5 s" in lost, said
+    assert "reconnected to " + url in lost, said
+    for loss in lost.split("connection lost"):  # (a loaded machine may lose it once more: see below)
+        retries = waits(loss, "reconnecting")
+        assert retries == backoff[:len(retries)], said  # 0.5, 1, 2, 4, 4, ... s until it is back
     after = [(t, image) for t, image in sink.frames if t > killed]
     last_good = next(image for t, image in reversed(sink.frames) if t <= killed and not is_still(image))
     held = [t for t, image in after if image == last_good]

@@ -362,8 +362,9 @@ def test_cam_leaves_the_governor_to_the_server_it_streams_to():
     assert CamOptions(governor=fast_options()).governor.target_fps == 25.0
 
 
-def test_cam_governs_its_local_engine(tmp_path):
-    """`cam --target-fps`: the local pipeline runs the governor on the warp engine's ladder."""
+def test_cam_governs_its_local_engine(tmp_path, capsys):
+    """`cam --target-fps`: the local pipeline runs the governor on the warp engine's ladder,
+    and says each move on the terminal."""
     from engines.warp import WarpEngine
     from streamer import samples
     from streamer.cam import Controls, LocalAvatar
@@ -384,6 +385,8 @@ def test_cam_governs_its_local_engine(tmp_path):
     quality = avatar.pipeline.governor.snapshot()
     assert quality["levels"] == ["full", "coarse map", "coarse map, no matte"]
     assert quality["level"] >= 1 and quality["reason"].startswith("down"), (quality, avatar.rendered)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("xportrait cam: quality: ")]
+    assert len(said) == quality["changes"] and said[-1] == f"xportrait cam: quality: {quality['reason']}", said
 
 
 def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):

@@ -130,7 +130,7 @@ COMMANDS = {
         "tests/test_cam.py::test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects",
         ("server", "token")),
     "xportrait cam --portrait my-avatar.png --portrait astronaut": RunBy(
-        "tests/test_cam.py::test_the_preview_window_shows_what_the_call_sees", ("--portrait",)),
+        "tests/test_cam.py::test_the_preview_window_shows_what_the_call_sees", ("--portrait", "my-avatar.png")),
     # Evaluation.
     "xportrait eval astronaut puppet:grace_hopper --frames 50 --json report.json --plot curves.png": RunBy(
         "tests/test_eval.py::test_the_eval_command_writes_json_and_a_plot",

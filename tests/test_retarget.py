@@ -370,7 +370,7 @@ def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
     def measured(sink, since: float) -> np.ndarray:
         """(frames, 2) roll and mouth opening of what the sink got since then."""
         with FaceTracker(video=False) as tracker:
-            found = [tracker.detect(np.ascontiguousarray(f)) for t, f in sink.frames if t > since]
+            found = [tracker.detect(np.ascontiguousarray(f)) for t, f in list(sink.frames) if t > since]  # a copy: it grows
         return np.array([(head_roll(lm), mouth_opening(lm)) for lm in found if lm is not None])
 
     sink = Sink()
