@@ -31,6 +31,7 @@ portrait's own eyes and mouth, whatever their size or style.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -598,6 +599,7 @@ class Reenactor:
                       _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
         self._mouth = _Mouth(mesh, image, self._half_gap, tone)
         self._mouth_region = list(OUTER_LIPS)
+        self._init_outline(mesh)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
         self.composite = True  # the person over the plate; off (a quality level): the warped frame as it is
@@ -688,6 +690,7 @@ class Reenactor:
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
+        self._unfold_outline(v)
         mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v, mesh[:, 2])
@@ -719,6 +722,101 @@ class Reenactor:
             for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("paint", t4 - t3)):
                 timings.record(stage, ms * 1e3)
         return self.output
+
+    def _init_outline(self, mesh: np.ndarray) -> None:
+        """What _unfold_outline needs, per source.
+
+        The face's edge in the triangulation is the face oval and, where the oval bends in
+        between two of its points, a few cheek or jaw points that Delaunay put on the face's
+        hull too. Each of those is kept as where it lies against the chord of the oval points
+        either side of it (along the chord, and out from it in chord lengths). And each oval
+        point has its sector of the face: the mesh points near the edge whose direction from
+        the face's centre lies between the oval's neighbours on either side, as a (points,
+        oval) penalty (0 in the sector, far below any projection outside it)."""
+        oval = np.array(FACE_OVAL)
+        self._oval = oval
+        centre = mesh[oval, :2].mean(axis=0)
+        rel = mesh[:, :2] - centre
+        radius = np.linalg.norm(rel, axis=1)
+        angle = np.arctan2(rel[:, 1], rel[:, 0])
+        oval_radius = np.interp(angle, *self._periodic(angle[oval], radius[oval]))
+        near = np.setdiff1d(np.flatnonzero(radius > 0.5 * oval_radius), oval)  # what a turn can carry past the edge
+        theta = angle[oval]
+        prev, nxt = np.roll(theta, 1), np.roll(theta, -1)
+        span = np.mod(nxt - prev, 2 * np.pi)
+        start = np.where(span <= np.pi, prev, nxt)
+        span = np.minimum(span, 2 * np.pi - span)
+        inside = np.mod(angle[near][:, None] - start, 2 * np.pi) <= span  # within the arc between the neighbours
+        self._outline_near = near
+        self._outline_penalty = np.where(inside, 0.0, -1e9)
+        self._outline_radial = rel[oval] / np.maximum(radius[oval], 1e-6)[:, None]  # (oval, 2), source frame
+        self._outline_proj = np.empty((len(near), len(oval)))
+        self._outline_margin = 0.01 * float(radius[oval].mean())
+        # The face's hull points off the oval, each against the two oval points around it.
+        edges: dict[tuple[int, int], int] = {}
+        for t in self.triangles[self._face_start:]:
+            for a, b in ((t[0], t[1]), (t[1], t[2]), (t[2], t[0])):
+                key = (min(a, b), max(a, b))
+                edges[key] = edges.get(key, 0) + 1
+        hull = {int(i) for key, count in edges.items() if count == 1 for i in key if i < MESH_POINTS}
+        extra = sorted(hull - set(FACE_OVAL))
+        anchors = []
+        for i in extra:  # the oval points either side, by direction from the centre
+            before = np.mod(angle[i] - theta, 2 * np.pi)
+            after = np.mod(theta - angle[i], 2 * np.pi)
+            anchors.append((oval[before.argmin()], oval[after.argmin()]))
+        anchors = np.array(anchors, np.int64).reshape(-1, 2)
+        a, b = mesh[anchors[:, 0], :2], mesh[anchors[:, 1], :2]
+        chord = b - a
+        length2 = np.maximum((chord ** 2).sum(axis=1), 1e-12)
+        normal = np.stack([-chord[:, 1], chord[:, 0]], axis=1)
+        side = np.sign((((a + b) / 2 - centre) * normal).sum(axis=1))  # the normal that points out
+        self._hull_extra, self._hull_anchors, self._hull_side = np.array(extra, np.int64), anchors, side
+        rel_p = mesh[extra, :2] - a
+        self._hull_along = (rel_p * chord).sum(axis=1) / length2
+        self._hull_out = side * (rel_p * normal).sum(axis=1) / length2  # out from the chord, in chord lengths
+
+    @staticmethod
+    def _periodic(angle: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(angle)
+        a, v = angle[order], value[order]
+        return np.concatenate([a - 2 * np.pi, a, a + 2 * np.pi]), np.concatenate([v, v, v])
+
+    def _unfold_outline(self, v: np.ndarray) -> None:
+        """Keep the face's edge outside the rest of the face, and as smooth as in the source.
+
+        A turn carries the far cheek's edge behind the cheek: projected, its points move in
+        past the points inside them, the outer triangles fold over, and the face's edge, which
+        is whatever lies outermost, becomes a saw. What a viewer sees there is the cheek's
+        silhouette. So each oval point that fell inside the face goes back out, along its own
+        direction from the face's centre, to just past the outermost face point of its sector;
+        and each hull point off the oval goes back out to at least where it was against the
+        chord of its oval neighbours. The folded triangles stay inside the edge, drawn under
+        the facing ones (far to near). Unturned, nothing moves."""
+        oval = self._oval
+        points = v[oval]
+        centre = points.mean(axis=0)
+        # The source's directions, rolled with the head (its eye line).
+        eye, eye0 = v[263] - v[33], self._mesh3d[263, :2] - self._mesh3d[33, :2]
+        roll = math.atan2(eye[1], eye[0]) - math.atan2(eye0[1], eye0[0])
+        cos, sin = math.cos(roll), math.sin(roll)
+        radial = self._outline_radial @ np.array([[cos, sin], [-sin, cos]])
+        proj = np.matmul(v[self._outline_near] - centre, radial.T, out=self._outline_proj)
+        proj += self._outline_penalty
+        reach = proj.max(axis=0) + self._outline_margin * math.hypot(*eye) / max(math.hypot(*eye0), 1e-6)
+        out = np.maximum(reach - ((points - centre) * radial).sum(axis=1), 0.0)
+        if out.any():
+            v[oval] = points + out[:, None] * radial
+        if len(self._hull_extra):
+            a, b = v[self._hull_anchors[:, 0]], v[self._hull_anchors[:, 1]]
+            chord = b - a
+            normal = np.stack([-chord[:, 1], chord[:, 0]], axis=1) * self._hull_side[:, None]  # out, chord-long
+            length2 = np.maximum((chord ** 2).sum(axis=1), 1e-12)
+            p = v[self._hull_extra]
+            now = ((p - a) * normal).sum(axis=1) / length2
+            lift = np.maximum(self._hull_out - now, 0.0)
+            if lift.any():
+                v[self._hull_extra] = p + lift[:, None] * normal
 
     def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
         """Put the warp's upper lids where the head alone carries them: open. Closing is
