@@ -690,7 +690,7 @@ class Reenactor:
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
-        self._unfold_outline(v)
+        self._unfold_outline(v, self._q.scale * motion.scale)
         mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v, mesh[:, 2])
@@ -728,8 +728,8 @@ class Reenactor:
 
         The face's edge in the triangulation is the face oval and, where the oval bends in
         between two of its points, a few cheek or jaw points that Delaunay put on the face's
-        hull too. Each of those is kept as where it lies against the chord of the oval points
-        either side of it (along the chord, and out from it in chord lengths). And each oval
+        hull too. Each of those is kept as how far out it lies from the chord of the oval
+        points either side of it (in chord lengths). And each oval
         point has its sector of the face: the mesh points near the edge whose direction from
         the face's centre lies between the oval's neighbours on either side, as a (points,
         oval) penalty (0 in the sector, far below any projection outside it)."""
@@ -751,7 +751,12 @@ class Reenactor:
         self._outline_penalty = np.where(inside, 0.0, -1e9)
         self._outline_radial = rel[oval] / np.maximum(radius[oval], 1e-6)[:, None]  # (oval, 2), source frame
         self._outline_proj = np.empty((len(near), len(oval)))
-        self._outline_margin = 0.01 * float(radius[oval].mean())
+        # How far outside its sector each oval point lies in the source (a little margin at most):
+        # where the source's own outline runs inside a face point (a jaw corner, a bunched
+        # outline), a turn may keep it so; nothing moves unturned.
+        reach = (rel[near] @ self._outline_radial.T + self._outline_penalty).max(axis=0)
+        clearance = (rel[oval] * self._outline_radial).sum(axis=1) - reach
+        self._outline_clearance = np.minimum(clearance, 0.01 * float(radius[oval].mean()))
         # The face's hull points off the oval, each against the two oval points around it.
         edges: dict[tuple[int, int], int] = {}
         for t in self.triangles[self._face_start:]:
@@ -773,7 +778,6 @@ class Reenactor:
         side = np.sign((((a + b) / 2 - centre) * normal).sum(axis=1))  # the normal that points out
         self._hull_extra, self._hull_anchors, self._hull_side = np.array(extra, np.int64), anchors, side
         rel_p = mesh[extra, :2] - a
-        self._hull_along = (rel_p * chord).sum(axis=1) / length2
         self._hull_out = side * (rel_p * normal).sum(axis=1) / length2  # out from the chord, in chord lengths
 
     @staticmethod
@@ -782,7 +786,7 @@ class Reenactor:
         a, v = angle[order], value[order]
         return np.concatenate([a - 2 * np.pi, a, a + 2 * np.pi]), np.concatenate([v, v, v])
 
-    def _unfold_outline(self, v: np.ndarray) -> None:
+    def _unfold_outline(self, v: np.ndarray, scale: float) -> None:
         """Keep the face's edge outside the rest of the face, and as smooth as in the source.
 
         A turn carries the far cheek's edge behind the cheek: projected, its points move in
@@ -792,7 +796,8 @@ class Reenactor:
         direction from the face's centre, to just past the outermost face point of its sector;
         and each hull point off the oval goes back out to at least where it was against the
         chord of its oval neighbours. The folded triangles stay inside the edge, drawn under
-        the facing ones (far to near). Unturned, nothing moves."""
+        the facing ones (far to near). Unturned, nothing moves. scale: output pixels per source
+        pixel."""
         oval = self._oval
         points = v[oval]
         centre = points.mean(axis=0)
@@ -801,9 +806,10 @@ class Reenactor:
         roll = math.atan2(eye[1], eye[0]) - math.atan2(eye0[1], eye0[0])
         cos, sin = math.cos(roll), math.sin(roll)
         radial = self._outline_radial @ np.array([[cos, sin], [-sin, cos]])
-        proj = np.matmul(v[self._outline_near] - centre, radial.T, out=self._outline_proj)
+        near = self._outline_near
+        proj = np.matmul(v[near] - centre, radial.T, out=self._outline_proj)
         proj += self._outline_penalty
-        reach = proj.max(axis=0) + self._outline_margin * math.hypot(*eye) / max(math.hypot(*eye0), 1e-6)
+        reach = proj.max(axis=0) + scale * self._outline_clearance
         out = np.maximum(reach - ((points - centre) * radial).sum(axis=1), 0.0)
         if out.any():
             v[oval] = points + out[:, None] * radial
