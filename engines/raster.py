@@ -114,3 +114,51 @@ def composite(warped, plate, alpha, out):
         for ch in range(3):
             x = np.int32(flat_w[4 * i + ch]) * a + np.int32(flat_p[3 * i + ch]) * b + 128
             flat_o[3 * i + ch] = (x + (x >> 8)) >> 8  # x / 255, rounded (exact on 0..255 * 255)
+
+
+@numba.njit("void(float64[:, ::1], int64[::1], float64[:, ::1], int64[::1], int64[::1], float64[::1], float64, "
+            "int64, int64, float64, int64[::1], int64[:, ::1], float64[::1], float64[::1])", cache=True, nogil=True)
+def unfold_outline(v, oval, radial, sector_start, sector_points, clearance, scale, eye_a, eye_b, eye_angle,
+                   extra, anchors, side, extra_out):
+    """The warp's face edge kept outside the face (engines.warp.Reenactor._unfold_outline), in
+    place on the frame's vertices v (N, 2).
+
+    oval: the outline's points; radial (oval, 2): each one's direction from the outline's centre
+    in the source, turned here by the head's roll (the eye line eye_a -> eye_b against its
+    source angle eye_angle); sector_points[sector_start[i]:sector_start[i + 1]]: the face points
+    in oval point i's sector; clearance: how far outside its sector each lies in the source
+    (source pixels; scale: output pixels per source pixel). extra: the face's hull points off the
+    oval, each with the oval points either side (anchors), the sign of the chord's outward normal
+    (side) and how far out of the chord it lies in the source, in chord lengths (extra_out)."""
+    n = oval.shape[0]
+    cx, cy = 0.0, 0.0
+    for i in range(n):
+        cx += v[oval[i], 0]
+        cy += v[oval[i], 1]
+    cx /= n
+    cy /= n
+    roll = math.atan2(v[eye_b, 1] - v[eye_a, 1], v[eye_b, 0] - v[eye_a, 0]) - eye_angle
+    cos, sin = math.cos(roll), math.sin(roll)
+    for i in range(n):
+        dx = radial[i, 0] * cos - radial[i, 1] * sin
+        dy = radial[i, 0] * sin + radial[i, 1] * cos
+        reach = -1e300
+        for k in range(sector_start[i], sector_start[i + 1]):
+            p = sector_points[k]
+            reach = max(reach, (v[p, 0] - cx) * dx + (v[p, 1] - cy) * dy)
+        if reach == -1e300:
+            continue
+        o = oval[i]
+        out = reach + scale * clearance[i] - ((v[o, 0] - cx) * dx + (v[o, 1] - cy) * dy)
+        if out > 0.0:  # (the sectors hold no oval point: moving one changes no other's reach)
+            v[o, 0] += out * dx
+            v[o, 1] += out * dy
+    for j in range(extra.shape[0]):
+        a, b, p = anchors[j, 0], anchors[j, 1], extra[j]
+        chord_x, chord_y = v[b, 0] - v[a, 0], v[b, 1] - v[a, 1]
+        nx, ny = -chord_y * side[j], chord_x * side[j]  # out, a chord long
+        length2 = max(chord_x * chord_x + chord_y * chord_y, 1e-12)
+        lift = extra_out[j] - ((v[p, 0] - v[a, 0]) * nx + (v[p, 1] - v[a, 1]) * ny) / length2
+        if lift > 0.0:
+            v[p, 0] += lift * nx
+            v[p, 1] += lift * ny

@@ -55,7 +55,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
-from .raster import backward_map, composite
+from .raster import backward_map, composite, unfold_outline
 
 MESH_POINTS = 468  # the face mesh without the 10 iris points (irises move with their eye)
 RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head centre
@@ -731,10 +731,10 @@ class Reenactor:
         hull too. Each of those is kept as how far out it lies from the chord of the oval
         points either side of it (in chord lengths). And each oval
         point has its sector of the face: the mesh points near the edge whose direction from
-        the face's centre lies between the oval's neighbours on either side, as a (points,
-        oval) penalty (0 in the sector, far below any projection outside it)."""
+        the face's centre lies between the oval's neighbours on either side (sector_points,
+        sector by sector, from sector_start)."""
         oval = np.array(FACE_OVAL)
-        self._oval = oval
+        self._oval = oval.astype(np.int64)
         centre = mesh[oval, :2].mean(axis=0)
         rel = mesh[:, :2] - centre
         radius = np.linalg.norm(rel, axis=1)
@@ -747,16 +747,18 @@ class Reenactor:
         start = np.where(span <= np.pi, prev, nxt)
         span = np.minimum(span, 2 * np.pi - span)
         inside = np.mod(angle[near][:, None] - start, 2 * np.pi) <= span  # within the arc between the neighbours
-        self._outline_near = near
-        self._outline_penalty = np.where(inside, 0.0, -1e9)
         self._outline_radial = rel[oval] / np.maximum(radius[oval], 1e-6)[:, None]  # (oval, 2), source frame
-        self._outline_proj = np.empty((len(near), len(oval)))
+        self._sector_start = np.concatenate([[0], np.cumsum(inside.sum(axis=0))]).astype(np.int64)
+        self._sector_points = np.ascontiguousarray(np.concatenate([near[inside[:, i]] for i in range(len(oval))]),
+                                                   np.int64)
         # How far outside its sector each oval point lies in the source (a little margin at most):
         # where the source's own outline runs inside a face point (a jaw corner, a bunched
         # outline), a turn may keep it so; nothing moves unturned.
-        reach = (rel[near] @ self._outline_radial.T + self._outline_penalty).max(axis=0)
+        reach = np.where(inside, rel[near] @ self._outline_radial.T, -np.inf).max(axis=0)
         clearance = (rel[oval] * self._outline_radial).sum(axis=1) - reach
-        self._outline_clearance = np.minimum(clearance, 0.01 * float(radius[oval].mean()))
+        self._outline_clearance = np.minimum(np.where(np.isfinite(clearance), clearance, 0.0),
+                                             0.01 * float(radius[oval].mean()))
+        self._eye_angle = math.atan2(*(mesh[263, 1::-1] - mesh[33, 1::-1]))
         # The face's hull points off the oval, each against the two oval points around it.
         edges: dict[tuple[int, int], int] = {}
         for t in self.triangles[self._face_start:]:
@@ -776,9 +778,10 @@ class Reenactor:
         length2 = np.maximum((chord ** 2).sum(axis=1), 1e-12)
         normal = np.stack([-chord[:, 1], chord[:, 0]], axis=1)
         side = np.sign((((a + b) / 2 - centre) * normal).sum(axis=1))  # the normal that points out
-        self._hull_extra, self._hull_anchors, self._hull_side = np.array(extra, np.int64), anchors, side
+        self._hull_extra, self._hull_anchors = np.array(extra, np.int64), np.ascontiguousarray(anchors)
+        self._hull_side = np.ascontiguousarray(side, np.float64)
         rel_p = mesh[extra, :2] - a
-        self._hull_out = side * (rel_p * normal).sum(axis=1) / length2  # out from the chord, in chord lengths
+        self._hull_out = np.ascontiguousarray(side * (rel_p * normal).sum(axis=1) / length2)  # in chord lengths
 
     @staticmethod
     def _periodic(angle: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -798,31 +801,9 @@ class Reenactor:
         chord of its oval neighbours. The folded triangles stay inside the edge, drawn under
         the facing ones (far to near). Unturned, nothing moves. scale: output pixels per source
         pixel."""
-        oval = self._oval
-        points = v[oval]
-        centre = points.mean(axis=0)
-        # The source's directions, rolled with the head (its eye line).
-        eye, eye0 = v[263] - v[33], self._mesh3d[263, :2] - self._mesh3d[33, :2]
-        roll = math.atan2(eye[1], eye[0]) - math.atan2(eye0[1], eye0[0])
-        cos, sin = math.cos(roll), math.sin(roll)
-        radial = self._outline_radial @ np.array([[cos, sin], [-sin, cos]])
-        near = self._outline_near
-        proj = np.matmul(v[near] - centre, radial.T, out=self._outline_proj)
-        proj += self._outline_penalty
-        reach = proj.max(axis=0) + scale * self._outline_clearance
-        out = np.maximum(reach - ((points - centre) * radial).sum(axis=1), 0.0)
-        if out.any():
-            v[oval] = points + out[:, None] * radial
-        if len(self._hull_extra):
-            a, b = v[self._hull_anchors[:, 0]], v[self._hull_anchors[:, 1]]
-            chord = b - a
-            normal = np.stack([-chord[:, 1], chord[:, 0]], axis=1) * self._hull_side[:, None]  # out, chord-long
-            length2 = np.maximum((chord ** 2).sum(axis=1), 1e-12)
-            p = v[self._hull_extra]
-            now = ((p - a) * normal).sum(axis=1) / length2
-            lift = np.maximum(self._hull_out - now, 0.0)
-            if lift.any():
-                v[self._hull_extra] = p + lift[:, None] * normal
+        unfold_outline(v, self._oval, self._outline_radial, self._sector_start, self._sector_points,
+                       self._outline_clearance, scale, 33, 263, self._eye_angle, self._hull_extra,
+                       self._hull_anchors, self._hull_side, self._hull_out)
 
     def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
         """Put the warp's upper lids where the head alone carries them: open. Closing is
