@@ -13,7 +13,9 @@ coarser level's colour, feathered), which is smooth, fast (a few ms at 512²) an
 cv2.inpaint, cost-independent of the hole's size. Only a band along the hole's edge is ever
 uncovered by the moving head; there the fill is cv2.inpaint's (Telea's fast marching, from the
 background's own pixels on one side and the smooth fill on the other), which carries edges
-and stripes of the scene on into the hole instead of blurring them away.
+and stripes of the scene on into the hole instead of blurring them away. Both fills read the
+background from a few pixels beyond the hole's edge, where the person's outline no longer
+lingers (a fringe there would be drawn on into the band as a light or dark streak).
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006, 
     """`image` with the person removed: where the matte is, the colour of the background
     around it (push-pull), filled from pixels beyond the matte grown by `grow` of the side
     (so hair fringes and the segmenter's halo are not smeared into the fill); within `band` of
-    the side of the hole's edge (what a moving head uncovers) the fill is inpainted. Pixels
-    outside the matte are the portrait's own, unchanged."""
+    the side of the hole's edge (what a moving head uncovers) the fill is inpainted. Both fills
+    read only pixels `clean` of the side beyond the hole. Pixels outside the matte are the
+    portrait's own, unchanged."""
     h, w = matte.shape
     radius = max(1, int(round(grow * max(h, w))))
     hole = cv2.dilate((matte > 0.05).astype(np.uint8), cv2.getStructuringElement(
