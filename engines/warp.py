@@ -792,15 +792,17 @@ class Reenactor:
     def _unfold_outline(self, v: np.ndarray, scale: float) -> None:
         """Keep the face's edge outside the rest of the face, and as smooth as in the source.
 
-        A turn carries the far cheek's edge behind the cheek: projected, its points move in
-        past the points inside them, the outer triangles fold over, and the face's edge, which
-        is whatever lies outermost, becomes a saw. What a viewer sees there is the cheek's
-        silhouette. So each oval point that fell inside the face goes back out, along its own
-        direction from the face's centre, to just past the outermost face point of its sector;
-        and each hull point off the oval goes back out to at least where it was against the
-        chord of its oval neighbours. The folded triangles stay inside the edge, drawn under
-        the facing ones (far to near). Unturned, nothing moves. scale: output pixels per source
-        pixel."""
+        The face's edge is whatever face points lie outermost, and a turn reorders them. On the
+        cheek that turns toward the camera the oval, deep in the head, swings out past the hull
+        points beside it that lie less deep (Delaunay's, off the oval): each left a notch, and
+        the edge became a saw of them. On the cheek that turns away the oval goes behind the
+        cheek, in past the points inside it, and the cheek's silhouette is what shows. So each
+        hull point off the oval goes back out to at least where it lay against the chord of its
+        oval neighbours, and each oval point that fell inside the face goes back out, along its
+        own direction from the face's centre, to the outermost face point of its sector (by the
+        margin it had in the source). Folded triangles stay inside the edge, drawn under the
+        facing ones (far to near). Unturned, nothing moves (well under a pixel). scale: output
+        pixels per source pixel. Compiled: engines.raster.unfold_outline."""
         unfold_outline(v, self._oval, self._outline_radial, self._sector_start, self._sector_points,
                        self._outline_clearance, scale, 33, 263, self._eye_angle, self._hull_extra,
                        self._hull_anchors, self._hull_side, self._hull_out)

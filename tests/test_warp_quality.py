@@ -397,10 +397,11 @@ def face_coverage(reenactor: Reenactor) -> np.ndarray:
     return cv2.resize(big, (SIZE, SIZE), interpolation=cv2.INTER_AREA) > 127
 
 
-# The saw on a turned head's cheek: notches in the face's edge, measured as what a closing by
-# a 13 px disc adds to the face's area. Before the outline was kept outside the face, a yaw of
-# 30 degrees gave 80-113 px on the near cheek and 23-86 px on the far one (20 degrees: 10-66);
-# now 0-2 (35 degrees: 0-6). A smooth face edge of any shape gains nothing at this size.
+# The saw on a turned head's cheek (on the cheek turning toward the camera): notches in the
+# face's edge, measured as what a closing by a 13 px disc adds to the face's area. Before the
+# outline was kept outside the face, 30 degrees of yaw gave 80-113 px turning one way and
+# 23-86 px the other (20 degrees: 10-66); now 0-4 (35 degrees: 0-7). A smooth face edge of any
+# shape gains nothing at this size.
 @pytest.mark.parametrize("name", ["astronaut", "grace_hopper", "cartoon"])
 def test_a_turned_head_keeps_a_smooth_face_edge(name, sources):
     source = sources[name]
