@@ -63,6 +63,10 @@ RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head cent
 # hair moves with the head; neck and shoulders hardly do.
 RING_WEIGHTS = ((1.0, 0.55), (0.55, 0.12))
 BORDER_STEPS = 8  # fixed points along each image edge
+# At most how much wider than in the source (at the head's scale) a strip of the face's edge
+# may become where a turn reveals the side of the head: the portrait shows that side in a few
+# pixels, and stretched further they smear into streaks. (Unturned, strips keep their width.)
+MAX_STRETCH = 2.5
 
 # Skin above each upper lid, outer corner to inner (the mesh's rings around the eye), and
 # the eye corners (outer, inner). The lid that closes is this skin, slid down.
@@ -759,6 +763,24 @@ class Reenactor:
         self._outline_clearance = np.minimum(np.where(np.isfinite(clearance), clearance, 0.0),
                                              0.01 * float(radius[oval].mean()))
         self._eye_angle = math.atan2(*(mesh[263, 1::-1] - mesh[33, 1::-1]))
+        # Per oval point, the near points closest to it in direction, from the outline inwards;
+        # not the lips, whose gap is meant to grow many times over as the mouth opens.
+        lips = mesh[list(OUTER_LIPS), :2].astype(np.float32)
+        pad = 0.15 * float(np.ptp(lips[:, 0]))
+        face_near = np.array([i for i in near if cv2.pointPolygonTest(lips, tuple(map(float, mesh[i, :2])), True) < -pad],
+                             np.int64)
+        nearest = np.argmin(np.abs(np.angle(np.exp(1j * (angle[face_near][:, None] - theta[None])))), axis=1)
+        chains, alongs = [], []
+        for i in range(len(oval)):
+            members = face_near[nearest == i]
+            along = rel[members] @ self._outline_radial[i]
+            order = np.argsort(-along, kind="stable")
+            chains.append(members[order])
+            alongs.append(along[order])
+        self._chain_start = np.concatenate([[0], np.cumsum([len(c) for c in chains])]).astype(np.int64)
+        self._chain_points = np.ascontiguousarray(np.concatenate(chains), np.int64)
+        self._chain_along = np.ascontiguousarray(np.concatenate(alongs), np.float64)
+        self._oval_along = np.ascontiguousarray((rel[oval] * self._outline_radial).sum(axis=1))
         # The face's hull points off the oval, each against the two oval points around it.
         edges: dict[tuple[int, int], int] = {}
         for t in self.triangles[self._face_start:]:
@@ -800,12 +822,15 @@ class Reenactor:
         hull point off the oval goes back out to at least where it lay against the chord of its
         oval neighbours, and each oval point that fell inside the face goes back out, along its
         own direction from the face's centre, to the outermost face point of its sector (by the
-        margin it had in the source). Folded triangles stay inside the edge, drawn under the
-        facing ones (far to near). Unturned, nothing moves (well under a pixel). scale: output
+        margin it had in the source). Where the oval swings out it would stretch the cheek's
+        outermost strip across the revealed side of the head: the points inside it follow out,
+        so no strip grows wider than MAX_STRETCH times. Folded triangles stay inside the edge,
+        drawn under the facing ones (far to near). Unturned, nothing moves (well under a pixel). scale: output
         pixels per source pixel. Compiled: engines.raster.unfold_outline."""
         unfold_outline(v, self._oval, self._outline_radial, self._sector_start, self._sector_points,
                        self._outline_clearance, scale, 33, 263, self._eye_angle, self._hull_extra,
-                       self._hull_anchors, self._hull_side, self._hull_out)
+                       self._hull_anchors, self._hull_side, self._hull_out, self._chain_start, self._chain_points,
+                       self._chain_along, self._oval_along, MAX_STRETCH)
 
     def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
         """Put the warp's upper lids where the head alone carries them: open. Closing is
