@@ -13,7 +13,9 @@ coarser level's colour, feathered), which is smooth, fast (a few ms at 512²) an
 cv2.inpaint, cost-independent of the hole's size. Only a band along the hole's edge is ever
 uncovered by the moving head; there the fill is cv2.inpaint's (Telea's fast marching, from the
 background's own pixels on one side and the smooth fill on the other), which carries edges
-and stripes of the scene on into the hole instead of blurring them away.
+and stripes of the scene on into the hole instead of blurring them away. Both fills read the
+background from a few pixels beyond the hole's edge, where the person's outline no longer
+lingers (a fringe there would be drawn on into the band as a light or dark streak).
 """
 
 from __future__ import annotations
@@ -56,17 +58,25 @@ def person_matte(image: np.ndarray, landmarks: np.ndarray, segmentation: np.ndar
     return cv2.GaussianBlur(matte, (0, 0), max(0.6, image.shape[0] / 512))
 
 
-def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006, band: float = 0.07) -> np.ndarray:
+def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006, band: float = 0.07,
+                     clean: float = 0.012) -> np.ndarray:
     """`image` with the person removed: where the matte is, the colour of the background
     around it (push-pull), filled from pixels beyond the matte grown by `grow` of the side
     (so hair fringes and the segmenter's halo are not smeared into the fill); within `band` of
-    the side of the hole's edge (what a moving head uncovers) the fill is inpainted. Pixels
-    outside the matte are the portrait's own, unchanged."""
+    the side of the hole's edge (what a moving head uncovers) the fill is inpainted. Both fills
+    read only pixels `clean` of the side beyond the hole. Pixels outside the matte are the
+    portrait's own, unchanged."""
     h, w = matte.shape
     radius = max(1, int(round(grow * max(h, w))))
     hole = cv2.dilate((matte > 0.05).astype(np.uint8), cv2.getStructuringElement(
         cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
-    known = (1 - hole).astype(np.float32)
+    # Neither fill reads the pixels right at the hole's edge: there the person's outline
+    # lingers (hair wisps, the segmenter's halo, a drawn outline's antialiasing), and each
+    # would be drawn on into the fill as a light or dark streak. Both start `clean` of the
+    # side beyond the hole (those pixels stay the portrait's own in the plate).
+    margin = max(1, int(round(clean * max(h, w))))
+    ring = cv2.dilate(hole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)))
+    known = (1 - ring).astype(np.float32)
     if known.sum() < 1:  # nothing but person: no background to fill from
         mean = image.reshape(-1, 3).mean(axis=0)
         return np.broadcast_to(mean.astype(np.uint8), image.shape).copy()
@@ -86,10 +96,10 @@ def background_plate(image: np.ndarray, matte: np.ndarray, grow: float = 0.006, 
     # The fill only where the person is: every pixel outside the matte stays the portrait's.
     keep = (matte <= 0.01)[..., None]
     plate = np.clip(np.rint(np.where(keep, image.astype(np.float32), filled)), 0, 255).astype(np.uint8)
-    # The band along the hole's edge: inpainted from the background beside it.
+    # The band along the hole's edge: inpainted from the background beyond the clean margin.
     width = band * max(h, w)
     edge = ((cv2.distanceTransform(hole, cv2.DIST_L2, 5) <= width) & (hole > 0)).astype(np.uint8)
     if width >= 1 and edge.any():
-        painted = cv2.inpaint(plate, edge, max(3.0, width / 8), cv2.INPAINT_TELEA)
+        painted = cv2.inpaint(plate, edge | (ring & (1 - hole)), max(3.0, width / 8), cv2.INPAINT_TELEA)
         plate = np.where(keep, plate, painted)
     return plate

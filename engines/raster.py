@@ -114,3 +114,77 @@ def composite(warped, plate, alpha, out):
         for ch in range(3):
             x = np.int32(flat_w[4 * i + ch]) * a + np.int32(flat_p[3 * i + ch]) * b + 128
             flat_o[3 * i + ch] = (x + (x >> 8)) >> 8  # x / 255, rounded (exact on 0..255 * 255)
+
+
+@numba.njit("void(float64[:, ::1], int64[::1], float64[:, ::1], int64[::1], int64[::1], float64[::1], float64, "
+            "int64, int64, float64, int64[::1], int64[:, ::1], float64[::1], float64[::1], int64[::1], int64[::1], "
+            "float64[::1], float64[::1], float64)", cache=True, nogil=True)
+def unfold_outline(v, oval, radial, sector_start, sector_points, clearance, scale, eye_a, eye_b, eye_angle,
+                   extra, anchors, side, extra_out, chain_start, chain_points, chain_along, oval_along, stretch):
+    """The warp's face edge kept outside the face (engines.warp.Reenactor._unfold_outline), in
+    place on the frame's vertices v (N, 2).
+
+    oval: the outline's points; radial (oval, 2): each one's direction from the outline's centre
+    in the source, turned here by the head's roll (the eye line eye_a -> eye_b against its
+    source angle eye_angle); sector_points[sector_start[i]:sector_start[i + 1]]: the face points
+    in oval point i's sector; clearance: how far outside its sector each lies in the source
+    (source pixels; scale: output pixels per source pixel). extra: the face's hull points off the
+    oval, each with the oval points either side (anchors), the sign of the chord's outward normal
+    (side) and how far out of the chord it lies in the source, in chord lengths (extra_out).
+    chain_points[chain_start[i]:chain_start[i + 1]]: the face points nearest in direction to oval
+    point i, from the outline inwards, and how far out along its direction each lies in the source
+    (chain_along; oval_along: the oval point's): no strip between two of them, nor between the
+    outermost and the oval, ends up more than `stretch` times as wide as in the source."""
+    n = oval.shape[0]
+    cx, cy = 0.0, 0.0
+    for i in range(n):
+        cx += v[oval[i], 0]
+        cy += v[oval[i], 1]
+    cx /= n
+    cy /= n
+    roll = math.atan2(v[eye_b, 1] - v[eye_a, 1], v[eye_b, 0] - v[eye_a, 0]) - eye_angle
+    cos, sin = math.cos(roll), math.sin(roll)
+    for i in range(n):
+        dx = radial[i, 0] * cos - radial[i, 1] * sin
+        dy = radial[i, 0] * sin + radial[i, 1] * cos
+        reach = -1e300
+        for k in range(sector_start[i], sector_start[i + 1]):
+            p = sector_points[k]
+            reach = max(reach, (v[p, 0] - cx) * dx + (v[p, 1] - cy) * dy)
+        if reach == -1e300:
+            continue
+        o = oval[i]
+        out = reach + scale * clearance[i] - ((v[o, 0] - cx) * dx + (v[o, 1] - cy) * dy)
+        if out > 0.0:  # (the sectors hold no oval point: moving one changes no other's reach)
+            v[o, 0] += out * dx
+            v[o, 1] += out * dy
+    for j in range(extra.shape[0]):
+        a, b, p = anchors[j, 0], anchors[j, 1], extra[j]
+        chord_x, chord_y = v[b, 0] - v[a, 0], v[b, 1] - v[a, 1]
+        nx, ny = -chord_y * side[j], chord_x * side[j]  # out, a chord long
+        length2 = max(chord_x * chord_x + chord_y * chord_y, 1e-12)
+        lift = extra_out[j] - ((v[p, 0] - v[a, 0]) * nx + (v[p, 1] - v[a, 1]) * ny) / length2
+        if lift > 0.0:
+            v[p, 0] += lift * nx
+            v[p, 1] += lift * ny
+    # A turn reveals the side of the head the portrait shows foreshortened: the oval swings out
+    # and the outermost strip of cheek, a few source pixels, would stretch across all of it.
+    # Share the stretch with the strips inside (each point out along its oval point's direction).
+    for i in range(n):
+        dx = radial[i, 0] * cos - radial[i, 1] * sin
+        dy = radial[i, 0] * sin + radial[i, 1] * cos
+        o = oval[i]
+        outer = (v[o, 0] - cx) * dx + (v[o, 1] - cy) * dy
+        outer0 = oval_along[i]
+        for k in range(chain_start[i], chain_start[i + 1]):
+            gap = outer0 - chain_along[k]
+            if gap <= 0.0:
+                continue  # (level with the point outside it in the source: no strip between them)
+            p = chain_points[k]
+            here = (v[p, 0] - cx) * dx + (v[p, 1] - cy) * dy
+            need = outer - stretch * scale * gap
+            if need > here:
+                v[p, 0] += (need - here) * dx
+                v[p, 1] += (need - here) * dy
+                here = need
+            outer, outer0 = here, chain_along[k]

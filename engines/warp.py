@@ -31,6 +31,7 @@ portrait's own eyes and mouth, whatever their size or style.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -54,7 +55,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
-from .raster import backward_map, composite
+from .raster import backward_map, composite, unfold_outline
 
 MESH_POINTS = 468  # the face mesh without the 10 iris points (irises move with their eye)
 RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head centre
@@ -62,6 +63,10 @@ RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head cent
 # hair moves with the head; neck and shoulders hardly do.
 RING_WEIGHTS = ((1.0, 0.55), (0.55, 0.12))
 BORDER_STEPS = 8  # fixed points along each image edge
+# At most how much wider than in the source (at the head's scale) a strip of the face's edge
+# may become where a turn reveals the side of the head: the portrait shows that side in a few
+# pixels, and stretched further they smear into streaks. (Unturned, strips keep their width.)
+MAX_STRETCH = 2.5
 
 # Skin above each upper lid, outer corner to inner (the mesh's rings around the eye), and
 # the eye corners (outer, inner). The lid that closes is this skin, slid down.
@@ -598,6 +603,7 @@ class Reenactor:
                       _Eyelid(self._lid_upper[7:], self._lid_lower[7:], LEFT_LID_SKIN, EYE_CORNERS[1], mesh, image, tone))
         self._mouth = _Mouth(mesh, image, self._half_gap, tone)
         self._mouth_region = list(OUTER_LIPS)
+        self._init_outline(mesh)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
         self.composite = True  # the person over the plate; off (a quality level): the warped frame as it is
@@ -688,6 +694,7 @@ class Reenactor:
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
+        self._unfold_outline(v, self._q.scale * motion.scale)
         mouth_strength, mouth_gap = self._split_mouth(v)
         t1 = time.perf_counter()
         self._rasterise(v, mesh[:, 2])
@@ -719,6 +726,111 @@ class Reenactor:
             for stage, ms in (("motion", t1 - t0), ("raster", t2 - t1), ("remap", t3 - t2), ("paint", t4 - t3)):
                 timings.record(stage, ms * 1e3)
         return self.output
+
+    def _init_outline(self, mesh: np.ndarray) -> None:
+        """What _unfold_outline needs, per source.
+
+        The face's edge in the triangulation is the face oval and, where the oval bends in
+        between two of its points, a few cheek or jaw points that Delaunay put on the face's
+        hull too. Each of those is kept as how far out it lies from the chord of the oval
+        points either side of it (in chord lengths). And each oval
+        point has its sector of the face: the mesh points near the edge whose direction from
+        the face's centre lies between the oval's neighbours on either side (sector_points,
+        sector by sector, from sector_start)."""
+        oval = np.array(FACE_OVAL)
+        self._oval = oval.astype(np.int64)
+        centre = mesh[oval, :2].mean(axis=0)
+        rel = mesh[:, :2] - centre
+        radius = np.linalg.norm(rel, axis=1)
+        angle = np.arctan2(rel[:, 1], rel[:, 0])
+        oval_radius = np.interp(angle, *self._periodic(angle[oval], radius[oval]))
+        near = np.setdiff1d(np.flatnonzero(radius > 0.5 * oval_radius), oval)  # what a turn can carry past the edge
+        theta = angle[oval]
+        prev, nxt = np.roll(theta, 1), np.roll(theta, -1)
+        span = np.mod(nxt - prev, 2 * np.pi)
+        start = np.where(span <= np.pi, prev, nxt)
+        span = np.minimum(span, 2 * np.pi - span)
+        inside = np.mod(angle[near][:, None] - start, 2 * np.pi) <= span  # within the arc between the neighbours
+        self._outline_radial = rel[oval] / np.maximum(radius[oval], 1e-6)[:, None]  # (oval, 2), source frame
+        self._sector_start = np.concatenate([[0], np.cumsum(inside.sum(axis=0))]).astype(np.int64)
+        self._sector_points = np.ascontiguousarray(np.concatenate([near[inside[:, i]] for i in range(len(oval))]),
+                                                   np.int64)
+        # How far outside its sector each oval point lies in the source (a little margin at most):
+        # where the source's own outline runs inside a face point (a jaw corner, a bunched
+        # outline), a turn may keep it so; nothing moves unturned.
+        reach = np.where(inside, rel[near] @ self._outline_radial.T, -np.inf).max(axis=0)
+        clearance = (rel[oval] * self._outline_radial).sum(axis=1) - reach
+        self._outline_clearance = np.minimum(np.where(np.isfinite(clearance), clearance, 0.0),
+                                             0.01 * float(radius[oval].mean()))
+        self._eye_angle = math.atan2(*(mesh[263, 1::-1] - mesh[33, 1::-1]))
+        # Per oval point, the near points closest to it in direction, from the outline inwards;
+        # not the lips, whose gap is meant to grow many times over as the mouth opens.
+        lips = mesh[list(OUTER_LIPS), :2].astype(np.float32)
+        pad = 0.15 * float(np.ptp(lips[:, 0]))
+        face_near = np.array([i for i in near if cv2.pointPolygonTest(lips, tuple(map(float, mesh[i, :2])), True) < -pad],
+                             np.int64)
+        nearest = np.argmin(np.abs(np.angle(np.exp(1j * (angle[face_near][:, None] - theta[None])))), axis=1)
+        chains, alongs = [], []
+        for i in range(len(oval)):
+            members = face_near[nearest == i]
+            along = rel[members] @ self._outline_radial[i]
+            order = np.argsort(-along, kind="stable")
+            chains.append(members[order])
+            alongs.append(along[order])
+        self._chain_start = np.concatenate([[0], np.cumsum([len(c) for c in chains])]).astype(np.int64)
+        self._chain_points = np.ascontiguousarray(np.concatenate(chains), np.int64)
+        self._chain_along = np.ascontiguousarray(np.concatenate(alongs), np.float64)
+        self._oval_along = np.ascontiguousarray((rel[oval] * self._outline_radial).sum(axis=1))
+        # The face's hull points off the oval, each against the two oval points around it.
+        edges: dict[tuple[int, int], int] = {}
+        for t in self.triangles[self._face_start:]:
+            for a, b in ((t[0], t[1]), (t[1], t[2]), (t[2], t[0])):
+                key = (min(a, b), max(a, b))
+                edges[key] = edges.get(key, 0) + 1
+        hull = {int(i) for key, count in edges.items() if count == 1 for i in key if i < MESH_POINTS}
+        extra = sorted(hull - set(FACE_OVAL))
+        anchors = []
+        for i in extra:  # the oval points either side, by direction from the centre
+            before = np.mod(angle[i] - theta, 2 * np.pi)
+            after = np.mod(theta - angle[i], 2 * np.pi)
+            anchors.append((oval[before.argmin()], oval[after.argmin()]))
+        anchors = np.array(anchors, np.int64).reshape(-1, 2)
+        a, b = mesh[anchors[:, 0], :2], mesh[anchors[:, 1], :2]
+        chord = b - a
+        length2 = np.maximum((chord ** 2).sum(axis=1), 1e-12)
+        normal = np.stack([-chord[:, 1], chord[:, 0]], axis=1)
+        side = np.sign((((a + b) / 2 - centre) * normal).sum(axis=1))  # the normal that points out
+        self._hull_extra, self._hull_anchors = np.array(extra, np.int64), np.ascontiguousarray(anchors)
+        self._hull_side = np.ascontiguousarray(side, np.float64)
+        rel_p = mesh[extra, :2] - a
+        self._hull_out = np.ascontiguousarray(side * (rel_p * normal).sum(axis=1) / length2)  # in chord lengths
+
+    @staticmethod
+    def _periodic(angle: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(angle)
+        a, v = angle[order], value[order]
+        return np.concatenate([a - 2 * np.pi, a, a + 2 * np.pi]), np.concatenate([v, v, v])
+
+    def _unfold_outline(self, v: np.ndarray, scale: float) -> None:
+        """Keep the face's edge outside the rest of the face, and as smooth as in the source.
+
+        The face's edge is whatever face points lie outermost, and a turn reorders them. On the
+        cheek that turns toward the camera the oval, deep in the head, swings out past the hull
+        points beside it that lie less deep (Delaunay's, off the oval): each left a notch, and
+        the edge became a saw of them. On the cheek that turns away the oval goes behind the
+        cheek, in past the points inside it, and the cheek's silhouette is what shows. So each
+        hull point off the oval goes back out to at least where it lay against the chord of its
+        oval neighbours, and each oval point that fell inside the face goes back out, along its
+        own direction from the face's centre, to the outermost face point of its sector (by the
+        margin it had in the source). Where the oval swings out it would stretch the cheek's
+        outermost strip across the revealed side of the head: the points inside it follow out,
+        so no strip grows wider than MAX_STRETCH times. Folded triangles stay inside the edge,
+        drawn under the facing ones (far to near). Unturned, nothing moves (well under a pixel). scale: output
+        pixels per source pixel. Compiled: engines.raster.unfold_outline."""
+        unfold_outline(v, self._oval, self._outline_radial, self._sector_start, self._sector_points,
+                       self._outline_clearance, scale, 33, 263, self._eye_angle, self._hull_extra,
+                       self._hull_anchors, self._hull_side, self._hull_out, self._chain_start, self._chain_points,
+                       self._chain_along, self._oval_along, MAX_STRETCH)
 
     def _hold_lids(self, v: np.ndarray, rigid: np.ndarray) -> None:
         """Put the warp's upper lids where the head alone carries them: open. Closing is
