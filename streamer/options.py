@@ -47,7 +47,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs")
+LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -87,13 +87,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="live engine: each frame also attends to the next K frames in flight, for K frames more "
                         "latency and (S+K)/S the work per frame (default: 0, causal)")
+    g.add_argument("--ticks-per-frame", type=_ticks_per_frame, default=1, metavar="1|2|auto",
+                   help="live engine: stream ticks per camera frame; the second enters the same frame again, so a "
+                        "frame leaves after S ticks of GPU time instead of S camera intervals (it must fit: 2 ticks "
+                        "in a frame interval); auto: a second tick whenever it fits (default: 1)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
 
+def _ticks_per_frame(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"1, 2 or auto, got {text!r}") from None
+
+
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
-    defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0}
+    defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
+                "ticks_per_frame": 1}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -112,7 +126,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
         if given:
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
-                               backend=args.backend, graphs=args.graphs) if live else None
+                               backend=args.backend, graphs=args.graphs,
+                               ticks_per_frame=args.ticks_per_frame) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

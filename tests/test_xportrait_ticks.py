@@ -1,0 +1,164 @@
+"""More than one stream tick per camera frame (`--ticks-per-frame 2|auto`).
+
+The extra tick enters the same frame again, so the live engine is pinned to the offline
+causal definition over the clip with each frame repeated as the engine entered it; each
+frame is shown once (its first copy to leave), and a frame is out in fewer camera intervals.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engines import LiveOptions, OptionError, XPortraitOptions, create_engine
+from engines.base import DrivingFrame, SourcePortrait
+from engines.face import local_patch_boxes
+from engines.xportrait.live import TickPacer
+from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
+from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
+
+RES = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+def engine_for(steps: int, ticks, window: int = 4):
+    options = XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu", steps=steps,
+                               window=window, live=LiveOptions(ticks_per_frame=ticks))
+    engine = create_engine(options)
+    rng = np.random.default_rng(5)
+    engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
+    return engine
+
+
+def driving_frames(count: int, interval: float = 1 / 30) -> list[DrivingFrame]:
+    """Random frames, each with its own eye/mouth patch centres, `interval` seconds apart."""
+    rng = np.random.default_rng(6)
+    frames = []
+    for i in range(count):
+        landmarks = np.zeros((478, 3), np.float32)
+        landmarks[:, :2] = rng.uniform(RES / 4, 3 * RES / 4, 2)
+        frames.append(DrivingFrame(landmarks, landmarks, i * interval, tag=i,
+                                   image=rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)))
+    return frames
+
+
+def test_a_repeated_tick_is_the_causal_stream_over_the_clip_with_the_frame_repeated():
+    model = tiny_model(RES)
+    settings = StreamSettings(steps=3, window=4)
+    g = torch.Generator().manual_seed(7)
+    sources = torch.rand(1, 3, RES, RES, generator=g) * 2 - 1
+    driving = torch.randint(0, 256, (3, RES, RES, 3), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[8, 8, 24, 24], [40, 8, 56, 24], [20, 40, 44, 56]]).expand(3, 3, 4)
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32)
+    denoiser.prepare(sources)
+    out, tags = [], []
+    ticks = [lambda i=i: denoiser.tick(driving[i], boxes[i], tag=(i, 0)) for i in range(3)]
+    ticks = [t for i, first in enumerate(ticks) for t in (first, lambda i=i: denoiser.tick_again(tag=(i, 1)))]
+    for tick in ticks + [lambda: denoiser.tick(None)] * (settings.steps - 1):  # then drain the batch
+        leaving = tick()
+        if leaving is not None:  # the latent is the denoiser's buffer: copied before the next tick
+            out.append(leaving[0].clone()), tags.append(leaving[1])
+    with pytest.raises(RuntimeError, match="the last tick entered none"):
+        denoiser.tick_again()
+    assert tags == [(i, copy) for i in range(3) for copy in (0, 1)]  # every copy leaves, S - 1 ticks late
+    repeated = control_hints(driving.repeat_interleave(2, 0), boxes.repeat_interleave(2, 0), torch.float32)
+    reference = render_causal(model, settings, sources, *repeated)
+    torch.testing.assert_close(torch.cat(out), reference, rtol=1e-4, atol=1e-5)
+    # Not vacuous: a copy differs from its frame's first (it has that one in its temporal past).
+    assert not torch.allclose(reference[2], reference[3], atol=1e-4)
+
+
+def shown(engine, frames):
+    """(tags returned per step, images), the flush's appended."""
+    tags, images = [], []
+    for frame in frames:
+        rendered = engine.step(frame)
+        tags.append(None if rendered is None else rendered.tag)
+        if rendered is not None:
+            images.append(rendered.image.copy())
+    flushed = engine.flush()
+    return tags + [r.tag for r in flushed], images + [r.image for r in flushed]
+
+
+def test_the_live_engine_with_two_ticks_a_frame_equals_the_offline_definition_over_the_repeated_clip():
+    """Each frame is shown once, one camera frame after it came in (not S - 1 = 2), and its
+    pixels are its first copy's in the offline causal render of the clip, each frame twice."""
+    engine = engine_for(steps=3, ticks=2)
+    assert engine.latency_frames == 1
+    frames = driving_frames(3)
+    tags, images = shown(engine, frames)
+    assert tags == [None, 0, 1, 2] and engine.last_ticks == 2
+
+    # The offline definition: every frame entered twice, as the engine entered it.
+    twice = [f for f in frames for _ in range(2)]
+    image = torch.from_numpy(np.stack([f.image for f in twice]))
+    boxes = torch.from_numpy(np.stack([local_patch_boxes(f.landmarks, RES) for f in twice]))
+    latents = render_causal(engine.model, engine.denoiser.settings, engine._sources,
+                            *control_hints(image, boxes, torch.float32))
+    with torch.no_grad():
+        pixels = engine.model.decode(latents[0::2]).permute(0, 2, 3, 1)  # the first copies
+    expected = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    from engines.xportrait.runtime import RANDOM_WEIGHTS_LABEL, label_overlay
+
+    outside = ~label_overlay(RES, RES, RANDOM_WEIGHTS_LABEL)[0][..., 0]
+    for got, want in zip(images, expected):
+        assert np.abs(got[outside].astype(int) - want[outside]).max() <= 1
+    # Not vacuous: one tick a frame renders other pixels from the second frame on.
+    once = engine_for(steps=3, ticks=1)
+    tags_once, images_once = shown(once, frames)
+    assert tags_once == [None, None, 0, 1, 2]
+    assert np.array_equal(images_once[0], images[0])  # the first frame has no past either way
+    assert np.abs(images_once[2].astype(int) - images[2]).mean() > 1
+
+
+def test_auto_ticks_twice_where_the_frame_interval_leaves_room_and_once_where_it_does_not():
+    frames = driving_frames(3, interval=1000.0)  # a frame every 1000 s: a second tick always fits
+    engine = engine_for(steps=3, ticks="auto")
+    ticks = []
+    for frame in frames:
+        engine.step(frame)
+        ticks.append(engine.last_ticks)
+    assert ticks == [1, 2, 2]  # the first frame: no interval known yet
+    assert engine.latency_frames == 2  # auto's word to the governor: the most it can be (one tick)
+    engine.reset()
+    ticks = []
+    for frame in driving_frames(3, interval=1e-6):  # a frame every microsecond: never
+        engine.step(frame)
+        ticks.append(engine.last_ticks)
+    assert ticks == [1, 1, 1]
+
+
+def test_the_pacer_reads_the_camera_interval_from_frame_times_and_discounts_a_late_start():
+    pacer = TickPacer(margin=0.0)
+    pacer.start(0.0, now=100.0)
+    assert not pacer.another(now=100.010)  # no interval known yet
+    pacer.start(1 / 30, now=100.0 + 1 / 30)
+    assert pacer.another(now=100.0 + 1 / 30 + 0.010)  # 10 ms used, 10 ms more fits in 33
+    assert not pacer.another(now=100.0 + 1 / 30 + 0.025)  # 25 ms used: the slowest recent tick (15) does not
+    # Frame 3 was dropped: a gap of two intervals does not make room for a longer step.
+    pacer.start(3 / 30, now=100.0 + 3 / 30)
+    assert not pacer.another(now=100.0 + 3 / 30 + 0.020)  # 20 ms used, 20 more: over 33 ms, not over 67
+    pacer = TickPacer(margin=0.0)
+    for k in range(3):
+        pacer.start(k / 30, now=100.0 + k / 30)
+        pacer.another(now=100.0 + k / 30 + 0.010)
+    pacer.start(3 / 30, now=100.0 + 3 / 30 + 0.020)  # the engine took this frame 20 ms late
+    assert not pacer.another(now=100.0 + 3 / 30 + 0.030)  # 10 + 10 ms fit in 33, not in the 13 left
+    pacer.reset()
+    pacer.start(50.0, now=200.0)  # a new stream: its times start elsewhere
+    assert not pacer.another(now=200.010)
+
+
+def test_ticks_per_frame_is_one_two_or_auto():
+    with pytest.raises(OptionError, match="--ticks-per-frame must be one of 1, 2, auto, got 3"):
+        LiveOptions(ticks_per_frame=3)
+    engine = engine_for(steps=2, ticks=1)
+    with pytest.raises(OptionError, match="--ticks-per-frame"):
+        engine.set_ticks_per_frame(0)
+    assert engine.options.live.ticks_per_frame == 1
