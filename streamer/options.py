@@ -423,9 +423,12 @@ class BenchOptions:
     fast_only: bool = False
     offline_steps: tuple[int, ...] = (4, 8)
     profile: str | None = None  # --stream: a folder for the tick's kernel profile
+    paced_fps: float | None = None  # --stream: frames given as a camera at this rate gives them (None: back to back)
 
     def __post_init__(self):
         at_least(self.warmup, 0, "warmup")
+        if self.paced_fps is not None:
+            positive(self.paced_fps, "paced_fps")
         if self.frames <= self.warmup:
             raise OptionError(f"--frames must exceed --warmup, got {self.frames} and {self.warmup}")
         if self.baseline_frames is not None:
@@ -445,6 +448,8 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
         raise OptionError("--fast-only is for --engine xportrait --stream")
     if args.profile and not args.stream:
         raise OptionError("--profile is for --engine xportrait --stream (the live tick)")
+    if args.paced_fps is not None and not args.stream:
+        raise OptionError("--paced-fps is for --engine xportrait --stream")
     if args.stream and args.engine != "xportrait":
         raise OptionError("--stream is for --engine xportrait (the warp engine always runs frame by frame)")
     try:
@@ -454,7 +459,7 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(engine=engine_options(args, live=args.stream), frames=args.frames, warmup=args.warmup,
                         source=args.source, driving=args.driving, baseline_frames=args.baseline_frames,
                         json=args.json, fast_only=args.fast_only, offline_steps=offline_steps,
-                        profile=args.profile)
+                        profile=args.profile, paced_fps=args.paced_fps)
 
 
 # -- export -----------------------------------------------------------------------------------------

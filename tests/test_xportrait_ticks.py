@@ -117,6 +117,35 @@ def test_the_live_engine_with_two_ticks_a_frame_equals_the_offline_definition_ov
     assert np.abs(images_once[2].astype(int) - images[2]).mean() > 1
 
 
+def test_two_ticks_a_frame_halve_a_paced_frames_way_out():
+    """At a camera rate where two ticks fit a frame interval T, a frame is out one camera
+    frame after its own (+ two ticks) instead of S - 1 = 3 (+ one): with T = 4 ticks, in->out
+    is 6 ticks instead of 13 (at T = 2 ticks, S = 4 ticks instead of 2S - 1 = 7)."""
+    import time
+
+    from streamer.bench_xportrait import SkipClock, stream_run
+
+    engine = engine_for(steps=4, ticks=1)
+    frames = driving_frames(5)
+    times = []
+    for frame in frames:  # warm, and the tick's time here and now
+        t0 = time.perf_counter()
+        engine.step(frame)
+        times.append(time.perf_counter() - t0)
+    interval = 4 * float(np.median(times[1:]))
+    frames = driving_frames(8, interval)
+    runs = {}
+    for ticks in (1, 2):
+        engine.reset()
+        engine.set_ticks_per_frame(ticks)
+        clock = SkipClock()  # the camera's pace without its idle time
+        runs[ticks] = stream_run(engine, frames, 1 / interval, clock=clock, sleep=clock.sleep)
+    once, twice = runs[1], runs[2]
+    assert once["steps_late"] == {"p50": 3, "max": 3} and twice["steps_late"] == {"p50": 1, "max": 1}
+    assert once["ticks_per_step"] == 1 and twice["ticks_per_step"] == 2
+    assert twice["latency_ms"]["p50"] < 0.65 * once["latency_ms"]["p50"]  # 6 / 13 = 0.46 as timed
+
+
 def test_auto_ticks_twice_where_the_frame_interval_leaves_room_and_once_where_it_does_not():
     frames = driving_frames(3, interval=1000.0)  # a frame every 1000 s: a second tick always fits
     engine = engine_for(steps=3, ticks="auto")
@@ -162,3 +191,47 @@ def test_ticks_per_frame_is_one_two_or_auto():
     with pytest.raises(OptionError, match="--ticks-per-frame"):
         engine.set_ticks_per_frame(0)
     assert engine.options.live.ticks_per_frame == 1
+
+
+def test_the_command_line_takes_ticks_per_frame_for_the_live_engine_only(capsys):
+    from streamer.cli import build_parser, main
+    from streamer.options import bench_options, serve_options
+
+    def parsed(*argv):
+        parser, _ = build_parser(list(argv))
+        return parser.parse_args(list(argv))
+
+    tiny = ("--engine", "xportrait", "--random-weights", "--model-size", "tiny", "--size", "64")
+    assert serve_options(parsed("serve", *tiny, "--ticks-per-frame", "auto", "--token", "")).engine.live == \
+        LiveOptions(ticks_per_frame="auto")
+    bench = bench_options(parsed("bench", *tiny, "--stream", "--ticks-per-frame", "2", "--paced-fps", "30"))
+    assert bench.engine.live.ticks_per_frame == 2 and bench.paced_fps == 30
+    for argv, message in [
+        (["bench", *tiny, "--ticks-per-frame", "2"], "--ticks-per-frame: only for the live engine"),
+        (["bench", *tiny, "--stream", "--ticks-per-frame", "3"], "--ticks-per-frame must be one of 1, 2, auto"),
+        (["bench", *tiny, "--stream", "--ticks-per-frame", "often"], "argument --ticks-per-frame: 1, 2 or auto"),
+        (["bench", *tiny, "--paced-fps", "30"], "--paced-fps is for --engine xportrait --stream"),
+        (["bench", *tiny, "--stream", "--paced-fps", "0"], "--paced-fps must be positive, got 0.0"),
+        (["export", "--to", "g", "--random-weights", "--ticks-per-frame", "2"], "--ticks-per-frame: not for export"),
+    ]:
+        with pytest.raises(SystemExit) as usage:
+            main(argv)
+        assert usage.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_the_stream_bench_paces_the_clip_and_times_one_tick_a_frame_beside_two(capsys):
+    import json
+
+    from streamer.cli import main
+
+    assert main(["bench", "--engine", "xportrait", "--stream", "--random-weights", "--model-size", "tiny", "--size",
+                 "64", "--steps", "2", "--frames", "5", "--warmup", "1", "--fast-only", "--baseline-frames", "0",
+                 "--paced-fps", "1000", "--ticks-per-frame", "2", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["ticks_per_frame"] for r in runs] == [2, 1]  # the asked schedule, then the baseline on the same engine
+    assert runs[1]["engine"].endswith("1 tick a frame (baseline)")
+    for run in runs:
+        # A camera at 1000 fps outruns a CPU tick: the newest frame is taken, the others dropped.
+        assert run["paced_fps"] == 1000 and run["frames"] + run["dropped"] == 4 and run["dropped"] > 0
+    assert runs[0]["ticks_per_step"] == 2 and runs[0]["steps_late"]["max"] == 0  # S = 2: out on its own frame
+    assert runs[1]["steps_late"] == {"p50": 1, "max": 1}
