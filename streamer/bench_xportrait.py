@@ -84,20 +84,6 @@ def bench_offline(options: BenchOptions) -> dict:
             "weights": "RANDOM WEIGHTS" if first.random_weights else "real", "window": window, "runs": runs}
 
 
-class SkipClock:
-    """perf_counter, except that sleeping moves it on at once: a paced run's figures without
-    its idle time (what a test can afford)."""
-
-    def __init__(self):
-        self.skipped = 0.0
-
-    def __call__(self) -> float:
-        return time.perf_counter() + self.skipped
-
-    def sleep(self, seconds: float) -> None:
-        self.skipped += max(seconds, 0.0)
-
-
 def stream_run(engine, frames: list[DrivingFrame], paced_fps: float | None = None, clock=time.perf_counter,
                sleep=time.sleep) -> dict:
     """The live engine over `frames`: back to back, or paced as a camera at `paced_fps` gives

@@ -1,11 +1,15 @@
 """The X-Portrait diffusion engine, live: the Engine protocol over the StreamingDenoiser.
 
 Frame in, frame out S - 1 (+ K with look-ahead K) ticks later, S LCM steps in flight
-(stream.py). One tick per camera frame by default; with `--ticks-per-frame 2` (or `auto`,
-when it fits) the stream ticks again on the same frame, so a frame is out after S ticks of
-GPU time instead of S - 1 camera intervals, and only each frame's first copy is shown. On a GPU the whole tick (ControlNets, UNet with reference and temporal
+(stream.py). On a GPU the whole tick (ControlNets, UNet with reference and temporal
 attention, LCM update, VAE decode of the leaving frame) is one CUDA graph; the host copies
 the new driving frame in and the rendered frame out. The offline engine is offline.py.
+
+One tick per camera frame by default. With `--ticks-per-frame 2` (or `auto`, where it fits)
+the stream ticks again on the same frame, the graph replayed with nothing copied in, so a
+frame is out after S ticks of GPU time instead of S - 1 camera intervals; each frame is
+shown once, by the first of its copies to leave, and a step shows the newest frame that left
+during it.
 """
 
 from __future__ import annotations
@@ -179,8 +183,7 @@ class XPortraitLiveEngine:
         self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=cuda)
         self._out_copied = torch.cuda.Event() if cuda else None  # the shown frame is on the host
         self._timings = Timings()
-        # Ticks per frame: each frame's entries carry its number; a frame is shown once, when
-        # its first copy leaves (the repeats leave after it).
+        # Ticks per frame: each frame's entries carry its number, so a frame is shown once.
         self._tick_done = None  # auto, on a GPU: when the last tick finished
         self._serial = self._shown = 0
         self.last_ticks = 0  # ticks the last step ran
@@ -317,7 +320,7 @@ class XPortraitLiveEngine:
     def flush(self) -> list[Rendered]:
         """Every frame still in flight and not shown yet, in order (repeats run out unseen)."""
         out = []
-        for _ in range(self.denoiser.entries - 1):
+        for _ in range(self.denoiser.entries - max(self.last_ticks, 1)):  # the last frame's first copy leaves last
             rendered = self._rendered(self._take(self._tick(None)))
             if rendered is not None:
                 out.append(Rendered(rendered.image.copy(), rendered.tag))
