@@ -141,11 +141,14 @@ def test_two_ticks_a_frame_halve_a_paced_frames_way_out():
 def test_auto_ticks_twice_where_the_frame_interval_leaves_room_and_once_where_it_does_not():
     frames = driving_frames(3, interval=1000.0)  # a frame every 1000 s: a second tick always fits
     engine = engine_for(steps=3, ticks="auto")
-    ticks = []
+    ticks, spare = [], []
     for frame in frames:
         engine.step(frame)
         ticks.append(engine.last_ticks)
+        spare.append(engine.timings.last["spare"])
     assert ticks == [1, 2, 2]  # the first frame: no interval known yet
+    # The second tick's time is room the interval had, not the frame's cost (the governor's).
+    assert spare[0] == 0 and 0 < spare[1] < engine.timings.last["engine"]
     assert engine.latency_frames == 2  # auto's word to the governor: the most it can be (one tick)
     engine.reset()
     ticks = []
