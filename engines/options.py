@@ -24,6 +24,7 @@ DEFAULT_SIZE = 512
 DEFAULT_SEED = 999  # the released code's
 LIVE_STEPS = 4  # LCM steps of the live engine (= frames in flight), and of the exported graphs
 DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
+TICKS_PER_FRAME = (1, 2, "auto")  # the live engine's stream ticks per camera frame
 
 
 class OptionError(ValueError):
@@ -85,9 +86,14 @@ class LiveOptions:
     channels_last: bool = True  # cuDNN's layout on a GPU
     backend: str = "torch"  # or the graphs `xportrait export` wrote, run by onnx / tensorrt
     graphs: str | None = None  # the exported graphs' folder, for backend onnx / tensorrt
+    # Ticks of the stream batch per camera frame: 1; 2 (the extra tick enters the same frame
+    # again, so a frame leaves after S ticks of GPU time, not S camera intervals); or "auto":
+    # a second tick whenever the last tick's measured time fits in what is left of the interval.
+    ticks_per_frame: int | str = 1
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
+        one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         one_of(self.backend, BACKENDS, "backend")
         if self.backend != "torch":
             if not self.graphs:

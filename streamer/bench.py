@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", metavar="DIR",
                         help="xportrait --stream: then profile the fastest run's tick without its graph (CUDA): a "
                              "kernel table by kind, and DIR/tick-profile.json and tick-trace.json")
+    parser.add_argument("--paced-fps", type=float, metavar="FPS",
+                        help="xportrait --stream: give the frames as a camera at FPS does (the newest due frame each "
+                             "step, older ones dropped), so in->out latency is what a person on a call sees; "
+                             "default: back to back")
     parser.add_argument("--offline-steps", default=",".join(map(str, BenchOptions.offline_steps)),
                         help="xportrait offline: LCM step counts to time on one window (default: %(default)s)")
     add_engine_arguments(parser)

@@ -47,7 +47,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs")
+LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -87,13 +87,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="live engine: each frame also attends to the next K frames in flight, for K frames more "
                         "latency and (S+K)/S the work per frame (default: 0, causal)")
+    g.add_argument("--ticks-per-frame", type=_ticks_per_frame, default=1, metavar="1|2|auto",
+                   help="live engine: stream ticks per camera frame; the second enters the same frame again, so a "
+                        "frame leaves after S ticks of GPU time instead of S camera intervals (it must fit: 2 ticks "
+                        "in a frame interval); auto: a second tick whenever it fits (default: 1)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
 
+def _ticks_per_frame(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"1, 2 or auto, got {text!r}") from None
+
+
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
-    defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0}
+    defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
+                "ticks_per_frame": 1}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -112,7 +126,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
         if given:
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
-                               backend=args.backend, graphs=args.graphs) if live else None
+                               backend=args.backend, graphs=args.graphs,
+                               ticks_per_frame=args.ticks_per_frame) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 
@@ -408,9 +423,12 @@ class BenchOptions:
     fast_only: bool = False
     offline_steps: tuple[int, ...] = (4, 8)
     profile: str | None = None  # --stream: a folder for the tick's kernel profile
+    paced_fps: float | None = None  # --stream: frames given as a camera at this rate gives them (None: back to back)
 
     def __post_init__(self):
         at_least(self.warmup, 0, "warmup")
+        if self.paced_fps is not None:
+            positive(self.paced_fps, "paced_fps")
         if self.frames <= self.warmup:
             raise OptionError(f"--frames must exceed --warmup, got {self.frames} and {self.warmup}")
         if self.baseline_frames is not None:
@@ -430,6 +448,8 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
         raise OptionError("--fast-only is for --engine xportrait --stream")
     if args.profile and not args.stream:
         raise OptionError("--profile is for --engine xportrait --stream (the live tick)")
+    if args.paced_fps is not None and not args.stream:
+        raise OptionError("--paced-fps is for --engine xportrait --stream")
     if args.stream and args.engine != "xportrait":
         raise OptionError("--stream is for --engine xportrait (the warp engine always runs frame by frame)")
     try:
@@ -439,7 +459,7 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(engine=engine_options(args, live=args.stream), frames=args.frames, warmup=args.warmup,
                         source=args.source, driving=args.driving, baseline_frames=args.baseline_frames,
                         json=args.json, fast_only=args.fast_only, offline_steps=offline_steps,
-                        profile=args.profile)
+                        profile=args.profile, paced_fps=args.paced_fps)
 
 
 # -- export -----------------------------------------------------------------------------------------

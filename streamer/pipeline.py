@@ -284,6 +284,7 @@ class Pipeline:
         self._tasks: list[asyncio.Task] = []
         self._governor_options = governor
         self.governor: Governor | None = None  # once started, if the engine has levels
+        self._governed: Any = None  # that engine
         self._quality_request: int | None = None  # a level for the engine thread to set before its next step
 
     # -- the caller's side ------------------------------------------------------------------------
@@ -453,7 +454,10 @@ class Pipeline:
                 if result is None:  # the engine is holding frames in flight
                     continue
                 output, engine_ms, convert_out_ms = result
-                output.cost_ms = engine_ms + (0.0 if self.stage.waits_on_device else prepared.face_ms)
+                # The governor's cost: what the frame needed, not the ticks the engine added because
+                # the frame interval had room for them (the live engine's --ticks-per-frame auto).
+                spare_ms = self._governed.timings.last.get("spare", 0.0) if self._governed is not None else 0.0
+                output.cost_ms = engine_ms - spare_ms + (0.0 if self.stage.waits_on_device else prepared.face_ms)
                 stats.frames_processed += 1
                 stats.stages["engine"].add(engine_ms)
                 stats.stages["convert_out"].add(convert_out_ms)
@@ -479,6 +483,7 @@ class Pipeline:
             warm_levels(engine)  # every level made now, not mid-stream; ends at the best (the pool's
             # engine may come back at another session's level)
             self.governor = Governor(self._governor_options, engine.quality_levels())
+            self._governed = engine
 
     def _govern(self, now: float, latency_ms: float) -> None:
         """Event loop, per frame handed out: measure; a move is set by the engine thread."""

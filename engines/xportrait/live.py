@@ -1,14 +1,21 @@
 """The X-Portrait diffusion engine, live: the Engine protocol over the StreamingDenoiser.
 
-Frame in, frame out S - 1 (+ K with look-ahead K) frames later, S LCM steps in flight
+Frame in, frame out S - 1 (+ K with look-ahead K) ticks later, S LCM steps in flight
 (stream.py). On a GPU the whole tick (ControlNets, UNet with reference and temporal
 attention, LCM update, VAE decode of the leaving frame) is one CUDA graph; the host copies
 the new driving frame in and the rendered frame out. The offline engine is offline.py.
+
+One tick per camera frame by default. With `--ticks-per-frame 2` (or `auto`, where it fits)
+the stream ticks again on the same frame, the graph replayed with nothing copied in, so a
+frame is out after S ticks of GPU time instead of S - 1 camera intervals; each frame is
+shown once, by the first of its copies to leave, and a step shows the newest frame that left
+during it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Sequence
 
@@ -22,6 +29,51 @@ from .runtime import RANDOM_WEIGHTS_LABEL, label_overlay, model_config, pick_dev
 from .stream import DenoiserModel, StreamingDenoiser, StreamSettings
 
 _models: dict[tuple, torch.nn.Module] = {}
+
+AUTO_MARGIN = 0.05  # of the frame interval, kept free by auto's second tick (the host's work between steps)
+AUTO_TICKS = 2  # auto ticks at most twice a frame: the temporal window then spans W / 2 distinct frames
+
+
+class TickPacer:
+    """`--ticks-per-frame auto`: after each tick, whether another fits in what is left of the
+    frame interval, by the last ticks' measured time (the slowest of the last few: a spike
+    turns the second tick off for a while rather than making the next frame wait).
+
+    The interval is the camera's, from the frames' own times: the shortest recent gap (a frame
+    the pipeline dropped makes a gap of two intervals, never a shorter one), so a step that ran
+    long cannot make room for itself. What is left is counted from the step's start, less how
+    late the engine took this frame compared with the earliest it took any recent one (its
+    start against the frame's time: clock offsets cancel), so a step that overran shortens the
+    next instead of the stream drifting late until frames drop."""
+
+    def __init__(self, margin: float = AUTO_MARGIN, history: int = 30, recent_ticks: int = 8):
+        self.margin = margin
+        self._gaps: deque[float] = deque(maxlen=history)
+        self._offsets: deque[float] = deque(maxlen=history)
+        self._ticks: deque[float] = deque(maxlen=recent_ticks)
+        self._last_time: float | None = None
+        self._start = self._tick_start = self._budget = 0.0
+
+    def reset(self) -> None:
+        """A new driving stream (its frame times may start anywhere)."""
+        self._gaps.clear(), self._offsets.clear()
+        self._last_time = None
+
+    def start(self, frame_time: float, now: float) -> None:
+        """A step begins: the frame's time (DrivingFrame.time, seconds) and now (perf_counter)."""
+        if self._last_time is not None and frame_time > self._last_time:
+            self._gaps.append(frame_time - self._last_time)
+        self._last_time = frame_time
+        self._offsets.append(now - frame_time)
+        self._start = self._tick_start = now
+        late = self._offsets[-1] - min(self._offsets)
+        self._budget = min(self._gaps) * (1 - self.margin) - late if self._gaps else 0.0
+
+    def another(self, now: float) -> bool:
+        """A tick of this step has just finished (now): whether one more fits."""
+        self._ticks.append(now - self._tick_start)
+        self._tick_start = now
+        return now - self._start + max(self._ticks) <= self._budget
 
 
 def load_small_decoder(path: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False):
@@ -120,7 +172,6 @@ class XPortraitLiveEngine:
         self._level = 1 if small is not None else 0
         self.denoiser = self._new_denoiser(*self._ladder[self._level])
         self._denoisers = {self._level: self.denoiser}
-        self.latency_frames = settings.steps - 1 + settings.lookahead
         self._sources: torch.Tensor | None = None
         # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
         # the device may still be copying from the other (a tick that returns no frame does not
@@ -130,7 +181,13 @@ class XPortraitLiveEngine:
         self._copied = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._slot = 0
         self._host_out = torch.empty((size, size, 3), dtype=torch.uint8, pin_memory=cuda)
+        self._out_copied = torch.cuda.Event() if cuda else None  # the shown frame is on the host
         self._timings = Timings()
+        # Ticks per frame: each frame's entries carry its number, so a frame is shown once.
+        self._tick_done = None  # auto, on a GPU: when the last tick finished
+        self._serial = self._shown = 0
+        self.last_ticks = 0  # ticks the last step ran
+        self.set_ticks_per_frame(live.ticks_per_frame)
 
     def _new_denoiser(self, settings: StreamSettings, decode) -> StreamingDenoiser:
         try:
@@ -163,8 +220,14 @@ class XPortraitLiveEngine:
             if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick
                 name += ", full VAE" if decode is vae else ", tiny decoder"
                 cost *= 1.0 if decode is vae else 0.75
-            levels.append(QualityLevel(name, cost=cost, latency_frames=s.steps - 1 + s.lookahead))
+            levels.append(QualityLevel(name, cost=cost, latency_frames=self._latency_frames(s)))
         return levels
+
+    def _latency_frames(self, settings: StreamSettings) -> int:
+        """Camera frames a frame spends in flight: it leaves S - 1 + K ticks after entering on
+        its frame's first tick, n ticks a frame (auto: as for one, the most it can be)."""
+        n = 1 if self.pacer is not None else self._most_ticks
+        return (settings.steps - 1 + settings.lookahead) // n
 
     def set_quality(self, level: int) -> None:
         """Between frames: the stream continues on that level's batch, empty (its frames in
@@ -177,8 +240,17 @@ class XPortraitLiveEngine:
             self.denoiser = self._denoisers[level]
             self.denoiser.reset()
         self._level = level
-        settings, _ = self._ladder[level]
-        self.latency_frames = settings.steps - 1 + settings.lookahead
+        self.latency_frames = self._latency_frames(self._ladder[level][0])
+
+    def set_ticks_per_frame(self, ticks: int | str) -> None:
+        """Between frames: 1, 2 or "auto" ticks per frame from now on (as LiveOptions'
+        ticks_per_frame); every level's batch and graph stay as they are."""
+        self.options = replace(self.options, live=replace(self.options.live, ticks_per_frame=ticks))  # validated
+        self.pacer = TickPacer() if ticks == "auto" else None
+        self._most_ticks = AUTO_TICKS if ticks == "auto" else ticks
+        if self.pacer is not None and self._tick_done is None and self.device.type == "cuda":
+            self._tick_done = torch.cuda.Event()
+        self.latency_frames = self._latency_frames(self._ladder[self._level][0])
 
     def _staged(self, frame: DrivingFrame) -> tuple[torch.Tensor, torch.Tensor]:
         """The frame and its patch boxes in pinned memory; the tick builds both hints from them."""
@@ -196,11 +268,32 @@ class XPortraitLiveEngine:
             self._copied[self._slot].record()
         return leaving
 
-    def _rendered(self, leaving) -> Rendered | None:
-        if leaving is None:
+    def _take(self, leaving):
+        """The leaving frame's image, on its way to the host if that frame was not shown yet
+        (a frame's repeats leave after it): its (number, tag), else None. The copy is queued
+        behind the tick that decoded it, so the next tick may be queued before it is done."""
+        if leaving is None or leaving[1][0] <= self._shown:
             return None
-        self._host_out.copy_(self.denoiser.image)  # waits for the tick: the one sync per frame
-        return Rendered(self._host_out.numpy(), leaving[1])
+        self._shown = leaving[1][0]
+        cuda = self._out_copied is not None
+        self._host_out.copy_(self.denoiser.image, non_blocking=cuda)
+        if cuda:
+            self._out_copied.record()
+        return leaving[1]
+
+    def _rendered(self, taken) -> Rendered | None:
+        if taken is None:
+            return None
+        if self._out_copied is not None:
+            self._out_copied.synchronize()  # the one wait per frame: for the shown frame's tick, not later ones
+        return Rendered(self._host_out.numpy(), taken[1])
+
+    def _tick_finished(self) -> float:
+        """When the tick just queued finished (auto measures it): on a GPU, waits for it."""
+        if self._tick_done is not None:
+            self._tick_done.record()
+            self._tick_done.synchronize()
+        return time.perf_counter()
 
     def step(self, frame: DrivingFrame) -> Rendered | None:
         if self.denoiser.reference is None:
@@ -208,18 +301,40 @@ class XPortraitLiveEngine:
         if frame.image is None:
             raise EngineError("the xportrait engine needs the aligned driving image")
         t0 = time.perf_counter()
-        out = self._rendered(self._tick(self._staged(frame), frame.tag))
-        self._timings.record("engine", (time.perf_counter() - t0) * 1e3)
+        pacer = self.pacer
+        if pacer is not None:
+            pacer.start(frame.time, t0)
+        self._serial += 1
+        entry = (self._serial, frame.tag)
+        taken = self._take(self._tick(self._staged(frame), entry))
+        ticks, first_done = 1, None
+        while ticks < self._most_ticks:
+            if pacer is not None:
+                done = self._tick_finished()
+                first_done = first_done or done
+                if not pacer.another(done):
+                    break
+            taken = self._take(self.denoiser.tick_again(entry)) or taken  # the same frame, on the device already
+            ticks += 1
+        out = self._rendered(taken)
+        self.last_ticks = ticks
+        t1 = time.perf_counter()
+        self._timings.record("engine", (t1 - t0) * 1e3)
+        # What auto's extra ticks took: room the frame interval had, not the frame's cost (the governor's).
+        self._timings.record("spare", (t1 - first_done) * 1e3 if ticks > 1 and first_done is not None else 0.0)
         self._timings.steps += 1
         return out
 
     def flush(self) -> list[Rendered]:
+        """Every frame still in flight and not shown yet, in order (repeats run out unseen)."""
         out = []
-        for _ in range(self.latency_frames):
-            rendered = self._rendered(self._tick(None))
+        for _ in range(self.denoiser.entries - max(self.last_ticks, 1)):  # the last frame's first copy leaves last
+            rendered = self._rendered(self._take(self._tick(None)))
             if rendered is not None:
                 out.append(Rendered(rendered.image.copy(), rendered.tag))
         return out
 
     def reset(self) -> None:
         self.denoiser.reset()
+        if self.pacer is not None:
+            self.pacer.reset()

@@ -4,7 +4,10 @@ With S LCM steps (timesteps t_0 > ... > t_{S-1}), S frames are in flight at once
 level k having entered k ticks ago. Each tick one UNet call on the batch of S denoises every
 frame in flight by one level: the new driving frame enters at t_0 (its latent: the source
 latent forward-diffused with fixed noise), the oldest leaves clean and only it is decoded.
-A frame is out S - 1 ticks after it came in.
+A frame is out S - 1 ticks after it came in. A tick may also enter the last frame again
+(`tick_again`): with two ticks per camera frame a frame is out after S ticks of GPU time
+rather than S - 1 camera intervals, and the stream is the causal one over the clip with each
+frame entered twice.
 
 Temporal attention is causal: at level k a frame attends over the last W - 1 frames' keys
 and values *at level k* (one cache per level), recorded when those frames were there.
@@ -256,6 +259,7 @@ class StreamingDenoiser:
                             for _ in range(4))
                       for pixels, channels, heads in model.temporal_shapes]
         self._entering = False  # what `enters` holds: written only when it changes
+        self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
         self.decode, self.overlay, self.split = decode, overlay, split
@@ -295,6 +299,7 @@ class StreamingDenoiser:
             for t in ring:
                 t.zero_()
         self._in_flight = [(False, None)] * self.entries
+        self._repeatable = False  # tick_again needs a frame entered since
 
     def temporal_rings(self) -> list[TemporalRing]:
         """The temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
@@ -439,6 +444,21 @@ class StreamingDenoiser:
         if entering != self._entering:  # only around flushes: a steady stream launches nothing here
             self.enters.fill_(entering)
             self._entering = entering
+        return self._advance_one(entering, tag)
+
+    @torch.no_grad()
+    def tick_again(self, tag=None):
+        """A tick on which the frame that entered on the last tick enters again: it is still
+        in the device's buffers, so nothing is copied and the same work (the same CUDA graph)
+        runs. The copy is a frame like any other (its own ring slot, its own way out, S - 1
+        ticks later): the stream is the one over the clip with that frame repeated, as
+        `render_causal` renders it. What `tick` returns."""
+        if not self._repeatable:
+            raise RuntimeError("tick_again repeats a frame: the last tick entered none")
+        return self._advance_one(True, tag)
+
+    def _advance_one(self, entering: bool, tag):
+        self._repeatable = entering
         if self._graph is not None:
             self._graph.replay()
         else:
