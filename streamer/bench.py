@@ -33,7 +33,7 @@ FPS = 25.0  # the driving clip's rate
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=BenchOptions.frames,
-                        help=f"driving frames to time (default: {BenchOptions.frames})")
+                        help=f"driving frames in all, the first --warmup of them untimed (default: {BenchOptions.frames})")
     parser.add_argument("--warmup", type=int, default=BenchOptions.warmup,
                         help=f"untimed frames first (default: {BenchOptions.warmup})")
     parser.add_argument("--source", default=BenchOptions.source,
@@ -56,14 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_source(spec: str) -> np.ndarray:
-    if not Path(spec).exists():
-        from .samples import portrait
+    """A bundled portrait's name or an image file, read as `animate` reads its sources (the
+    one loader: upright, transparency on white, bad files refused in words)."""
+    from .offline import source_image
 
-        return portrait(spec)  # a bundled name, or a ValueError naming them
-    from PIL import Image
-
-    with Image.open(spec) as im:
-        return np.array(im.convert("RGB"))
+    return source_image(spec)
 
 
 def _driving_frames(path: str | None, count: int) -> list[np.ndarray]:
@@ -152,8 +149,9 @@ def bench_animator(options: BenchOptions) -> dict:
     from engines.animator import Animator
 
     engine = options.engine
+    source = load_source(options.source)
     animator = Animator(create_engine(engine))
-    animator.set_sources([load_source(options.source)])
+    animator.set_sources([source])
     frames = _driving_frames(options.driving, options.frames)
     result = {
         "engine": engine.name,
