@@ -566,10 +566,17 @@ async def serve(server: Server, host: str, port: int) -> None:
 
 
 def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # ICE and DTLS state changes are half the log at INFO: the sessions' own lines say enough.
+    """Our own lines (the server's, the engines') from INFO up; other libraries' only from
+    WARNING up unless `verbose`: ICE and DTLS state changes are half the log at INFO (the
+    sessions' own lines say enough), and on a fresh machine mediapipe's import of pyplot logs
+    matplotlib's font cache."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
+    for name in ("xportrait", "engines"):
+        logging.getLogger(name).setLevel(logging.INFO)
     for name in ("aioice", "aiortc"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(level)
 
 
 def _tls_context(options: ServeOptions):
