@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -125,7 +124,7 @@ def warp_baseline(animator, frames: list[np.ndarray], count: int) -> dict:
     """scikit-image's PiecewiseAffineTransform + warp over the same vertices the engine moves."""
     from skimage.transform import PiecewiseAffineTransform, warp
 
-    reenactor = animator.engine._reenactor  # the engine's own mesh, so both warp the same motion
+    reenactor = animator.engine.reenactor  # the engine's own mesh, so both warp the same motion
     source = animator.sources[0].image
     times = []
     for frame in frames[:count]:
@@ -136,7 +135,7 @@ def warp_baseline(animator, frames: list[np.ndarray], count: int) -> dict:
         aligned = animator.align(landmarks)
         reenactor.render(aligned, animator.reference)  # moves the vertices (its warp is not used)
         # output -> source, as warp() wants
-        transform = PiecewiseAffineTransform.from_estimate(reenactor._vertices, reenactor.src_vertices)
+        transform = PiecewiseAffineTransform.from_estimate(reenactor.vertices, reenactor.src_vertices)
         warp(source, transform, output_shape=source.shape[:2], preserve_range=True).astype(np.uint8)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"name": "scikit-image PiecewiseAffineTransform warp", "frames": len(times),
