@@ -35,9 +35,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SIZE_RULE = "a multiple of 8 and at least 64"  # every square size: the VAE's factor, the mesh's minimum
+
+
+def valid_size(size) -> bool:
+    return isinstance(size, int) and size >= 64 and size % 8 == 0
+
+
 def check_size(size: int, name: str = "size") -> int:
-    if not isinstance(size, int) or size < 64 or size % 8:
-        raise OptionError(f"{flag(name)} must be a multiple of 8 and at least 64, got {size}")
+    if not valid_size(size):
+        raise OptionError(f"{flag(name)} must be {SIZE_RULE}, got {size}")
     return size
 
 
