@@ -22,7 +22,10 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 DEFAULT_SIZE = 512
 DEFAULT_SEED = 999  # the released code's
-LIVE_STEPS = 4  # LCM steps of the live engine (= frames in flight), and of the exported graphs
+RELEASED_STEPS = 30  # the released sampler: DDIM "30 steps" (ldm's uniform timesteps: 31 evaluations)
+RELEASED_GUIDANCE = 5.0  # and its classifier-free guidance
+LCM_STEPS = 4  # LCM sampling with an LCM-LoRA, offline
+LIVE_STEPS = LCM_STEPS  # LCM steps of the live engine (= frames in flight), and of the exported graphs
 DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
 
 
