@@ -235,7 +235,7 @@ class Server:
             raise JSONError(401, "missing or wrong access token: open the page as http(s)://HOST:PORT/?token=TOKEN, "
                              "or send the header 'Authorization: Bearer TOKEN'")
 
-    def _controlled_session(self, session_id: str, given: str) -> Session:
+    def controlled_session(self, session_id: str, given: str) -> Session:
         """The session named `session_id` (?session=ID), if `given` (the request's secret header) is its secret."""
         session = self.sessions.get(session_id)
         if session is None or session.closed:
@@ -374,7 +374,7 @@ class Server:
     def portrait_change_allowed(self, session_id: str, secret: str, name: str | None) -> Session:
         """The checks of a portrait change that cost nothing (before an upload is read): the
         session and its secret, its mode, the portrait's name, video flowing. Raises JSONError."""
-        session = self._controlled_session(session_id, secret)
+        session = self.controlled_session(session_id, secret)
         if not session.pipeline.stage.takes_portrait:
             raise JSONError(400, "this session runs in echo mode: it has no portrait")
         if name is not None and name not in self.gallery:
