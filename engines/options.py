@@ -22,7 +22,10 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 DEFAULT_SIZE = 512
 DEFAULT_SEED = 999  # the released code's
-LIVE_STEPS = 4  # LCM steps of the live engine (= frames in flight), and of the exported graphs
+RELEASED_STEPS = 30  # the released sampler: DDIM "30 steps" (ldm's uniform timesteps: 31 evaluations)
+RELEASED_GUIDANCE = 5.0  # and its classifier-free guidance
+LCM_STEPS = 4  # LCM sampling with an LCM-LoRA, offline
+LIVE_STEPS = LCM_STEPS  # LCM steps of the live engine (= frames in flight), and of the exported graphs
 DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
 TICKS_PER_FRAME = (1, 2, "auto")  # the live engine's stream ticks per camera frame
 
@@ -36,9 +39,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SIZE_RULE = "a multiple of 8 and at least 64"  # every square size: the VAE's factor, the mesh's minimum
+
+
+def valid_size(size) -> bool:
+    return isinstance(size, int) and size >= 64 and size % 8 == 0
+
+
 def check_size(size: int, name: str = "size") -> int:
-    if not isinstance(size, int) or size < 64 or size % 8:
-        raise OptionError(f"{flag(name)} must be a multiple of 8 and at least 64, got {size}")
+    if not valid_size(size):
+        raise OptionError(f"{flag(name)} must be {SIZE_RULE}, got {size}")
     return size
 
 

@@ -606,7 +606,6 @@ class Reenactor:
         self._init_outline(mesh)
         self._reference_key: int | None = None
         self.calibration: DriverCalibration | None = None
-        self.composite = True  # the person over the plate; off (a quality level): the warped frame as it is
 
     def _opening_weights(self, mesh: np.ndarray) -> np.ndarray:
         """(468,) how much of the mouth's opening each point takes: the lower lip fully
@@ -682,8 +681,21 @@ class Reenactor:
         return self._moved(driving, motion, mouth)
 
     # -- rendering ------------------------------------------------------------------------------
-    def render(self, driving: np.ndarray, reference: np.ndarray, timings: Timings | None = None) -> np.ndarray:
-        """Warp the source so its face follows `driving` (relative to `reference`)."""
+    def recalibrate(self) -> None:
+        """The driver's calibration starts again with the next reference (the same one too)."""
+        self._reference_key = None
+
+    @property
+    def vertices(self) -> np.ndarray:
+        """The mesh's vertices where the last `render` moved them (output pixels), in the order
+        of `src_vertices`."""
+        return self._vertices
+
+    def render(self, driving: np.ndarray, reference: np.ndarray, timings: Timings | None = None,
+               over_plate: bool = True) -> np.ndarray:
+        """Warp the source so its face follows `driving` (relative to `reference`).
+        `over_plate`: the person composited over the background plate; False (a quality
+        level): the warped frame as it is."""
         t0 = time.perf_counter()
         motion = self._motion(driving, reference)
         shut, mouth_open = self.calibration.update(driving)
@@ -706,7 +718,7 @@ class Reenactor:
         # faster than a separate cv2.convertMaps pass over the whole map (1.05 against 1.55 ms).
         cv2.remap(self._source_rgba, self._map_x, self._map_y, cv2.INTER_LINEAR, dst=self._warped_rgba,
                   borderMode=cv2.BORDER_REPLICATE)
-        if self.composite:
+        if over_plate:
             cv2.extractChannel(self._warped_rgba, 3, dst=self._alpha_u8)
             # Where a turn folds the mesh the map jumps, and so would the warped matte: soften it
             # by a pixel so the outline stays antialiased everywhere.
@@ -908,11 +920,17 @@ class WarpEngine:
         self._reenactor: Reenactor | None = None
         self._reenactors: dict[tuple[int, int], Reenactor] = {}  # per quality level's grid, this source's
         self._level = 0
+        self._over_plate = True  # the quality level's: the person composited over the plate
         self._timings = Timings()
 
     @property
     def timings(self) -> Timings:
         return self._timings
+
+    @property
+    def reenactor(self) -> Reenactor | None:
+        """The Reenactor that renders the current source at the current quality level."""
+        return self._reenactor
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         # The warp animates the first portrait; further references are for engines that
@@ -927,7 +945,7 @@ class WarpEngine:
         if self._reenactor is None:
             raise EngineError("prepare() the engine with a source first")
         t0 = time.perf_counter()
-        image = self._reenactor.render(frame.landmarks, frame.reference, self._timings)
+        image = self._reenactor.render(frame.landmarks, frame.reference, self._timings, self._over_plate)
         self._timings.record("engine", (time.perf_counter() - t0) * 1e3)
         self._timings.steps += 1
         return Rendered(image, frame.tag)
@@ -938,7 +956,7 @@ class WarpEngine:
     def reset(self) -> None:
         # Driving state: the driver's calibration starts again with the next reference.
         for reenactor in self._reenactors.values():
-            reenactor._reference_key = None
+            reenactor.recalibrate()
 
     # Quality levels (engines.base.Governed), what costs on the CPU: the warp map on a grid of a
     # quarter of the size (raster: about half), then no matte composite (the background follows the head).
@@ -950,8 +968,8 @@ class WarpEngine:
 
     def set_quality(self, level: int) -> None:
         """A grid of another size is another Reenactor (same matte and plate), kept per source."""
-        _, divisor, composite = self.QUALITY[level]
-        self._level, old = level, self._reenactor
+        _, divisor, over_plate = self.QUALITY[level]
+        self._level, self._over_plate, old = level, over_plate, self._reenactor
         if old is not None:
             grid = (self._grid or self.size) if divisor is None else max(32, self.size // divisor)
             key = (id(old.source), grid)
@@ -959,7 +977,6 @@ class WarpEngine:
                 self._reenactors = {k: r for k, r in self._reenactors.items() if k[0] == id(old.source)}
                 self._reenactors[key] = Reenactor(old.source, grid, matte=old.matte, plate=old.plate)
             self._reenactor = self._reenactors[key]
-            self._reenactor.composite = composite
 
 
 def reenact(source: np.ndarray, driving: np.ndarray, reference: np.ndarray | None = None,

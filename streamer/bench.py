@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +32,7 @@ FPS = 25.0  # the driving clip's rate
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=BenchOptions.frames,
-                        help=f"driving frames to time (default: {BenchOptions.frames})")
+                        help=f"driving frames in all, the first --warmup of them untimed (default: {BenchOptions.frames})")
     parser.add_argument("--warmup", type=int, default=BenchOptions.warmup,
                         help=f"untimed frames first (default: {BenchOptions.warmup})")
     parser.add_argument("--source", default=BenchOptions.source,
@@ -60,14 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_source(spec: str) -> np.ndarray:
-    if not Path(spec).exists():
-        from .samples import portrait
+    """A bundled portrait's name or an image file, read as `animate` reads its sources (the
+    one loader: upright, transparency on white, bad files refused in words)."""
+    from .offline import source_image
 
-        return portrait(spec)  # a bundled name, or a ValueError naming them
-    from PIL import Image
-
-    with Image.open(spec) as im:
-        return np.array(im.convert("RGB"))
+    return source_image(spec)
 
 
 def _driving_frames(path: str | None, count: int) -> list[np.ndarray]:
@@ -132,7 +128,7 @@ def warp_baseline(animator, frames: list[np.ndarray], count: int) -> dict:
     """scikit-image's PiecewiseAffineTransform + warp over the same vertices the engine moves."""
     from skimage.transform import PiecewiseAffineTransform, warp
 
-    reenactor = animator.engine._reenactor  # the engine's own mesh, so both warp the same motion
+    reenactor = animator.engine.reenactor  # the engine's own mesh, so both warp the same motion
     source = animator.sources[0].image
     times = []
     for frame in frames[:count]:
@@ -143,7 +139,7 @@ def warp_baseline(animator, frames: list[np.ndarray], count: int) -> dict:
         aligned = animator.align(landmarks)
         reenactor.render(aligned, animator.reference)  # moves the vertices (its warp is not used)
         # output -> source, as warp() wants
-        transform = PiecewiseAffineTransform.from_estimate(reenactor._vertices, reenactor.src_vertices)
+        transform = PiecewiseAffineTransform.from_estimate(reenactor.vertices, reenactor.src_vertices)
         warp(source, transform, output_shape=source.shape[:2], preserve_range=True).astype(np.uint8)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"name": "scikit-image PiecewiseAffineTransform warp", "frames": len(times),
@@ -156,8 +152,9 @@ def bench_animator(options: BenchOptions) -> dict:
     from engines.animator import Animator
 
     engine = options.engine
+    source = load_source(options.source)
     animator = Animator(create_engine(engine))
-    animator.set_sources([load_source(options.source)])
+    animator.set_sources([source])
     frames = _driving_frames(options.driving, options.frames)
     result = {
         "engine": engine.name,

@@ -25,8 +25,11 @@ from engines.options import (
     DEFAULT_WINDOW,
     DTYPES,
     ENGINES,
+    LCM_STEPS,
     LIVE_STEPS,
     MODEL_SIZES,
+    RELEASED_GUIDANCE,
+    RELEASED_STEPS,
     SAMPLERS,
     EngineOptions,
     LiveOptions,
@@ -62,10 +65,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--checkpoint", metavar="PATH", help="the released X-Portrait checkpoint (model_state-*.th)")
     g.add_argument("--lcm-lora", metavar="PATH", help="an LCM-LoRA for SD1.5, fused into the UNet (few-step sampling)")
     g.add_argument("--sampler", choices=SAMPLERS,
-                   help="default: lcm with --lcm-lora, else the released DDIM (30 steps, guidance 5)")
+                   help=f"default: lcm with --lcm-lora, else the released DDIM ({RELEASED_STEPS} steps, "
+                        f"guidance {RELEASED_GUIDANCE:g})")
     g.add_argument("--steps", type=int,
-                   help=f"denoising steps (default: 30 DDIM as released; {LIVE_STEPS} with --lcm-lora and live)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 5 as released; 1 with --lcm-lora)")
+                   help=f"denoising steps (default: {RELEASED_STEPS} DDIM as released; {LCM_STEPS} with --lcm-lora; "
+                        f"{LIVE_STEPS} live)")
+    g.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance (default: {RELEASED_GUIDANCE:g} as released; 1 with --lcm-lora)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed (default: {DEFAULT_SEED}, as released)")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cuda, cuda:1, cpu")
     g.add_argument("--dtype", choices=DTYPES, help="default: fp16 on a GPU, fp32 on a CPU")

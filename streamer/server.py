@@ -81,10 +81,6 @@ class JSONError(web.HTTPException):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
 
 
-def _fail(status: int, message: str, headers: dict | None = None) -> web.HTTPException:
-    return JSONError(status, message, headers)
-
-
 class TokenBucket:
     """`burst` events at once, then one per `interval` seconds."""
 
@@ -192,12 +188,12 @@ class Server:
                 message = f"nothing at {request.path}"
             else:
                 message = exc.reason
-            raise _fail(exc.status, message) from None
+            raise JSONError(exc.status, message) from None
         except ConnectionResetError:
             raise
         except Exception:
             logger.exception("%s %s failed", request.method, request.path)
-            raise _fail(500, "internal server error (logged on the server)") from None
+            raise JSONError(500, "internal server error (logged on the server)") from None
 
     @web.middleware
     async def _same_site_only(self, request: web.Request, handler):
@@ -205,13 +201,13 @@ class Server:
         request sent by another site's page (its Origin)."""
         host = request.headers.get("Host", "")
         if not self._host_allowed(host):
-            raise _fail(403, f"this server does not answer to the host name {host[:100]!r}: open it by its "
+            raise JSONError(403, f"this server does not answer to the host name {host[:100]!r}: open it by its "
                              "address or a name given to --allow-origin")
         origin = request.headers.get("Origin")
         if origin is not None:
             own = f"{request.scheme}://{host}".lower()
             if origin.lower() != own and origin.rstrip("/").lower() not in self._origins:
-                raise _fail(403, f"requests from pages at {origin[:100]} are refused: open the page from this "
+                raise JSONError(403, f"requests from pages at {origin[:100]} are refused: open the page from this "
                                  f"server, or start serve with --allow-origin {origin[:100]}")
         return await handler(request)
 
@@ -236,22 +232,22 @@ class Server:
             given = header[len("Bearer "):]
         # Header bytes that are not UTF-8 arrive as surrogates: they compare unequal, no 500.
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
-            raise _fail(401, "missing or wrong access token: open the page as http(s)://HOST:PORT/?token=TOKEN, "
+            raise JSONError(401, "missing or wrong access token: open the page as http(s)://HOST:PORT/?token=TOKEN, "
                              "or send the header 'Authorization: Bearer TOKEN'")
 
-    def _controlled_session(self, session_id: str, given: str) -> Session:
+    def controlled_session(self, session_id: str, given: str) -> Session:
         """The session named `session_id` (?session=ID), if `given` (the request's secret header) is its secret."""
         session = self.sessions.get(session_id)
         if session is None or session.closed:
-            raise _fail(404, f"no live session {session_id[:40]!r}: start the stream first")
+            raise JSONError(404, f"no live session {session_id[:40]!r}: start the stream first")
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), session.secret.encode()):
-            raise _fail(403, f"session {session.id} is controlled only by the peer that started it: send "
+            raise JSONError(403, f"session {session.id} is controlled only by the peer that started it: send "
                              f"the header '{SECRET_HEADER}' with the secret from the offer's answer")
         return session
 
     async def _read_upload(self, request: web.Request) -> bytes:
         limit = self.config.max_upload_bytes
-        too_big = _fail(413, f"the upload is larger than {limit / 2**20:g} MiB; the previous portrait is kept")
+        too_big = JSONError(413, f"the upload is larger than {limit / 2**20:g} MiB; the previous portrait is kept")
         if request.content_length is not None and request.content_length > limit:
             raise too_big
         if request.content_type.startswith("multipart/"):
@@ -261,9 +257,9 @@ class Server:
                 while part is not None and getattr(part, "filename", None) is None:
                     part = await reader.next()
             except (ValueError, AssertionError):
-                raise _fail(400, "the multipart form is malformed; the previous portrait is kept") from None
+                raise JSONError(400, "the multipart form is malformed; the previous portrait is kept") from None
             if part is None:
-                raise _fail(400, "the form has no file in it; the previous portrait is kept")
+                raise JSONError(400, "the form has no file in it; the previous portrait is kept")
             read = part.read_chunk
         else:
             read = request.content.read
@@ -291,39 +287,39 @@ class Server:
     async def thumbnail(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.thumbnails:
-            raise _fail(404, f"no bundled portrait {name[:60]!r}")
+            raise JSONError(404, f"no bundled portrait {name[:60]!r}")
         return web.Response(body=self.thumbnails[name], content_type="image/jpeg")
 
     async def offer(self, request: web.Request) -> web.Response:
         self._authorize(request)
         shape = 'the body must be JSON: {"sdp": "...", "type": "offer"}'
         if request.content_type != "application/json":
-            raise _fail(415, f"send the offer with 'Content-Type: application/json'; {shape}")
+            raise JSONError(415, f"send the offer with 'Content-Type: application/json'; {shape}")
         try:
             params = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
-            raise _fail(400, shape) from None
+            raise JSONError(400, shape) from None
         except RecursionError:
-            raise _fail(400, f"the JSON is nested too deeply; {shape}") from None
+            raise JSONError(400, f"the JSON is nested too deeply; {shape}") from None
         if not isinstance(params, dict) or not isinstance(params.get("sdp"), str) or params.get("type") != "offer":
-            raise _fail(400, shape)
+            raise JSONError(400, shape)
         mode = params.get("mode", "animate")
         if not isinstance(mode, str) or mode not in MODES:
-            raise _fail(400, f"unknown mode {_short(mode)}; choose one of: {', '.join(MODES)}")
+            raise JSONError(400, f"unknown mode {_short(mode)}; choose one of: {', '.join(MODES)}")
         name = params.get("portrait") or next(iter(self.gallery))
         if not isinstance(name, str) or name not in self.gallery:
-            raise _fail(400, f"unknown portrait {_short(name)}; choose one of: {', '.join(self.gallery)}")
+            raise JSONError(400, f"unknown portrait {_short(name)}; choose one of: {', '.join(self.gallery)}")
         try:
             check_offer(params["sdp"])  # before a slot is taken: a bad offer holds nothing
         except OfferError as exc:
-            raise _fail(400, f"invalid SDP offer: {exc}") from None
+            raise JSONError(400, f"invalid SDP offer: {exc}") from None
         return web.json_response(await self.open_session(params["sdp"], mode, name))
 
     async def open_session(self, sdp: str, mode: str, name: str) -> dict:
         """A session for a checked offer (its SDP, mode, gallery portrait): the answer
         {"sdp", "type", "session", "secret"}. Raises JSONError (503 when full, 400)."""
         if len(self.sessions) >= self.config.max_sessions:
-            raise _fail(503, f"server busy: all {self.config.max_sessions} sessions are in use; "
+            raise JSONError(503, f"server busy: all {self.config.max_sessions} sessions are in use; "
                              "try again when one ends")
 
         pc = RTCPeerConnection(rtc_configuration(self.config.ice_servers))  # none given: a local server needs none
@@ -352,12 +348,12 @@ class Server:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
                 if session.webcam is None:
-                    raise _fail(400, "invalid SDP offer: it has no video track: send the webcam as a video track")
+                    raise JSONError(400, "invalid SDP offer: it has no video track: send the webcam as a video track")
                 answer = await pc.createAnswer()  # fails when no codec is shared, among others
             except web.HTTPException:
                 raise
             except Exception:  # checked above; what remains is aiortc's view of the offer
-                raise _fail(400, "invalid SDP offer: it names no codec or transport this server can use "
+                raise JSONError(400, "invalid SDP offer: it names no codec or transport this server can use "
                                  "(it offers VP8 and H.264 video over DTLS-SRTP)") from None
             await ready
             await pc.setLocalDescription(answer)
@@ -378,13 +374,13 @@ class Server:
     def portrait_change_allowed(self, session_id: str, secret: str, name: str | None) -> Session:
         """The checks of a portrait change that cost nothing (before an upload is read): the
         session and its secret, its mode, the portrait's name, video flowing. Raises JSONError."""
-        session = self._controlled_session(session_id, secret)
+        session = self.controlled_session(session_id, secret)
         if not session.pipeline.stage.takes_portrait:
-            raise _fail(400, "this session runs in echo mode: it has no portrait")
+            raise JSONError(400, "this session runs in echo mode: it has no portrait")
         if name is not None and name not in self.gallery:
-            raise _fail(404, f"no bundled portrait {name[:60]!r}")
+            raise JSONError(404, f"no bundled portrait {name[:60]!r}")
         if name is None and not session.media_flowing:
-            raise _fail(409, "no video has arrived from this session yet: upload once the stream runs")
+            raise JSONError(409, "no video has arrived from this session yet: upload once the stream runs")
         return session
 
     async def change_portrait(self, session_id: str, secret: str, name: str | None, read) -> dict:
@@ -392,11 +388,11 @@ class Server:
         `await read()` returns, read only once every other check has passed. Raises JSONError."""
         session = self.portrait_change_allowed(session_id, secret, name)
         if session.id in self._changing:
-            raise _fail(429, "a portrait change for this session is still in progress; the previous "
+            raise JSONError(429, "a portrait change for this session is still in progress; the previous "
                              "portrait is kept", {"Retry-After": "1"})
         wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).take()
         if wait:
-            raise _fail(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
+            raise JSONError(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
                         {"Retry-After": str(max(1, round(wait)))})
         self._changing.add(session.id)
         try:
@@ -409,16 +405,16 @@ class Server:
                 load = lambda: read_image(data, "the upload")  # noqa: E731
             image = await session.pipeline.set_portrait(load, self._decoder)
         except ImageTooLarge as exc:
-            raise _fail(413, f"{exc}; the previous portrait is kept") from None
+            raise JSONError(413, f"{exc}; the previous portrait is kept") from None
         except ImageError as exc:
-            raise _fail(400, f"{exc}; the previous portrait is kept") from None
+            raise JSONError(400, f"{exc}; the previous portrait is kept") from None
         except NoFaceError:
-            raise _fail(422, "no face found in the image: use a photo or drawing where a face is clearly "
+            raise JSONError(422, "no face found in the image: use a photo or drawing where a face is clearly "
                              "visible; the previous portrait is kept") from None
         except NoPortrait as exc:
-            raise _fail(400, str(exc)) from None
+            raise JSONError(400, str(exc)) from None
         except PipelineClosed:
-            raise _fail(404, f"session {session.id} has ended: start the stream again") from None
+            raise JSONError(404, f"session {session.id} has ended: start the stream again") from None
         finally:
             self._changing.discard(session.id)
         session.portrait = name
@@ -566,10 +562,17 @@ async def serve(server: Server, host: str, port: int) -> None:
 
 
 def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # ICE and DTLS state changes are half the log at INFO: the sessions' own lines say enough.
+    """Our own lines (the server's, the engines') from INFO up; other libraries' only from
+    WARNING up unless `verbose`: ICE and DTLS state changes are half the log at INFO (the
+    sessions' own lines say enough), and on a fresh machine mediapipe's import of pyplot logs
+    matplotlib's font cache."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
+    for name in ("xportrait", "engines"):
+        logging.getLogger(name).setLevel(logging.INFO)
     for name in ("aioice", "aiortc"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(level)
 
 
 def _tls_context(options: ServeOptions):

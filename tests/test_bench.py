@@ -60,3 +60,23 @@ def test_a_bad_bench_request_is_a_usage_error_naming_the_flag(argv, message, cap
         main(argv)
     assert usage.value.code == 2
     assert f"xportrait bench: error: {message}" in capsys.readouterr().err
+
+
+def test_the_bench_reads_its_portrait_with_the_one_loader(tmp_path, capsys):
+    """--source goes through animate's loader: a file that is no image is refused in words,
+    and a transparent PNG is flattened onto white (not onto black)."""
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    assert main(["bench", "--engine", "warp", "--size", "64", "--frames", "3", "--warmup", "1",
+                 "--baseline-frames", "0", "--source", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"xportrait bench: error: cannot read source image {notes}: not an image format" in err, err
+
+    import numpy as np
+    from PIL import Image
+
+    from streamer.bench import load_source
+
+    clear = tmp_path / "clear.png"
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(clear)  # fully transparent
+    assert (load_source(str(clear)) == 255).all()

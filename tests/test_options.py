@@ -101,3 +101,21 @@ def test_a_broken_option_is_a_usage_error_of_its_command(argv, message, capsys):
     err = capsys.readouterr().err
     assert usage.value.code == 2
     assert err.startswith(f"usage: xportrait {argv[0]} ") and f"xportrait {argv[0]}: error: {message}" in err
+
+
+def test_every_square_size_is_checked_by_the_one_rule():
+    """Engines, prepare-data's crops and a training config's resolution refuse a size in the
+    same words (the rule is written once, in engines/options.py)."""
+    from engines.options import SIZE_RULE
+    from engines.xportrait.train.config import ConfigError, TrainConfig
+    from engines.xportrait.train.data import DataError, PrepareOptions
+
+    with pytest.raises(OptionError) as engine:
+        WarpOptions(size=100)
+    with pytest.raises(DataError) as crops:
+        PrepareOptions(size=100)
+    with pytest.raises(ConfigError) as config:
+        TrainConfig(data="d", base="b", out="o", resolution=100)
+    assert str(engine.value) == str(crops.value) == f"--size must be {SIZE_RULE}, got 100"
+    assert str(config.value) == f"resolution must be {SIZE_RULE}, got 100"
+    assert PrepareOptions(size=64).size == 64 and TrainConfig(data="d", base="b", out="o", resolution=72)

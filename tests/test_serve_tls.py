@@ -148,6 +148,29 @@ def test_ice_chatter_stays_out_of_the_log_unless_verbose(prepared, clip, caplog)
             logging.getLogger(name).setLevel(level)
 
 
+LOG_LEVELS = """
+import json, logging
+from streamer.server import configure_logging
+configure_logging({verbose})
+names = ("xportrait.server", "engines.xportrait.weights.lora", "matplotlib.font_manager", "aioice.ice", "aiohttp.web")
+print(json.dumps({{name: logging.getLogger(name).isEnabledFor(logging.INFO) for name in names}}))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_only_our_own_lines_are_logged_at_info_unless_verbose(verbose):
+    """As serve configures it, in a fresh interpreter: the server's and the engines' INFO lines
+    (a LoRA fused, a session closed) are logged; other libraries' only from WARNING up unless
+    --verbose (on a fresh machine mediapipe's import of pyplot logs matplotlib's font cache)."""
+    result = subprocess.run([sys.executable, "-c", LOG_LEVELS.format(verbose=verbose)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    enabled = __import__("json").loads(result.stdout)
+    assert enabled["xportrait.server"] and enabled["engines.xportrait.weights.lora"]
+    others = {name: on for name, on in enabled.items() if not name.startswith(("xportrait.", "engines."))}
+    assert others == {name: verbose for name in others}, others
+
+
 def test_stats_and_offer_over_tls_refuse_a_missing_key_file(tmp_path):
     cert_path, _ = self_signed(["localhost"], tmp_path)
     with pytest.raises(TLSError, match="key file not found"):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
+from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LCM_STEPS, RELEASED_GUIDANCE, RELEASED_STEPS
 from .config import XPortraitConfig
 from .model import XPortraitModel
 
@@ -42,15 +43,15 @@ from .model import XPortraitModel
 @dataclass(frozen=True)
 class SamplerSettings:
     sampler: str = "ddim"  # "ddim" (released default) or "lcm"
-    steps: int = 30
-    guidance: float = 5.0
-    window: int = 16
+    steps: int = RELEASED_STEPS
+    guidance: float = RELEASED_GUIDANCE
+    window: int = DEFAULT_WINDOW
     overlap: int = 4
     offsets: str = "random"  # "random" (released), "fixed", or "causal" (the live engine's frames, offline)
     shared_noise: bool = False  # one noise image for every frame (steadier) instead of one each
     posterior: str = "sample"  # VAE latents: "sample" (released: one draw per frame) or "mean"
     start_noise: str = "released"  # forward diffusion to t = T - 1 ("released") or to the first step ("first-step")
-    seed: int = 999
+    seed: int = DEFAULT_SEED
     decode_batch: int = 4  # frames the VAE decodes at once: its 512² activations dominate peak memory
 
     @classmethod
@@ -58,7 +59,7 @@ class SamplerSettings:
         return cls()
 
     @classmethod
-    def lcm(cls, steps: int = 4) -> "SamplerSettings":
+    def lcm(cls, steps: int = LCM_STEPS) -> "SamplerSettings":
         return cls(sampler="lcm", steps=steps, guidance=1.0)
 
     def validate(self) -> None:

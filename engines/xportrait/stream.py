@@ -191,6 +191,23 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     return torch.cat(out)
 
 
+def update_ring_tick(tick: RingTick, valid: torch.Tensor, occupied: torch.Tensor, ring_index: torch.Tensor,
+                     newer: torch.Tensor, has_newer: torch.Tensor) -> None:
+    """This tick's slot (`tick.slot`) joins each entry's window (real if a frame is at that
+    entry: `occupied`) and the slot written W ticks ago drops out (`valid`: entries x W, kept
+    across ticks); positions follow the frames' ages; with look-ahead, `newer[e, o]` is the
+    entry that holds entry e's o-th newer frame (`has_newer`: whether there is one). Once a
+    tick, in place: every temporal module (in either half of a split tick) reads the result."""
+    slot, w = tick.slot, valid.shape[1]
+    valid.index_copy_(1, slot, occupied[:, None])
+    tick.mask.copy_(valid.index_fill(1, slot, True))  # a level's current frame attends to itself
+    age = (slot - ring_index) % w  # 0 for the current slot
+    older = age[None, :] > age[:, None]  # [j, i]: slot i holds an older frame than slot j
+    tick.positions.copy_((tick.mask[:, None, :] & older[None]).sum(dim=-1))
+    if tick.ahead is not None:
+        tick.ahead.copy_(has_newer & occupied[newer])
+
+
 class StreamingDenoiser:
     """The stream batch and its caches. `tick` takes one aligned driving frame (uint8) and its
     eye/mouth patch boxes and returns the clean latent of the frame that leaves (with its
@@ -306,18 +323,7 @@ class StreamingDenoiser:
         return [TemporalRing(tensors, self._tick) for tensors in self.rings]
 
     def _update_ring_tick(self) -> None:
-        """This tick's slot joins each level's window (real if a frame is at that level) and
-        the slot written W ticks ago drops out; positions follow the frames' ages. Once a tick,
-        in place: every temporal module (in either half of a split tick) reads the result."""
-        tick = self._tick
-        self.valid.index_copy_(1, self.slot, self.occupied[:, None])
-        tick.mask.copy_(self.valid.index_fill(1, self.slot, True))  # a level's current frame attends to itself
-        w = self.settings.window
-        age = (self.slot - self._ring_index) % w  # 0 for the current slot
-        older = age[None, :] > age[:, None]  # [j, i]: slot i holds an older frame than slot j
-        tick.positions.copy_((tick.mask[:, None, :] & older[None]).sum(dim=-1))
-        if tick.ahead is not None:
-            tick.ahead.copy_(self._has_newer & self.occupied[self._newer])
+        update_ring_tick(self._tick, self.valid, self.occupied, self._ring_index, self._newer, self._has_newer)
 
     def _advance(self) -> None:
         if self.split:

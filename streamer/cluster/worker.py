@@ -106,7 +106,7 @@ class Worker:
     async def session_state(self, session: str, secret: str) -> dict:
         """A session's state for the peer that holds its secret."""
         try:
-            live = self.server._controlled_session(session, secret)
+            live = self.server.controlled_session(session, secret)
         except JSONError as exc:
             return _refusal(exc)
         return _reply({"session": live.id, "state": "live", "worker": self.name, "connection": live.pc.connectionState,

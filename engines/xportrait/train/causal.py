@@ -3,11 +3,11 @@
 The live engine (stream.py) runs M causally: a frame attends over the last W - 1 frames at
 its own denoising level (a ring of W slots per level) and, with look-ahead k, over the k
 newer frames in flight; positions follow the frames' ages. Which slots attend and at which
-positions is decided in one place, `StreamingDenoiser._update_ring_tick`, and the k newer
-frames take the positions after the current one (`TemporalBlock._attend_ring`).
+positions is decided in one place, `stream.update_ring_tick`, and the k newer frames take
+the positions after the current one (`TemporalBlock._attend_ring`).
 
-`live_pattern` runs that very bookkeeping (the streaming engine's method, on its own state,
-without a model) over the ticks of a clip of F frames and writes down, for each frame, the
+`live_pattern` runs that very bookkeeping (the function the streaming engine calls each tick,
+on tensors of its own, without a model) over the ticks of a clip of F frames and writes down, for each frame, the
 frames it attended to and their positions: a `FramePattern`, which the temporal modules
 apply to a whole clip in one differentiable pass. Train and serve share the definition; a
 test pins the pattern to a real streaming engine's ticks and the trained forward to its frames.
@@ -15,11 +15,9 @@ test pins the pattern to a real streaming engine's ticks and the trained forward
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
-from ..stream import StreamingDenoiser, StreamSettings
+from ..stream import StreamSettings, update_ring_tick
 from ..temporal import FramePattern, RingTick
 
 
@@ -30,34 +28,32 @@ def live_pattern(frames: int, window: int, lookahead: int = 0, max_len: int = 24
     k, w = lookahead, window
     entries = k + 1  # k look-ahead entries, then the level
     newer = torch.arange(entries)[:, None] - 1 - torch.arange(k)[None]
-    state = SimpleNamespace(
-        settings=settings, valid=torch.zeros((entries, w), dtype=torch.bool),
-        slot=torch.full((1,), w - 1, dtype=torch.long), _ring_index=torch.arange(w),
-        occupied=torch.zeros(entries, dtype=torch.bool), _newer=newer.clamp(min=0), _has_newer=newer >= 0)
-    state._tick = RingTick(state.slot, torch.zeros((entries, w), dtype=torch.bool),
-                           torch.zeros((entries, w), dtype=torch.long),
-                           torch.zeros((entries, k), dtype=torch.bool) if k else None)
+    valid = torch.zeros((entries, w), dtype=torch.bool)
+    slot = torch.full((1,), w - 1, dtype=torch.long)
+    ring_index = torch.arange(w)
+    occupied = torch.zeros(entries, dtype=torch.bool)
+    t = RingTick(slot, torch.zeros((entries, w), dtype=torch.bool), torch.zeros((entries, w), dtype=torch.long),
+                 torch.zeros((entries, k), dtype=torch.bool) if k else None)
     mask = torch.zeros((frames, frames), dtype=torch.bool)
     positions = torch.zeros((frames, frames), dtype=torch.long)
     query_positions = torch.zeros(frames, dtype=torch.long)
     for tick in range(frames + k):
         # StreamingDenoiser._enter: the ring slot advances, every entry moves down one, the new frame enters.
-        state.slot.copy_((state.slot + 1) % w)
-        state.occupied[1:] = state.occupied[:-1].clone()
-        state.occupied[:1] = tick < frames
-        StreamingDenoiser._update_ring_tick(state)
+        slot.copy_((slot + 1) % w)
+        occupied[1:] = occupied[:-1].clone()
+        occupied[:1] = tick < frames
+        update_ring_tick(t, valid, occupied, ring_index, newer.clamp(min=0), newer >= 0)
         frame = tick - k  # the frame at the level (entry e holds the frame that entered e ticks ago)
         if frame < 0:
             continue
-        t = state._tick
-        slot = int(state.slot)
+        current_slot = int(slot)
         for j in range(w):
             if not t.mask[k, j]:
                 continue
-            age = (slot - j) % w  # slot j was written `age` ticks ago, by the frame then at this entry
+            age = (current_slot - j) % w  # slot j was written `age` ticks ago, by the frame then at this entry
             positions[frame, frame - age] = t.positions[k, j]
             mask[frame, frame - age] = True
-        current = t.positions[k, slot]
+        current = t.positions[k, current_slot]
         query_positions[frame] = current
         for o in range(k):  # entry k - 1 - o holds frame + 1 + o, at the positions after this frame's
             if t.ahead[k, o]:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from ...options import SIZE_RULE, valid_size
 from .stages import STAGES
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -102,8 +103,8 @@ class TrainConfig:
             raise ConfigError(f"frames: the {self.stage} stage trains on single frames, got {self.frames}")
         if self.stop_after is not None and self.stop_after < 1:
             raise bad("stop_after", "must be at least 1")
-        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
-            raise bad("resolution", "must be a multiple of 8, at least 64")
+        if self.resolution is not None and not valid_size(self.resolution):
+            raise bad("resolution", f"must be {SIZE_RULE}")
 
     @property
     def clip_frames(self) -> int:

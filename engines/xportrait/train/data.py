@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from ...face import FaceTracker, head_box, portrait_crop_affine, transform_landmarks, Box
+from ...options import SIZE_RULE, valid_size
 
 FORMATS = ("jpeg", "npy")
 IDENTITIES = ("clip", "video", "folder")
@@ -62,8 +63,8 @@ class PrepareOptions:
     identity: str = "clip"
 
     def __post_init__(self) -> None:
-        if self.size < 64 or self.size % 8:
-            raise DataError(f"--size must be a multiple of 8, at least 64, got {self.size}")
+        if not valid_size(self.size):
+            raise DataError(f"--size must be {SIZE_RULE}, got {self.size}")
         if not self.zoom >= 1.0:
             raise DataError(f"--zoom must be at least 1, got {self.zoom}")
         if self.min_frames < 2:
