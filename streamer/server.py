@@ -67,6 +67,7 @@ MAX_OFFER_BYTES = 256 * 1024
 THUMBNAIL_SIDE = 160
 CLIENT_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 SECRET_HEADER = "X-Session-Secret"
+UNUSABLE_OFFER = "it names no codec or transport this server can use (it offers VP8 and H.264 video over DTLS-SRTP)"
 PORTRAIT_CHANGES = (5, 1.0)  # per session: 5 portrait changes at once, then one a second
 
 
@@ -357,10 +358,17 @@ class Server:
             except web.HTTPException:
                 raise
             except Exception:  # checked above; what remains is aiortc's view of the offer
-                raise _fail(400, "invalid SDP offer: it names no codec or transport this server can use "
-                                 "(it offers VP8 and H.264 video over DTLS-SRTP)") from None
+                raise _fail(400, f"invalid SDP offer: {UNUSABLE_OFFER}") from None
             await ready
-            await pc.setLocalDescription(answer)
+            if session.closed:  # the peer's connection failed, or the server is shutting down
+                raise _fail(503, f"the session ended before its offer was answered ({session.close_reason}); "
+                                 "try again")
+            try:
+                await pc.setLocalDescription(answer)  # aiortc matches the offer's sections here too
+            except Exception:
+                logger.info("session %s: aiortc could not answer the offer", session.id, exc_info=True)
+                raise _fail(400, f"invalid SDP offer: {UNUSABLE_OFFER}") from None
+            session.answered()
         except BaseException:
             await asyncio.gather(ready, return_exceptions=True)  # never leave its outcome unread
             await session.close("offer refused")

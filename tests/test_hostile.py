@@ -101,6 +101,57 @@ def test_malformed_offers_are_400s_in_words_and_hold_no_slot(prepared):
     asyncio.run(main())
 
 
+def test_an_offer_aiortc_fails_on_while_answering_is_a_400_and_holds_no_slot(prepared, monkeypatch):
+    """What check_offer cannot foresee: aiortc raising while it answers, and again while the
+    refused session's peer connection closes. The session is still freed, its slot given back."""
+    from aiortc import RTCPeerConnection
+
+    async def broken_answer(self, description):
+        raise AttributeError("'NoneType' object has no attribute '_set_mid'")
+
+    close = RTCPeerConnection.close
+
+    async def broken_close(self):
+        await close(self)
+        raise AttributeError("'NoneType' object has no attribute '_unregister_data_receiver'")
+
+    async def main():
+        async with running(prepared) as http:
+            good = await offer_sdp()
+            monkeypatch.setattr(RTCPeerConnection, "setLocalDescription", broken_answer)
+            monkeypatch.setattr(RTCPeerConnection, "close", broken_close)
+            for _ in range(prepared.config.max_sessions + 1):
+                response = await http.post("/offer", json={"sdp": good, "type": "offer"})
+                message = await refused(response, 400, "invalid SDP offer")
+                assert not prepared.sessions, message
+            assert await freed(prepared)
+
+    asyncio.run(main())
+
+
+def test_the_connect_timeout_counts_from_the_answer_not_from_a_slow_engine_start(prepared, clip):
+    """On a loaded machine the engine may take longer to start than --connect-timeout: the
+    offer is still answered, and the session streams (it was closed mid-offer: a 500)."""
+    from streamer.pipeline import EnginePool
+
+    def slow_engine():
+        time.sleep(1.5)
+        return prepared.engines.take()
+
+    server = configured(prepared, engines=EnginePool(slow_engine), connect_timeout=0.5)
+
+    async def main():
+        async with running(server) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 10 * FPS))
+            response = await peer.offer(http)
+            assert response.status == 200, await response.text()
+            await until(lambda: len(peer.received) >= 3, 20)
+            await peer.close()
+            assert await freed(server)
+
+    asyncio.run(main())
+
+
 # ----------------------------------------------------------------------------- tokens and headers
 def test_tokens_hosts_and_origins(prepared):
     server = configured(prepared, token="s3cret", allow_origins=("https://studio.example",))
