@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from engines import EngineError
@@ -217,7 +218,10 @@ class Server:
         return await handler(request)
 
     def _host_allowed(self, host: str) -> bool:
-        name = urlsplit(f"//{host}").hostname if host else None
+        try:
+            name = urlsplit(f"//{host}").hostname if host else None
+        except ValueError:  # "[::1", "[name]": no host name at all
+            return False
         if not name:
             return False
         try:
@@ -255,25 +259,27 @@ class Server:
         too_big = _fail(413, f"the upload is larger than {limit / 2**20:g} MiB; the previous portrait is kept")
         if request.content_length is not None and request.content_length > limit:
             raise too_big
-        if request.content_type.startswith("multipart/"):
-            try:
+        try:
+            if request.content_type.startswith("multipart/"):
                 reader = await request.multipart()
                 part = await reader.next()
                 while part is not None and getattr(part, "filename", None) is None:
                     part = await reader.next()
-            except (ValueError, AssertionError):
-                raise _fail(400, "the multipart form is malformed; the previous portrait is kept") from None
-            if part is None:
-                raise _fail(400, "the form has no file in it; the previous portrait is kept")
-            read = part.read_chunk
-        else:
-            read = request.content.read
-        chunks, total = [], 0
-        while chunk := await read(65536):
-            total += len(chunk)
-            if total > limit:
-                raise too_big
-            chunks.append(chunk)
+                if part is None:
+                    raise _fail(400, "the form has no file in it; the previous portrait is kept")
+                read = part.read_chunk
+            else:
+                read = request.content.read
+            chunks, total = [], 0
+            while chunk := await read(65536):
+                total += len(chunk)
+                if total > limit:
+                    raise too_big
+                chunks.append(chunk)
+        # aiohttp's parser: ValueError, AssertionError, or an HTTP parsing error (a part's bad header)
+        except (ValueError, AssertionError, HttpProcessingError):
+            what = "multipart form" if request.content_type.startswith("multipart/") else "request body"
+            raise _fail(400, f"the {what} is malformed; the previous portrait is kept") from None
         return b"".join(chunks)
 
     # -- routes -----------------------------------------------------------------------------------

@@ -171,6 +171,10 @@ def test_tokens_hosts_and_origins(prepared):
             for path in ("/", "/stats", "/portraits"):
                 response = await http.get(path, headers={**auth, "Host": f"evil.example:{port}"})
                 await refused(response, 403, "host name")
+            for host in ("[::1", "[zz]", "[evil.example]:80"):  # no host name at all, said in words (was a 500)
+                status, body = await raw_request(port, f"GET /stats HTTP/1.1\r\nHost: {host}\r\n"
+                                                       "Authorization: Bearer s3cret\r\nConnection: close\r\n\r\n".encode())
+                assert status == 403 and b"host name" in body, (host, status, body)
             for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"studio.example:{port}", f"[::1]:{port}"):
                 assert (await http.get("/stats", headers={**auth, "Host": host})).status == 200, host
             # Cross-site requests: another page's script, a sandboxed page (Origin: null).
@@ -264,6 +268,12 @@ def test_an_upload_over_the_pixel_budget_is_refused_from_its_header(prepared, cl
                 message = await refused(response, 413, "megapixels")
                 assert "previous portrait is kept" in message
             assert time.perf_counter() - started < 2  # refused from the header: nothing was decoded
+            # Malformed forms: a 400 in words (a part's header that is not ASCII was a 500).
+            form = "multipart/form-data; boundary=xx"
+            for body in (b'--xx\r\n\xff\xfe: y\r\n\r\nabc\r\n--xx--\r\n', b'--xx\r\nno colon\r\n\r\nabc\r\n--xx--\r\n'):
+                response = await http.post(f"/avatar?session={peer.session}", data=body,
+                                           headers={**peer.control, "Content-Type": form})
+                await refused(response, 400, "multipart form is malformed")
             await peer.close()
             assert await freed(server)
 
