@@ -99,6 +99,7 @@ class Session:
         self._blackhole = MediaBlackhole()  # drains tracks we do not use (audio), so they cannot queue up
         self._closing: asyncio.Task | None = None
         self.retargeting: Retargeting = NEUTRAL  # the controls' values (engines/retarget.py)
+        self._recalibrating: asyncio.Task | None = None  # at most one recalibration waits
 
     def answered(self) -> None:
         """The offer is answered: the peer has --connect-timeout seconds from now to send video
@@ -130,7 +131,9 @@ class Session:
         except (ValueError, AttributeError, TypeError, RecursionError):
             return
         if command == "recalibrate" and not self.closed:
-            task = asyncio.ensure_future(self.pipeline.recalibrate())
+            if self._recalibrating is not None:
+                return  # one already waits for the next frame: a second would do the same again
+            task = self._recalibrating = asyncio.ensure_future(self.pipeline.recalibrate())
             self._tasks.add(task)
             task.add_done_callback(self._command_done)
         elif command == RETARGET and not self.closed:
@@ -157,6 +160,8 @@ class Session:
 
     def _command_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        if task is self._recalibrating:
+            self._recalibrating = None
         error = None if task.cancelled() else task.exception()
         if error is not None and not isinstance(error, PipelineClosed):
             logger.error("session %s: a command failed", self.id, exc_info=error)

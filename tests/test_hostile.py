@@ -309,6 +309,35 @@ def test_a_session_is_controlled_only_with_its_own_secret(prepared, clip):
     asyncio.run(main())
 
 
+# ------------------------------------------------------------------------------------- data channel
+def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
+    """A page (or a program) sending thousands of recalibrate messages: one recalibration waits
+    at a time (each used to wait as its own task for both pipeline threads: memory grew and
+    the stream stopped); retarget messages are applied at once; bad ones change nothing."""
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 60 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = prepared.sessions[peer.session]
+            await until(lambda: session.stats.frames_out >= 3, 20)
+            tasks = len(session._tasks)
+            for index in range(1000):
+                session.on_message('{"type": "recalibrate"}')
+                session.on_message('{"type": "retarget", "head_pose": %g}' % (index % 20 / 10))
+                for bad in ('{"type": "retarget", "head_pose": NaN}', '{"type": "retarget", "eyes": ["open"]}',
+                            '{"type": "retarget", "expression": 1e999}', '[' * 5000, '{"type": {"a": 1}}', "\udcff"):
+                    session.on_message(bad)
+            assert len(session._tasks) <= tasks + 1, len(session._tasks)
+            assert session.retargeting.head_pose == 1.9
+            out = session.stats.frames_out
+            await until(lambda: session.stats.frames_out >= out + 5, 20)  # still streaming
+            assert session.stats.errors == 0
+            await peer.close()
+            assert await freed(prepared)
+
+    asyncio.run(main())
+
+
 # ----------------------------------------------------------------------------- resolution changes
 def test_a_webcam_that_changes_resolution_is_realigned(prepared, clip):
     """640x480 -> 1280x720 (the face larger, to the right) -> 320x240 -> 1920x1080 (larger, to
