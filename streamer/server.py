@@ -87,6 +87,12 @@ def _fail(status: int, message: str, headers: dict | None = None) -> web.HTTPExc
     return JSONError(status, message, headers)
 
 
+def in_progress() -> JSONError:
+    """A session's second portrait change while its first is under way (never read)."""
+    return JSONError(429, "a portrait change for this session is still in progress; the previous portrait is kept",
+                     {"Retry-After": "1"})
+
+
 class TokenBucket:
     """`burst` events at once, then one per `interval` seconds."""
 
@@ -96,13 +102,17 @@ class TokenBucket:
 
     def take(self) -> float:
         """0 when an event may happen now (and counts it), else seconds until one may."""
+        wait = self.wait()
+        if not wait:
+            self._tokens -= 1
+        return wait
+
+    def wait(self) -> float:
+        """0 when an event may happen now, else seconds until one may (nothing counted)."""
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._at) / self.interval)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) * self.interval
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) * self.interval
 
 
 class Server:
@@ -399,19 +409,22 @@ class Server:
             raise _fail(404, f"no bundled portrait {name[:60]!r}")
         if name is None and not session.media_flowing:
             raise _fail(409, "no video has arrived from this session yet: upload once the stream runs")
+        if session.id in self._changing:
+            raise in_progress()
+        self._rate_limit(session, self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).wait())
         return session
+
+    @staticmethod
+    def _rate_limit(session: Session, wait: float) -> None:
+        if wait:
+            raise _fail(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
+                        {"Retry-After": str(max(1, round(wait)))})
 
     async def change_portrait(self, session_id: str, secret: str, name: str | None, read) -> dict:
         """Switch session `session_id` to the gallery's `name`, or (None) to the image that
         `await read()` returns, read only once every other check has passed. Raises JSONError."""
         session = self.portrait_change_allowed(session_id, secret, name)
-        if session.id in self._changing:
-            raise _fail(429, "a portrait change for this session is still in progress; the previous "
-                             "portrait is kept", {"Retry-After": "1"})
-        wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).take()
-        if wait:
-            raise _fail(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
-                        {"Retry-After": str(max(1, round(wait)))})
+        self._rate_limit(session, self._portrait_limits[session.id].take())
         self._changing.add(session.id)
         try:
             if name is not None:

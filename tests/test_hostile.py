@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
+import types
 
 import cv2
 import numpy as np
@@ -334,6 +336,70 @@ def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
             assert session.stats.errors == 0
             await peer.close()
             assert await freed(prepared)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------ the front (serve --workers)
+class InProcessWorker:
+    """A Ray actor handle stand-in: `handle.method.remote(*args)` runs streamer/cluster/worker.py's
+    Worker method on a real Server in this event loop (media flows to it as to a worker's)."""
+
+    def __init__(self, server):
+        from streamer.cluster.worker import Worker
+
+        worker = Worker.__new__(Worker)  # its __init__ joins Ray; the rest is plain serve's
+        worker.name, worker.options, worker.server, worker.error = "w0", server.config, server, None
+        worker.instance, worker.pid, worker.node, worker.gpus, worker.started = "i0", os.getpid(), "127.0.0.1", [], 0
+        self.worker = worker
+
+    def __getattr__(self, method):
+        call = getattr(self.worker, method)
+        return types.SimpleNamespace(remote=lambda *args: asyncio.ensure_future(call(*args)))
+
+
+def test_the_front_reads_one_upload_per_session_at_a_time_and_checks_before_reading(prepared, clip, monkeypatch):
+    """Through the front, a session's concurrent uploads are refused (429) before their bodies
+    are read, as plain serve refuses them: the front buffered each one (10 MiB apiece) and
+    only then heard the worker's 429. Another session's secret controls nothing here either."""
+    pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")
+    from streamer.cluster.front import Front
+
+    server = configured(prepared, portrait_changes=(100, 0.01))
+    read_image = streamer.server.read_image
+    monkeypatch.setattr(streamer.server, "read_image", lambda *a, **k: (time.sleep(1.0), read_image(*a, **k))[1])
+    front = Front(server.config, {"w0": InProcessWorker(server)})
+    front.load_gallery(prepared.gallery)
+    reads = []
+    read_upload = front._read_upload
+
+    async def counted(request):
+        reads.append(request)
+        return await read_upload(request)
+
+    front._read_upload = counted
+    portrait = encoded(samples.portrait("grace_hopper"))
+
+    async def main():
+        async with running(front) as http:
+            alice, mallory = (Peer(Webcam(lambda i: clip[i % len(clip)], 30 * FPS)) for _ in range(2))
+            for peer in (alice, mallory):
+                response = await peer.offer(http)
+                assert response.status == 200, await response.text()
+                await front.refresh(wait=True)  # the front learns the session from the worker
+            await until(lambda: all(s.media_flowing for s in server.sessions.values()), 20)
+            url = f"/avatar?session={alice.session}"
+            for headers in ({}, mallory.control):
+                await refused(await http.post(url, data=portrait, headers=headers), 403, "X-Session-Secret")
+            assert not reads
+            responses = await asyncio.gather(*(http.post(url, data=portrait, headers=alice.control) for _ in range(6)))
+            statuses = sorted(r.status for r in responses)
+            assert statuses == [200] + [429] * 5, statuses
+            assert len(reads) == 1, f"the front read {len(reads)} uploads of one session at once"
+            for peer in (alice, mallory):
+                await peer.close()
+            await until(lambda: not server.sessions, 10)
+        await server.close_all()
 
     asyncio.run(main())
 
