@@ -282,6 +282,25 @@ def test_an_upload_over_the_pixel_budget_is_refused_from_its_header(prepared, cl
     asyncio.run(main())
 
 
+def test_an_upload_is_only_read_by_the_image_formats_the_server_names(monkeypatch):
+    """Pillow opens ~40 formats, and loads EPS by running Ghostscript on it: an upload (anyone's
+    bytes) is opened only as one of the formats the server says it takes; a local file (the
+    user's own, `animate`) as any."""
+    from PIL import EpsImagePlugin
+
+    from streamer.images import ImageError, read_image
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n"
+    for data in (eps, encoded(np.zeros((8, 8, 3), np.uint8), "PPM"), encoded(np.zeros((8, 8, 3), np.uint8), "TGA")):
+        with pytest.raises(ImageError, match="not an image this server can read"):
+            read_image(data, "the upload")
+    assert not ran
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert read_image(encoded(np.full((8, 8, 3), 90, np.uint8), fmt), "the upload").shape == (8, 8, 3), fmt
+
+
 # --------------------------------------------------------------------- control across sessions
 def test_a_session_is_controlled_only_with_its_own_secret(prepared, clip):
     server = configured(prepared, portrait_changes=(100, 0.01))
