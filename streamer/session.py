@@ -31,6 +31,7 @@ from .pipeline import Pipeline, PipelineClosed, Stage
 logger = logging.getLogger("xportrait.session")
 
 REPORT_INTERVAL_S = 0.5
+MAX_BUFFERED = 256 * 1024  # bytes waiting on the data channel for the peer, beyond which nothing more is sent
 RTP_TIME_BASE = Fraction(1, 90000)
 
 
@@ -155,8 +156,10 @@ class Session:
         self._send({"type": "retargeting", **settings.as_dict()})
 
     def _send(self, reply: dict) -> None:
-        if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(json.dumps(reply))
+        """A message to the peer, unless MAX_BUFFERED bytes already wait for it to take them."""
+        channel = self.channel
+        if channel is not None and channel.readyState == "open" and channel.bufferedAmount <= MAX_BUFFERED:
+            channel.send(json.dumps(reply))
 
     def _command_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -194,7 +197,7 @@ class Session:
                 self.request_close(f"no webcam frame for {self._idle_timeout:g} s")
                 return
             if self.channel is not None and self.channel.readyState == "open":
-                self.channel.send(json.dumps({"type": "stats", **self.snapshot(), "capture_clock": self._capture_clock()}))
+                self._send({"type": "stats", **self.snapshot(), "capture_clock": self._capture_clock()})
 
     def _capture_clock(self) -> dict | None:
         """For the page's glass-to-glass figure (streamer/glass.py); None until it is known."""

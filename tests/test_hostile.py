@@ -423,6 +423,34 @@ def test_the_front_reads_one_upload_per_session_at_a_time_and_checks_before_read
     asyncio.run(main())
 
 
+def test_a_peer_that_reads_nothing_back_gets_no_more_queued_for_it(prepared, clip):
+    """Replies and stats wait in the data channel's buffer until the peer takes them: a peer
+    that never does (a program that floods retarget messages and reads nothing) is sent nothing
+    more once a bounded amount waits, instead of the server's memory filling with its replies."""
+    from streamer.session import MAX_BUFFERED
+
+    async def main():
+        async with running(prepared) as http:
+            peer = Peer(Webcam(lambda i: clip[i % len(clip)], 20 * FPS))
+            assert (await peer.offer(http)).status == 200
+            session = prepared.sessions[peer.session]
+            await until(lambda: session.channel is not None and session.channel.readyState == "open", 20)
+            sent = []
+            session.channel.send = sent.append  # nothing leaves: the buffer stays as full as it is
+            session.channel._RTCDataChannel__bufferedAmount = MAX_BUFFERED + 1
+            for _ in range(100):
+                session.on_message('{"type": "retarget", "head_pose": 0.5}')
+            await asyncio.sleep(0.6)  # a stats report's interval
+            assert sent == [] and session.retargeting.head_pose == 0.5  # applied, not answered
+            session.channel._RTCDataChannel__bufferedAmount = 0
+            session.on_message('{"type": "retarget", "head_pose": 0.25}')
+            assert json.loads(sent[-1])["head_pose"] == 0.25
+            await peer.close()
+            assert await freed(prepared)
+
+    asyncio.run(main())
+
+
 # ----------------------------------------------------------------------------- resolution changes
 def test_a_webcam_that_changes_resolution_is_realigned(prepared, clip):
     """640x480 -> 1280x720 (the face larger, to the right) -> 320x240 -> 1920x1080 (larger, to
