@@ -22,7 +22,11 @@ MAX_PIXELS = 40_000_000  # an upload decodes to at most this (after JPEG's reduc
 # A local file (`animate`): the user's own photo, read once, so up to Pillow's own bomb limit
 # (a 100 MP camera raw export decodes; a true decompression bomb is still refused).
 FILE_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, ..."
+FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF"
+# What an upload (anyone's bytes) is opened as, no more: Pillow knows ~40 formats, some of them
+# rarely exercised, and loads EPS by running Ghostscript on it. A local file may be any.
+# (A phone's multi-picture JPEG opens through JPEG.)
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
 
 class ImageError(ValueError):
@@ -42,6 +46,7 @@ def read_image(source: bytes | str | os.PathLike, what: str = "image", max_pixel
         if not source:
             raise ImageError(f"{label} is empty: send an image file ({FORMATS})")
         opened = io.BytesIO(source)
+        formats = UPLOAD_FORMATS
     else:
         path = os.fspath(source)
         label = f"{what} {path}"
@@ -50,11 +55,12 @@ def read_image(source: bytes | str | os.PathLike, what: str = "image", max_pixel
         if os.path.isdir(path):
             raise ImageError(f"{what} is a directory, not a file: {path}")
         opened = path
+        formats = None  # every format Pillow reads
     try:
         with warnings.catch_warnings():
             # The pixel budget below is the real limit; Pillow's own warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(opened) as image:
+            with Image.open(opened, formats=formats) as image:
                 return _decode(image, label, max_pixels, max_side)
     except ImageError:
         raise

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from engines import EngineError
@@ -67,6 +68,7 @@ MAX_OFFER_BYTES = 256 * 1024
 THUMBNAIL_SIDE = 160
 CLIENT_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 SECRET_HEADER = "X-Session-Secret"
+UNUSABLE_OFFER = "it names no codec or transport this server can use (it offers VP8 and H.264 video over DTLS-SRTP)"
 PORTRAIT_CHANGES = (5, 1.0)  # per session: 5 portrait changes at once, then one a second
 
 
@@ -81,6 +83,12 @@ class JSONError(web.HTTPException):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
 
 
+def in_progress() -> JSONError:
+    """A session's second portrait change while its first is under way (never read)."""
+    return JSONError(429, "a portrait change for this session is still in progress; the previous portrait is kept",
+                     {"Retry-After": "1"})
+
+
 class TokenBucket:
     """`burst` events at once, then one per `interval` seconds."""
 
@@ -90,13 +98,17 @@ class TokenBucket:
 
     def take(self) -> float:
         """0 when an event may happen now (and counts it), else seconds until one may."""
+        wait = self.wait()
+        if not wait:
+            self._tokens -= 1
+        return wait
+
+    def wait(self) -> float:
+        """0 when an event may happen now, else seconds until one may (nothing counted)."""
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._at) / self.interval)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) * self.interval
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) * self.interval
 
 
 class Server:
@@ -212,7 +224,10 @@ class Server:
         return await handler(request)
 
     def _host_allowed(self, host: str) -> bool:
-        name = urlsplit(f"//{host}").hostname if host else None
+        try:
+            name = urlsplit(f"//{host}").hostname if host else None
+        except ValueError:  # "[::1", "[name]": no host name at all
+            return False
         if not name:
             return False
         try:
@@ -250,25 +265,27 @@ class Server:
         too_big = JSONError(413, f"the upload is larger than {limit / 2**20:g} MiB; the previous portrait is kept")
         if request.content_length is not None and request.content_length > limit:
             raise too_big
-        if request.content_type.startswith("multipart/"):
-            try:
+        try:
+            if request.content_type.startswith("multipart/"):
                 reader = await request.multipart()
                 part = await reader.next()
                 while part is not None and getattr(part, "filename", None) is None:
                     part = await reader.next()
-            except (ValueError, AssertionError):
-                raise JSONError(400, "the multipart form is malformed; the previous portrait is kept") from None
-            if part is None:
-                raise JSONError(400, "the form has no file in it; the previous portrait is kept")
-            read = part.read_chunk
-        else:
-            read = request.content.read
-        chunks, total = [], 0
-        while chunk := await read(65536):
-            total += len(chunk)
-            if total > limit:
-                raise too_big
-            chunks.append(chunk)
+                if part is None:
+                    raise JSONError(400, "the form has no file in it; the previous portrait is kept")
+                read = part.read_chunk
+            else:
+                read = request.content.read
+            chunks, total = [], 0
+            while chunk := await read(65536):
+                total += len(chunk)
+                if total > limit:
+                    raise too_big
+                chunks.append(chunk)
+        # aiohttp's parser: ValueError, AssertionError, or an HTTP parsing error (a part's bad header)
+        except (ValueError, AssertionError, HttpProcessingError):
+            what = "multipart form" if request.content_type.startswith("multipart/") else "request body"
+            raise JSONError(400, f"the {what} is malformed; the previous portrait is kept") from None
         return b"".join(chunks)
 
     # -- routes -----------------------------------------------------------------------------------
@@ -353,10 +370,17 @@ class Server:
             except web.HTTPException:
                 raise
             except Exception:  # checked above; what remains is aiortc's view of the offer
-                raise JSONError(400, "invalid SDP offer: it names no codec or transport this server can use "
-                                 "(it offers VP8 and H.264 video over DTLS-SRTP)") from None
+                raise JSONError(400, f"invalid SDP offer: {UNUSABLE_OFFER}") from None
             await ready
-            await pc.setLocalDescription(answer)
+            if session.closed:  # the peer's connection failed, or the server is shutting down
+                raise JSONError(503, f"the session ended before its offer was answered ({session.close_reason}); "
+                                 "try again")
+            try:
+                await pc.setLocalDescription(answer)  # aiortc matches the offer's sections here too
+            except Exception:
+                logger.info("session %s: aiortc could not answer the offer", session.id, exc_info=True)
+                raise JSONError(400, f"invalid SDP offer: {UNUSABLE_OFFER}") from None
+            session.answered()
         except BaseException:
             await asyncio.gather(ready, return_exceptions=True)  # never leave its outcome unread
             await session.close("offer refused")
@@ -381,19 +405,22 @@ class Server:
             raise JSONError(404, f"no bundled portrait {name[:60]!r}")
         if name is None and not session.media_flowing:
             raise JSONError(409, "no video has arrived from this session yet: upload once the stream runs")
+        if session.id in self._changing:
+            raise in_progress()
+        self._rate_limit(session, self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).wait())
         return session
+
+    @staticmethod
+    def _rate_limit(session: Session, wait: float) -> None:
+        if wait:
+            raise JSONError(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
+                        {"Retry-After": str(max(1, round(wait)))})
 
     async def change_portrait(self, session_id: str, secret: str, name: str | None, read) -> dict:
         """Switch session `session_id` to the gallery's `name`, or (None) to the image that
         `await read()` returns, read only once every other check has passed. Raises JSONError."""
         session = self.portrait_change_allowed(session_id, secret, name)
-        if session.id in self._changing:
-            raise JSONError(429, "a portrait change for this session is still in progress; the previous "
-                             "portrait is kept", {"Retry-After": "1"})
-        wait = self._portrait_limits.setdefault(session.id, TokenBucket(*self.portrait_changes)).take()
-        if wait:
-            raise JSONError(429, f"too many portrait changes: try again in {wait:.1f} s; the previous portrait is kept",
-                        {"Retry-After": str(max(1, round(wait)))})
+        self._rate_limit(session, self._portrait_limits[session.id].take())
         self._changing.add(session.id)
         try:
             if name is not None:

@@ -31,6 +31,7 @@ from .pipeline import Pipeline, PipelineClosed, Stage
 logger = logging.getLogger("xportrait.session")
 
 REPORT_INTERVAL_S = 0.5
+MAX_BUFFERED = 256 * 1024  # bytes waiting on the data channel for the peer, beyond which nothing more is sent
 RTP_TIME_BASE = Fraction(1, 90000)
 
 
@@ -94,11 +95,17 @@ class Session:
         self.changing_portrait = False  # one portrait change at a time (the server's rate limit)
         self._on_closed = on_closed
         self._idle_timeout, self._connect_timeout = idle_timeout, connect_timeout
-        self._created = time.perf_counter()
+        self._answered_at: float | None = None  # the connect timeout runs from the answer (`answered`)
         self._tasks: set[asyncio.Task] = {asyncio.ensure_future(self._report())}
         self._blackhole = MediaBlackhole()  # drains tracks we do not use (audio), so they cannot queue up
         self._closing: asyncio.Task | None = None
         self.retargeting: Retargeting = NEUTRAL  # the controls' values (engines/retarget.py)
+        self._recalibrating: asyncio.Task | None = None  # at most one recalibration waits
+
+    def answered(self) -> None:
+        """The offer is answered: the peer has --connect-timeout seconds from now to send video
+        (not from the offer: a slow engine start must not close the session mid-offer)."""
+        self._answered_at = time.perf_counter()
 
     @property
     def media_flowing(self) -> bool:
@@ -125,7 +132,9 @@ class Session:
         except (ValueError, AttributeError, TypeError, RecursionError):
             return
         if command == "recalibrate" and not self.closed:
-            task = asyncio.ensure_future(self.pipeline.recalibrate())
+            if self._recalibrating is not None:
+                return  # one already waits for the next frame: a second would do the same again
+            task = self._recalibrating = asyncio.ensure_future(self.pipeline.recalibrate())
             self._tasks.add(task)
             task.add_done_callback(self._command_done)
         elif command == RETARGET and not self.closed:
@@ -147,11 +156,15 @@ class Session:
         self._send({"type": "retargeting", **settings.as_dict()})
 
     def _send(self, reply: dict) -> None:
-        if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(json.dumps(reply))
+        """A message to the peer, unless MAX_BUFFERED bytes already wait for it to take them."""
+        channel = self.channel
+        if channel is not None and channel.readyState == "open" and channel.bufferedAmount <= MAX_BUFFERED:
+            channel.send(json.dumps(reply))
 
     def _command_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        if task is self._recalibrating:
+            self._recalibrating = None
         error = None if task.cancelled() else task.exception()
         if error is not None and not isinstance(error, PipelineClosed):
             logger.error("session %s: a command failed", self.id, exc_info=error)
@@ -175,7 +188,8 @@ class Session:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             now = time.perf_counter()
-            if self.stats.frames_in == 0 and now - self._created > self._connect_timeout:
+            answered = self._answered_at
+            if self.stats.frames_in == 0 and answered is not None and now - answered > self._connect_timeout:
                 self.request_close(f"no webcam frame within {self._connect_timeout:g} s of the offer")
                 return
             last = self.stats.last_input_at
@@ -183,7 +197,7 @@ class Session:
                 self.request_close(f"no webcam frame for {self._idle_timeout:g} s")
                 return
             if self.channel is not None and self.channel.readyState == "open":
-                self.channel.send(json.dumps({"type": "stats", **self.snapshot(), "capture_clock": self._capture_clock()}))
+                self._send({"type": "stats", **self.snapshot(), "capture_clock": self._capture_clock()})
 
     def _capture_clock(self) -> dict | None:
         """For the page's glass-to-glass figure (streamer/glass.py); None until it is known."""
@@ -198,12 +212,15 @@ class Session:
     def request_close(self, reason: str) -> asyncio.Task:
         """Close from anywhere (callbacks, the session's own tasks); idempotent."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self.close(reason))
+            self._closing = asyncio.ensure_future(self._close(reason))
         return self._closing
 
     async def close(self, reason: str) -> None:
-        if self.closed:
-            return
+        """Close, and return once closed: when a close is already under way (the peer's
+        connection failed meanwhile), once that one is done."""
+        await self.request_close(reason)
+
+    async def _close(self, reason: str) -> None:
         self.closed = True
         self.close_reason = reason
         logger.info("session %s closed: %s", self.id, reason)
@@ -213,14 +230,19 @@ class Session:
                 task.cancel()
         self._tasks.clear()
         self.output.stop()
-        await self._blackhole.stop()
-        await self.pc.close()
-        await self.pipeline.close()
-        # Nothing of this session may outlive it: the peer connection's handlers (closures over
-        # it and the session) and the channel would otherwise keep both, and aiortc's codec
-        # threads, alive until a full garbage collection.
-        self.pc.remove_all_listeners()
-        if self.channel is not None:
-            self.channel.remove_all_listeners()
-        self.channel = self.webcam = self.output.sender = None
-        self._on_closed(self)
+        try:
+            await self._blackhole.stop()
+            await self.pc.close()
+        except Exception:  # aiortc tearing down a peer it half set up (a refused offer's)
+            logger.warning("session %s: closing its peer connection failed", self.id, exc_info=True)
+        finally:
+            # Whatever aiortc did, the pipeline is freed and the slot given back.
+            await self.pipeline.close()
+            # Nothing of this session may outlive it: the peer connection's handlers (closures
+            # over it and the session) and the channel would otherwise keep both, and aiortc's
+            # codec threads, alive until a full garbage collection.
+            self.pc.remove_all_listeners()
+            if self.channel is not None:
+                self.channel.remove_all_listeners()
+            self.channel = self.webcam = self.output.sender = None
+            self._on_closed(self)

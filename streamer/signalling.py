@@ -16,6 +16,9 @@ MAX_SDP_CHARS = 64 * 1024  # a browser's offer is 2-8 KB
 _LINE = re.compile(r"^[a-z]=.*$")
 _MEDIA = re.compile(r"^m=(\S+) (\S+) (\S+)(?: (\S+))+$")
 _PORT = re.compile(r"^(\d{1,5})(?:/\d{1,5})?$")
+# The DTLS certificate digests aiortc checks (aiortc.rtcdtlstransport), as bytes per digest.
+_DIGEST_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
+_FINGERPRINT = re.compile(r"^(\S+) ([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*)$")
 
 
 class OfferError(ValueError):
@@ -60,6 +63,7 @@ def check_offer(text: str) -> None:
         if not attribute("fingerprint", section):
             raise OfferError("the SDP offer has no DTLS fingerprint (a=fingerprint): "
                              "WebRTC media cannot be encrypted without it")
+        _check_fingerprints([line for line in (*session, *section) if line.startswith("a=fingerprint:")])
         if not (attribute("ice-ufrag", section) and attribute("ice-pwd", section)):
             raise OfferError("the SDP offer has no ICE credentials (a=ice-ufrag and a=ice-pwd)")
     try:
@@ -68,3 +72,36 @@ def check_offer(text: str) -> None:
         raise OfferError("the SDP offer could not be parsed: one of its lines is malformed") from None
     if not any(m.kind == "video" and m.rtp.codecs for m in parsed.media):
         raise OfferError("the offer's video section lists no codec (no a=rtpmap line)")
+    # aiortc matches transceivers and the BUNDLE group by a=mid: a repeated or a missing one
+    # fails only once the answer is made (an AttributeError deep in aiortc).
+    mids = [m.rtp.muxId for m in parsed.media]
+    for mid in mids:
+        if not mid:
+            raise OfferError("a media section has no a=mid line: each needs its own")
+        if mids.count(mid) > 1:
+            raise OfferError(f"two media sections have the same a=mid {mid[:40]!r}: each needs its own")
+    for group in parsed.group:
+        for item in group.items:
+            if item not in mids:
+                raise OfferError(f"a=group:{group.semantic[:20]} names the a=mid {str(item)[:40]!r}, which no media "
+                                 "section has")
+
+
+def _check_fingerprints(lines: list[str]) -> None:
+    """Each a=fingerprint of a digest aiortc checks must be that digest's hex bytes, and one
+    such must be there: a DTLS handshake against anything else can only fail."""
+    usable = 0
+    for line in lines:
+        match = _FINGERPRINT.match(line[len("a=fingerprint:"):])
+        if match is None:
+            raise OfferError(f"malformed DTLS fingerprint {line[:60]!r}: expected a=fingerprint:ALGORITHM "
+                             "HEX:HEX:...")
+        algorithm, value = match.group(1).lower(), match.group(2)
+        if algorithm in _DIGEST_BYTES:
+            if len(value.split(":")) != _DIGEST_BYTES[algorithm]:
+                raise OfferError(f"the {algorithm} DTLS fingerprint has {len(value.split(':'))} bytes, "
+                                 f"not {_DIGEST_BYTES[algorithm]}")
+            usable += 1
+    if not usable:
+        raise OfferError(f"the SDP offer has no DTLS fingerprint of a digest this server checks "
+                         f"({', '.join(_DIGEST_BYTES)})")

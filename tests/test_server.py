@@ -404,7 +404,8 @@ def test_a_new_portrait_and_recalibration_wait_for_both_threads(slow_pipeline, c
 
     assert asyncio.run(main()) == 0
     engine = engines[0]
-    assert engine.prepares == 4 and engine.resets >= 4 + 6  # each portrait resets; so does each recalibration
+    # Each portrait resets; so does each recalibration (one sent while another waits is that one).
+    assert engine.prepares == 4 and engine.resets >= 4 + 3
     assert stages.clashes == [] and engine.corrupted == 0
 
 

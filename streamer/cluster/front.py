@@ -35,7 +35,7 @@ from aiohttp import web
 from ..options import ServeOptions
 from ..pipeline import EnginePool
 from ..rtp import is_loopback
-from ..server import SECRET_HEADER, JSONError, Server
+from ..server import SECRET_HEADER, JSONError, Server, in_progress
 from .placement import ClusterError, check_resources, connect, disconnect, start_workers, stop_workers
 
 logger = logging.getLogger("xportrait.cluster.front")
@@ -257,9 +257,16 @@ class Front(Server):
         session, secret = request.query.get("session", ""), request.headers.get(SECRET_HEADER, "")
         name = request.query.get("portrait")
         worker = await self._session_worker(session)
-        await self._call(worker, "portrait_allowed", session, secret, name)  # the secret, before any upload
-        data = None if name is not None else await self._read_upload(request)
-        return web.json_response(await self._call(worker, "change_portrait", session, secret, name, data))
+        # The secret, the rate limit, a change under way: on the worker, before any upload is read.
+        await self._call(worker, "portrait_allowed", session, secret, name)
+        if session in self._changing:  # one upload of a session read at a time, as plain serve does
+            raise in_progress()
+        self._changing.add(session)
+        try:
+            data = None if name is not None else await self._read_upload(request)
+            return web.json_response(await self._call(worker, "change_portrait", session, secret, name, data))
+        finally:
+            self._changing.discard(session)
 
     async def session_state(self, request: web.Request) -> web.Response:
         self._authorize(request)
