@@ -403,8 +403,19 @@ function showRetargeting() {
   $('rt-eyes-open').checked = state.retargeting.eyes === 'open';
 }
 
+// At most one message per RETARGET_SEND_MS while a slider is dragged, and always the last value
+// (the server ignores commands past its rate: a drag on a 120 Hz screen would lose its end).
+const RETARGET_SEND_MS = 40;
+let retargetSentAt = -Infinity;
+let retargetPending = null;
 function sendRetargeting() {
+  const wait = retargetSentAt + RETARGET_SEND_MS - performance.now();
+  if (wait > 0) {
+    if (retargetPending === null) retargetPending = setTimeout(() => { retargetPending = null; sendRetargeting(); }, wait);
+    return;
+  }
   if (channel && channel.readyState === 'open' && !$('echo').checked) {
+    retargetSentAt = performance.now();
     channel.send(JSON.stringify({ type: 'retarget', ...state.retargeting }));
   }
 }

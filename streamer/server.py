@@ -54,6 +54,7 @@ from engines.face import NoFaceError
 
 from .governor import governed_engine, warm_levels
 from .images import ImageError, ImageTooLarge, read_image
+from .limits import TokenBucket
 from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, IceServer, ServeOptions, add_engine_arguments,
                       add_governor_arguments, engine_factory, serve_options)
 from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
@@ -87,28 +88,6 @@ def in_progress() -> JSONError:
     """A session's second portrait change while its first is under way (never read)."""
     return JSONError(429, "a portrait change for this session is still in progress; the previous portrait is kept",
                      {"Retry-After": "1"})
-
-
-class TokenBucket:
-    """`burst` events at once, then one per `interval` seconds."""
-
-    def __init__(self, burst: int, interval: float):
-        self.burst, self.interval = burst, interval
-        self._tokens, self._at = float(burst), time.monotonic()
-
-    def take(self) -> float:
-        """0 when an event may happen now (and counts it), else seconds until one may."""
-        wait = self.wait()
-        if not wait:
-            self._tokens -= 1
-        return wait
-
-    def wait(self) -> float:
-        """0 when an event may happen now, else seconds until one may (nothing counted)."""
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) / self.interval)
-        self._at = now
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) * self.interval
 
 
 class Server:

@@ -26,12 +26,17 @@ from engines.retarget import MESSAGE_TYPE as RETARGET, NEUTRAL, Retargeting
 
 from .glass import capture_clock, receiver_origin, record_sender_reports, sender_rtp
 from .governor import GovernorOptions
+from .limits import TokenBucket
 from .pipeline import Pipeline, PipelineClosed, Stage
 
 logger = logging.getLogger("xportrait.session")
 
 REPORT_INTERVAL_S = 0.5
 MAX_BUFFERED = 256 * 1024  # bytes waiting on the data channel for the peer, beyond which nothing more is sent
+# Data-channel commands a peer may send: a burst (a slider dragged), then this many a second;
+# beyond that they are ignored (a flood would take the event loop from every other session).
+COMMAND_BURST, COMMANDS_PER_S = 120, 60
+MAX_COMMAND_BYTES = 4096  # the largest command is a retarget message of a few hundred bytes
 RTP_TIME_BASE = Fraction(1, 90000)
 
 
@@ -101,6 +106,9 @@ class Session:
         self._closing: asyncio.Task | None = None
         self.retargeting: Retargeting = NEUTRAL  # the controls' values (engines/retarget.py)
         self._recalibrating: asyncio.Task | None = None  # at most one recalibration waits
+        self._commands = TokenBucket(COMMAND_BURST, 1 / COMMANDS_PER_S)
+        self.commands_ignored = 0  # over the rate or the size: counted, answered at most once a second
+        self._told_ignored_at = -1.0
 
     def answered(self) -> None:
         """The offer is answered: the peer has --connect-timeout seconds from now to send video
@@ -125,7 +133,11 @@ class Session:
 
     def on_message(self, message) -> None:
         """Data channel commands from the page: {"type": "recalibrate"}, and
-        {"type": "retarget", "head_pose": 0, ...} (`_retarget`)."""
+        {"type": "retarget", "head_pose": 0, ...} (`_retarget`). Over COMMANDS_PER_S (after a
+        burst) or MAX_COMMAND_BYTES, a command is ignored before it is parsed."""
+        if len(message) > MAX_COMMAND_BYTES or self._commands.take():
+            self._ignored(len(message) > MAX_COMMAND_BYTES)
+            return
         try:
             message = json.loads(message)
             command = message.get("type")
@@ -139,6 +151,15 @@ class Session:
             task.add_done_callback(self._command_done)
         elif command == RETARGET and not self.closed:
             self._retarget(message)
+
+    def _ignored(self, too_large: bool) -> None:
+        self.commands_ignored += 1
+        now = time.monotonic()
+        if now - self._told_ignored_at >= 1.0:
+            self._told_ignored_at = now
+            why = (f"a command is at most {MAX_COMMAND_BYTES} bytes" if too_large else
+                   f"at most {COMMANDS_PER_S} commands a second (after {COMMAND_BURST} at once)")
+            self._send({"type": "error", "message": f"command ignored: {why}; {self.commands_ignored} ignored so far"})
 
     def _retarget(self, message: dict) -> None:
         """The controls the message names take its values (the others keep theirs). The peer
@@ -182,7 +203,7 @@ class Session:
         """What anyone may see (/stats): nothing here grants control of the session."""
         return {"id": self.id, "mode": self.mode, "portrait": self.portrait,
                 "connection": self.pc.connectionState, "retargeting": self.retargeting.as_dict(),
-                **self.pipeline.snapshot()}
+                "commands_ignored": self.commands_ignored, **self.pipeline.snapshot()}
 
     async def _report(self) -> None:
         while True:

@@ -259,6 +259,13 @@ async def check_controls(page: DevTools, http: aiohttp.ClientSession, url: str) 
     await page.evaluate("document.getElementById('rt-reset').click()")
     await session_controls(lambda c: c == {"expression": 1, "head_pose": 1, "mouth_open": 1, "eyes": "follow"},
                            "the controls reset")
+    # A fast drag (300 input events at once, more than the server takes in a second) arrives
+    # as its last value, nothing of it ignored: the page sends at most one message per 40 ms.
+    await page.evaluate("""(() => { const slider = document.getElementById('rt-head_pose');
+      for (let i = 300; i >= 30; i--) { slider.value = String(i / 100); slider.dispatchEvent(new Event('input')); }
+    })()""")
+    await session_controls(lambda c: c["head_pose"] == 0.3, "the drag's last value")
+    assert (await server_stats(http, url))["sessions"][0]["commands_ignored"] == 0
 
 
 # -- what a browser user sees when something is missing, and the layout -----------------------------

@@ -334,7 +334,11 @@ def test_a_session_is_controlled_only_with_its_own_secret(prepared, clip):
 def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
     """A page (or a program) sending thousands of recalibrate messages: one recalibration waits
     at a time (each used to wait as its own task for both pipeline threads: memory grew and
-    the stream stopped); retarget messages are applied at once; bad ones change nothing."""
+    the stream stopped); retarget messages are applied at once; bad ones change nothing; past
+    a burst, commands over the session's rate (and oversized ones) are ignored unparsed, said
+    once a second, and counted."""
+    from streamer.session import COMMAND_BURST, COMMANDS_PER_S, MAX_COMMAND_BYTES
+
     async def main():
         async with running(prepared) as http:
             peer = Peer(Webcam(lambda i: clip[i % len(clip)], 60 * FPS))
@@ -342,6 +346,9 @@ def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
             session = prepared.sessions[peer.session]
             await until(lambda: session.stats.frames_out >= 3, 20)
             tasks = len(session._tasks)
+            sent = []
+            send = session.channel.send
+            session.channel.send = lambda text: (sent.append(json.loads(text)), send(text))
             for index in range(1000):
                 session.on_message('{"type": "recalibrate"}')
                 session.on_message('{"type": "retarget", "head_pose": %g}' % (index % 20 / 10))
@@ -349,7 +356,17 @@ def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
                             '{"type": "retarget", "expression": 1e999}', '[' * 5000, '{"type": {"a": 1}}', "\udcff"):
                     session.on_message(bad)
             assert len(session._tasks) <= tasks + 1, len(session._tasks)
-            assert session.retargeting.head_pose == 1.9
+            # The burst (and what a second refills, were the loop that slow) was taken; the rest ignored.
+            taken = 8000 - session.commands_ignored
+            assert COMMAND_BURST <= taken <= COMMAND_BURST + COMMANDS_PER_S, taken
+            told = [m for m in sent if m["type"] == "error" and m["message"].startswith("command ignored")]
+            assert len(told) == 1, told  # said once (a second), not per command
+            await asyncio.sleep(0.2)  # the rate refills: commands are taken again
+            session.on_message('{"type": "retarget", "head_pose": 0.25}')
+            assert session.retargeting.head_pose == 0.25
+            ignored = session.commands_ignored
+            session.on_message('{"type": "retarget", "head_pose": 0.5, "pad": "%s"}' % ("x" * MAX_COMMAND_BYTES))
+            assert session.retargeting.head_pose == 0.25 and session.commands_ignored == ignored + 1
             out = session.stats.frames_out
             await until(lambda: session.stats.frames_out >= out + 5, 20)  # still streaming
             assert session.stats.errors == 0
