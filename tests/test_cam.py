@@ -690,7 +690,7 @@ def test_the_pipewire_source_carries_the_avatar_to_a_real_consumer(clip, pipewir
     try:
         wait_for_node(pipewire, "xportrait", 60)
         time.sleep(1.5)  # past the first, neutral second of the clip: the calibration
-        count = 4 * FPS
+        count = 6 * FPS  # more than the 4 s loop (and its restart), whatever its phase: level, one way, the other
         consumer = subprocess.run(
             ["gst-launch-1.0", "-q", "pipewiresrc", "target-object=xportrait", f"num-buffers={count}", "!",
              "videoconvert", "!", "video/x-raw,format=RGB,width=512,height=512", "!", "fdsink", "fd=1"],

@@ -390,7 +390,9 @@ def test_trained_weights_export_in_the_released_layout_and_load_into_the_engine(
     refs = [reference.encode(hint[:1])]
     a = model.predict_noise(x, t, 2, model.reference_features(refs, t), hint, hint)
     b = reference.predict_noise(x, t, 2, reference.reference_features(refs, t), hint, hint)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the same weights (bit for bit, above)
+    # The same weights (bit for bit, above), two separately built modules: float32 rounding apart
+    # (1.3e-6 at most on outputs up to ~2, run to run exact), not a weight's difference (O(1)).
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2, 3]
 
