@@ -6,38 +6,29 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import PortraitEngine
 
 from engines.animator import Animator
-from engines.base import DrivingFrame, Rendered, Timings
+from engines.base import DrivingFrame, Rendered
 from streamer import samples
 
 SIZE = 128
 
 
-class RecordingEngine:
-    """Renders nothing; keeps a copy of every driving frame it was stepped with."""
+class RecordingEngine(PortraitEngine):
+    """Renders the portrait; keeps a copy of every driving frame it was stepped with."""
 
     name = "recording"
     size = SIZE
     needs_driving_image = True
-    waits_on_device = False
 
     def __init__(self):
+        super().__init__()
         self.seen: list[tuple[np.ndarray, np.ndarray, float]] = []
-        self.timings = Timings()
-
-    def prepare(self, sources) -> None:
-        self.portrait = sources[0].image
 
     def step(self, frame: DrivingFrame) -> Rendered:
         self.seen.append((frame.landmarks.copy(), frame.image.copy(), frame.time))
-        return Rendered(self.portrait, frame.tag)
-
-    def flush(self) -> list[Rendered]:
-        return []
-
-    def reset(self) -> None:
-        pass
+        return super().step(frame)
 
 
 @pytest.fixture(scope="module")

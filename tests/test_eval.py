@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
+from fakes import PortraitEngine
 
 from engines import WarpOptions, create_engine
-from engines.base import Rendered, Timings
 from engines.metrics import FEATURES, compare, evaluate, head_pose, shape_distance
 from streamer.cli import main
 from streamer.samples import Pose, driving_clip, portrait
@@ -20,28 +20,11 @@ SIZE = 256
 FPS = 25
 
 
-class FrozenEngine:
+class FrozenEngine(PortraitEngine):
     """An engine whose output never moves: the source portrait, every frame."""
 
     name = "frozen"
     size = SIZE
-    needs_driving_image = False
-    waits_on_device = False
-
-    def __init__(self):
-        self.timings = Timings()
-
-    def prepare(self, sources) -> None:
-        self.image = sources[0].image
-
-    def step(self, frame) -> Rendered:
-        return Rendered(self.image, frame.tag)
-
-    def flush(self) -> list[Rendered]:
-        return []
-
-    def reset(self) -> None:
-        pass
 
 
 def moving(t: float) -> Pose:

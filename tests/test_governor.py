@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fakes import PortraitEngine
 
-from engines.base import DrivingFrame, Governed, QualityLevel, Rendered, Timings
+from engines.base import DrivingFrame, Governed, QualityLevel, Rendered
 from engines.options import OptionError
 from streamer.governor import Governor, GovernorOptions, governed_engine
 from streamer.options import governor_options
@@ -145,21 +146,17 @@ def test_a_latency_limit_trades_frames_in_flight():
 
 
 # -- a real pipeline with a fake engine --------------------------------------------------------------
-class FakeEngine:
+class FakeEngine(PortraitEngine):
     """Sleeps `cost_ms * levels[level].cost` per frame; records the level each frame was made at."""
 
-    name, size, needs_driving_image, waits_on_device = "fake", 16, False, False
+    name = "fake"
 
     def __init__(self, cost_ms: float):
+        super().__init__(size=16)
         self.cost_ms = cost_ms
         self.level = 0
         self.rendered_at: list[int] = []
-        self._timings = Timings()
         self.image = np.zeros((16, 16, 3), np.uint8)
-
-    @property
-    def timings(self):
-        return self._timings
 
     def quality_levels(self):
         return LEVELS
@@ -174,8 +171,6 @@ class FakeEngine:
         return Rendered(self.image, frame.tag)
 
     def prepare(self, sources): ...
-    def flush(self): return []
-    def reset(self): ...
 
 
 class FakeStage:

@@ -20,12 +20,13 @@ import cv2
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
+from fakes import PortraitEngine
 from live_helpers import (FPS, TICKS, Peer, Webcam, clip, configured, encoded, freed, prepared, psnr,  # noqa: F401
                           running, sent_pts, until, worker_threads)
 from PIL import Image
 
 from engines.animator import Animator
-from engines.base import DrivingFrame, Rendered, Timings
+from engines.base import DrivingFrame, Rendered
 from streamer import samples
 from streamer.pipeline import EnginePool
 
@@ -275,7 +276,7 @@ class Stages:
                 self.clashes.append(f"{change} while tracking {self.tracking}, stepping {self.stepping}")
 
 
-class SlowEngine:
+class SlowEngine(PortraitEngine):
     """A GPU engine's shape: `step` waits STEP_S with the GIL released, as a device sync does,
     and checks that its driving frame stayed as it was for the whole step."""
 
@@ -285,19 +286,14 @@ class SlowEngine:
     waits_on_device = True
 
     def __init__(self, stages: Stages):
+        super().__init__()
         self.stages = stages
         self.steps = self.corrupted = self.prepares = self.resets = 0
-        self._portrait: np.ndarray | None = None
-        self._timings = Timings()
-
-    @property
-    def timings(self) -> Timings:
-        return self._timings
 
     def prepare(self, sources) -> None:
         self.stages.check_idle("prepare")
         self.prepares += 1
-        self._portrait = sources[0].image.copy()
+        self.portrait = sources[0].image.copy()
 
     def step(self, frame: DrivingFrame) -> Rendered:
         with self.stages.busy("stepping"):
@@ -307,10 +303,7 @@ class SlowEngine:
                       and frame.time == when and frame.tag is tag)
             self.steps += 1
             self.corrupted += not intact
-            return Rendered(self._portrait, frame.tag)
-
-    def flush(self) -> list[Rendered]:
-        return []
+            return super().step(frame)
 
     def reset(self) -> None:
         self.stages.check_idle("reset")
