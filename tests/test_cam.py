@@ -849,8 +849,12 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
         retries = waits(loss, "reconnecting")
         assert retries == backoff[:len(retries)], said  # 0.5, 1, 2, 4, 4, ... s until it is back
     after = [(t, image) for t, image in sink.frames if t > killed]
-    last_good = next(image for t, image in reversed(sink.frames) if t <= killed and not is_still(image))
-    held = [t for t, image in after if image == last_good]
+    # The last good frame: the last avatar frame before the still (frames in flight at the kill
+    # may still arrive just after it, and then the last of them is the one held).
+    lost_at = next(i for i, (_, image) in enumerate(after) if is_still(image))
+    last_good = next(image for _, image in reversed(sink.frames[:len(sink.frames) - len(after) + lost_at])
+                     if not is_still(image))
+    held = [t for t, image in after[:lost_at] if image == last_good]
     stills = [t for t, image in after if is_still(image)]
     back = [t for t, image in after if not is_still(image) and image != last_good]
     # The last good frame, repeated at the output rate for about hold_s, then the still portrait,
