@@ -774,7 +774,8 @@ class Reenactor:
         clearance = (rel[oval] * self._outline_radial).sum(axis=1) - reach
         self._outline_clearance = np.minimum(np.where(np.isfinite(clearance), clearance, 0.0),
                                              0.01 * float(radius[oval].mean()))
-        self._eye_angle = math.atan2(*(mesh[263, 1::-1] - mesh[33, 1::-1]))
+        (outer_right, _), (outer_left, _) = EYE_CORNERS
+        self._eye_angle = math.atan2(*(mesh[outer_left, 1::-1] - mesh[outer_right, 1::-1]))
         # Per oval point, the near points closest to it in direction, from the outline inwards;
         # not the lips, whose gap is meant to grow many times over as the mouth opens.
         lips = mesh[list(OUTER_LIPS), :2].astype(np.float32)
@@ -837,10 +838,11 @@ class Reenactor:
         margin it had in the source). Where the oval swings out it would stretch the cheek's
         outermost strip across the revealed side of the head: the points inside it follow out,
         so no strip grows wider than MAX_STRETCH times. Folded triangles stay inside the edge,
-        drawn under the facing ones (far to near). Unturned, nothing moves (well under a pixel). scale: output
-        pixels per source pixel. Compiled: engines.raster.unfold_outline."""
+        drawn under the facing ones (far to near). Unturned, nothing moves (well under a pixel).
+        scale: output pixels per source pixel. Compiled: engines.raster.unfold_outline."""
+        (outer_right, _), (outer_left, _) = EYE_CORNERS  # the eye line that gives the head's roll
         unfold_outline(v, self._oval, self._outline_radial, self._sector_start, self._sector_points,
-                       self._outline_clearance, scale, 33, 263, self._eye_angle, self._hull_extra,
+                       self._outline_clearance, scale, outer_right, outer_left, self._eye_angle, self._hull_extra,
                        self._hull_anchors, self._hull_side, self._hull_out, self._chain_start, self._chain_points,
                        self._chain_along, self._oval_along, MAX_STRETCH)
 

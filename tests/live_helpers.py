@@ -186,3 +186,14 @@ def encoded(image: np.ndarray, fmt: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send bytes that an HTTP client library would refuse to send; (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-from live_helpers import FPS, Peer, Webcam, encoded  # noqa: E402
+from live_helpers import FPS, Peer, Webcam, encoded, raw_request  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from streamer import samples  # noqa: E402
@@ -195,36 +195,26 @@ async def cross(http, proc, frames, url):
     r = await http.get("/stats", headers={**AUTH, "Host": f"evil.example:{port}"})
     show("foreign Host", (r.status, (await r.text())[:100]))
     for host in ("[::1", "[zz]", "a" * 5000, "h\u00e9", "[::1]:x", ":80", "127.0.0.1:99999"):
-        status, text = await raw(port, f"GET /stats HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        status, text = await raw_request(port, f"GET /stats HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                                        f"Connection: close\r\n\r\n".encode("latin-1", "replace"))
         show(f"Host {host[:20]!r}", (status, text[:100]))
     for origin in (b"http://[::1", b"http://\xff\xfe", b"http://127.0.0.1:%d" % port):
-        status, text = await raw(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: %s\r\n"
+        status, text = await raw_request(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: %s\r\n"
                                        b"Authorization: Bearer %s\r\nConnection: close\r\n\r\n" % (port, origin, TOKEN.encode()))
         show(f"Origin {origin[:20]!r}", (status, text[:100]))
     await p.close()
 
 
-async def raw(port, request):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    reply = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode("utf-8", "replace")
-
-
 async def auth(http, proc, frames, url):
     port = int(url.rsplit(":", 1)[1])
     for header in (b"Bearer t0\xff\xfeken", b"\xff", b"Bearer " + b"\xc3" * 5000):
-        status, text = await raw(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + header +
+        status, text = await raw_request(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + header +
                                  b"\r\nConnection: close\r\n\r\n")
         show(f"Authorization {header[:16]!r}", (status, text[:90]))
     for q in ("token=%ff%fe", "token=t0ken%00", "token=%C3%28"):
         r = await http.get(f"/stats?{q}")
         show(f"query {q}", (r.status, (await r.text())[:80]))
-    status, text = await raw(port, b"POST /avatar?session=%ff HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t0ken\r\n"
+    status, text = await raw_request(port, b"POST /avatar?session=%ff HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t0ken\r\n"
                                    b"X-Session-Secret: \xff\xfe\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
     show("avatar bad bytes", (status, text[:120]))
     p = Peer(Webcam(lambda i: frames[i % len(frames)], 10**6))

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 from live_helpers import (FPS, Peer, Webcam, clip, configured, encoded, freed, prepared, psnr,  # noqa: F401
-                          running, until)
+                          raw_request, running, until)
 
 import streamer.server
 from streamer import samples
@@ -43,17 +43,6 @@ async def refused(response, status: int, words: str) -> str:
     assert words in message, message
     assert not NO_INTERNALS.search(message), message
     return message
-
-
-async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
-    """Send bytes that an HTTP client library would refuse to send; (status, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    reply = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 def port_of(http) -> int:

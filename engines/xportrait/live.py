@@ -320,8 +320,8 @@ class XPortraitLiveEngine:
         self.last_ticks = ticks
         t1 = time.perf_counter()
         self._timings.record("engine", (t1 - t0) * 1e3)
-        # What auto's extra ticks took: room the frame interval had, not the frame's cost (the governor's).
-        self._timings.record("spare", (t1 - first_done) * 1e3 if ticks > 1 and first_done is not None else 0.0)
+        if pacer is not None:  # what auto's extra ticks took: room the frame interval had, not the frame's cost
+            self._timings.record("spare", (t1 - first_done) * 1e3 if ticks > 1 else 0.0)
         self._timings.steps += 1
         return out
 
