@@ -179,7 +179,9 @@ function showStats(stats) {
 function qualityText(stats) {
   const q = stats.quality;
   if (!q) return '';
-  return `quality ${q.name} (${q.level + 1}/${q.levels.length})  ${q.reason}\n`;
+  const made = q.ready && q.ready.includes(false) ? `, ${q.ready.filter(Boolean).length} made` : '';
+  const waiting = q.waiting_for ? `  (waiting for ${q.waiting_for} to be made)` : '';
+  return `quality ${q.name} (${q.level + 1}/${q.levels.length}${made})  ${q.reason}${waiting}\n`;
 }
 
 // ---- glass-to-glass: camera capture to the avatar frame on screen ------------------------------

@@ -113,8 +113,8 @@ class QualityLevel:
 @runtime_checkable
 class Governed(Protocol):
     """An engine with cheaper settings to fall back on (streamer/governor.py moves along them).
-    Engines without levels simply are not governed. Both are called between frames, on the
-    thread that steps the engine, never during a step."""
+    Engines without levels simply are not governed. `set_quality` is called between frames,
+    on the thread that steps the engine, never during a step; `make_quality` on another."""
 
     def quality_levels(self) -> Sequence[QualityLevel]:
         """The ladder, best first. An engine starts at the level its options ask for (level 0,
@@ -122,8 +122,17 @@ class Governed(Protocol):
         a governor starts at the best."""
 
     def set_quality(self, level: int) -> None:
-        """Render the next frames at `levels[level]`. Frames in flight may be dropped (a
-        streaming engine starts its batch again); a level already used costs no rebuild."""
+        """Render the next frames at `levels[level]`, making it first if it is not ready.
+        Frames in flight may be dropped (a streaming engine starts its batch again); a level
+        already made costs no rebuild."""
+
+    def make_quality(self, level: int) -> None:
+        """Make a level ready without moving to it: on a thread of its own, while the engine
+        steps (the diffusion engine's stream batch and CUDA graph: with --compile, minutes on
+        a cold compile cache). A level already made returns at once."""
+
+    def quality_ready(self, level: int) -> bool:
+        """Whether a level is made (any thread): a move to it costs no rebuild."""
 
 
 class EngineError(RuntimeError):

@@ -968,6 +968,12 @@ class WarpEngine:
     def quality_levels(self) -> list[QualityLevel]:
         return [level for level, _, _ in self.QUALITY]
 
+    def make_quality(self, level: int) -> None:
+        """Nothing to make ahead: a level's grid is made per source at the move, in milliseconds."""
+
+    def quality_ready(self, level: int) -> bool:
+        return 0 <= level < len(self.QUALITY)
+
     def set_quality(self, level: int) -> None:
         """A grid of another size is another Reenactor (same matte and plate), kept per source."""
         _, divisor, over_plate = self.QUALITY[level]

@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_source(spec: str) -> np.ndarray:
     """A bundled portrait's name or an image file, read as `animate` reads its sources (the
-    one loader: upright, transparency on white, bad files refused in words)."""
-    from .offline import source_image
+    one loader: upright, transparency on white, bad files refused in words; ImageError). Not
+    through offline.py, which needs PyAV: the bench runs where there is none."""
+    from .images import source_image
 
     return source_image(spec)
 

@@ -48,11 +48,11 @@ class InputError(ValueError):
 
 def _load_source(spec: str):
     """An image file or a bundled portrait's name, as `animate` reads them."""
-    from .offline import InputError as OfflineInputError, source_image
+    from .images import ImageError, source_image
 
     try:
         return source_image(spec)
-    except OfflineInputError as e:
+    except ImageError as e:
         raise InputError(str(e)) from None
 
 

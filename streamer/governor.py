@@ -21,16 +21,24 @@ budget; its latency, with its extra frames in flight, within `headroom` of the m
 `up_after_s`, longer. So a steady load settles on one rung: the rung above would not fit, and
 the governor knows it without trying. Where the prediction was wrong (a step up followed by a
 step down soon after), the wait before the next step up doubles, up to `MAX_UP_WAIT_S`.
+
+It moves only to levels the engine has made (`quality_ready`): a session starts at once on the
+best level that is ready, while `make_levels` makes the others on a thread of their own (with
+--compile, minutes each on a cold compile cache); a move it would make to a level not made yet
+waits for it (`/stats` says which).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -44,7 +52,11 @@ MIN_FRAMES = 6  # measurements needed before judging a window
 FPS_TOLERANCE = 0.9  # fps short: under this share of the target
 FAILED_UP_S = 15.0  # a step down this soon after a step up: the step up failed
 EVALUATE_EVERY_S = 0.2  # decide() judges the window this often (it is called per frame)
-SLOW_LEVEL_S = 1.0  # warm_levels logs a level that took this long to make
+SLOW_LEVEL_S = 1.0  # make_levels logs a level that took this long to make
+# While levels are made (torch.compile: minutes of Python on one thread), the GIL changes hands
+# this often (sys.setswitchinterval; Python's default is 5 ms): the stream's threads then wait
+# for it a fraction of a millisecond at each of their many takes a frame, not up to 5 ms.
+MAKING_SWITCH_S = 0.0002
 
 log = logging.getLogger("xportrait.governor")
 
@@ -87,31 +99,74 @@ def governed_engine(stage: Any) -> Governed | None:
     return None
 
 
-def warm_levels(engine: Governed) -> None:
-    """Make every level once, ending at the best (the diffusion engine's stream batches and CUDA
-    graphs): a move mid-stream then builds nothing. On the engine's thread, between frames.
-    A level that takes a while to make (with --compile: minutes on a cold compile cache) is
-    logged as it is ready, so a server's start-up says what it is doing."""
+_makers: "weakref.WeakKeyDictionary[Any, threading.Thread]" = weakref.WeakKeyDictionary()
+_makers_lock = threading.Lock()
+
+
+def make_levels(engine: Governed) -> threading.Thread:
+    """Make every level of the engine that is not ready yet, on a thread of its own while the
+    engine serves (once per engine: a second call returns the same thread). The cheaper levels
+    first, nearest first (under load the governor needs the rungs down; on the H200 the 2-step
+    level waited behind the full VAE's while a 30 fps session asked for it), then the better. A level that takes a while to make is logged as it is ready, so a server's log says
+    what its start-up is still doing. A level that fails is logged; the governor never moves there."""
+    with _makers_lock:
+        thread = _makers.get(engine)
+        if thread is None:
+            thread = _makers[engine] = threading.Thread(target=_make_levels, args=(engine,), daemon=True,
+                                                        name="xportrait-levels")
+            thread.start()
+        return thread
+
+
+def _make_levels(engine: Governed) -> None:
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, MAKING_SWITCH_S))
+    try:
+        _make_each(engine)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def _make_each(engine: Governed) -> None:
     levels = engine.quality_levels()
-    for level in reversed(range(len(levels))):
+    start = best_ready(engine)
+    for level in [*range(start + 1, len(levels)), *reversed(range(start))]:
+        if engine.quality_ready(level):
+            continue
         started = time.perf_counter()
-        engine.set_quality(level)
+        try:
+            engine.make_quality(level)
+        except Exception:
+            log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels), levels[level].name)
+            continue
         seconds = time.perf_counter() - started
         if seconds >= SLOW_LEVEL_S:
             log.info("quality level %d of %d (%s) ready in %.0f s", level + 1, len(levels), levels[level].name,
                      seconds)
 
 
+def best_ready(engine: Governed) -> int:
+    """The best level the engine has made (its own level at least is always made)."""
+    return next(level for level in range(len(engine.quality_levels())) if engine.quality_ready(level))
+
+
 class Governor:
     """Decides; never touches an engine (the pipeline sets the level it returns, between frames)."""
 
-    def __init__(self, options: GovernorOptions, levels: Sequence[QualityLevel]):
+    def __init__(self, options: GovernorOptions, levels: Sequence[QualityLevel], start: int = 0,
+                 ready: Callable[[int], bool] = lambda level: True):
+        """`start`: the level the engine is at (a ready one); `ready(level)`: whether a level
+        is made (Governed.quality_ready): the governor moves only to those."""
         if not levels:
             raise ValueError("a governor needs at least one quality level")
+        if not 0 <= start < len(levels):
+            raise ValueError(f"no quality level {start} in a ladder of {len(levels)}")
         self.options = options
         self.levels = list(levels)
-        self.level = 0
-        self.reason = "start: the best level"
+        self.level = start
+        self.ready = ready
+        self.waiting: str | None = None  # a level it would move to, not made yet
+        self.reason = "start: the best level" if start == 0 else "start: the best level made so far"
         self.changes = 0
         # cost(level i) / cost(level i + 1): the ladder's word first, measured at each move.
         self._stated = [max(a.cost, 1e-6) / max(b.cost, 1e-6) for a, b in zip(self.levels, self.levels[1:])]
@@ -174,11 +229,18 @@ class Governor:
         self._room_since = (self._room_since or now) if room else None
         if self._last_up is not None and now - self._last_up > 2 * FAILED_UP_S:
             self._up_wait = self.options.up_after_s  # the last step up held: trust predictions again
+        self.waiting = None
         if over and self.level < len(self.levels) - 1 and now - self._over_since >= self.options.down_after_s:
+            if not self.ready(self.level + 1):
+                self.waiting = self.levels[self.level + 1].name  # still being made: down as soon as it is
+                return None
             if self._last_up is not None and now - self._last_up < FAILED_UP_S:
                 self._up_wait = min(2 * self._up_wait, MAX_UP_WAIT_S)
             return self._move(now, self.level + 1, over, m)
         if room and now - self._room_since >= self._up_wait:
+            if not self.ready(self.level - 1):
+                self.waiting = self.levels[self.level - 1].name
+                return None
             self._last_up = now
             return self._move(now, self.level - 1, room, m)
         return None
@@ -246,5 +308,6 @@ class Governor:
         """What /stats and the page show."""
         return {"level": self.level, "name": self.levels[self.level].name,
                 "levels": [level.name for level in self.levels], "reason": self.reason, "changes": self.changes,
+                "ready": [self.ready(level) for level in range(len(self.levels))], "waiting_for": self.waiting,
                 "target_fps": self.options.target_fps, "max_latency_ms": self.options.max_latency_ms,
                 "measured": self.measured}

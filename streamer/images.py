@@ -96,3 +96,14 @@ def _decode(image: Image.Image, name: str, max_pixels: int, max_side: int) -> np
         image = flat
     rgb = np.asarray(image.convert("RGB"))
     return downscale(rgb, max_side)
+
+
+def source_image(spec: str) -> np.ndarray:
+    """A portrait named on the command line: an image file (any format Pillow reads, up to
+    Pillow's own bomb limit), or a bundled portrait's name (a file of that name wins). The one
+    loader of every command that takes one; raises ImageError."""
+    from .samples.gallery import PORTRAITS, portrait
+
+    if not os.path.exists(spec) and spec in PORTRAITS:
+        return portrait(spec)
+    return read_image(spec, what="source image", max_pixels=FILE_MAX_PIXELS)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from fractions import Fraction
@@ -76,23 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def load_image(path: str) -> np.ndarray:
-    """Any image Pillow reads, as uint8 RGB, upright: the loader `serve` uses for uploads."""
-    from .images import FILE_MAX_PIXELS, ImageError, read_image
+def source_image(path: str) -> np.ndarray:
+    """An image file, or a bundled portrait named on the command line (streamer/images.py)."""
+    from . import images
 
     try:
-        return read_image(path, what="source image", max_pixels=FILE_MAX_PIXELS)
-    except ImageError as e:
+        return images.source_image(path)
+    except images.ImageError as e:
         raise InputError(str(e)) from None
-
-
-def source_image(path: str) -> np.ndarray:
-    """An image file, or a bundled portrait named on the command line (a file wins)."""
-    if not os.path.exists(path) and path in PORTRAITS:
-        from .samples.gallery import portrait
-
-        return portrait(path)
-    return load_image(path)
 
 
 def _fmt_rate(fps) -> str:

@@ -48,7 +48,7 @@ from engines.animator import Animator, prepare_sources
 from engines.base import DrivingFrame, Rendered, SourcePortrait
 from engines.retarget import NEUTRAL, Retargeting
 
-from .governor import Governor, GovernorOptions, governed_engine, warm_levels
+from .governor import Governor, GovernorOptions, best_ready, governed_engine, make_levels
 from .stats import SessionStats
 
 logger = logging.getLogger("xportrait.pipeline")
@@ -480,9 +480,10 @@ class Pipeline:
         self.stage.open()
         engine = governed_engine(self.stage) if self._governor_options is not None else None
         if engine is not None:
-            warm_levels(engine)  # every level made now, not mid-stream; ends at the best (the pool's
-            # engine may come back at another session's level)
-            self.governor = Governor(self._governor_options, engine.quality_levels())
+            make_levels(engine)  # the levels not made yet, on a thread of their own (once per engine)
+            start = best_ready(engine)  # (the pool's engine may come back at another session's level)
+            engine.set_quality(start)
+            self.governor = Governor(self._governor_options, engine.quality_levels(), start, engine.quality_ready)
             self._governed = engine
 
     def _govern(self, now: float, latency_ms: float) -> None:

@@ -91,11 +91,11 @@ def write_sample_clip(args: SampleClipOptions) -> int:
 
     out, container = check_output(args.output, [args.portrait])
     if os.path.exists(args.portrait) or args.portrait not in PORTRAITS:
-        from .offline import InputError, load_image
+        from .images import ImageError, source_image
 
         try:
-            source = load_image(args.portrait)
-        except InputError as e:
+            source = source_image(args.portrait)
+        except ImageError as e:
             raise ValueError(f"{e} (or name a bundled portrait: {', '.join(PORTRAITS)})") from None
     else:
         source = args.portrait

@@ -52,7 +52,7 @@ from engines import EngineError
 from engines.animator import Animator
 from engines.face import NoFaceError
 
-from .governor import governed_engine, warm_levels
+from .governor import governed_engine, make_levels
 from .images import ImageError, ImageTooLarge, read_image
 from .limits import TokenBucket
 from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, IceServer, ServeOptions, add_engine_arguments,
@@ -124,7 +124,7 @@ class Server:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
             if self.config.governor is not None and (governed := governed_engine(animator)):
-                warm_levels(governed)  # every quality level made (CUDA graphs captured) before the first session
+                make_levels(governed)  # the other quality levels are made while the server serves
         finally:
             animator.close()
             self.engines.give_back(engine)

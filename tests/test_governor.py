@@ -10,6 +10,8 @@ milliseconds; one runs a real Pipeline with a fake engine whose per-frame cost i
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ from fakes import PortraitEngine
 
 from engines.base import DrivingFrame, Governed, QualityLevel, Rendered
 from engines.options import OptionError
-from streamer.governor import Governor, GovernorOptions, governed_engine
+from streamer.governor import Governor, GovernorOptions, governed_engine, make_levels
 from streamer.options import governor_options
 
 LEVELS = [QualityLevel("full"), QualityLevel("cheaper", 0.75), QualityLevel("cheapest", 0.5)]
@@ -147,21 +149,34 @@ def test_a_latency_limit_trades_frames_in_flight():
 
 # -- a real pipeline with a fake engine --------------------------------------------------------------
 class FakeEngine(PortraitEngine):
-    """Sleeps `cost_ms * levels[level].cost` per frame; records the level each frame was made at."""
+    """Sleeps `cost_ms * levels[level].cost` per frame; records the level each frame was made at.
+    A level other than the best takes `make_s` to make (a diffusion level's compile)."""
 
     name = "fake"
 
-    def __init__(self, cost_ms: float):
+    def __init__(self, cost_ms: float, make_s: float = 0.0):
         super().__init__(size=16)
-        self.cost_ms = cost_ms
+        self.cost_ms, self.make_s = cost_ms, make_s
         self.level = 0
+        self.made = {0}
+        self.made_on: list[str] = []  # the thread each level was made on
         self.rendered_at: list[int] = []
         self.image = np.zeros((16, 16, 3), np.uint8)
 
     def quality_levels(self):
         return LEVELS
 
+    def make_quality(self, level: int) -> None:
+        if level not in self.made:
+            time.sleep(self.make_s)
+            self.made_on.append(threading.current_thread().name)
+            self.made.add(level)
+
+    def quality_ready(self, level: int) -> bool:
+        return level in self.made
+
     def set_quality(self, level: int) -> None:
+        self.make_quality(level)
         self.level = level
 
     def step(self, frame):
@@ -242,6 +257,23 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
     assert up["level"] == 0 and up["reason"].startswith("up"), up
     assert set(engine.rendered_at) == {0, 1, 2}  # set between frames, on the engine thread
     assert set(outputs) == {0, 1, 2}  # and frames of every level came out
+
+
+def test_a_governed_server_is_ready_before_its_other_levels_are_made():
+    """`serve --target-fps`: prepare() runs a frame at the engine's level and returns; the
+    other levels are made afterwards, while the server serves."""
+    from streamer import samples
+    from streamer.pipeline import EnginePool
+    from streamer.server import Config, Server
+
+    engine = FakeEngine(cost_ms=1.0, make_s=0.5)
+    server = Server(Config(governor=GovernorOptions(target_fps=20)), EnginePool(lambda: engine))
+    server.prepare({"astronaut": samples.portrait("astronaut")})
+    assert engine.made == {0}  # ready to serve: the levels below are still being made
+    deadline = time.monotonic() + 5
+    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.made == {0, 1, 2} and engine.made_on == ["xportrait-levels"] * 2
 
 
 def test_an_ungoverned_pipeline_reports_no_quality():
@@ -349,6 +381,62 @@ def test_every_diffusion_level_renders_the_frames_a_stream_of_its_settings_does(
     assert engine.denoiser is not batch and run(engine)[0][0] == 0  # the best level's batch, empty again
 
 
+def test_a_diffusion_level_is_made_on_another_thread_while_the_engine_steps(one_thread, monkeypatch):
+    """The tiny model on the CPU: make_quality on a thread of its own while the portrait changes
+    and the engine steps. The frames stepped meanwhile are those of an engine alone; the level
+    made renders what an engine of its settings renders for the portrait given *during* its
+    making (it was prepared for the old one, and is prepared again)."""
+    from engines import LiveOptions, XPortraitOptions, create_engine
+    from engines.base import SourcePortrait
+    from engines.xportrait import stream
+
+    res = 64
+
+    def options(steps: int) -> XPortraitOptions:
+        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=steps,
+                                window=4, live=LiveOptions())
+
+    rng = np.random.default_rng(5)
+    old, new = ([SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
+                for _ in range(2))
+    landmarks = np.full((478, 3), res / 2, np.float32)
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
+              for i in range(5)]
+
+    def run(engine) -> list[np.ndarray]:
+        return [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+
+    engine = create_engine(options(4))
+    engine.prepare(old)
+    assert [level.name for level in engine.quality_levels()] == ["4 steps", "3 steps", "2 steps"]
+    inside, go = threading.Event(), threading.Event()
+    prepare = stream.StreamingDenoiser.prepare
+
+    def held(self, sources):  # the maker's first prepare waits until the portrait has changed
+        if threading.current_thread().name == "maker" and not go.is_set():
+            inside.set()
+            go.wait(10)
+        return prepare(self, sources)
+
+    monkeypatch.setattr(stream.StreamingDenoiser, "prepare", held)
+    maker = threading.Thread(target=engine.make_quality, args=(2,), name="maker")
+    maker.start()
+    assert inside.wait(10) and not engine.quality_ready(2)
+    engine.prepare(new)
+    go.set()
+    stepped = run(engine)  # while the maker prepares level 2
+    maker.join(60)
+    assert engine.quality_ready(2) and engine.denoiser is engine._denoisers[0]  # made, not moved to
+    engine.set_quality(2)
+    made = run(engine)
+    for steps, got in ((4, stepped), (2, made)):
+        fresh = create_engine(options(steps))
+        fresh.prepare(new)
+        want = run(fresh)
+        assert len(got) == len(want) == len(frames) - (steps - 1)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), steps
+
+
 def test_cam_leaves_the_governor_to_the_server_it_streams_to():
     from streamer.options import CamOptions
 
@@ -420,31 +508,118 @@ def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):
     assert not np.array_equal(got[0], started[0])  # another decoder: another picture
 
 
-def test_warming_the_levels_says_which_level_is_ready_when_one_is_slow_to_make(monkeypatch, caplog):
-    """A governed diffusion server compiles every level at start-up (minutes each on a cold
-    compile cache): each slow level is logged as it is ready, the lowest first, ending at the best."""
+def test_levels_are_made_on_their_own_thread_nearest_first_and_each_slow_one_is_logged(monkeypatch, caplog):
+    """A governed diffusion engine compiles each level (minutes on a cold compile cache): the
+    levels not ready are made on a thread of their own, once per engine, the cheaper ones first
+    (nearest first), then the better; each slow one is logged as it is ready, and the GIL
+    changes hands quickly meanwhile (the stream's threads wait less for it)."""
     import logging
 
     from streamer import governor
 
+    levels = LEVELS + [QualityLevel("last", 0.3)]
+
     class Ladder:
-        def __init__(self):
-            self.made = []
+        def __init__(self, made, fails=None):
+            self.made, self.fails, self.order, self.switch = set(made), fails, [], []
 
         def quality_levels(self):
-            return LEVELS
+            return levels
 
-        def set_quality(self, level):
-            self.made.append(level)
+        def quality_ready(self, level):
+            return level in self.made
+
+        def make_quality(self, level):
+            self.switch.append(sys.getswitchinterval())
+            if level == self.fails:
+                raise RuntimeError("out of memory")  # logged; the governor never goes there
+            self.order.append(level)
+            self.made.add(level)
 
     monkeypatch.setattr(governor, "SLOW_LEVEL_S", 0.0)
-    engine = Ladder()
+    before = sys.getswitchinterval()
+    engine = Ladder(made={1}, fails=2)  # a --tiny-decoder engine: its own level is the second
     with caplog.at_level(logging.INFO, logger="xportrait.governor"):
-        governor.warm_levels(engine)
-    assert engine.made == [2, 1, 0]
-    assert [r.getMessage().split(" ready")[0] for r in caplog.records] == [
-        "quality level 3 of 3 (cheapest)", "quality level 2 of 3 (cheaper)", "quality level 1 of 3 (full)"]
+        thread = make_levels(engine)
+        assert make_levels(engine) is thread  # once per engine
+        thread.join(5)
+    assert engine.switch == pytest.approx([governor.MAKING_SWITCH_S] * 3) and sys.getswitchinterval() == before
+    assert engine.order == [3, 0] and engine.made == {0, 1, 3}  # the cheaper ones (one failed), then the better
+    said = [r.getMessage().split(" ready")[0] for r in caplog.records]
+    assert said == ["quality level 3 of 4 (cheapest) could not be made", "quality level 4 of 4 (last)",
+                    "quality level 1 of 4 (full)"], said
     caplog.clear()
-    monkeypatch.setattr(governor, "SLOW_LEVEL_S", 60.0)  # quick levels (a session's second warm-up) say nothing
-    governor.warm_levels(engine)
+    monkeypatch.setattr(governor, "SLOW_LEVEL_S", 60.0)  # quick levels say nothing
+    make_levels(Ladder(made={0})).join(5)
     assert caplog.records == []
+
+
+def test_the_governor_moves_only_to_levels_that_are_made():
+    """Under load, a level still being made is waited for (and /stats says so); the move comes
+    as soon as it is made. Started at the best level made so far, it steps up to the best only
+    once that is made."""
+    made = {1}
+    governor = Governor(GovernorOptions(target_fps=25), LEVELS, start=1, ready=made.__contains__)
+    assert governor.level == 1 and governor.reason == "start: the best level made so far"
+    sim = SimulatedPipeline(governor, lambda level, t: 60.0 * LEVELS[level].cost, camera_fps=25)  # 45 ms at 1: short
+    sim.run(10)
+    snap = governor.snapshot()
+    assert governor.level == 1 and governor.changes == 0 and snap["waiting_for"] == "cheapest", snap
+    assert snap["ready"] == [False, True, False]
+    made.add(2)
+    sim.run(1.0)
+    assert governor.level == 2 and governor.reason.startswith("down to cheapest")
+    sim.cost = lambda level, t: 20.0 * LEVELS[level].cost  # the load goes: room above, not made
+    sim.run(20)
+    assert governor.level == 1 and governor.snapshot()["waiting_for"] == "full"
+    made.add(0)
+    sim.run(20)
+    assert governor.level == 0 and governor.snapshot()["waiting_for"] is None
+
+
+def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
+    """The levels below take 1.5 s each to make: frames flow at the best level meanwhile,
+    the governor waits for the rung down (made on another thread), then moves."""
+    from streamer.pipeline import Pipeline
+
+    engine = FakeEngine(cost_ms=90.0, make_s=1.5)
+    options = GovernorOptions(target_fps=20, window_s=0.8, down_after_s=0.4, up_after_s=1.2)
+    frame = np.zeros((16, 16, 3), np.uint8)
+
+    async def main():
+        pipeline = Pipeline(FakeStage(engine), governor=options)
+        began = time.perf_counter()
+        await pipeline.start()
+        started_s = time.perf_counter() - began
+        outputs, waited = [], []
+
+        async def camera():
+            while not pipeline.closed:
+                pipeline.feed(frame)
+                await asyncio.sleep(1 / 30)
+
+        async def consume():
+            while True:
+                await pipeline.next_output()
+                outputs.append(time.perf_counter() - began)
+                quality = pipeline.snapshot()["quality"]
+                if quality["waiting_for"]:
+                    waited.append(quality["waiting_for"])
+
+        tasks = [asyncio.ensure_future(camera()), asyncio.ensure_future(consume())]
+        try:
+            deadline = time.monotonic() + 8
+            while pipeline.governor.level != 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await pipeline.close()
+            for task in tasks:
+                task.cancel()
+        return started_s, outputs, waited
+
+    started_s, outputs, waited = asyncio.run(main())
+    assert started_s < 0.5  # no level made before the first frame
+    assert sum(t < 1.0 for t in outputs) >= 5  # frames while the rung down is being made
+    assert engine.made_on == ["xportrait-levels"] * 2  # made off the engine's thread
+    assert "cheaper" in waited  # the governor wanted it before it was made
+    assert set(engine.rendered_at) == {0, 1, 2}

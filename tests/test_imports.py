@@ -74,3 +74,12 @@ def test_the_graph_runtimes_import_neither_each_other_nor_the_exporter(module, n
             "sys.exit(str(loaded) if loaded else None)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"importing {module} loaded {result.stderr.strip()[-500:]}"
+
+
+def test_the_bench_reads_its_portrait_without_pyav():
+    """The GPU image has no PyAV: `bench --source astronaut` (no driving video) must not need it,
+    as it did once through offline.py's loader."""
+    code = ("import sys; sys.modules['av'] = None; from streamer.bench import load_source; "
+            "image = load_source('astronaut'); sys.exit(None if image.shape == (512, 512, 3) else str(image.shape))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,8 +14,10 @@ during it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Sequence
 
@@ -161,7 +163,9 @@ class XPortraitLiveEngine:
         # Quality levels (engines.base.Governed), best first: with a tiny decoder, the options'
         # stream decoded by the full VAE, then by the tiny decoder (where the engine starts);
         # then without look-ahead, then one LCM step fewer at a time down to 2. Each level is its
-        # own stream batch (and, on a GPU, its own CUDA graph), made the first time it is set.
+        # own stream batch (and, on a GPU, its own CUDA graph), made when it is first set, or
+        # ahead by make_quality on a thread of its own (on its own CUDA stream) while this
+        # engine steps: _levels_lock guards the levels made and the sources they are made for.
         streams = [settings] + ([replace(settings, lookahead=0)] if settings.lookahead else [])
         streams += [replace(settings, steps=n, lookahead=0) for n in range(settings.steps - 1, 1, -1)]
         vae = model.decode
@@ -173,6 +177,8 @@ class XPortraitLiveEngine:
         self.denoiser = self._new_denoiser(*self._ladder[self._level])
         self._denoisers = {self._level: self.denoiser}
         self._sources: torch.Tensor | None = None
+        self._levels_lock, self._making = threading.Lock(), threading.Lock()  # the second: one level at a time
+        self._build_stream = torch.cuda.Stream(self.device) if cuda else None
         # Pinned staging for the frame and its patch boxes, two slots: the host fills one while
         # the device may still be copying from the other (a tick that returns no frame does not
         # wait for the device).
@@ -202,12 +208,15 @@ class XPortraitLiveEngine:
 
     def prepare(self, sources: Sequence[SourcePortrait]) -> None:
         check_sources(sources, self.size, self.name)
-        self._sources = to_tensor([s.image for s in sources], self.device, self.dtype)
-        for denoiser in self._denoisers.values():  # every level made so far: its graph stays valid
-            self._prepare(denoiser)
+        images = to_tensor([s.image for s in sources], self.device, self.dtype)
+        with self._levels_lock:  # a level being made now sees these sources when it is done, and takes them
+            self._sources = images
+            made = list(self._denoisers.values())
+        for denoiser in made:  # every level made so far: its graph stays valid
+            self._prepare(denoiser, images)
 
-    def _prepare(self, denoiser: StreamingDenoiser) -> None:
-        denoiser.prepare(self._sources)
+    def _prepare(self, denoiser: StreamingDenoiser, sources: torch.Tensor) -> None:
+        denoiser.prepare(sources)
         if self.cuda_graph and not denoiser.captured:
             denoiser.capture(compile=self.compile)
 
@@ -229,13 +238,45 @@ class XPortraitLiveEngine:
         n = 1 if self.pacer is not None else self._most_ticks
         return (settings.steps - 1 + settings.lookahead) // n
 
+    def quality_ready(self, level: int) -> bool:
+        return level in self._denoisers
+
+    def make_quality(self, level: int) -> None:
+        """Any thread, while the engine steps: the level's stream batch, prepared for the
+        current sources (and on a GPU its CUDA graph captured, compiled with --compile), on a
+        CUDA stream of its own. It joins the levels only once its work on the device is done
+        and the sources it was prepared for are still the engine's (else it is prepared again)."""
+        with self._making:
+            if level in self._denoisers:
+                return
+            with self._on_build_stream():
+                denoiser = self._new_denoiser(*self._ladder[level])
+                prepared_for = None
+                while True:
+                    if self._build_stream is not None:
+                        self._build_stream.synchronize()
+                    with self._levels_lock:
+                        if prepared_for is self._sources:
+                            self._denoisers[level] = denoiser
+                            return
+                        prepared_for = self._sources
+                    if self._build_stream is not None:  # the sources were made on the engine's stream
+                        self._build_stream.wait_stream(torch.cuda.default_stream(self.device))
+                    self._prepare(denoiser, prepared_for)
+
+    @contextmanager
+    def _on_build_stream(self):
+        if self._build_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._build_stream):
+            yield
+
     def set_quality(self, level: int) -> None:
         """Between frames: the stream continues on that level's batch, empty (its frames in
         flight at the old level are dropped; the first leaves steps - 1 frames later)."""
         if level not in self._denoisers:
-            self._denoisers[level] = denoiser = self._new_denoiser(*self._ladder[level])
-            if self._sources is not None:
-                self._prepare(denoiser)
+            self.make_quality(level)
         if self._denoisers[level] is not self.denoiser:
             self.denoiser = self._denoisers[level]
             self.denoiser.reset()

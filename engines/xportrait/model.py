@@ -13,6 +13,7 @@ scaling factor. Loading real weights: weights/.
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -23,6 +24,10 @@ from .config import XPortraitConfig
 from .reference import ReferenceKV, install_reference_attention, project_reference
 from .temporal import MotionModules
 from .unet import ReferenceNet, TemporalKV, TemporalUNet
+
+# The reference net records into one dict per model: one reference_features call at a time (a
+# live engine may make a quality level on one thread while a portrait changes on another).
+_RECORDING = threading.Lock()
 
 
 class XPortraitModel(nn.Module):
@@ -76,11 +81,12 @@ class XPortraitModel(nn.Module):
         Each source latent is (1, 4, h, w); several are joined along the tokens.
         """
         recorded = []
-        for latent in source_latents:
+        with _RECORDING:
+            for latent in source_latents:
+                self._recorded.clear()
+                self.reference_net(latent, timestep, self.text)
+                recorded.append(dict(self._recorded))
             self._recorded.clear()
-            self.reference_net(latent, timestep, self.text)
-            recorded.append(dict(self._recorded))
-        self._recorded.clear()
         return project_reference(self.unet.unet, recorded)
 
     # -- the per-frame part ----------------------------------------------------------------------

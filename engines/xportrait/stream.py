@@ -20,6 +20,7 @@ step: the offline definition the streaming engine is tested against.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -30,6 +31,8 @@ from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
 from .model import ReferenceKV, XPortraitModel
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
+
+_ONE_CAPTURE = threading.Lock()  # CUDA graph captures in this process, one at a time (StreamingDenoiser.capture)
 
 
 @runtime_checkable
@@ -427,7 +430,10 @@ class StreamingDenoiser:
                 advance()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Another thread may be stepping an engine meanwhile (a level made while the stream
+        # runs): only this thread's calls must keep off the capture ("thread_local"), and the
+        # capture stream torch.cuda.graph records on is one per process.
+        with _ONE_CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             advance()
         self._graph = graph
         self.advance = advance  # the recorded work (compiled, if asked), for profilers
