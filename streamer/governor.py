@@ -118,13 +118,24 @@ def make_levels(engine: Governed) -> threading.Thread:
         return thread
 
 
+_making = 0  # engines whose levels are being made (under _makers_lock)
+_switch_before = 0.0  # the switch interval before the first of them began
+
+
 def _make_levels(engine: Governed) -> None:
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, MAKING_SWITCH_S))
+    global _making, _switch_before
+    with _makers_lock:  # the interval is the process's: set by the first maker, restored by the last
+        if _making == 0:
+            _switch_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_before, MAKING_SWITCH_S))
+        _making += 1
     try:
         _make_each(engine)
     finally:
-        sys.setswitchinterval(previous)
+        with _makers_lock:
+            _making -= 1
+            if _making == 0:
+                sys.setswitchinterval(_switch_before)
 
 
 def _make_each(engine: Governed) -> None:
