@@ -23,9 +23,9 @@ the governor knows it without trying. Where the prediction was wrong (a step up 
 step down soon after), the wait before the next step up doubles, up to `MAX_UP_WAIT_S`.
 
 It moves only to levels the engine has made (`quality_ready`): a session starts at once on the
-best level that is ready, while `make_levels` makes the others on a thread of their own (with
---compile, minutes each on a cold compile cache); a move it would make to a level not made yet
-waits for it (`/stats` says which).
+best level that is ready, while a LevelMaker makes the others on a thread of their own (with
+--compile, minutes each on a cold compile cache), while no session streams or when a governor
+waits for one; a move to a level not made yet waits for it (`/stats` says which).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -99,61 +100,106 @@ def governed_engine(stage: Any) -> Governed | None:
     return None
 
 
-_makers: "weakref.WeakKeyDictionary[Any, threading.Thread]" = weakref.WeakKeyDictionary()
+class LevelMaker:
+    """Makes an engine's levels that are not made yet, on a thread of its own (`make_levels`:
+    one per engine). Making one costs the stream: torch.compile is minutes of Python, and on the
+    H200 a 25 fps session got 20 fps back while a level compiled. So levels are made while no
+    session streams on the engine, and during a session only a level its governor waits for
+    (`want`). The cheaper levels first, nearest first (under load a governor needs the rungs
+    down), then the better. Each slow level is logged as it is ready (a server's log says what
+    its start-up is still doing); one that fails is logged, and no governor moves there."""
+
+    def __init__(self, engine: Governed):
+        self.engine = engine
+        self._changed = threading.Condition()
+        self._streaming = 0  # sessions streaming on the engine
+        self._wanted: set[int] = set()
+        levels = engine.quality_levels()
+        start = best_ready(engine)
+        self._pending = [level for level in [*range(start + 1, len(levels)), *reversed(range(start))]
+                         if not engine.quality_ready(level)]
+        self.thread = threading.Thread(target=self._run, daemon=True, name="xportrait-levels")
+
+    def streaming(self, on: bool) -> None:
+        """A session on this engine starts (True) or ends (False) streaming."""
+        with self._changed:
+            self._streaming += 1 if on else -1
+            self._changed.notify()
+
+    def want(self, level: int) -> None:
+        """A governor waits for this level: it is made next, session or not."""
+        with self._changed:
+            if level not in self._wanted:
+                self._wanted.add(level)
+                self._changed.notify()
+
+    def _next(self) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self._streaming <= 0 or self._wanted & set(self._pending))
+            wanted = [level for level in self._pending if level in self._wanted]
+            level = (wanted or self._pending)[0]
+            self._pending.remove(level)
+            return level
+
+    def _run(self) -> None:
+        levels = self.engine.quality_levels()
+        while self._pending:
+            level = self._next()
+            started = time.perf_counter()
+            try:
+                with _quick_gil():
+                    self.engine.make_quality(level)
+            except Exception:
+                log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels),
+                              levels[level].name)
+                continue
+            seconds = time.perf_counter() - started
+            if seconds >= SLOW_LEVEL_S:
+                log.info("quality level %d of %d (%s) ready in %.0f s", level + 1, len(levels), levels[level].name,
+                         seconds)
+
+
+_makers: "weakref.WeakKeyDictionary[Any, LevelMaker]" = weakref.WeakKeyDictionary()
 _makers_lock = threading.Lock()
 
 
-def make_levels(engine: Governed) -> threading.Thread:
-    """Make every level of the engine that is not ready yet, on a thread of its own while the
-    engine serves (once per engine: a second call returns the same thread). The cheaper levels
-    first, nearest first (under load the governor needs the rungs down; on the H200 the 2-step
-    level waited behind the full VAE's while a 30 fps session asked for it), then the better. A level that takes a while to make is logged as it is ready, so a server's log says
-    what its start-up is still doing. A level that fails is logged; the governor never moves there."""
+def make_levels(engine: Governed, streaming: bool = False) -> LevelMaker:
+    """The engine's LevelMaker, started (once per engine: a second call returns the same one).
+    `streaming`: a session starts streaming on the engine (counted before the maker can start
+    a level); it calls `streaming(False)` when it ends."""
     with _makers_lock:
-        thread = _makers.get(engine)
-        if thread is None:
-            thread = _makers[engine] = threading.Thread(target=_make_levels, args=(engine,), daemon=True,
-                                                        name="xportrait-levels")
-            thread.start()
-        return thread
+        maker = _makers.get(engine)
+        new = maker is None
+        if new:
+            maker = _makers[engine] = LevelMaker(engine)
+    if streaming:
+        maker.streaming(True)
+    if new:
+        maker.thread.start()
+    return maker
 
 
-_making = 0  # engines whose levels are being made (under _makers_lock)
+_making = 0  # levels being made now, in all engines (under _makers_lock)
 _switch_before = 0.0  # the switch interval before the first of them began
 
 
-def _make_levels(engine: Governed) -> None:
+@contextmanager
+def _quick_gil():
+    """MAKING_SWITCH_S while a level is made. The interval is the process's: set by the first
+    maker, restored by the last."""
     global _making, _switch_before
-    with _makers_lock:  # the interval is the process's: set by the first maker, restored by the last
+    with _makers_lock:
         if _making == 0:
             _switch_before = sys.getswitchinterval()
             sys.setswitchinterval(min(_switch_before, MAKING_SWITCH_S))
         _making += 1
     try:
-        _make_each(engine)
+        yield
     finally:
         with _makers_lock:
             _making -= 1
             if _making == 0:
                 sys.setswitchinterval(_switch_before)
-
-
-def _make_each(engine: Governed) -> None:
-    levels = engine.quality_levels()
-    start = best_ready(engine)
-    for level in [*range(start + 1, len(levels)), *reversed(range(start))]:
-        if engine.quality_ready(level):
-            continue
-        started = time.perf_counter()
-        try:
-            engine.make_quality(level)
-        except Exception:
-            log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels), levels[level].name)
-            continue
-        seconds = time.perf_counter() - started
-        if seconds >= SLOW_LEVEL_S:
-            log.info("quality level %d of %d (%s) ready in %.0f s", level + 1, len(levels), levels[level].name,
-                     seconds)
 
 
 def best_ready(engine: Governed) -> int:
@@ -176,7 +222,7 @@ class Governor:
         self.levels = list(levels)
         self.level = start
         self.ready = ready
-        self.waiting: str | None = None  # a level it would move to, not made yet
+        self.waiting: int | None = None  # a level it would move to, not made yet
         self.reason = "start: the best level" if start == 0 else "start: the best level made so far"
         self.changes = 0
         # cost(level i) / cost(level i + 1): the ladder's word first, measured at each move.
@@ -243,14 +289,14 @@ class Governor:
         self.waiting = None
         if over and self.level < len(self.levels) - 1 and now - self._over_since >= self.options.down_after_s:
             if not self.ready(self.level + 1):
-                self.waiting = self.levels[self.level + 1].name  # still being made: down as soon as it is
+                self.waiting = self.level + 1  # still being made: down as soon as it is
                 return None
             if self._last_up is not None and now - self._last_up < FAILED_UP_S:
                 self._up_wait = min(2 * self._up_wait, MAX_UP_WAIT_S)
             return self._move(now, self.level + 1, over, m)
         if room and now - self._room_since >= self._up_wait:
             if not self.ready(self.level - 1):
-                self.waiting = self.levels[self.level - 1].name
+                self.waiting = self.level - 1
                 return None
             self._last_up = now
             return self._move(now, self.level - 1, room, m)
@@ -319,6 +365,7 @@ class Governor:
         """What /stats and the page show."""
         return {"level": self.level, "name": self.levels[self.level].name,
                 "levels": [level.name for level in self.levels], "reason": self.reason, "changes": self.changes,
-                "ready": [self.ready(level) for level in range(len(self.levels))], "waiting_for": self.waiting,
+                "ready": [self.ready(level) for level in range(len(self.levels))],
+                "waiting_for": None if self.waiting is None else self.levels[self.waiting].name,
                 "target_fps": self.options.target_fps, "max_latency_ms": self.options.max_latency_ms,
                 "measured": self.measured}

@@ -48,7 +48,7 @@ from engines.animator import Animator, prepare_sources
 from engines.base import DrivingFrame, Rendered, SourcePortrait
 from engines.retarget import NEUTRAL, Retargeting
 
-from .governor import Governor, GovernorOptions, best_ready, governed_engine, make_levels
+from .governor import Governor, GovernorOptions, LevelMaker, best_ready, governed_engine, make_levels
 from .stats import SessionStats
 
 logger = logging.getLogger("xportrait.pipeline")
@@ -285,6 +285,7 @@ class Pipeline:
         self._governor_options = governor
         self.governor: Governor | None = None  # once started, if the engine has levels
         self._governed: Any = None  # that engine
+        self._levels: LevelMaker | None = None  # what makes its other levels
         self._quality_request: int | None = None  # a level for the engine thread to set before its next step
 
     # -- the caller's side ------------------------------------------------------------------------
@@ -391,6 +392,9 @@ class Pipeline:
             await release
         except Exception:
             logger.exception("freeing the pipeline's stage failed")
+        if self._levels is not None:  # after the stage's close: the engine streams no more
+            self._levels.streaming(False)
+            self._levels = None
 
     # -- the two stages ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -480,11 +484,12 @@ class Pipeline:
         self.stage.open()
         engine = governed_engine(self.stage) if self._governor_options is not None else None
         if engine is not None:
-            make_levels(engine)  # the levels not made yet, on a thread of their own (once per engine)
             start = best_ready(engine)  # (the pool's engine may come back at another session's level)
             engine.set_quality(start)
             self.governor = Governor(self._governor_options, engine.quality_levels(), start, engine.quality_ready)
             self._governed = engine
+            self._levels = make_levels(engine, streaming=True)  # the levels not made yet: made while no
+            # session streams on the engine, or when a governor waits for one
 
     def _govern(self, now: float, latency_ms: float) -> None:
         """Event loop, per frame handed out: measure; a move is set by the engine thread."""
@@ -495,6 +500,8 @@ class Pipeline:
         if level is not None:
             logger.info("quality %s", governor.reason)
             self._quality_request = level
+        elif governor.waiting is not None:
+            self._levels.want(governor.waiting)
 
     def _apply_quality(self) -> None:
         """Engine thread, between two steps: the level the governor chose, if it chose one."""

@@ -124,7 +124,7 @@ class Server:
             animator.set_sources([self.default_portrait])
             animator.drive(self.default_portrait, 0.0)
             if self.config.governor is not None and (governed := governed_engine(animator)):
-                make_levels(governed)  # the other quality levels are made while the server serves
+                make_levels(governed)  # the other levels: made while no session streams, or when a governor waits
         finally:
             animator.close()
             self.engines.give_back(engine)

@@ -259,6 +259,34 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
     assert set(outputs) == {0, 1, 2}  # and frames of every level came out
 
 
+def test_a_session_that_needs_no_other_level_is_not_slowed_by_making_one():
+    """Making a level costs the stream (minutes of compile on the GIL): while a session streams
+    and its governor wants no other level, none is made; the session ended, the rest are."""
+    from streamer.pipeline import Pipeline
+
+    engine = FakeEngine(cost_ms=5.0, make_s=0.2)  # a light load: the governor stays at the best
+    frame = np.zeros((16, 16, 3), np.uint8)
+
+    async def main():
+        pipeline = Pipeline(FakeStage(engine), governor=GovernorOptions(target_fps=20, window_s=0.8,
+                                                                         down_after_s=0.4, up_after_s=1.2))
+        await pipeline.start()
+        try:
+            for _ in range(45):  # 1.5 s at 30 fps
+                pipeline.feed(frame)
+                await asyncio.sleep(1 / 30)
+            return set(engine.made), pipeline.governor.level
+        finally:
+            await pipeline.close()
+
+    made_while_streaming, level = asyncio.run(main())
+    assert made_while_streaming == {0} and level == 0
+    deadline = time.monotonic() + 5
+    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.made == {0, 1, 2}
+
+
 def test_a_governed_server_is_ready_before_its_other_levels_are_made():
     """`serve --target-fps`: prepare() runs a frame at the engine's level and returns; the
     other levels are made afterwards, while the server serves."""
@@ -540,9 +568,9 @@ def test_levels_are_made_on_their_own_thread_nearest_first_and_each_slow_one_is_
     before = sys.getswitchinterval()
     engine = Ladder(made={1}, fails=2)  # a --tiny-decoder engine: its own level is the second
     with caplog.at_level(logging.INFO, logger="xportrait.governor"):
-        thread = make_levels(engine)
-        assert make_levels(engine) is thread  # once per engine
-        thread.join(5)
+        maker = make_levels(engine)
+        assert make_levels(engine) is maker  # once per engine
+        maker.thread.join(5)
     assert engine.switch == pytest.approx([governor.MAKING_SWITCH_S] * 3) and sys.getswitchinterval() == before
     assert engine.order == [3, 0] and engine.made == {0, 1, 3}  # the cheaper ones (one failed), then the better
     said = [r.getMessage().split(" ready")[0] for r in caplog.records]
@@ -550,7 +578,7 @@ def test_levels_are_made_on_their_own_thread_nearest_first_and_each_slow_one_is_
                     "quality level 1 of 4 (full)"], said
     caplog.clear()
     monkeypatch.setattr(governor, "SLOW_LEVEL_S", 60.0)  # quick levels say nothing
-    make_levels(Ladder(made={0})).join(5)
+    make_levels(Ladder(made={0})).thread.join(5)
     assert caplog.records == []
 
 
