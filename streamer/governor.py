@@ -110,7 +110,7 @@ class LevelMaker:
     its start-up is still doing); one that fails is logged, and no governor moves there."""
 
     def __init__(self, engine: Governed):
-        self.engine = engine
+        self.engine: Governed | None = engine  # until its thread takes it
         self._changed = threading.Condition()
         self._streaming = 0  # sessions streaming on the engine
         self._wanted: set[int] = set()
@@ -142,13 +142,14 @@ class LevelMaker:
             return level
 
     def _run(self) -> None:
-        levels = self.engine.quality_levels()
+        engine, self.engine = self.engine, None  # the registry's weak key stays the only other reference
+        levels = engine.quality_levels()
         while self._pending:
             level = self._next()
             started = time.perf_counter()
             try:
                 with _quick_gil():
-                    self.engine.make_quality(level)
+                    engine.make_quality(level)
             except Exception:
                 log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels),
                               levels[level].name)
