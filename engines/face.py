@@ -142,6 +142,41 @@ def _native_stderr_muted():
                 _mute_saved = None
 
 
+def _shared(rgb: np.ndarray) -> np.ndarray:
+    """A read-only view of a C-contiguous frame: mediapipe then reads the frame's own pixels
+    instead of copying them into its image (it copies every writable array: 0.1 ms a 640x480
+    frame). The caller's array stays writable; mediapipe is done with it when process returns."""
+    if not rgb.flags.c_contiguous or not rgb.flags.writeable:
+        return rgb
+    view = rgb.view()
+    view.flags.writeable = False
+    return view
+
+
+# A NormalizedLandmarkList as mediapipe serializes the face mesh's: per landmark, field 1
+# (length-delimited, 15 bytes) holding x, y, z (fields 1-3, fixed32 floats), nothing else.
+_LANDMARK_RECORD = np.dtype([("key", "u1"), ("length", "u1"), ("x_key", "u1"), ("x", "<f4"),
+                             ("y_key", "u1"), ("y", "<f4"), ("z_key", "u1"), ("z", "<f4")])
+_LANDMARK_KEYS = (("key", 0x0A), ("length", 15), ("x_key", 0x0D), ("y_key", 0x15), ("z_key", 0x1D))
+
+
+def landmark_array(landmark_list) -> np.ndarray:
+    """(N, 3) float32 x, y, z of a mediapipe NormalizedLandmarkList, as mediapipe gives them.
+
+    Read from the list's wire bytes in one numpy pass where every landmark is exactly x, y, z
+    (the face mesh's, always): the same float32 values as reading each landmark's fields in
+    Python, at a fiftieth of the cost (5 against 270 us for 478 points). Any other layout (a
+    visibility or presence field, a missing coordinate) is read field by field."""
+    data = landmark_list.SerializeToString()
+    if len(data) % _LANDMARK_RECORD.itemsize == 0:
+        records = np.frombuffer(data, _LANDMARK_RECORD)
+        if all((records[name] == value).all() for name, value in _LANDMARK_KEYS):
+            out = np.empty((len(records), 3), np.float32)
+            out[:, 0], out[:, 1], out[:, 2] = records["x"], records["y"], records["z"]
+            return out
+    return np.array([(p.x, p.y, p.z) for p in landmark_list.landmark], dtype=np.float32).reshape(-1, 3)
+
+
 def _start_quietly(graph) -> None:
     """Start a mediapipe graph with one tiny blank frame (no face: it leaves no tracking
     state), so that its calculators open, and chatter, now and muted."""
@@ -179,20 +214,20 @@ class FaceTracker:
         """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
         global _said_once
         h, w = rgb.shape[:2]
+        frame = _shared(rgb)
         with contextlib.nullcontext() if _said_once else _native_stderr_muted():
-            result = self._mesh.process(rgb)
+            result = self._mesh.process(frame)
             if self._video and not self._tracking and result.multi_face_landmarks:
                 # A face just (re)detected is meshed from the detector's box, which sits the mesh
                 # ~1.5 degrees off in pitch against every later, tracked frame of the same still
                 # face; meshing it once more from its own landmarks' box gives the tracked answer.
                 for _ in range(REDETECT_PASSES):
-                    result = self._mesh.process(rgb)
+                    result = self._mesh.process(frame)
         self._tracking = bool(result.multi_face_landmarks)
         if not result.multi_face_landmarks:
             return None
         _said_once = True
-        points = result.multi_face_landmarks[0].landmark
-        out = np.array([(p.x, p.y, p.z) for p in points], dtype=np.float32)
+        out = landmark_array(result.multi_face_landmarks[0])
         out *= np.array([w, h, w], dtype=np.float32)
         return out
 
