@@ -153,27 +153,37 @@ def _shared(rgb: np.ndarray) -> np.ndarray:
     return view
 
 
-# A NormalizedLandmarkList as mediapipe serializes the face mesh's: per landmark, field 1
-# (length-delimited, 15 bytes) holding x, y, z (fields 1-3, fixed32 floats), nothing else.
-_LANDMARK_RECORD = np.dtype([("key", "u1"), ("length", "u1"), ("x_key", "u1"), ("x", "<f4"),
-                             ("y_key", "u1"), ("y", "<f4"), ("z_key", "u1"), ("z", "<f4")])
-_LANDMARK_KEYS = (("key", 0x0A), ("length", 15), ("x_key", 0x0D), ("y_key", 0x15), ("z_key", 0x1D))
+# A NormalizedLandmarkList as mediapipe serializes the face mesh's: per landmark a record of
+# 17 bytes, field 1 (length-delimited, 15 bytes) holding x, y, z (fields 1-3, fixed32 floats).
+_RECORD = 17
+_RECORD_KEYS = np.array([0x0A, 15, 0x0D, 0x15, 0x1D], np.uint8)
+_KEYS_AT, _FLOATS_AT = np.array([0, 1, 2, 7, 12]), np.array([3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16])
+_record_layout: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _layout(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the keys and the floats of `count` records lie in the bytes (made once per count)."""
+    if count not in _record_layout:
+        starts = np.arange(count)[:, None] * _RECORD
+        _record_layout[count] = ((starts + _KEYS_AT).ravel(), np.tile(_RECORD_KEYS, count),
+                                 (starts + _FLOATS_AT).ravel())
+    return _record_layout[count]
 
 
 def landmark_array(landmark_list) -> np.ndarray:
     """(N, 3) float32 x, y, z of a mediapipe NormalizedLandmarkList, as mediapipe gives them.
 
-    Read from the list's wire bytes in one numpy pass where every landmark is exactly x, y, z
-    (the face mesh's, always): the same float32 values as reading each landmark's fields in
-    Python, at a fiftieth of the cost (5 against 270 us for 478 points). Any other layout (a
-    visibility or presence field, a missing coordinate) is read field by field."""
+    Read from the list's wire bytes in two numpy gathers where every landmark is exactly x, y,
+    z (the face mesh's, always): the same float32 values as reading each landmark's fields in
+    Python, at a tenth of the cost (~40 against ~300-450 us for 478 points). Any other layout
+    (a visibility or presence field, a coordinate left unset) is read field by field."""
     data = landmark_list.SerializeToString()
-    if len(data) % _LANDMARK_RECORD.itemsize == 0:
-        records = np.frombuffer(data, _LANDMARK_RECORD)
-        if all((records[name] == value).all() for name, value in _LANDMARK_KEYS):
-            out = np.empty((len(records), 3), np.float32)
-            out[:, 0], out[:, 1], out[:, 2] = records["x"], records["y"], records["z"]
-            return out
+    count, rest = divmod(len(data), _RECORD)
+    if count and not rest:
+        keys_at, keys, floats_at = _layout(count)
+        wire = np.frombuffer(data, np.uint8)
+        if np.array_equal(wire[keys_at], keys):
+            return wire[floats_at].view("<f4").reshape(count, 3)  # (a fresh array: the gather copies)
     return np.array([(p.x, p.y, p.z) for p in landmark_list.landmark], dtype=np.float32).reshape(-1, 3)
 
 
