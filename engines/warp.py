@@ -98,15 +98,7 @@ class Similarity:
     @classmethod
     def fit(cls, a: np.ndarray, b: np.ndarray) -> "Similarity":
         """Least-squares similarity taking points a onto points b (Umeyama, 1991)."""
-        ma, mb = a.mean(axis=0), b.mean(axis=0)
-        a0, b0 = a - ma, b - mb
-        u, d, vt = np.linalg.svd(b0.T @ a0 / len(a))
-        flip = np.ones(3)
-        if np.linalg.det(u) * np.linalg.det(vt) < 0:
-            flip[-1] = -1
-        rotation = (u * flip) @ vt
-        scale = float((d * flip).sum() / max((a0 ** 2).sum() / len(a), 1e-12))
-        return cls(scale, rotation, mb - scale * rotation @ ma)
+        return SimilarityFit(a)(b)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.scale * x @ self.rotation.T + self.shift
@@ -116,12 +108,48 @@ class Similarity:
         return Similarity(1 / self.scale, rt, -(rt @ self.shift) / self.scale)
 
 
+_FLIP = np.array([1.0, 1.0, -1.0])
+
+
+def _det3(m: np.ndarray) -> float:
+    (a, b, c), (d, e, f), (g, h, i) = m.tolist()
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+class SimilarityFit:
+    """Similarity.fit(a, b) from fixed points `a` onto each frame's `b`: a's half of the fit
+    (its mean, its centred points, their spread) is computed once. The same arithmetic as a
+    fit from scratch, so the same similarity, bit for bit."""
+
+    def __init__(self, a: np.ndarray):
+        self._n = len(a)
+        self._ma = a.mean(axis=0)
+        self._a0 = a - self._ma
+        self._spread = max((self._a0 ** 2).sum() / self._n, 1e-12)
+
+    def __call__(self, b: np.ndarray) -> Similarity:
+        mb = b.mean(axis=0)
+        u, d, vt = np.linalg.svd((b - mb).T @ self._a0 / self._n)
+        # A reflection (det -1: u and vt are orthogonal, so the sign is never in doubt) flips
+        # the last axis; otherwise u and d stay as they are (what a product by ones gives).
+        if _det3(u) * _det3(vt) < 0:
+            u, d = u * _FLIP, d * _FLIP
+        rotation = u @ vt
+        scale = float(d.sum() / self._spread)
+        return Similarity(scale, rotation, mb - scale * rotation @ self._ma)
+
+
+_RIGID = np.array(RIGID)
+# Per eye: the lid pairs' upper and lower points, and the eye's corners.
+_EYE_LIDS = tuple((np.array(pairs)[:, 0], np.array(pairs)[:, 1], corners)
+                  for pairs, corners in ((RIGHT_LID_PAIRS, EYE_CORNERS[0]), (LEFT_LID_PAIRS, EYE_CORNERS[1])))
+
+
 def eye_apertures(landmarks: np.ndarray) -> np.ndarray:
     """(2,) right and left eye openings: mean lid gap over the eye's corner-to-corner width."""
     out = np.empty(2)
-    for k, (pairs, (a, b)) in enumerate(((RIGHT_LID_PAIRS, EYE_CORNERS[0]), (LEFT_LID_PAIRS, EYE_CORNERS[1]))):
-        p = np.array(pairs)
-        gap = np.linalg.norm(landmarks[p[:, 0], :2] - landmarks[p[:, 1], :2], axis=1).mean()
+    for k, (upper, lower, (a, b)) in enumerate(_EYE_LIDS):
+        gap = np.linalg.norm(landmarks[upper, :2] - landmarks[lower, :2], axis=1).mean()
         out[k] = gap / max(float(np.linalg.norm(landmarks[a, :2] - landmarks[b, :2])), 1e-6)
     return out
 
@@ -543,6 +571,8 @@ class Reenactor:
         midline = (mesh[self._lip_upper, :2] + mesh[self._lip_lower, :2]) / 2
         self._half_gap = midline - mesh[self._lip_upper, :2]  # (pairs, 2), points down the mouth
         self._jaw_weight = self._opening_weights(mesh)
+        self._source_lip_gap = float(np.linalg.norm(mesh[14, :2] - mesh[13, :2]))
+        self._source_mouth_width = float(np.linalg.norm(mesh[78, :2] - mesh[308, :2]))
 
         # Rings around the head centre follow a weighted share of the head's motion.
         centre = mesh[list(FACE_OVAL)].mean(axis=0)
@@ -641,11 +671,13 @@ class Reenactor:
         q_inv = self._q.inverse()
         self._shape_offset = q_inv(self._mesh3d) - ref
         self._ref_rigid = ref[list(RIGID)]
+        self._fit_motion = SimilarityFit(self._ref_rigid)  # reference -> each frame, its half once
         # The rings follow the head's motion in the image plane only (roll, shift, scale): a
         # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
         # stretch smoothly instead of folding over the cheek.
         self._q2 = Similarity.fit(_flat(ref[list(RIGID)]), _flat(self._mesh3d[list(RIGID)]))
         self._ref_rigid_2d = _flat(ref[list(RIGID)])
+        self._fit_planar = SimilarityFit(self._ref_rigid_2d)
         self._rings_in_ref = self._q2.inverse()(_flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self.calibration = DriverCalibration(reference)
@@ -653,7 +685,7 @@ class Reenactor:
 
     def _motion(self, driving: np.ndarray, reference: np.ndarray) -> Similarity:
         self._bind_reference(reference)
-        return Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
+        return self._fit_motion(driving[_RIGID].astype(np.float64))
 
     def _moved(self, driving: np.ndarray, motion: Similarity, mouth_open: float | None = None) -> np.ndarray:
         d = driving[:MESH_POINTS].astype(np.float64)
@@ -667,9 +699,7 @@ class Reenactor:
         eye_line = mesh[263, :2] - mesh[33, :2]
         n_hat = np.array([-eye_line[1], eye_line[0]]) / max(float(np.linalg.norm(eye_line)), 1e-6)
         gap = float((mesh[14, :2] - mesh[13, :2]) @ n_hat)
-        source_gap = float(np.linalg.norm(self._mesh3d[14, :2] - self._mesh3d[13, :2]))
-        width = float(np.linalg.norm(self._mesh3d[78, :2] - self._mesh3d[308, :2]))
-        target = scale * (source_gap + mouth_open * width)
+        target = scale * (self._source_lip_gap + mouth_open * self._source_mouth_width)
         mesh[:, :2] += (target - gap) * self._jaw_weight[:, None] * n_hat
         return mesh
 
@@ -702,7 +732,7 @@ class Reenactor:
         mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        planar = Similarity.fit(self._ref_rigid_2d, _flat(driving[list(RIGID)].astype(np.float64)))
+        planar = self._fit_planar(_flat(driving[_RIGID].astype(np.float64)))
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
