@@ -106,20 +106,24 @@ def test_a_fit_from_fixed_points_is_the_fit_from_scratch_bit_for_bit():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(29, 3))
     fixed = SimilarityFit(a)
+    reflections = 0
     for k in range(20):
-        b = 1.3 * a @ np.linalg.qr(rng.normal(size=(3, 3)))[0].T + rng.normal(size=(29, 3)) * 0.05 * k
+        turn = np.linalg.qr(rng.normal(size=(3, 3)))[0] * (-1.0) ** np.array([0, 0, k])  # odd k: det -1
+        b = 1.3 * a @ turn.T + rng.normal(size=(29, 3)) * 0.05 * k
         ma, mb = a.mean(axis=0), b.mean(axis=0)
         a0, b0 = a - ma, b - mb
         u, d, vt = np.linalg.svd(b0.T @ a0 / len(a))
         flip = np.ones(3)
         if np.linalg.det(u) * np.linalg.det(vt) < 0:
             flip[-1] = -1
+            reflections += 1
         rotation = (u * flip) @ vt
         scale = float((d * flip).sum() / max((a0 ** 2).sum() / len(a), 1e-12))
         got = fixed(b)
         assert got.scale == scale
         assert np.array_equal(got.rotation, rotation) and np.array_equal(got.shift, mb - scale * rotation @ ma)
-        assert np.linalg.det(got.rotation) > 0  # (a reflected b, half the draws, is fitted by a rotation)
+        assert np.linalg.det(got.rotation) > 0  # (a reflected b is fitted by a rotation)
+    assert reflections >= 5
 
 
 def test_the_backward_map_is_the_piecewise_affine_warp_and_draws_in_order():
