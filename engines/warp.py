@@ -55,7 +55,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
-from .raster import backward_map, composite, unfold_outline
+from .raster import backward_map, composite, face_drawing_keys, unfold_outline
 
 MESH_POINTS = 468  # the face mesh without the 10 iris points (irises move with their eye)
 RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head centre
@@ -612,6 +612,8 @@ class Reenactor:
         depth_of[self._mid] = self._lip_upper
         self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
         self._order = np.arange(len(self.triangles))
+        self._flipped = np.empty(len(self._face_depth_points), np.bool_)
+        self._face_depth = np.empty(len(self._face_depth_points))
         self._src_triangles = np.ascontiguousarray(self.src_vertices[self.triangles], np.float64)
 
         # Per-frame buffers.
@@ -921,14 +923,13 @@ class Reenactor:
         the last triangle that covers it (on the grid, then upsampled, when it is coarser).
         """
         dst = np.take(vertices, self.triangles, axis=0, out=self._dst_triangles)  # (T, 3, 2) where they are now
-        e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
-        det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
         # Face triangles far to near (a turned head's far cheek under its nose, not over it),
         # those a turn has flipped over (seen from behind) first of all: where the face's
         # edge turns away they fill in with the cheek's own colours, under every facing one.
         f = self._face_start
-        face_depth = depth[self._face_depth_points].mean(axis=1)
-        flipped = det[f:] * self._source_det[f:] <= 0
+        flipped, face_depth = self._flipped, self._face_depth
+        face_drawing_keys(dst, f, self._source_det, np.ascontiguousarray(depth, np.float64), self._face_depth_points,
+                          flipped, face_depth)
         order = self._order
         order[f:] = f + np.lexsort((-face_depth, ~flipped))
         if self.grid == self.size:
