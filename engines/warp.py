@@ -232,6 +232,13 @@ def _flat(points: np.ndarray) -> np.ndarray:
     return np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
 
 
+def _pixel_grid(x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel coordinates of a box as a float32 column of ys and a row of xs: they broadcast
+    to np.mgrid's full arrays in the first product that needs both (the same values), without
+    making the two full grids."""
+    return np.arange(y0, y1, dtype=np.float32)[:, None], np.arange(x0, x1, dtype=np.float32)[None, :]
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
@@ -344,7 +351,7 @@ class _Eyelid:
         if x1 - x0 < 3 or y1 - y0 < 3:
             return
         roi = out[y0:y1, x0:x1]
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        ys, xs = _pixel_grid(x0, y0, x1, y1)
         rel_x, rel_y = xs - a[0], ys - a[1]
         u = rel_x * x_hat[0] + rel_y * x_hat[1]
         vv = rel_x * n_hat[0] + rel_y * n_hat[1]
@@ -498,7 +505,7 @@ class _Mouth:
         sigma = max(0.8, 0.1 * gap)
         depth = np.clip((cv2.GaussianBlur(cavity, (0, 0), sigma) - 0.5) * 2.5, 0, 1)[..., None]
         layer = self.wall + (self.throat - self.wall) * _smoothstep(depth)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        ys, xs = _pixel_grid(x0, y0, x1, y1)
         x_hat = (right - left) / width
         across = ((xs - (left[0] + right[0]) / 2) * x_hat[0] + (ys - (left[1] + right[1]) / 2) * x_hat[1]) / (width / 2)
         n_hat = np.array([-x_hat[1], x_hat[0]])
