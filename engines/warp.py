@@ -617,7 +617,7 @@ class Reenactor:
         # A face triangle's depth: its mesh points' z (the lip midline takes its upper lip's).
         depth_of = np.arange(self._ring.start)
         depth_of[self._mid] = self._lip_upper
-        self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
+        self._face_depth_points = np.ascontiguousarray(depth_of[self.triangles[self._face_start:]], np.int64)  # (F, 3)
         self._order = np.arange(len(self.triangles))
         self._flipped = np.empty(len(self._face_depth_points), np.bool_)
         self._face_depth = np.empty(len(self._face_depth_points))
