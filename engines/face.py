@@ -142,6 +142,51 @@ def _native_stderr_muted():
                 _mute_saved = None
 
 
+def _shared(rgb: np.ndarray) -> np.ndarray:
+    """A read-only view of a C-contiguous frame: mediapipe then reads the frame's own pixels
+    instead of copying them into its image (it copies every writable array: 0.1 ms a 640x480
+    frame). The caller's array stays writable; mediapipe is done with it when process returns."""
+    if not rgb.flags.c_contiguous or not rgb.flags.writeable:
+        return rgb
+    view = rgb.view()
+    view.flags.writeable = False
+    return view
+
+
+# A NormalizedLandmarkList as mediapipe serializes the face mesh's: per landmark a record of
+# 17 bytes, field 1 (length-delimited, 15 bytes) holding x, y, z (fields 1-3, fixed32 floats).
+_RECORD = 17
+_RECORD_KEYS = np.array([0x0A, 15, 0x0D, 0x15, 0x1D], np.uint8)
+_KEYS_AT, _FLOATS_AT = np.array([0, 1, 2, 7, 12]), np.array([3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16])
+_record_layout: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _layout(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the keys and the floats of `count` records lie in the bytes (made once per count)."""
+    if count not in _record_layout:
+        starts = np.arange(count)[:, None] * _RECORD
+        _record_layout[count] = ((starts + _KEYS_AT).ravel(), np.tile(_RECORD_KEYS, count),
+                                 (starts + _FLOATS_AT).ravel())
+    return _record_layout[count]
+
+
+def landmark_array(landmark_list) -> np.ndarray:
+    """(N, 3) float32 x, y, z of a mediapipe NormalizedLandmarkList, as mediapipe gives them.
+
+    Read from the list's wire bytes in two numpy gathers where every landmark is exactly x, y,
+    z (the face mesh's, always): the same float32 values as reading each landmark's fields in
+    Python, at a tenth of the cost (~40 against ~300-450 us for 478 points). Any other layout
+    (a visibility or presence field, a coordinate left unset) is read field by field."""
+    data = landmark_list.SerializeToString()
+    count, rest = divmod(len(data), _RECORD)
+    if count and not rest:
+        keys_at, keys, floats_at = _layout(count)
+        wire = np.frombuffer(data, np.uint8)
+        if np.array_equal(wire[keys_at], keys):
+            return wire[floats_at].view("<f4").reshape(count, 3)  # (a fresh array: the gather copies)
+    return np.array([(p.x, p.y, p.z) for p in landmark_list.landmark], dtype=np.float32).reshape(-1, 3)
+
+
 def _start_quietly(graph) -> None:
     """Start a mediapipe graph with one tiny blank frame (no face: it leaves no tracking
     state), so that its calculators open, and chatter, now and muted."""
@@ -179,20 +224,20 @@ class FaceTracker:
         """(478, 3) float32 landmarks in pixels of `rgb`, or None when there is no face."""
         global _said_once
         h, w = rgb.shape[:2]
+        frame = _shared(rgb)
         with contextlib.nullcontext() if _said_once else _native_stderr_muted():
-            result = self._mesh.process(rgb)
+            result = self._mesh.process(frame)
             if self._video and not self._tracking and result.multi_face_landmarks:
                 # A face just (re)detected is meshed from the detector's box, which sits the mesh
                 # ~1.5 degrees off in pitch against every later, tracked frame of the same still
                 # face; meshing it once more from its own landmarks' box gives the tracked answer.
                 for _ in range(REDETECT_PASSES):
-                    result = self._mesh.process(rgb)
+                    result = self._mesh.process(frame)
         self._tracking = bool(result.multi_face_landmarks)
         if not result.multi_face_landmarks:
             return None
         _said_once = True
-        points = result.multi_face_landmarks[0].landmark
-        out = np.array([(p.x, p.y, p.z) for p in points], dtype=np.float32)
+        out = landmark_array(result.multi_face_landmarks[0])
         out *= np.array([w, h, w], dtype=np.float32)
         return out
 

@@ -102,6 +102,20 @@ def backward_map(dst, src, order, x0, y0, step, map_x, map_y):
                 row_y[c] = by + gy * np.float32(c)
 
 
+@numba.njit("void(float64[:, :, ::1], int64, float64[::1], float64[::1], int64[:, ::1], boolean[::1], "
+            "float64[::1])", cache=True, nogil=True)
+def face_drawing_keys(dst, start, source_det, depth, depth_points, flipped, face_depth):
+    """What orders the face triangles dst[start:] (T, 3, 2) for drawing, per triangle: whether a
+    turn flipped it over (its orientation against the source's, source_det) and its depth (the
+    mean of its points' z, depth[depth_points]). The same arithmetic as numpy on the arrays."""
+    for k in range(dst.shape[0] - start):
+        t = start + k
+        e1x, e1y = dst[t, 1, 0] - dst[t, 0, 0], dst[t, 1, 1] - dst[t, 0, 1]
+        e2x, e2y = dst[t, 2, 0] - dst[t, 0, 0], dst[t, 2, 1] - dst[t, 0, 1]
+        flipped[k] = (e1x * e2y - e1y * e2x) * source_det[t] <= 0
+        face_depth[k] = (depth[depth_points[k, 0]] + depth[depth_points[k, 1]] + depth[depth_points[k, 2]]) / 3.0
+
+
 @numba.njit("void(uint8[:, :, ::1], uint8[:, :, ::1], uint8[:, ::1], uint8[:, :, ::1])", cache=True, nogil=True)
 def composite(warped, plate, alpha, out):
     """out = the warped person `warped` (RGBA; its own alpha is not used) over `plate` (RGB)

@@ -55,7 +55,7 @@ from .face import (
     prepare_source,
     transform_landmarks,
 )
-from .raster import backward_map, composite, unfold_outline
+from .raster import backward_map, composite, face_drawing_keys, unfold_outline
 
 MESH_POINTS = 468  # the face mesh without the 10 iris points (irises move with their eye)
 RING_SCALES = (1.35, 2.0)  # ring radii, in face-oval radii around the head centre
@@ -98,15 +98,7 @@ class Similarity:
     @classmethod
     def fit(cls, a: np.ndarray, b: np.ndarray) -> "Similarity":
         """Least-squares similarity taking points a onto points b (Umeyama, 1991)."""
-        ma, mb = a.mean(axis=0), b.mean(axis=0)
-        a0, b0 = a - ma, b - mb
-        u, d, vt = np.linalg.svd(b0.T @ a0 / len(a))
-        flip = np.ones(3)
-        if np.linalg.det(u) * np.linalg.det(vt) < 0:
-            flip[-1] = -1
-        rotation = (u * flip) @ vt
-        scale = float((d * flip).sum() / max((a0 ** 2).sum() / len(a), 1e-12))
-        return cls(scale, rotation, mb - scale * rotation @ ma)
+        return SimilarityFit(a)(b)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.scale * x @ self.rotation.T + self.shift
@@ -116,12 +108,48 @@ class Similarity:
         return Similarity(1 / self.scale, rt, -(rt @ self.shift) / self.scale)
 
 
+_FLIP = np.array([1.0, 1.0, -1.0])
+
+
+def _det3(m: np.ndarray) -> float:
+    (a, b, c), (d, e, f), (g, h, i) = m.tolist()
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+class SimilarityFit:
+    """Similarity.fit(a, b) from fixed points `a` onto each frame's `b`: a's half of the fit
+    (its mean, its centred points, their spread) is computed once. The same arithmetic as a
+    fit from scratch, so the same similarity, bit for bit."""
+
+    def __init__(self, a: np.ndarray):
+        self._n = len(a)
+        self._ma = a.mean(axis=0)
+        self._a0 = a - self._ma
+        self._spread = max((self._a0 ** 2).sum() / self._n, 1e-12)
+
+    def __call__(self, b: np.ndarray) -> Similarity:
+        mb = b.mean(axis=0)
+        u, d, vt = np.linalg.svd((b - mb).T @ self._a0 / self._n)
+        # A reflection (det -1: u and vt are orthogonal, so the sign is never in doubt) flips
+        # the last axis; otherwise u and d stay as they are (what a product by ones gives).
+        if _det3(u) * _det3(vt) < 0:
+            u, d = u * _FLIP, d * _FLIP
+        rotation = u @ vt
+        scale = float(d.sum() / self._spread)
+        return Similarity(scale, rotation, mb - scale * rotation @ self._ma)
+
+
+_RIGID = np.array(RIGID)
+# Per eye: the lid pairs' upper and lower points, and the eye's corners.
+_EYE_LIDS = tuple((np.array(pairs)[:, 0], np.array(pairs)[:, 1], corners)
+                  for pairs, corners in ((RIGHT_LID_PAIRS, EYE_CORNERS[0]), (LEFT_LID_PAIRS, EYE_CORNERS[1])))
+
+
 def eye_apertures(landmarks: np.ndarray) -> np.ndarray:
     """(2,) right and left eye openings: mean lid gap over the eye's corner-to-corner width."""
     out = np.empty(2)
-    for k, (pairs, (a, b)) in enumerate(((RIGHT_LID_PAIRS, EYE_CORNERS[0]), (LEFT_LID_PAIRS, EYE_CORNERS[1]))):
-        p = np.array(pairs)
-        gap = np.linalg.norm(landmarks[p[:, 0], :2] - landmarks[p[:, 1], :2], axis=1).mean()
+    for k, (upper, lower, (a, b)) in enumerate(_EYE_LIDS):
+        gap = np.linalg.norm(landmarks[upper, :2] - landmarks[lower, :2], axis=1).mean()
         out[k] = gap / max(float(np.linalg.norm(landmarks[a, :2] - landmarks[b, :2])), 1e-6)
     return out
 
@@ -202,6 +230,13 @@ def _flat(points: np.ndarray) -> np.ndarray:
     """Points (N, >=2) in the image plane, z set to 0: a similarity fitted on them is a roll,
     a shift and a scale."""
     return np.concatenate([points[:, :2], np.zeros((len(points), 1))], axis=1)
+
+
+def _pixel_grid(x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel coordinates of a box as a float32 column of ys and a row of xs: they broadcast
+    to np.mgrid's full arrays in the first product that needs both (the same values), without
+    making the two full grids."""
+    return np.arange(y0, y1, dtype=np.float32)[:, None], np.arange(x0, x1, dtype=np.float32)[None, :]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -316,7 +351,7 @@ class _Eyelid:
         if x1 - x0 < 3 or y1 - y0 < 3:
             return
         roi = out[y0:y1, x0:x1]
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        ys, xs = _pixel_grid(x0, y0, x1, y1)
         rel_x, rel_y = xs - a[0], ys - a[1]
         u = rel_x * x_hat[0] + rel_y * x_hat[1]
         vv = rel_x * n_hat[0] + rel_y * n_hat[1]
@@ -470,7 +505,7 @@ class _Mouth:
         sigma = max(0.8, 0.1 * gap)
         depth = np.clip((cv2.GaussianBlur(cavity, (0, 0), sigma) - 0.5) * 2.5, 0, 1)[..., None]
         layer = self.wall + (self.throat - self.wall) * _smoothstep(depth)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        ys, xs = _pixel_grid(x0, y0, x1, y1)
         x_hat = (right - left) / width
         across = ((xs - (left[0] + right[0]) / 2) * x_hat[0] + (ys - (left[1] + right[1]) / 2) * x_hat[1]) / (width / 2)
         n_hat = np.array([-x_hat[1], x_hat[0]])
@@ -543,6 +578,8 @@ class Reenactor:
         midline = (mesh[self._lip_upper, :2] + mesh[self._lip_lower, :2]) / 2
         self._half_gap = midline - mesh[self._lip_upper, :2]  # (pairs, 2), points down the mouth
         self._jaw_weight = self._opening_weights(mesh)
+        self._source_lip_gap = float(np.linalg.norm(mesh[14, :2] - mesh[13, :2]))
+        self._source_mouth_width = float(np.linalg.norm(mesh[78, :2] - mesh[308, :2]))
 
         # Rings around the head centre follow a weighted share of the head's motion.
         centre = mesh[list(FACE_OVAL)].mean(axis=0)
@@ -580,8 +617,10 @@ class Reenactor:
         # A face triangle's depth: its mesh points' z (the lip midline takes its upper lip's).
         depth_of = np.arange(self._ring.start)
         depth_of[self._mid] = self._lip_upper
-        self._face_depth_points = depth_of[self.triangles[self._face_start:]]  # (F, 3) mesh indices
+        self._face_depth_points = np.ascontiguousarray(depth_of[self.triangles[self._face_start:]], np.int64)  # (F, 3)
         self._order = np.arange(len(self.triangles))
+        self._flipped = np.empty(len(self._face_depth_points), np.bool_)
+        self._face_depth = np.empty(len(self._face_depth_points))
         self._src_triangles = np.ascontiguousarray(self.src_vertices[self.triangles], np.float64)
 
         # Per-frame buffers.
@@ -641,11 +680,13 @@ class Reenactor:
         q_inv = self._q.inverse()
         self._shape_offset = q_inv(self._mesh3d) - ref
         self._ref_rigid = ref[list(RIGID)]
+        self._fit_motion = SimilarityFit(self._ref_rigid)  # reference -> each frame, its half once
         # The rings follow the head's motion in the image plane only (roll, shift, scale): a
         # turn (yaw, pitch) moves the face's own mesh, and the hair and shoulders around it
         # stretch smoothly instead of folding over the cheek.
         self._q2 = Similarity.fit(_flat(ref[list(RIGID)]), _flat(self._mesh3d[list(RIGID)]))
         self._ref_rigid_2d = _flat(ref[list(RIGID)])
+        self._fit_planar = SimilarityFit(self._ref_rigid_2d)
         self._rings_in_ref = self._q2.inverse()(_flat(self._rings3d))
         self._lids_in_ref = q_inv(self._mesh3d[np.concatenate([self._lid_upper, self._lid_lower])])
         self.calibration = DriverCalibration(reference)
@@ -653,7 +694,7 @@ class Reenactor:
 
     def _motion(self, driving: np.ndarray, reference: np.ndarray) -> Similarity:
         self._bind_reference(reference)
-        return Similarity.fit(self._ref_rigid, driving[list(RIGID)].astype(np.float64))
+        return self._fit_motion(driving[_RIGID].astype(np.float64))
 
     def _moved(self, driving: np.ndarray, motion: Similarity, mouth_open: float | None = None) -> np.ndarray:
         d = driving[:MESH_POINTS].astype(np.float64)
@@ -667,9 +708,7 @@ class Reenactor:
         eye_line = mesh[263, :2] - mesh[33, :2]
         n_hat = np.array([-eye_line[1], eye_line[0]]) / max(float(np.linalg.norm(eye_line)), 1e-6)
         gap = float((mesh[14, :2] - mesh[13, :2]) @ n_hat)
-        source_gap = float(np.linalg.norm(self._mesh3d[14, :2] - self._mesh3d[13, :2]))
-        width = float(np.linalg.norm(self._mesh3d[78, :2] - self._mesh3d[308, :2]))
-        target = scale * (source_gap + mouth_open * width)
+        target = scale * (self._source_lip_gap + mouth_open * self._source_mouth_width)
         mesh[:, :2] += (target - gap) * self._jaw_weight[:, None] * n_hat
         return mesh
 
@@ -702,7 +741,7 @@ class Reenactor:
         mesh = self._moved(driving, motion, mouth_open)
         v = self._vertices
         v[:MESH_POINTS] = mesh[:, :2]
-        planar = Similarity.fit(self._ref_rigid_2d, _flat(driving[list(RIGID)].astype(np.float64)))
+        planar = self._fit_planar(_flat(driving[_RIGID].astype(np.float64)))
         rings = self._q2(planar(self._rings_in_ref))
         v[self._ring] = (self._rings3d + self._ring_weight * (rings - self._rings3d))[:, :2]
         self._hold_lids(v, self._q(motion(self._lids_in_ref))[:, :2])
@@ -891,14 +930,13 @@ class Reenactor:
         the last triangle that covers it (on the grid, then upsampled, when it is coarser).
         """
         dst = np.take(vertices, self.triangles, axis=0, out=self._dst_triangles)  # (T, 3, 2) where they are now
-        e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
-        det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
         # Face triangles far to near (a turned head's far cheek under its nose, not over it),
         # those a turn has flipped over (seen from behind) first of all: where the face's
         # edge turns away they fill in with the cheek's own colours, under every facing one.
         f = self._face_start
-        face_depth = depth[self._face_depth_points].mean(axis=1)
-        flipped = det[f:] * self._source_det[f:] <= 0
+        flipped, face_depth = self._flipped, self._face_depth
+        face_drawing_keys(dst, f, self._source_det, np.ascontiguousarray(depth, np.float64), self._face_depth_points,
+                          flipped, face_depth)
         order = self._order
         order[f:] = f + np.lexsort((-face_depth, ~flipped))
         if self.grid == self.size:

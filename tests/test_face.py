@@ -18,11 +18,47 @@ from engines.face import (
     best_reference_frame,
     downscale,
     head_box,
+    landmark_array,
     local_patch_boxes,
     portrait_crop_affine,
     prepare_source,
     transform_landmarks,
 )
+
+
+def test_landmarks_read_from_wire_bytes_equal_field_by_field():
+    """detect's fast read of mediapipe's landmarks (their serialized bytes, one numpy pass) and
+    its read-only view of the frame (no copy in mediapipe) give the plain reading's landmarks,
+    bit for bit, on a still and on a tracked (video) frame; the caller's frame stays writable."""
+    from mediapipe.framework.formats import landmark_pb2
+
+    image = prepare_source(data.astronaut(), 256).image  # (a face that fills the frame)
+    h, w = image.shape[:2]
+    for video in (True,):  # (a still tracker reads its result the same way)
+        with FaceTracker(video=video) as ours, FaceTracker(video=video) as plain:
+            for frame in (image, np.ascontiguousarray(image[:, ::-1]), image):
+                got = ours.detect(frame)
+                assert got is not None
+                assert frame.flags.writeable
+                result = plain._mesh.process(frame.copy())
+                for _ in range(2 if video and not plain._tracking else 0):
+                    result = plain._mesh.process(frame.copy())
+                plain._tracking = True
+                # (every landmark exactly x, y, z: the one-pass read is the one taken)
+                assert len(result.multi_face_landmarks[0].SerializeToString()) == 17 * NUM_LANDMARKS
+                points = result.multi_face_landmarks[0].landmark
+                want = np.array([(p.x, p.y, p.z) for p in points], np.float32) * np.array([w, h, w], np.float32)
+                assert got.dtype == np.float32 and np.array_equal(got, want)
+    # Layouts the one-pass read does not take are read field by field: a visibility field, a
+    # coordinate set to 0 (still written on the wire: a proto2 field), no landmarks at all.
+    odd = landmark_pb2.NormalizedLandmarkList()
+    odd.landmark.add(x=0.25, y=0.5, z=-0.125, visibility=0.9)
+    odd.landmark.add(x=0.0, y=1.0, z=2.0)
+    assert np.array_equal(landmark_array(odd), np.array([[0.25, 0.5, -0.125], [0.0, 1.0, 2.0]], np.float32))
+    zero = landmark_pb2.NormalizedLandmarkList()
+    zero.landmark.add(x=0.0, y=0.75, z=0.0)
+    assert np.array_equal(landmark_array(zero), np.array([[0.0, 0.75, 0.0]], np.float32))
+    assert landmark_array(landmark_pb2.NormalizedLandmarkList()).shape == (0, 3)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from engines.face import (
     prepare_source,
 )
 from engines.raster import backward_map
-from engines.warp import Reenactor, Similarity, reenact
+from engines.warp import Reenactor, Similarity, SimilarityFit, reenact
 
 SIZE = 512
 
@@ -98,6 +98,50 @@ def test_similarity_fit_recovers_a_known_transform():
     assert fit.scale == pytest.approx(1.7, rel=1e-9)
     np.testing.assert_allclose(fit.rotation, rotation, atol=1e-9)
     np.testing.assert_allclose(fit.inverse()(fit(a)), a, atol=1e-9)
+
+
+def test_a_fit_from_fixed_points_is_the_fit_from_scratch_bit_for_bit():
+    """SimilarityFit (the reference's half of the fit made once per reference, the reflection
+    test on closed-form determinants) against Umeyama as written before it, reflections too."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(29, 3))
+    fixed = SimilarityFit(a)
+    reflections = 0
+    for k in range(20):
+        turn = np.linalg.qr(rng.normal(size=(3, 3)))[0] * (-1.0) ** np.array([0, 0, k])  # odd k: det -1
+        b = 1.3 * a @ turn.T + rng.normal(size=(29, 3)) * 0.05 * k
+        ma, mb = a.mean(axis=0), b.mean(axis=0)
+        a0, b0 = a - ma, b - mb
+        u, d, vt = np.linalg.svd(b0.T @ a0 / len(a))
+        flip = np.ones(3)
+        if np.linalg.det(u) * np.linalg.det(vt) < 0:
+            flip[-1] = -1
+            reflections += 1
+        rotation = (u * flip) @ vt
+        scale = float((d * flip).sum() / max((a0 ** 2).sum() / len(a), 1e-12))
+        got = fixed(b)
+        assert got.scale == scale
+        assert np.array_equal(got.rotation, rotation) and np.array_equal(got.shift, mb - scale * rotation @ ma)
+        assert np.linalg.det(got.rotation) > 0  # (a reflected b is fitted by a rotation)
+    assert reflections >= 5
+
+
+def test_the_face_drawing_keys_are_numpys_bit_for_bit():
+    """engines.raster.face_drawing_keys (each face triangle's flip and depth, compiled) against
+    the numpy it replaced, on triangles of every scale, half of them flipped."""
+    from engines.raster import face_drawing_keys
+
+    rng = np.random.default_rng(0)
+    count, start = 3000, 400
+    dst = rng.normal(size=(count, 3, 2)) * rng.choice([1e-3, 1.0, 300.0], size=(count, 1, 1))
+    source_det, depth = rng.normal(size=count), rng.normal(size=468) * 40
+    points = rng.integers(0, 468, size=(count - start, 3))
+    flipped, face_depth = np.empty(count - start, np.bool_), np.empty(count - start)
+    face_drawing_keys(dst, start, source_det, depth, points, flipped, face_depth)
+    e1, e2 = dst[:, 1] - dst[:, 0], dst[:, 2] - dst[:, 0]
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    assert np.array_equal(flipped, det[start:] * source_det[start:] <= 0) and 0.3 < flipped.mean() < 0.7
+    assert np.array_equal(face_depth, depth[points].mean(axis=1))
 
 
 def test_the_backward_map_is_the_piecewise_affine_warp_and_draws_in_order():
