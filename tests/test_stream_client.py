@@ -144,6 +144,7 @@ def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
     result = subprocess.run(xportrait("serve", "--port", port), capture_output=True, text=True, timeout=120,
                             env={**os.environ})
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "preparing" not in result.stdout  # refused at once, before the engine was prepared
 
 
 def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(server, clip):
