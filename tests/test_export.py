@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -15,7 +14,6 @@ import pytest
 import torch
 
 from engines.base import EngineError
-from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.weights import load_model
 from engines.xportrait.stream import DenoiserModel, SplitDenoiserModel, StreamSettings, StreamingDenoiser
 from export.graph_model import load_graphs
@@ -23,14 +21,11 @@ from export.graphs import example_inputs, specs, wrappers
 from export.manifest import GRAPHS, ExportError, file_hash
 from export.onnx_export import describe_values, export_all, export_graph, weights_hash
 from export.tensorrt import engine_key, profile_shapes
+from fixtures import compact_config  # tests/ is on sys.path
 
 RES, STEPS, WINDOW = 64, 3, 4
 TOLERANCE = 1e-4  # relative, fp32
-# The tiny model with a two-level UNet of one layer per block: every kind of block the export
-# meets (cross-attention down and up blocks, the plain ones, the mid block, the temporal and
-# reference layers) in a third of the tracing time of the four-level one; the VAE as tiny's,
-# so latents are 1/8 of the frame as always.
-CONFIG = replace(XPortraitConfig.tiny(RES), block_out_channels=(16, 32), layers_per_block=1)
+CONFIG = compact_config(RES)  # every block kind the export meets, a third of the tiny model's tracing
 
 
 @pytest.fixture(scope="module")
