@@ -624,7 +624,7 @@ def test_the_causal_pattern_is_the_one_the_live_engine_attends_with(window, look
     from engines.xportrait.stream import StreamingDenoiser, StreamSettings
     from engines.xportrait.train.causal import live_pattern
 
-    model = random_model(TINY, seed=0)
+    model = random_model(compact_config(), seed=0)
     n = 5
     pattern = live_pattern(n, window, lookahead)
     denoiser = StreamingDenoiser(model, StreamSettings(steps=1, window=window, lookahead=lookahead), "cpu",
@@ -656,7 +656,7 @@ def test_the_causal_forward_of_a_clip_is_what_the_live_engine_streams():
     from engines.xportrait.train.causal import live_pattern
 
     dtype = torch.float64
-    model = random_model(TINY, seed=0).to(dtype)
+    model = random_model(compact_config(), seed=0).to(dtype)
     n, window = 6, 3
     settings = StreamSettings(steps=1, window=window)
     frames, boxes = _stream_frames(n)
