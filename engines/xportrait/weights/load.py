@@ -45,7 +45,8 @@ def load_model(config: XPortraitConfig, base: str | Path | None = None, checkpoi
     # refused at once, not after the other files have loaded.
     base = None if base is None else resolve(base, "base", allow_hub)
     checkpoint = None if checkpoint is None else resolve(checkpoint, "checkpoint", allow_hub)
-    lcm_lora = None if lcm_lora is None else resolve(lcm_lora, "LCM-LoRA", allow_hub, "pytorch_lora_weights.safetensors")
+    if lcm_lora is not None:
+        lcm_lora = resolve(lcm_lora, "LCM-LoRA", allow_hub, "pytorch_lora_weights.safetensors")
     if random_weights:
         model = random_model(config, seed, device)
     else:
