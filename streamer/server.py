@@ -55,6 +55,7 @@ from engines.face import NoFaceError
 from .governor import governed_engine, make_levels
 from .images import ImageError, ImageTooLarge, read_image
 from .limits import TokenBucket
+from .listen import check_can_listen
 from .options import (DEFAULT_PORT, MAX_UPLOAD_BYTES, IceServer, ServeOptions, add_engine_arguments,
                       add_governor_arguments, engine_factory, serve_options)
 from .pipeline import AnimateStage, EchoStage, EnginePool, NoPortrait, PipelineClosed, worker_threads
@@ -605,6 +606,11 @@ def run(args: argparse.Namespace) -> int:
         tls = _tls_context(options)
     except (TLSError, OSError) as exc:
         print(f"xportrait serve: {exc}", file=sys.stderr)
+        return 2
+    try:  # a taken port is refused before the engine (or Ray) is prepared, not after
+        check_can_listen(options.host, options.port)
+    except OSError as exc:
+        print(f"xportrait serve: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         return 2
     if options.cluster is not None:  # sessions on Ray workers: ray is imported only here
         from .cluster.front import run_front

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from engines.base import EngineError
-from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.weights import load_model
 from engines.xportrait.stream import DenoiserModel, SplitDenoiserModel, StreamSettings, StreamingDenoiser
 from export.graph_model import load_graphs
@@ -22,15 +21,17 @@ from export.graphs import example_inputs, specs, wrappers
 from export.manifest import GRAPHS, ExportError, file_hash
 from export.onnx_export import describe_values, export_all, export_graph, weights_hash
 from export.tensorrt import engine_key, profile_shapes
+from fixtures import compact_config  # tests/ is on sys.path
 
 RES, STEPS, WINDOW = 64, 3, 4
 TOLERANCE = 1e-4  # relative, fp32
+CONFIG = compact_config(RES)  # every block kind the export meets, a third of the tiny model's tracing
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    return load_model(XPortraitConfig.tiny(RES), random_weights=True, seed=3)
+    return load_model(CONFIG, random_weights=True, seed=3)
 
 
 @pytest.fixture(scope="module")

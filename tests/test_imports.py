@@ -30,49 +30,97 @@ sys.exit(code)
 """ % (HEAVY,)
 
 
-def loaded(*argv: str) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+# Every check is a fresh interpreter that mostly imports, on one core: all of them start at
+# once, when the first test asks (the module's other tests then read theirs); each test still
+# asserts only on its own command.
+LIVE_TORCH = ("serve", "--engine", "xportrait", "--random-weights", "--model-size", "tiny", "--size", "64",
+              "--device", "cpu", "--steps", "1", "--port", "0")
+RUNTIMES = [("export.ort", ("export.tensorrt", "onnx")), ("export.tensorrt", ("export.ort",)),
+            ("export.graph_model", ("onnx",))]
 
 
-def test_serve_with_the_warp_engine_loads_no_torch_diffusers_or_onnx():
-    assert loaded("serve", "--engine", "warp", "--port", "0") == []
+def _runtime_check(module: str, never: tuple[str, ...]) -> list[str]:
+    code = (f"import sys, {module}; loaded = [n for n in {never!r} if n in sys.modules]; "
+            "sys.exit(str(loaded) if loaded else None)")
+    return [sys.executable, "-c", code]
 
 
-def test_animate_with_the_warp_engine_loads_no_torch_diffusers_or_onnx(tmp_path):
+def _driving_clip(path) -> None:
+    """Four frames of the astronaut, turning her head."""
     import av
     import cv2
-    import matplotlib.cbook
     import skimage.data
 
-    portrait = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    driving = tmp_path / "driving.mp4"
     face = cv2.resize(skimage.data.astronaut(), (240, 240), interpolation=cv2.INTER_AREA)
-    with av.open(str(driving), "w") as container:  # four frames of the astronaut, turning her head
+    with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt = 240, 240, "yuv420p"
         for angle in (0, 4, 8, 4):
             turned = cv2.warpAffine(face, cv2.getRotationMatrix2D((120, 80), angle, 1.0), (240, 240))
             container.mux(video.encode(av.VideoFrame.from_ndarray(turned, format="rgb24")))
         container.mux(video.encode(None))
-    assert loaded("animate", str(portrait), str(driving), "-o", str(tmp_path / "out.mp4"), "--size", "128") == []
-    assert (tmp_path / "out.mp4").stat().st_size > 0
 
 
-def test_the_live_engine_on_torch_loads_no_onnx():
-    modules = loaded("serve", "--engine", "xportrait", "--random-weights", "--model-size", "tiny", "--size", "64",
-                     "--device", "cpu", "--steps", "1", "--port", "0")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> a function giving that command's CompletedProcess (waiting for it)."""
+    import matplotlib.cbook
+
+    folder = tmp_path_factory.mktemp("animate")
+    portrait = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    _driving_clip(folder / "driving.mp4")
+    commands = {
+        "serve": [sys.executable, "-c", RUNNER, "serve", "--engine", "warp", "--port", "0"],
+        "animate": [sys.executable, "-c", RUNNER, "animate", str(portrait), str(folder / "driving.mp4"), "-o",
+                    str(folder / "out.mp4"), "--size", "128"],
+        "live": [sys.executable, "-c", RUNNER, *LIVE_TORCH],
+        **{module: _runtime_check(module, never) for module, never in RUNTIMES},
+    }
+    started = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, argv in commands.items()}
+    done: dict[str, subprocess.CompletedProcess] = {}
+
+    def result(name: str) -> subprocess.CompletedProcess:
+        if name not in done:
+            process = started[name]
+            out, err = process.communicate(timeout=300)
+            done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        return done[name]
+
+    result.folder = folder
+    try:
+        yield result
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def loaded(result: subprocess.CompletedProcess) -> list[str]:
+    """The heavy packages the RUNNER's command had loaded."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_serve_with_the_warp_engine_loads_no_torch_diffusers_or_onnx(runs):
+    assert loaded(runs("serve")) == []
+
+
+def test_animate_with_the_warp_engine_loads_no_torch_diffusers_or_onnx(runs):
+    assert loaded(runs("animate")) == []
+    assert (runs.folder / "out.mp4").stat().st_size > 0
+
+
+def test_the_live_engine_on_torch_loads_no_onnx(runs):
+    modules = loaded(runs("live"))
     assert "torch" in modules and "diffusers" in modules
     assert "onnx" not in modules and "onnxruntime" not in modules
 
 
-@pytest.mark.parametrize("module, never", [("export.ort", ("export.tensorrt", "onnx")),
-                                           ("export.tensorrt", ("export.ort",)), ("export.graph_model", ("onnx",))])
-def test_the_graph_runtimes_import_neither_each_other_nor_the_exporter(module, never):
-    code = (f"import sys, {module}; loaded = [n for n in {never!r} if n in sys.modules]; "
-            "sys.exit(str(loaded) if loaded else None)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("module, never", RUNTIMES)
+def test_the_graph_runtimes_import_neither_each_other_nor_the_exporter(module, never, runs):
+    result = runs(module)
     assert result.returncode == 0, f"importing {module} loaded {result.stderr.strip()[-500:]}"
 
 

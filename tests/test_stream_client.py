@@ -7,7 +7,6 @@ over the loopback host; every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -56,6 +55,24 @@ def server_stats(url: str) -> dict:
 def run_client(url: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run(xportrait("client", *args, "--server", url), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_at_once(*commands: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Independent commands side by side (each is mostly its interpreter's start-up, on one
+    core): their results, in order."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -115,50 +132,48 @@ def test_killed_client_frees_its_session_and_worker(server, clip):
 
 
 def test_client_reports_refusals_and_bad_input(server, clip, tmp_path):
-    result = run_client(server, clip, "--token", "wrong")
-    assert result.returncode == 1
-    assert "401" in result.stderr and "token" in result.stderr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    result = run_client(f"http://127.0.0.1:{closed_port}", clip, "--token", TOKEN)
-    assert result.returncode == 2 and "cannot reach the server" in result.stderr
-    result = run_client(server, str(tmp_path / "missing.mp4"), "--token", TOKEN)
-    assert result.returncode == 2 and "not found" in result.stderr
     (tmp_path / "text.mp4").write_text("not a video")
-    result = run_client(server, str(tmp_path / "text.mp4"), "--token", TOKEN)
-    assert result.returncode == 2 and "cannot read video" in result.stderr
+    wrong_token, unreachable, missing, not_a_video = run_at_once(
+        xportrait("client", clip, "--token", "wrong", "--server", server),
+        xportrait("client", clip, "--token", TOKEN, "--server", f"http://127.0.0.1:{closed_port}"),
+        xportrait("client", str(tmp_path / "missing.mp4"), "--token", TOKEN, "--server", server),
+        xportrait("client", str(tmp_path / "text.mp4"), "--token", TOKEN, "--server", server))
+    assert wrong_token.returncode == 1
+    assert "401" in wrong_token.stderr and "token" in wrong_token.stderr
+    assert unreachable.returncode == 2 and "cannot reach the server" in unreachable.stderr
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    assert not_a_video.returncode == 2 and "cannot read video" in not_a_video.stderr
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(server + "/stats", timeout=5)
     assert refused.value.code == 401
 
 
 def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
-    result = subprocess.run(xportrait("serve", "--engine", "nope", "--port", "0"), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
-    result = subprocess.run(xportrait("serve", "--size", "100", "--port", "0"), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and "size must be a multiple of 8" in result.stderr
     port = server.rsplit(":", 1)[1]
-    result = subprocess.run(xportrait("serve", "--port", port), capture_output=True, text=True, timeout=120,
-                            env={**os.environ})
-    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    bad_engine, bad_size, taken = run_at_once(xportrait("serve", "--engine", "nope", "--port", "0"),
+                                              xportrait("serve", "--size", "100", "--port", "0"),
+                                              xportrait("serve", "--port", port))
+    assert bad_engine.returncode == 2 and "invalid choice: 'nope'" in bad_engine.stderr
+    assert bad_size.returncode == 2 and "size must be a multiple of 8" in bad_size.stderr
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    assert "preparing" not in taken.stdout  # refused at once, before the engine was prepared
 
 
 def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(server, clip):
     bare = server.removeprefix("http://")  # 127.0.0.1:PORT, as users type it
-    result = subprocess.run(xportrait("client", clip, "--server", bare, "--token", TOKEN, "--duration", "1"),
-                            capture_output=True, text=True, timeout=90)
+    bad_urls = (("ftp://127.0.0.1:8080", "http:// or https://"), ("127.0.0.1:http", "port number"),
+                ("http://", "such as http://127.0.0.1:8080"))
+    result, *refused, device = run_at_once(
+        xportrait("client", clip, "--server", bare, "--token", TOKEN, "--duration", "1"),
+        *(xportrait("client", clip, "--server", bad) for bad, _ in bad_urls),
+        xportrait("client", clip, "--server", server, "--output", "/dev/null"), timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["frames_sent"] == FPS and report["frames_received"] > 0
-    for bad, phrase in (("ftp://127.0.0.1:8080", "http:// or https://"), ("127.0.0.1:http", "port number"),
-                        ("http://", "such as http://127.0.0.1:8080")):
-        result = subprocess.run(xportrait("client", clip, "--server", bad), capture_output=True, text=True,
-                                timeout=90)
+    for (bad, phrase), result in zip(bad_urls, refused):
         assert result.returncode == 2 and phrase in result.stderr, (bad, result.stderr)
         assert "Traceback" not in result.stderr
-    result = subprocess.run(xportrait("client", clip, "--server", server, "--output", "/dev/null"),
-                            capture_output=True, text=True, timeout=90)
-    assert result.returncode == 2 and "character device" in result.stderr, result.stderr
+    assert device.returncode == 2 and "character device" in device.stderr, device.stderr

@@ -34,6 +34,7 @@ from engines.xportrait.train.export import ExportError, export
 from engines.xportrait.train.pairs import SCALE_RANGE, CrossIdentityControl
 from engines.xportrait.train.stages import MODULES, STAGES, StageForward, freeze_for
 from engines.xportrait.train.trainer import TrainError, save_checkpoint, train
+from fixtures import compact_config  # tests/ is on sys.path
 from released_layout import SD_PARTS, released_shapes, released_state_dict
 from streamer.cli import main as cli
 from streamer.samples import Pose, driving_clip
@@ -262,7 +263,9 @@ def _batch(samples, index: int) -> dict:
 
 @pytest.fixture(scope="module")
 def random_tiny():
-    return random_model(TINY, seed=0)
+    """The stages' own tests train the compact model (the same modules, a third of the cost);
+    the trainer's runs below train tiny, from the tiny base."""
+    return random_model(compact_config(), seed=0)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -331,10 +334,11 @@ def test_the_loss_falls_on_a_set_the_model_can_overfit(data64):
     frozen UNet) can fit. 12 Adam steps at lr 3e-3 must at least halve the error; random
     changes of the weights would not lower it steadily, and an unplugged or frozen module
     would leave it exactly where it was."""
-    model = random_model(TINY, seed=0).train()
+    config = compact_config()
+    model = random_model(config, seed=0).train()
     from diffusers import ControlNetModel
 
-    start = ControlNetModel.from_unet(model.unet.unet, conditioning_embedding_out_channels=TINY.conditioning_channels)
+    start = ControlNetModel.from_unet(model.unet.unet, conditioning_embedding_out_channels=config.conditioning_channels)
     model.pose_controlnet.load_state_dict(start.state_dict())
     model.local_controlnet.load_state_dict(start.state_dict())
     stage = STAGES["motion"]
@@ -620,7 +624,7 @@ def test_the_causal_pattern_is_the_one_the_live_engine_attends_with(window, look
     from engines.xportrait.stream import StreamingDenoiser, StreamSettings
     from engines.xportrait.train.causal import live_pattern
 
-    model = random_model(TINY, seed=0)
+    model = random_model(compact_config(), seed=0)
     n = 5
     pattern = live_pattern(n, window, lookahead)
     denoiser = StreamingDenoiser(model, StreamSettings(steps=1, window=window, lookahead=lookahead), "cpu",
@@ -652,7 +656,7 @@ def test_the_causal_forward_of_a_clip_is_what_the_live_engine_streams():
     from engines.xportrait.train.causal import live_pattern
 
     dtype = torch.float64
-    model = random_model(TINY, seed=0).to(dtype)
+    model = random_model(compact_config(), seed=0).to(dtype)
     n, window = 6, 3
     settings = StreamSettings(steps=1, window=window)
     frames, boxes = _stream_frames(n)

@@ -548,3 +548,25 @@ def test_load_model_fuses_lcm_lora_into_the_unet_only(released, tmp_path):
     assert torch.equal(fused.unet.unet.state_dict()[name + ".weight"], expected_fused(weight, down, up, 8.0, 1.0))
     assert torch.equal(fused.reference_net.unet.state_dict()[name + ".weight"],
                        model.reference_net.unet.state_dict()[name + ".weight"])
+
+
+def test_every_weights_path_is_found_before_anything_is_built_or_read(released, tmp_path, monkeypatch):
+    """A mistyped --lcm-lora (or base, or checkpoint) is refused at once: not after the model
+    was built and the other files read (minutes for SD1.5)."""
+    from engines.xportrait.weights import load as loading
+
+    path, _, _ = released
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before every path was found")
+
+    monkeypatch.setattr(loading, "expected_tensors", no_build)
+    monkeypatch.setattr(loading, "random_model", no_build)
+    monkeypatch.setattr(loading, "read_state_dict", no_build)
+    missing = tmp_path / "lcm-lora-typo.safetensors"
+    with pytest.raises(WeightsError, match=f"LCM-LoRA not found: {re.escape(str(missing))}"):
+        load_model(CONFIG, checkpoint=path, lcm_lora=missing)
+    with pytest.raises(WeightsError, match="LCM-LoRA not found"):
+        load_model(CONFIG, random_weights=True, lcm_lora=missing)
+    with pytest.raises(WeightsError, match="base not found"):  # the first missing file is named first
+        load_model(CONFIG, base=tmp_path / "sd15", checkpoint=tmp_path / "nowhere.th", lcm_lora=missing)

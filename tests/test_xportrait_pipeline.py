@@ -8,7 +8,7 @@ import torch
 from engines.xportrait.config import XPortraitConfig
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.pipeline import SamplerSettings, XPortraitPipeline, fuse_windows, make_scheduler, windows
-from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
+from fixtures import compact_config, one_torch_thread, tiny_model  # tests/ is on sys.path
 from released_layout import ddpm_buffers
 
 RES = 64
@@ -22,7 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model() -> XPortraitModel:
-    return tiny_model(RES)
+    return tiny_model(RES, config=compact_config(RES))
 
 
 def clip(frames: int, seed: int = 1):
@@ -179,7 +179,7 @@ def test_windowing_changes_nothing_when_frames_do_not_interact(model):
     zero, as before training), every frame's prediction is its own, so any window layout, or none,
     gives the same frames. Windows only ever mix information through the temporal modules."""
     torch.manual_seed(3)
-    identity = XPortraitModel(XPortraitConfig.tiny(RES)).eval()
+    identity = XPortraitModel(model.config).eval()
     identity.load_state_dict(model.state_dict())
     with torch.no_grad():
         for m in identity.unet.motion.in_order():
@@ -279,7 +279,7 @@ def test_guidance_uses_the_plain_unet_as_the_unconditional_branch(model):
     torch.testing.assert_close(guided, plain + 5.0 * (cond - plain), rtol=1e-4, atol=1e-5)
 
 
-def test_the_offline_engine_reports_each_denoising_step_to_its_progress(model):
+def test_the_offline_engine_reports_each_denoising_step_to_its_progress():
     """`animate` shows a bar of the denoising steps while the diffusion engine renders the clip
     at the end: the engine says how many steps there are and when each is done."""
     import numpy as np
@@ -289,7 +289,7 @@ def test_the_offline_engine_reports_each_denoising_step_to_its_progress(model):
 
     calls = []
     options = XPortraitOptions(size=RES, model_size="tiny", random_weights=True, device="cpu", sampler="lcm", steps=3)
-    engine = create_engine(options, model=model, progress=lambda done, total: calls.append((done, total)))
+    engine = create_engine(options, model=tiny_model(RES), progress=lambda done, total: calls.append((done, total)))
     image = np.full((RES, RES, 3), 128, np.uint8)
     marks = np.full((478, 3), RES / 2, np.float32)
     engine.prepare([SourcePortrait(image, marks)])

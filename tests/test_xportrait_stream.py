@@ -7,7 +7,7 @@ import torch
 
 from engines.xportrait.model import XPortraitModel
 from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
-from fixtures import one_torch_thread, tiny_model  # tests/ is on sys.path
+from fixtures import compact_config, one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
 
@@ -20,7 +20,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model() -> XPortraitModel:
-    return tiny_model(RES)
+    return tiny_model(RES, config=compact_config(RES))
 
 
 def random_frames(frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

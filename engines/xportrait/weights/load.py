@@ -38,14 +38,21 @@ def load_model(config: XPortraitConfig, base: str | Path | None = None, checkpoi
     if random_weights:
         if base is not None or checkpoint is not None:
             raise WeightsError("random_weights excludes base and checkpoint weights: pass one or the other")
-        model = random_model(config, seed, device)
     elif base is None and checkpoint is None:
         raise WeightsError("no weights given: pass checkpoint= (the released model_state-*.th) and base= "
                            "(Stable Diffusion 1.5), or random_weights=True")
-    else:
-        model = _load_files(config, base, checkpoint, allow_hub, trust_checkpoint)
+    # Every file is found (or fetched) before anything is built or read: a mistyped path is
+    # refused at once, not after the other files have loaded.
+    base = None if base is None else resolve(base, "base", allow_hub)
+    checkpoint = None if checkpoint is None else resolve(checkpoint, "checkpoint", allow_hub)
     if lcm_lora is not None:
-        fuse_lora(model.unet.unet, resolve(lcm_lora, "LCM-LoRA", allow_hub, "pytorch_lora_weights.safetensors"))
+        lcm_lora = resolve(lcm_lora, "LCM-LoRA", allow_hub, "pytorch_lora_weights.safetensors")
+    if random_weights:
+        model = random_model(config, seed, device)
+    else:
+        model = _load_files(config, base, checkpoint, trust_checkpoint)
+    if lcm_lora is not None:
+        fuse_lora(model.unet.unet, lcm_lora)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -71,18 +78,19 @@ def map_released(config: XPortraitConfig, state_dict: dict[str, torch.Tensor],
     return found.tensors
 
 
-def _load_files(config: XPortraitConfig, base, checkpoint, allow_hub: bool, trust: bool) -> XPortraitModel:
+def _load_files(config: XPortraitConfig, base: Path | None, checkpoint: Path | None, trust: bool) -> XPortraitModel:
+    """The model from resolved local files."""
     model, expected = expected_tensors(config)
     found = Collector(config, expected)
     if base is not None:
-        path = resolve(base, "base", allow_hub)
+        path = base
         if path.is_dir():
             _add_diffusers_folder(found, path)
         else:
             found.add_released(read_state_dict(path, trust), f"base {path}")
             found.seed_reference_net(f"base {path}")
     if checkpoint is not None:
-        path = resolve(checkpoint, "checkpoint", allow_hub)
+        path = checkpoint
         if path.is_dir():
             raise WeightsError(f"checkpoint {path} is a folder; the released checkpoint is one model_state-*.th file")
         gave = found.add_released(read_state_dict(path, trust), f"checkpoint {path}")
