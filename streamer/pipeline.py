@@ -500,8 +500,9 @@ class Pipeline:
         if level is not None:
             logger.info("quality %s", governor.reason)
             self._quality_request = level
-        elif governor.waiting is not None:
-            self._levels.want(governor.waiting)
+        elif governor.waiting is not None and governor.waiting > governor.level:
+            self._levels.want(governor.waiting)  # a rung down, to hold the target: made now, session or not
+            # (a rung up waits until no session streams: making it would slow this one for minutes)
 
     def _apply_quality(self) -> None:
         """Engine thread, between two steps: the level the governor chose, if it chose one."""

@@ -154,11 +154,11 @@ class FakeEngine(PortraitEngine):
 
     name = "fake"
 
-    def __init__(self, cost_ms: float, make_s: float = 0.0):
+    def __init__(self, cost_ms: float, make_s: float = 0.0, level: int = 0):
         super().__init__(size=16)
         self.cost_ms, self.make_s = cost_ms, make_s
-        self.level = 0
-        self.made = {0}
+        self.level = level
+        self.made = {level}
         self.made_on: list[str] = []  # the thread each level was made on
         self.rendered_at: list[int] = []
         self.image = np.zeros((16, 16, 3), np.uint8)
@@ -261,7 +261,8 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
 
 def test_a_session_that_needs_no_other_level_is_not_slowed_by_making_one():
     """Making a level costs the stream (minutes of compile on the GIL): while a session streams
-    and its governor wants no other level, none is made; the session ended, the rest are."""
+    and its governor needs no cheaper level, none is made (a better one it has room for waits
+    too); the session ended, the rest are."""
     from streamer.pipeline import Pipeline
 
     engine = FakeEngine(cost_ms=5.0, make_s=0.2)  # a light load: the governor stays at the best
@@ -271,16 +272,36 @@ def test_a_session_that_needs_no_other_level_is_not_slowed_by_making_one():
         pipeline = Pipeline(FakeStage(engine), governor=GovernorOptions(target_fps=20, window_s=0.8,
                                                                          down_after_s=0.4, up_after_s=1.2))
         await pipeline.start()
+
+        async def consume():  # the governor measures each frame handed out
+            while True:
+                await pipeline.next_output()
+
+        consumer = asyncio.ensure_future(consume())
         try:
-            for _ in range(45):  # 1.5 s at 30 fps
+            for _ in range(75):  # 2.5 s at 30 fps: room above for longer than up_after_s
                 pipeline.feed(frame)
                 await asyncio.sleep(1 / 30)
+            assert pipeline.governor.level > 0 or pipeline.snapshot()["quality"]["waiting_for"] is None
+            if pipeline.governor.level > 0:
+                assert pipeline.snapshot()["quality"]["waiting_for"] == "full"
             return set(engine.made), pipeline.governor.level
         finally:
             await pipeline.close()
+            consumer.cancel()
 
     made_while_streaming, level = asyncio.run(main())
     assert made_while_streaming == {0} and level == 0
+    deadline = time.monotonic() + 5
+    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.made == {0, 1, 2}
+
+    # Started at a lower level (a --tiny-decoder engine), with room above: the better level is
+    # wanted (/stats says so), but made only once the session ends.
+    engine = FakeEngine(cost_ms=5.0, make_s=0.2, level=1)
+    made_while_streaming, level = asyncio.run(main())
+    assert made_while_streaming == {1} and level == 1
     deadline = time.monotonic() + 5
     while engine.made != {0, 1, 2} and time.monotonic() < deadline:
         time.sleep(0.05)
