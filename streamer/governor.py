@@ -105,9 +105,10 @@ class LevelMaker:
     one per engine). Making one costs the stream: torch.compile is minutes of Python, and on the
     H200 a 25 fps session got 20 fps back while a level compiled. So levels are made while no
     session streams on the engine, and during a session only a cheaper level its governor
-    waits for to hold its target (`want`). The cheaper levels first, nearest first (under load a governor needs the rungs
-    down), then the better. Each slow level is logged as it is ready (a server's log says what
-    its start-up is still doing); one that fails is logged, and no governor moves there."""
+    waits for to hold its target (`want`). The cheaper levels first, nearest first (under load
+    a governor needs the rungs down), then the better. Each slow level is logged as it is ready
+    (a server's log says what its start-up is still doing); one that fails is logged, and no
+    governor moves there."""
 
     def __init__(self, engine: Governed):
         self.engine: Governed | None = engine  # until its thread takes it

@@ -38,8 +38,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
     landmarks = np.full((478, 3), res / 2, np.float32)
-    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
-              for i in range(12)]
+    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i,
+                           image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for i in range(12)]
 
     def run(engine, clip=frames) -> list[np.ndarray]:
         return [r.image.copy() for r in (engine.step(f) for f in clip) if r is not None]

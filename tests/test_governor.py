@@ -10,6 +10,7 @@ milliseconds; one runs a real Pipeline with a fake engine whose per-frame cost i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from fakes import PortraitEngine
 
-from engines.base import DrivingFrame, Governed, QualityLevel, Rendered
+from engines.base import DrivingFrame, Governed, QualityLevel, Rendered, SourcePortrait
 from engines.options import OptionError
 from streamer.governor import Governor, GovernorOptions, governed_engine, make_levels
 from streamer.options import governor_options
@@ -206,32 +207,52 @@ class FakeStage:
     def close(self): ...
 
 
+@contextlib.asynccontextmanager
+async def streaming(pipeline, on_output=lambda output: None, fps: float = 30.0):
+    """For the block: a camera feeding the pipeline a blank frame at `fps`, and a consumer
+    handing each output to `on_output` (the governor measures frames as they are handed out).
+    The pipeline is closed at the block's end."""
+    frame = np.zeros((16, 16, 3), np.uint8)
+
+    async def camera():
+        while not pipeline.closed:
+            pipeline.feed(frame)
+            await asyncio.sleep(1 / fps)
+
+    async def consume():
+        while True:
+            on_output(await pipeline.next_output())
+
+    tasks = [asyncio.ensure_future(camera()), asyncio.ensure_future(consume())]
+    try:
+        yield
+    finally:
+        await pipeline.close()
+        for task in tasks:
+            task.cancel()
+
+
+def eventually(condition, timeout: float = 5.0) -> bool:
+    """Waits (off the event loop) until `condition()` holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_renders():
     from streamer.pipeline import Pipeline, worker_threads
 
     engine = FakeEngine(cost_ms=90.0)  # 90, 67.5, 45 ms a frame: only the last makes 20 fps
     assert isinstance(engine, Governed) and governed_engine(FakeStage(engine)) is engine
     options = GovernorOptions(target_fps=20, window_s=0.8, down_after_s=0.4, up_after_s=1.2)
-    frame = np.zeros((16, 16, 3), np.uint8)
 
     async def main():
         pipeline = Pipeline(FakeStage(engine), governor=options)
         await pipeline.start()
         assert pipeline.governor is not None and pipeline.governor.level == 0
-
-        async def camera():
-            while not pipeline.closed:
-                pipeline.feed(frame)
-                await asyncio.sleep(1 / 30)
-
-        async def consume():
-            while True:
-                out = await pipeline.next_output()
-                outputs.append(int(out.frame[0, 0, 0]) // 40 - 1)
-
         outputs: list[int] = []
-        tasks = [asyncio.ensure_future(camera()), asyncio.ensure_future(consume())]
-        try:
+        async with streaming(pipeline, lambda out: outputs.append(int(out.frame[0, 0, 0]) // 40 - 1)):
             deadline = time.monotonic() + 8
             while pipeline.governor.level != 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -242,17 +263,10 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
             while pipeline.governor.level != 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             up = pipeline.snapshot()["quality"]
-        finally:
-            await pipeline.close()
-            for task in tasks:
-                task.cancel()
         return down, up, outputs
 
     down, up, outputs = asyncio.run(main())
-    deadline = time.monotonic() + 5
-    while worker_threads() and time.monotonic() < deadline:  # each thread ends after its last job
-        time.sleep(0.05)
-    assert worker_threads() == 0
+    assert eventually(lambda: worker_threads() == 0)  # each thread ends after its last job
     assert down["level"] == 2 and down["name"] == "cheapest" and down["reason"].startswith("down"), down
     assert up["level"] == 0 and up["reason"].startswith("up"), up
     assert set(engine.rendered_at) == {0, 1, 2}  # set between frames, on the engine thread
@@ -266,46 +280,27 @@ def test_a_session_that_needs_no_other_level_is_not_slowed_by_making_one():
     from streamer.pipeline import Pipeline
 
     engine = FakeEngine(cost_ms=5.0, make_s=0.2)  # a light load: the governor stays at the best
-    frame = np.zeros((16, 16, 3), np.uint8)
 
     async def main():
         pipeline = Pipeline(FakeStage(engine), governor=GovernorOptions(target_fps=20, window_s=0.8,
                                                                          down_after_s=0.4, up_after_s=1.2))
         await pipeline.start()
-
-        async def consume():  # the governor measures each frame handed out
-            while True:
-                await pipeline.next_output()
-
-        consumer = asyncio.ensure_future(consume())
-        try:
-            for _ in range(75):  # 2.5 s at 30 fps: room above for longer than up_after_s
-                pipeline.feed(frame)
-                await asyncio.sleep(1 / 30)
-            assert pipeline.governor.level > 0 or pipeline.snapshot()["quality"]["waiting_for"] is None
-            if pipeline.governor.level > 0:
-                assert pipeline.snapshot()["quality"]["waiting_for"] == "full"
-            return set(engine.made), pipeline.governor.level
-        finally:
-            await pipeline.close()
-            consumer.cancel()
+        async with streaming(pipeline):
+            await asyncio.sleep(2.5)  # room above for longer than up_after_s
+            level = pipeline.governor.level
+            assert pipeline.snapshot()["quality"]["waiting_for"] == ("full" if level > 0 else None)
+            return set(engine.made), level
 
     made_while_streaming, level = asyncio.run(main())
     assert made_while_streaming == {0} and level == 0
-    deadline = time.monotonic() + 5
-    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.made == {0, 1, 2}
+    assert eventually(lambda: engine.made == {0, 1, 2})
 
     # Started at a lower level (a --tiny-decoder engine), with room above: the better level is
     # wanted (/stats says so), but made only once the session ends.
     engine = FakeEngine(cost_ms=5.0, make_s=0.2, level=1)
     made_while_streaming, level = asyncio.run(main())
     assert made_while_streaming == {1} and level == 1
-    deadline = time.monotonic() + 5
-    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.made == {0, 1, 2}
+    assert eventually(lambda: engine.made == {0, 1, 2})
 
 
 def test_a_governed_server_is_ready_before_its_other_levels_are_made():
@@ -319,10 +314,7 @@ def test_a_governed_server_is_ready_before_its_other_levels_are_made():
     server = Server(Config(governor=GovernorOptions(target_fps=20)), EnginePool(lambda: engine))
     server.prepare({"astronaut": samples.portrait("astronaut")})
     assert engine.made == {0}  # ready to serve: the levels below are still being made
-    deadline = time.monotonic() + 5
-    while engine.made != {0, 1, 2} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.made == {0, 1, 2} and engine.made_on == ["xportrait-levels"] * 2
+    assert eventually(lambda: engine.made == {0, 1, 2}) and engine.made_on == ["xportrait-levels"] * 2
 
 
 def test_an_ungoverned_pipeline_reports_no_quality():
@@ -376,32 +368,46 @@ def one_thread():
         yield
 
 
+TINY_RES = 64  # the tiny diffusion model's frames in these tests
+
+
+def random_stream(seed: int, frames: int, portraits: int = 1):
+    """Random portraits (each a one-source list, as prepare() takes) and random driving frames
+    at TINY_RES, the face's landmarks centred."""
+    rng = np.random.default_rng(seed)
+
+    def picture() -> np.ndarray:
+        return rng.integers(0, 256, (TINY_RES, TINY_RES, 3), dtype=np.uint8)
+
+    sources = [[SourcePortrait(picture(), np.zeros((478, 3), np.float32))] for _ in range(portraits)]
+    landmarks = np.full((478, 3), TINY_RES / 2, np.float32)
+    return sources, [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=picture()) for i in range(frames)]
+
+
+def rendered(engine, frames) -> list[tuple[int, np.ndarray]]:
+    """(tag, image) of each frame that leaves the engine while `frames` are stepped."""
+    out = []
+    for frame in frames:
+        leaving = engine.step(frame)
+        if leaving is not None:
+            out.append((leaving.tag, leaving.image.copy()))
+    return out
+
+
 def test_every_diffusion_level_renders_the_frames_a_stream_of_its_settings_does(one_thread):
     """The tiny model on the CPU: at each level (look-ahead, then 4, 3, 2 LCM steps) the engine
     renders exactly what an engine made with that level's settings renders, after that
     level's frames in flight; moving back to a level already made reuses its stream batch."""
     from engines import LiveOptions, XPortraitOptions, create_engine
-    from engines.base import SourcePortrait
-
-    res = 64
 
     def options(steps: int, lookahead: int) -> XPortraitOptions:
-        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=steps,
+        return XPortraitOptions(size=TINY_RES, random_weights=True, model_size="tiny", device="cpu", steps=steps,
                                 window=4, live=LiveOptions(lookahead=lookahead))
 
-    rng = np.random.default_rng(3)
-    source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
-    landmarks = np.full((478, 3), res / 2, np.float32)
-    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
-              for i in range(5)]
+    (source,), frames = random_stream(3, 5)
 
     def run(engine) -> list[tuple[int, np.ndarray]]:
-        out = []
-        for frame in frames:
-            rendered = engine.step(frame)
-            if rendered is not None:
-                out.append((rendered.tag, rendered.image.copy()))
-        return out
+        return rendered(engine, frames)
 
     engine = create_engine(options(4, 1))
     engine.prepare(source)
@@ -436,24 +442,16 @@ def test_a_diffusion_level_is_made_on_another_thread_while_the_engine_steps(one_
     made renders what an engine of its settings renders for the portrait given *during* its
     making (it was prepared for the old one, and is prepared again)."""
     from engines import LiveOptions, XPortraitOptions, create_engine
-    from engines.base import SourcePortrait
     from engines.xportrait import stream
 
-    res = 64
-
     def options(steps: int) -> XPortraitOptions:
-        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=steps,
+        return XPortraitOptions(size=TINY_RES, random_weights=True, model_size="tiny", device="cpu", steps=steps,
                                 window=4, live=LiveOptions())
 
-    rng = np.random.default_rng(5)
-    old, new = ([SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
-                for _ in range(2))
-    landmarks = np.full((478, 3), res / 2, np.float32)
-    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
-              for i in range(5)]
+    (old, new), frames = random_stream(5, 5, portraits=2)
 
     def run(engine) -> list[np.ndarray]:
-        return [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+        return [image for _, image in rendered(engine, frames)]
 
     engine = create_engine(options(4))
     engine.prepare(old)
@@ -526,22 +524,15 @@ def test_with_a_tiny_decoder_the_full_vae_is_the_rung_above_it(one_thread):
     decodes with the full VAE, and the tiny decoder is the first rung down. Each renders what
     an engine made with that decoder renders."""
     from engines import LiveOptions, XPortraitOptions, create_engine
-    from engines.base import SourcePortrait
-
-    res = 64
 
     def options(tiny: bool) -> XPortraitOptions:
-        return XPortraitOptions(size=res, random_weights=True, model_size="tiny", device="cpu", steps=2, window=4,
-                                live=LiveOptions(tiny_decoder="random" if tiny else None))
+        return XPortraitOptions(size=TINY_RES, random_weights=True, model_size="tiny", device="cpu", steps=2,
+                                window=4, live=LiveOptions(tiny_decoder="random" if tiny else None))
 
-    rng = np.random.default_rng(4)
-    source = [SourcePortrait(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))]
-    landmarks = np.full((478, 3), res / 2, np.float32)
-    frames = [DrivingFrame(landmarks, landmarks, i / 25, tag=i, image=rng.integers(0, 256, (res, res, 3), dtype=np.uint8))
-              for i in range(3)]
+    (source,), frames = random_stream(4, 3)
 
     def run(engine) -> list[np.ndarray]:
-        return [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+        return [image for _, image in rendered(engine, frames)]
 
     engine = create_engine(options(tiny=True))
     engine.prepare(source)
@@ -633,7 +624,6 @@ def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
 
     engine = FakeEngine(cost_ms=90.0, make_s=1.5)
     options = GovernorOptions(target_fps=20, window_s=0.8, down_after_s=0.4, up_after_s=1.2)
-    frame = np.zeros((16, 16, 3), np.uint8)
 
     async def main():
         pipeline = Pipeline(FakeStage(engine), governor=options)
@@ -642,28 +632,15 @@ def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
         started_s = time.perf_counter() - began
         outputs, waited = [], []
 
-        async def camera():
-            while not pipeline.closed:
-                pipeline.feed(frame)
-                await asyncio.sleep(1 / 30)
+        def seen(_):
+            outputs.append(time.perf_counter() - began)
+            if waiting := pipeline.snapshot()["quality"]["waiting_for"]:
+                waited.append(waiting)
 
-        async def consume():
-            while True:
-                await pipeline.next_output()
-                outputs.append(time.perf_counter() - began)
-                quality = pipeline.snapshot()["quality"]
-                if quality["waiting_for"]:
-                    waited.append(quality["waiting_for"])
-
-        tasks = [asyncio.ensure_future(camera()), asyncio.ensure_future(consume())]
-        try:
+        async with streaming(pipeline, seen):
             deadline = time.monotonic() + 8
             while pipeline.governor.level != 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-        finally:
-            await pipeline.close()
-            for task in tasks:
-                task.cancel()
         return started_s, outputs, waited
 
     started_s, outputs, waited = asyncio.run(main())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Sequence
 
@@ -249,7 +249,7 @@ class XPortraitLiveEngine:
         with self._making:
             if level in self._denoisers:
                 return
-            with self._on_build_stream():
+            with torch.cuda.stream(self._build_stream) if self._build_stream is not None else nullcontext():
                 denoiser = self._new_denoiser(*self._ladder[level])
                 prepared_for = None
                 while True:
@@ -263,14 +263,6 @@ class XPortraitLiveEngine:
                     if self._build_stream is not None:  # the sources were made on the engine's stream
                         self._build_stream.wait_stream(torch.cuda.default_stream(self.device))
                     self._prepare(denoiser, prepared_for)
-
-    @contextmanager
-    def _on_build_stream(self):
-        if self._build_stream is None:
-            yield
-            return
-        with torch.cuda.stream(self._build_stream):
-            yield
 
     def set_quality(self, level: int) -> None:
         """Between frames: the stream continues on that level's batch, empty (its frames in
