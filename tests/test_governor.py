@@ -107,6 +107,17 @@ def test_it_steps_down_under_load_and_back_up_when_the_load_goes():
     assert governor.snapshot()["name"] == "full" and governor.snapshot()["levels"] == ["full", "cheaper", "cheapest"]
 
 
+def test_a_stream_too_slow_to_fill_a_window_is_still_governed():
+    """Under 3 fps (a diffusion engine on a small GPU) a 2 s window never holds the frames a
+    judgement needs: the window stretches to hold them, and the governor steps down."""
+    governor = Governor(fast_options(), LEVELS)
+    sim = SimulatedPipeline(governor, lambda level, t: 1600.0 * LEVELS[level].cost)  # 0.6 fps at the best
+    sim.run(60)
+    assert governor.level == 2 and governor.changes == 2, governor.reason
+    assert governor.reason.startswith("down to cheapest: fps 0.8 under 25.0 (cost 1200.0 ms"), governor.reason
+    assert governor.measured["drops_per_s"] > 10  # the camera's frames it could not take
+
+
 @pytest.mark.parametrize("base_ms", [36.0, 45.0, 52.0, 60.0, 75.0])
 def test_a_steady_load_never_oscillates(base_ms):
     """Whatever the steady load, one move per rung at most, then it stays: ten minutes with 20 %
