@@ -641,22 +641,25 @@ def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
         began = time.perf_counter()
         await pipeline.start()
         started_s = time.perf_counter() - began
-        outputs, waited = [], []
+        outputs, waited, making = [], [], []
 
         def seen(_):
             outputs.append(time.perf_counter() - began)
-            if waiting := pipeline.snapshot()["quality"]["waiting_for"]:
-                waited.append(waiting)
+            quality = pipeline.snapshot()["quality"]
+            if quality["waiting_for"]:
+                waited.append(quality["waiting_for"])
+            making.append(quality["making"])
 
         async with streaming(pipeline, seen):
             deadline = time.monotonic() + 8
             while pipeline.governor.level != 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-        return started_s, outputs, waited
+        return started_s, outputs, waited, making
 
-    started_s, outputs, waited = asyncio.run(main())
+    started_s, outputs, waited, making = asyncio.run(main())
     assert started_s < 0.5  # no level made before the first frame
     assert sum(t < 1.0 for t in outputs) >= 5  # frames while the rung down is being made
     assert engine.made_on == ["xportrait-levels"] * 2  # made off the engine's thread
     assert "cheaper" in waited  # the governor wanted it before it was made
+    assert "cheaper" in making and making[-1] is None  # /stats said it was being made, then that none is
     assert set(engine.rendered_at) == {0, 1, 2}
