@@ -180,7 +180,7 @@ function showStats(stats) {
 function qualityText(stats) {
   const q = stats.quality;
   if (!q) return '';
-  const target = [q.target_fps && `${q.target_fps} fps`, q.max_latency_ms && `${q.max_latency_ms} ms`]
+  const target = [q.target_fps && `${q.target_fps} fps`, q.max_latency_ms && `latency ${q.max_latency_ms} ms`]
     .filter(Boolean).join(', ');
   return `quality ${q.name} (${q.level + 1}/${q.levels.length})  target ${target}  ${q.reason}\n` + levelsText(q);
 }

@@ -432,10 +432,11 @@ SHOW_STATS = """(() => {{
 }})()"""
 
 
-def governed_stats(made: set[int], level: int, waiting: int | None = None, making: int | None = None) -> dict:
+def governed_stats(made: set[int], level: int, waiting: int | None = None, making: int | None = None,
+                   options: GovernorOptions = GovernorOptions(target_fps=25)) -> dict:
     """A stats message as a governed session sends it: the governor's snapshot on a ladder of
     which `made` are made."""
-    governor = Governor(GovernorOptions(target_fps=25), DIFFUSION_LADDER, level, made.__contains__)
+    governor = Governor(options, DIFFUSION_LADDER, level, made.__contains__)
     governor.waiting = waiting
     return {**SessionStats().snapshot(), "quality": governor.snapshot(making)}
 
@@ -484,6 +485,9 @@ def test_the_overlay_says_which_quality_levels_are_made_and_when_the_rest_will_b
             # All made: the line goes.
             assert await show(page, governed_stats({0, 1, 2, 3}, 0), "all-made") == [
                 "quality 4 steps, full VAE (1/4)  target 25 fps  start: the best level"]
+            both = GovernorOptions(target_fps=12.5, max_latency_ms=200)
+            assert (await show(page, governed_stats({0, 1, 2, 3}, 0, options=both), "latency"))[0] == (
+                "quality 4 steps, full VAE (1/4)  target 12.5 fps, latency 200 ms  start: the best level")
 
     try:
         asyncio.run(main())
