@@ -193,13 +193,15 @@ function levelsText(q) {
   if (made === q.levels.length) return '';
   const waiting = q.levels.indexOf(q.waiting_for);
   const left = q.levels.map((_, i) => i).filter((i) => !q.ready[i] && q.levels[i] !== q.making);
-  const better = left.filter((i) => i < q.level).length;
+  const better = left.filter((i) => i < q.level && i !== waiting).length;
   const cheaper = left.filter((i) => i > q.level && i !== waiting).length;
   const parts = [];
   if (q.making) parts.push(`making ${q.making}${q.making === q.waiting_for ? ' (the governor waits for it)' : ''}`);
-  if (waiting > q.level && q.waiting_for !== q.making) parts.push(`${q.waiting_for} next (the governor waits for it)`);
-  if (waiting >= 0 && waiting < q.level) parts.push(`${q.waiting_for} would fit: made once no session streams`);
-  else if (better) parts.push('better once no session streams');
+  if (waiting >= 0 && q.waiting_for !== q.making) {
+    parts.push(waiting > q.level ? `${q.waiting_for} next (the governor waits for it)`
+      : `${q.waiting_for} would fit: made once no session streams`);
+  }
+  if (better) parts.push('better once no session streams');
   if (cheaper) parts.push('cheaper when needed');
   return `levels made ${made}/${q.levels.length}: ${parts.join('; ')}\n`;
 }

@@ -482,6 +482,8 @@ def test_the_overlay_says_which_quality_levels_are_made_and_when_the_rest_will_b
             # Room for the better level: not made during a session, and the page says so.
             lines = await show(page, governed_stats({1, 2, 3}, 1, waiting=0), "room")
             assert lines[1] == "levels made 3/4: 4 steps, full VAE would fit: made once no session streams"
+            lines = await show(page, governed_stats({1, 2, 3}, 1, waiting=0, making=0), "room-making")  # begun before
+            assert lines[1] == "levels made 3/4: making 4 steps, full VAE (the governor waits for it)"
             # All made: the line goes.
             assert await show(page, governed_stats({0, 1, 2, 3}, 0), "all-made") == [
                 "quality 4 steps, full VAE (1/4)  target 25 fps  start: the best level"]
