@@ -175,13 +175,35 @@ function showStats(stats) {
   }
 }
 
-// The quality governor's level and why it moved (serve --target-fps / --max-latency-ms).
+// The quality governor's level, its target and why it moved (serve --target-fps /
+// --max-latency-ms), and a line while some of the engine's levels are not made yet.
 function qualityText(stats) {
   const q = stats.quality;
   if (!q) return '';
-  const made = q.ready && q.ready.includes(false) ? `, ${q.ready.filter(Boolean).length} made` : '';
-  const waiting = q.waiting_for ? `  (waiting for ${q.waiting_for} to be made)` : '';
-  return `quality ${q.name} (${q.level + 1}/${q.levels.length}${made})  ${q.reason}${waiting}\n`;
+  const target = [q.target_fps && `${q.target_fps} fps`, q.max_latency_ms && `latency ${q.max_latency_ms} ms`]
+    .filter(Boolean).join(', ');
+  return `quality ${q.name} (${q.level + 1}/${q.levels.length})  target ${target}  ${q.reason}\n` + levelsText(q);
+}
+
+// Which level is made now, which the governor waits for, and when the others will be made: a
+// cheaper one when the governor needs it, a better one only once no session streams (making it
+// would slow this one: streamer/governor.py's LevelMaker). Nothing once every level is made.
+function levelsText(q) {
+  const made = q.ready ? q.ready.filter(Boolean).length : q.levels.length;
+  if (made === q.levels.length) return '';
+  const waiting = q.levels.indexOf(q.waiting_for);
+  const left = q.levels.map((_, i) => i).filter((i) => !q.ready[i] && q.levels[i] !== q.making);
+  const better = left.filter((i) => i < q.level && i !== waiting).length;
+  const cheaper = left.filter((i) => i > q.level && i !== waiting).length;
+  const parts = [];
+  if (q.making) parts.push(`making ${q.making}${q.making === q.waiting_for ? ' (the governor waits for it)' : ''}`);
+  if (waiting >= 0 && q.waiting_for !== q.making) {
+    parts.push(waiting > q.level ? `${q.waiting_for} next (the governor waits for it)`
+      : `${q.waiting_for} would fit: made once no session streams`);
+  }
+  if (better) parts.push('better once no session streams');
+  if (cheaper) parts.push('cheaper when needed');
+  return `levels made ${made}/${q.levels.length}: ${parts.join('; ')}\n`;
 }
 
 // ---- glass-to-glass: camera capture to the avatar frame on screen ------------------------------

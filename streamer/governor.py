@@ -6,8 +6,9 @@ back, with hysteresis.
     governor.observe(now, latency_ms, cost_ms)         # each frame handed out
     move = governor.decide(now, fps_in, dropped)        # a level to set between frames, or None
 
-What it watches, over the last `window_s` seconds measured at the current level (frames from
-before a move, or from the settling right after it, never count):
+What it watches, over the last `window_s` seconds measured at the current level (the last
+MIN_FRAMES frames at least: a slower stream's window is longer; frames from before a move, or
+from the settling right after it, never count):
   - the output rate against the target (or the camera's rate, when the camera is slower:
     no rung makes frames the camera did not send),
   - the latency of a frame, input to output (p50), against the maximum,
@@ -115,6 +116,7 @@ class LevelMaker:
         self._changed = threading.Condition()
         self._streaming = 0  # sessions streaming on the engine
         self._wanted: set[int] = set()
+        self.making: int | None = None  # the level being made now (/stats says which)
         levels = engine.quality_levels()
         start = best_ready(engine)
         self._pending = [level for level in [*range(start + 1, len(levels)), *reversed(range(start))]
@@ -146,7 +148,7 @@ class LevelMaker:
         engine, self.engine = self.engine, None  # the registry's weak key stays the only other reference
         levels = engine.quality_levels()
         while self._pending:
-            level = self._next()
+            level = self.making = self._next()
             started = time.perf_counter()
             try:
                 with _quick_gil():
@@ -155,6 +157,8 @@ class LevelMaker:
                 log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels),
                               levels[level].name)
                 continue
+            finally:
+                self.making = None
             seconds = time.perf_counter() - started
             if seconds >= SLOW_LEVEL_S:
                 log.info("quality level %d of %d (%s) ready in %.0f s", level + 1, len(levels), levels[level].name,
@@ -250,7 +254,9 @@ class Governor:
         self._trim(self._frames, now)
 
     def _trim(self, ring: deque, now: float) -> None:
-        while ring and ring[0][0] < now - self.options.window_s:
+        """Entries older than the window, but never the last MIN_FRAMES: a stream too slow to
+        fill a window with them (a diffusion engine at 1 fps) is judged over a longer one."""
+        while len(ring) > MIN_FRAMES and ring[0][0] < now - self.options.window_s:
             ring.popleft()
 
     def _window(self, now: float, fps_in: float, dropped: int) -> dict | None:
@@ -363,11 +369,12 @@ class Governor:
         self._over_since = self._room_since = None
         return level
 
-    def snapshot(self) -> dict:
-        """What /stats and the page show."""
-        return {"level": self.level, "name": self.levels[self.level].name,
+    def snapshot(self, making: int | None = None) -> dict:
+        """What /stats and the page show; `making`: the level a LevelMaker makes now, if any."""
+        name = lambda level: None if level is None else self.levels[level].name  # noqa: E731
+        return {"level": self.level, "name": name(self.level),
                 "levels": [level.name for level in self.levels], "reason": self.reason, "changes": self.changes,
                 "ready": [self.ready(level) for level in range(len(self.levels))],
-                "waiting_for": None if self.waiting is None else self.levels[self.waiting].name,
+                "waiting_for": name(self.waiting), "making": name(making),
                 "target_fps": self.options.target_fps, "max_latency_ms": self.options.max_latency_ms,
                 "measured": self.measured}

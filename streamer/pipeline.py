@@ -366,7 +366,9 @@ class Pipeline:
 
     def snapshot(self) -> dict:
         self.stats.frames_without_face = self.stage.frames_without_face
-        return {**self.stats.snapshot(), "quality": self.governor.snapshot() if self.governor else None}
+        making = self._levels.making if self._levels is not None else None
+        quality = self.governor.snapshot(making) if self.governor else None
+        return {**self.stats.snapshot(), "quality": quality}
 
     async def close(self) -> None:
         """Stop taking frames, let each thread finish the job it holds, free the stage on the

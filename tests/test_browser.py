@@ -25,7 +25,10 @@ import aiohttp
 import pytest
 from conftest import running_server, stop
 
+from engines.base import QualityLevel
 from streamer import samples
+from streamer.governor import Governor, GovernorOptions
+from streamer.stats import SessionStats
 from streamer.video import write_video
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -418,3 +421,77 @@ async def open_page(url: str, profile: Path, browser: subprocess.Popen):
             await asyncio.sleep(0.2)
         async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
             yield DevTools(websocket)
+
+
+# -- the quality governor's line while the engine's levels are made (streamer/governor.py) -----------
+DIFFUSION_LADDER = [QualityLevel("4 steps, full VAE"), QualityLevel("4 steps, tiny decoder", 0.75),
+                    QualityLevel("3 steps, tiny decoder", 0.56), QualityLevel("2 steps, tiny decoder", 0.38)]
+SHOW_STATS = """(() => {{
+  showStats({stats});
+  return JSON.stringify({{ overlay: document.getElementById('overlay').textContent, layout: JSON.parse({layout}) }});
+}})()"""
+
+
+def governed_stats(made: set[int], level: int, waiting: int | None = None, making: int | None = None,
+                   options: GovernorOptions = GovernorOptions(target_fps=25)) -> dict:
+    """A stats message as a governed session sends it: the governor's snapshot on a ladder of
+    which `made` are made."""
+    governor = Governor(options, DIFFUSION_LADDER, level, made.__contains__)
+    governor.waiting = waiting
+    return {**SessionStats().snapshot(), "quality": governor.snapshot(making)}
+
+
+def test_the_overlay_says_which_quality_levels_are_made_and_when_the_rest_will_be(tmp_path):
+    """What a session's page says while the diffusion engine's levels are made (with --compile,
+    minutes each): the level made now, the one the governor waits for, and when the others
+    will be made (a better one only once no session streams, which the governor cannot hasten).
+    Once all are made, the line goes. Each fits inside the avatar."""
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    page_url = (Path(__file__).parent.parent / "client" / "index.html").as_uri()
+    browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, "--window-size=1280,900", f"--user-data-dir={profile}",
+                                "--allow-file-access-from-files", page_url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shots = os.environ.get("XPORTRAIT_SCREENSHOTS")
+
+    async def show(page: DevTools, stats: dict, name: str) -> list[str]:
+        shown = json.loads(await page.evaluate(SHOW_STATS.format(stats=json.dumps(stats), layout=LAYOUT)))
+        assert shown["layout"]["inside"] and not shown["layout"]["scrolls"], shown
+        if shots:
+            await screenshot(page, Path(shots) / f"levels-{name}.png")
+        return [line for line in shown["overlay"].split("\n") if line.startswith(("quality", "levels"))]
+
+    async def main():
+        async with open_page(page_url, profile, browser) as page:
+            deadline = time.monotonic() + 30
+            while not await page.evaluate("typeof showStats === 'function'"):
+                assert time.monotonic() < deadline, "the page's script did not load"
+                await asyncio.sleep(0.1)
+            # Started before its levels were made: on the tiny decoder's, the rung below being made.
+            assert await show(page, governed_stats({1}, 1, making=2), "making") == [
+                "quality 4 steps, tiny decoder (2/4)  target 25 fps  start: the best level made so far",
+                "levels made 1/4: making 3 steps, tiny decoder; better once no session streams; cheaper when needed"]
+            # Short of its target, the governor waits for the rung below, made next (the maker
+            # finishes the level it began before the session).
+            lines = await show(page, governed_stats({1, 2}, 2, waiting=3, making=0), "waiting")
+            assert lines[1] == ("levels made 2/4: making 4 steps, full VAE; "
+                                "2 steps, tiny decoder next (the governor waits for it)")
+            lines = await show(page, governed_stats({1, 2}, 2, waiting=3, making=3), "waiting-making")
+            assert lines[1] == ("levels made 2/4: making 2 steps, tiny decoder (the governor waits for it); "
+                                "better once no session streams")
+            # Room for the better level: not made during a session, and the page says so.
+            lines = await show(page, governed_stats({1, 2, 3}, 1, waiting=0), "room")
+            assert lines[1] == "levels made 3/4: 4 steps, full VAE would fit: made once no session streams"
+            lines = await show(page, governed_stats({1, 2, 3}, 1, waiting=0, making=0), "room-making")  # begun before
+            assert lines[1] == "levels made 3/4: making 4 steps, full VAE (the governor waits for it)"
+            # All made: the line goes.
+            assert await show(page, governed_stats({0, 1, 2, 3}, 0), "all-made") == [
+                "quality 4 steps, full VAE (1/4)  target 25 fps  start: the best level"]
+            both = GovernorOptions(target_fps=12.5, max_latency_ms=200)
+            assert (await show(page, governed_stats({0, 1, 2, 3}, 0, options=both), "latency"))[0] == (
+                "quality 4 steps, full VAE (1/4)  target 12.5 fps, latency 200 ms  start: the best level")
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop(browser)

@@ -107,6 +107,17 @@ def test_it_steps_down_under_load_and_back_up_when_the_load_goes():
     assert governor.snapshot()["name"] == "full" and governor.snapshot()["levels"] == ["full", "cheaper", "cheapest"]
 
 
+def test_a_stream_too_slow_to_fill_a_window_is_still_governed():
+    """Under 3 fps (a diffusion engine on a small GPU) a 2 s window never holds the frames a
+    judgement needs: the window stretches to hold them, and the governor steps down."""
+    governor = Governor(fast_options(), LEVELS)
+    sim = SimulatedPipeline(governor, lambda level, t: 1600.0 * LEVELS[level].cost)  # 0.6 fps at the best
+    sim.run(60)
+    assert governor.level == 2 and governor.changes == 2, governor.reason
+    assert governor.reason.startswith("down to cheapest: fps 0.8 under 25.0 (cost 1200.0 ms"), governor.reason
+    assert governor.measured["drops_per_s"] > 10  # the camera's frames it could not take
+
+
 @pytest.mark.parametrize("base_ms", [36.0, 45.0, 52.0, 60.0, 75.0])
 def test_a_steady_load_never_oscillates(base_ms):
     """Whatever the steady load, one move per rung at most, then it stays: ten minutes with 20 %
@@ -630,22 +641,25 @@ def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
         began = time.perf_counter()
         await pipeline.start()
         started_s = time.perf_counter() - began
-        outputs, waited = [], []
+        outputs, waited, making = [], [], []
 
         def seen(_):
             outputs.append(time.perf_counter() - began)
-            if waiting := pipeline.snapshot()["quality"]["waiting_for"]:
-                waited.append(waiting)
+            quality = pipeline.snapshot()["quality"]
+            if quality["waiting_for"]:
+                waited.append(quality["waiting_for"])
+            making.append(quality["making"])
 
         async with streaming(pipeline, seen):
             deadline = time.monotonic() + 8
             while pipeline.governor.level != 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-        return started_s, outputs, waited
+        return started_s, outputs, waited, making
 
-    started_s, outputs, waited = asyncio.run(main())
+    started_s, outputs, waited, making = asyncio.run(main())
     assert started_s < 0.5  # no level made before the first frame
     assert sum(t < 1.0 for t in outputs) >= 5  # frames while the rung down is being made
     assert engine.made_on == ["xportrait-levels"] * 2  # made off the engine's thread
     assert "cheaper" in waited  # the governor wanted it before it was made
+    assert "cheaper" in making and making[-1] is None  # /stats said it was being made, then that none is
     assert set(engine.rendered_at) == {0, 1, 2}
