@@ -13,10 +13,15 @@ cuDNN convolutions (`*fprop*`, `implicit_gemm`), cuDNN/flash attention (`*sdpa*`
 pointwise, `triton_red_*`/`triton_per_*` reductions) and eager torch's (`at::native::...`).
 Inductor names a fused kernel after the ops it fused (`triton_poi_fused_convolution_silu_2` is
 pointwise work after a convolution), so Triton names are sorted before the library ones.
+
+The profile records the operators' shapes too, so the matrix work (matrix products,
+convolutions, attention) is also summed by operator and shape, with the rate each reaches
+(TFLOP/s, from the shapes): which sit far below the GPU's matrix rate.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -57,6 +62,91 @@ class TickProfile:
     by_category: dict[str, dict[str, float]]  # kind -> {"ms": per tick, "launches": per tick}
     by_stream_ms: dict[str, float]
     top: list[dict] = field(default_factory=list)  # the costliest kernels: name, kind, launches and us per tick
+    # The costliest matrix operators by shape: op, shape, calls and us per tick, TFLOP/s (traces with shapes only)
+    by_shape: list[dict] = field(default_factory=list)
+
+
+def _mm_flop(dims: list[list[int]], first: int) -> tuple[float, str]:
+    (*batch, m, k), (*_, n) = dims[first], dims[first + 1]
+    b = batch[0] if batch else 1
+    return 2.0 * b * m * k * n, (f"{b} x " if batch else "") + f"{m}x{k} @ {k}x{n}"
+
+
+def _conv_flop(dims: list[list[int]], concrete: list) -> tuple[float, str]:
+    (n, _, *size), (out, per_group, *kernel) = dims[0], dims[1]
+    given = [json.loads(v) if isinstance(v, str) and v else v for v in concrete[3:6]]
+    if len(given) < 3 or not all(isinstance(v, list) for v in given):  # not recorded: stride 1, "same" padding
+        given = [[1] * len(kernel), [(k - 1) // 2 for k in kernel], [1] * len(kernel)]
+    stride, padding, dilation = given
+    spatial = 1
+    for i, (x, k) in enumerate(zip(size, kernel)):
+        spatial *= (x + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
+    taps = 1
+    for k in kernel:
+        taps *= k
+    label = "x".join(map(str, dims[0])) + " * " + "x".join(map(str, dims[1]))
+    return 2.0 * n * out * spatial * per_group * taps, label + (f" /{stride[0]}" if stride[0] != 1 else "")
+
+
+def _attention_flop(dims: list[list[int]]) -> tuple[float, str]:
+    (b, h, queries, d), (*_, keys, _), (*_, dv) = dims[0], dims[1], dims[2]
+    return 2.0 * b * h * queries * keys * (d + dv), f"{b}x{h} heads, {queries} q x {keys} k, d {d}"
+
+
+MATRIX_OPS = {"aten::mm": lambda d, c: _mm_flop(d, 0), "aten::bmm": lambda d, c: _mm_flop(d, 0),
+              "aten::addmm": lambda d, c: _mm_flop(d, 1), "aten::baddbmm": lambda d, c: _mm_flop(d, 1),
+              "aten::_scaled_mm": lambda d, c: _mm_flop(d, 0), "aten::convolution": lambda d, c: _conv_flop(d, c)}
+
+
+def _matrix_op(name: str):
+    if name.startswith("aten::_scaled_dot_product_") and "attention" in name:  # cudnn, flash, efficient, math
+        return lambda d, c: _attention_flop(d)
+    return MATRIX_OPS.get(name)
+
+
+def _op_label(name: str) -> str:
+    """aten::addmm -> addmm; aten::_scaled_dot_product_cudnn_attention -> attention (cudnn)."""
+    name = name.removeprefix("aten::")
+    if name.startswith("_scaled_dot_product_"):
+        backend = "_".join(w for w in name.removeprefix("_scaled_dot_product_").split("_") if w and w != "attention")
+        return f"attention ({backend})" if backend else "attention"
+    return name
+
+
+def by_shape(events: list[dict], ticks: int, top: int = 25) -> list[dict]:
+    """The GPU time of the matrix operators (products, convolutions, attention) by operator and
+    shape, per tick, with the rate each reaches. A kernel belongs to the operator whose host
+    call launched it (the launch's time lies inside the call, on the same thread; the launch
+    and the kernel share a correlation id). Needs a trace recorded with shapes."""
+    kernel_us = {e["args"]["correlation"]: e["dur"] for e in events
+                 if e.get("ph") == "X" and e.get("cat") == "kernel" and "correlation" in e.get("args", {})}
+    launches: dict = defaultdict(list)  # host thread -> [(time, correlation)], in time order
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("args", {}).get("correlation") in kernel_us:
+            launches[e["tid"]].append((e["ts"], e["args"]["correlation"]))
+    for calls in launches.values():
+        calls.sort()
+    rows: dict = {}
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op" and _matrix_op(e.get("name", ""))
+                  and e.get("args", {}).get("Input Dims")), key=lambda e: (e["tid"], e["ts"], -e["dur"]))
+    outer_end: dict = {}  # host thread -> end of the last operator counted
+    for e in ops:
+        if e["ts"] < outer_end.get(e["tid"], -1.0):
+            continue  # inside one counted already (attention's math path runs matrix products)
+        outer_end[e["tid"]] = e["ts"] + e["dur"]
+        flop, shape = _matrix_op(e["name"])(e["args"]["Input Dims"], e["args"].get("Concrete Inputs", []))
+        calls = launches.get(e["tid"], [])
+        first = bisect.bisect_left(calls, (e["ts"], -1))
+        last = bisect.bisect_right(calls, (e["ts"] + e["dur"], float("inf")))
+        us = sum(kernel_us[c] for _, c in calls[first:last])
+        row = rows.setdefault((e["name"], shape), {"op": _op_label(e["name"]), "shape": shape,
+                                                   "calls": 0.0, "us": 0.0, "flop": flop})
+        row["calls"] += 1 / ticks
+        row["us"] += us / ticks
+    costliest = sorted(rows.values(), key=lambda r: -r["us"])[:top]
+    for row in costliest:
+        row["tflops"] = row.pop("flop") * row["calls"] / (row["us"] * 1e-6) / 1e12 if row["us"] else 0.0
+    return costliest
 
 
 def summarize(events: list[dict], ticks: int, top: int = 25) -> TickProfile:
@@ -79,7 +169,8 @@ def summarize(events: list[dict], ticks: int, top: int = 25) -> TickProfile:
         by_category=dict(sorted(by_category.items(), key=lambda kv: -kv[1]["ms"])),
         by_stream_ms=dict(sorted(by_stream.items(), key=lambda kv: -kv[1])),
         top=[{"kernel": name, "kind": kernel_category(name), "launches": calls, "us": us}
-             for name, (calls, us) in costliest])
+             for name, (calls, us) in costliest],
+        by_shape=by_shape(events, ticks, top))
 
 
 def profile_ticks(denoiser, out_dir: str | Path, ticks: int = 5, warmup: int = 2) -> TickProfile:
@@ -94,7 +185,7 @@ def profile_ticks(denoiser, out_dir: str | Path, ticks: int = 5, warmup: int = 2
         for _ in range(warmup):
             denoiser.advance()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             for _ in range(ticks):
                 denoiser.advance()
             torch.cuda.synchronize()
@@ -106,11 +197,16 @@ def profile_ticks(denoiser, out_dir: str | Path, ticks: int = 5, warmup: int = 2
     return result
 
 
-def format_profile(p: TickProfile) -> list[str]:
+def format_profile(p: TickProfile, shapes: int = 15) -> list[str]:
     lines = [f"  tick profile ({p.ticks} ticks without the graph): {p.kernels_per_tick:.0f} kernels, "
              f"{p.kernel_ms:.2f} ms of kernel time a tick (streams summed: "
              + ", ".join(f"{ms:.2f}" for ms in p.by_stream_ms.values()) + ")"]
     for kind, c in p.by_category.items():
         share = 100 * c["ms"] / p.kernel_ms if p.kernel_ms else 0.0
         lines.append(f"    {kind:<36} {c['ms']:7.2f} ms {share:5.1f}%  {c['launches']:5.0f} launches")
+    if p.by_shape:
+        lines.append("  costliest matrix work by shape (a tick: calls, us, TFLOP/s):")
+        for row in p.by_shape[:shapes]:
+            lines.append(f"    {row['op']:<28.28} {row['shape']:<40.40} {row['calls']:4.0f} {row['us']:8.1f} "
+                         f"{row['tflops']:6.0f}")
     return lines

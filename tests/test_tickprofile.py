@@ -88,3 +88,44 @@ def test_the_stream_bench_profiles_its_tick_on_a_gpu(tmp_path, capsys):
     assert result["profile"] == profile and (tmp_path / "tick-trace.json").exists()
     assert profile["kernels_per_tick"] > 10
     assert sum(c["ms"] for c in profile["by_category"].values()) == pytest.approx(profile["kernel_ms"])
+
+
+def test_matrix_work_is_summed_by_shape_with_the_rate_it_reaches(tmp_path):
+    """The operators' shapes as torch.profiler records them (a real CPU trace), each given GPU
+    kernels the way a CUDA trace links them (a launch inside the host call, a shared correlation
+    id): time per operator and shape, FLOP from the shapes, and the rate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w = torch.randn(2, 8, 16, 16), torch.randn(4, 8, 3, 3)
+    a, b, bias = torch.randn(32, 8), torch.randn(8, 5), torch.randn(5)
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 10, 4)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):  # two "ticks"
+            torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+            torch.addmm(bias, a, b)
+            torch.nn.functional.scaled_dot_product_attention(q, k, k)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    us = {"aten::convolution": 4.0, "aten::addmm": 2.0}
+    linked = []
+    for e in [e for e in events if e.get("cat") == "cpu_op"]:
+        name = "attention" if e["name"].startswith("aten::_scaled_dot_product_") else e["name"]
+        if name in us or name == "attention":
+            correlation = len(linked)
+            linked.append({"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "tid": e["tid"],
+                           "ts": e["ts"] + e["dur"] / 2, "dur": 0.1, "args": {"correlation": correlation}})
+            linked.append({"ph": "X", "cat": "kernel", "name": "nvjet_x", "tid": 7, "ts": 0,
+                           "dur": us.get(name, 1.0), "args": {"correlation": correlation, "stream": 7}})
+    profile_ = summarize(events + linked, ticks=2)
+    rows = {row["op"]: row for row in profile_.by_shape}
+    conv = rows["convolution"]
+    assert conv["shape"] == "2x8x16x16 * 4x8x3x3 /2" and conv["calls"] == 1.0 and conv["us"] == pytest.approx(4.0)
+    assert conv["tflops"] == pytest.approx(2 * 2 * 4 * 8 * 8 * 8 * 9 / 4e-6 / 1e12)  # 8x8 out: stride 2, padding 1
+    assert rows["addmm"]["shape"] == "32x8 @ 8x5"
+    assert rows["addmm"]["tflops"] == pytest.approx(2 * 32 * 8 * 5 / 2e-6 / 1e12)
+    (attention,) = [row for op, row in rows.items() if op.startswith("attention (")]  # (flash_for_cpu) here
+    assert attention["shape"] == "1x2 heads, 6 q x 10 k, d 4" and attention["calls"] == 1.0
+    assert attention["tflops"] == pytest.approx(2 * 2 * 6 * 10 * 8 / 1e-6 / 1e12)
+    assert list(rows) == ["convolution", "addmm", attention["op"]]  # costliest first
+    table = "\n".join(format_profile(profile_))
+    assert "costliest matrix work by shape" in table and "32x8 @ 8x5" in table
