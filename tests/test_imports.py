@@ -39,6 +39,29 @@ RUNTIMES = [("export.ort", ("export.tensorrt", "onnx")), ("export.tensorrt", ("e
             ("export.graph_model", ("onnx",))]
 
 
+# mediapipe's package imports matplotlib.pyplot for its drawing helpers: engines.face imports it
+# with pyplot deferred (its code unrun until first used), and pyplot still works once used.
+PYPLOT_DEFERRED = """
+import sys
+from engines.face import FaceTracker
+with FaceTracker(video=False):
+    pass
+pyplot = sys.modules["matplotlib.pyplot"]
+assert "figure" not in vars(pyplot), "mediapipe's import ran matplotlib.pyplot"
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib import pyplot as again
+assert plt is again is pyplot is matplotlib.pyplot
+figure = plt.figure(figsize=(2, 1))
+assert plt.get_backend().lower() == "agg" and figure.get_size_inches().tolist() == [2.0, 1.0]
+try:
+    plt.no_such_name
+except AttributeError:
+    print("pyplot deferred")
+"""
+
+
 def _runtime_check(module: str, never: tuple[str, ...]) -> list[str]:
     code = (f"import sys, {module}; loaded = [n for n in {never!r} if n in sys.modules]; "
             "sys.exit(str(loaded) if loaded else None)")
@@ -75,6 +98,7 @@ def runs(tmp_path_factory):
                     str(folder / "out.mp4"), "--size", "128"],
         "live": [sys.executable, "-c", RUNNER, *LIVE_TORCH],
         **{module: _runtime_check(module, never) for module, never in RUNTIMES},
+        "pyplot": [sys.executable, "-c", PYPLOT_DEFERRED],
     }
     started = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for name, argv in commands.items()}
@@ -122,6 +146,11 @@ def test_the_live_engine_on_torch_loads_no_onnx(runs):
 def test_the_graph_runtimes_import_neither_each_other_nor_the_exporter(module, never, runs):
     result = runs(module)
     assert result.returncode == 0, f"importing {module} loaded {result.stderr.strip()[-500:]}"
+
+
+def test_mediapipe_is_imported_without_running_pyplot_which_works_once_used(runs):
+    result = runs("pyplot")
+    assert result.returncode == 0 and result.stdout.strip() == "pyplot deferred", result.stderr[-3000:]
 
 
 def test_the_bench_reads_its_portrait_without_pyav():
