@@ -23,14 +23,16 @@ import torch
 torch.set_num_threads(1)
 
 # Everything the ranks import, imported once here (the forked ranks inherit it).
-import mediapipe  # noqa: E402,F401  (the control images' person matte)
 import torch.utils.tensorboard  # noqa: E402,F401  (the run's logs)
 from safetensors.torch import load_file  # noqa: E402
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: E402
 
-import engines.matte  # noqa: E402,F401
+import engines.matte  # noqa: E402,F401  (the control images' person matte)
+from engines.face import import_mediapipe  # noqa: E402
 from engines.xportrait.train.config import build_config  # noqa: E402
 from engines.xportrait.train.trainer import train  # noqa: E402
+
+import_mediapipe()
 
 steps = []
 
