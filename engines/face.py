@@ -12,9 +12,12 @@ on x's scale (mediapipe's convention: smaller z is nearer the camera).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
+import sys
 import threading
+import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,6 +111,39 @@ _mute_saved: int | None = None
 # InitializeLog" banner, the landmark projection's NORM_RECT warning on the first face):
 # calls stay muted until a face has gone through the mesh once.
 _said_once = False
+
+
+class _Deferred(types.ModuleType):
+    """A module whose code runs at the first use of one of its names (importing it, or
+    reading its __spec__ as the import system does, does not run it)."""
+
+    def __getattr__(self, name: str):
+        with _deferred_lock:
+            if type(self) is _Deferred:
+                self.__class__ = types.ModuleType  # from here on an ordinary module, as during an import
+                self.__spec__.loader.exec_module(self)
+        return getattr(self, name)
+
+
+_deferred_lock = threading.RLock()
+
+
+def import_mediapipe():
+    """mediapipe, imported without running matplotlib.pyplot. The package's __init__ imports
+    its drawing helpers, which import pyplot at their top for a 3-D plot nothing here calls:
+    ~0.9 s of the ~1.4 s import, paid by every command that finds a face (serve's and cam's
+    start-up, animate, each worker). pyplot is imported as a _Deferred module instead: its
+    code runs at the first use of it, wherever that is."""
+    if "mediapipe" not in sys.modules and "matplotlib.pyplot" not in sys.modules:
+        spec = importlib.util.find_spec("matplotlib.pyplot")  # (imports matplotlib itself: 0.3 s)
+        if spec is not None and spec.loader is not None:
+            pyplot = importlib.util.module_from_spec(spec)
+            pyplot.__class__ = _Deferred
+            sys.modules["matplotlib.pyplot"] = pyplot
+            sys.modules["matplotlib"].pyplot = pyplot  # as an import binds it on its package
+    import mediapipe
+
+    return mediapipe
 
 
 @contextlib.contextmanager
@@ -205,7 +241,7 @@ class FaceTracker:
     """
 
     def __init__(self, video: bool = True, min_confidence: float = 0.5):
-        import mediapipe as mp  # heavy import: only where faces are needed
+        mp = import_mediapipe()  # heavy import: only where faces are needed
 
         self._min_confidence = min_confidence
         self._detector: FaceDetector | None = None
@@ -275,7 +311,7 @@ class FaceDetector:
     detector runs (~0.2 s) for a 1080p photo, one for a 512 px portrait."""
 
     def __init__(self, min_confidence: float = 0.5):
-        import mediapipe as mp
+        mp = import_mediapipe()
 
         self.min_confidence = min_confidence
         with _native_stderr_muted():

@@ -23,12 +23,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .face import FACE_OVAL, _native_stderr_muted
+from .face import FACE_OVAL, _native_stderr_muted, import_mediapipe
 
 
 def segment_person(image: np.ndarray) -> np.ndarray:
     """mediapipe's selfie segmentation: (H, W) float32 in [0, 1], 1 on the person."""
-    import mediapipe as mp
+    mp = import_mediapipe()
 
     with _native_stderr_muted():
         with mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0) as segmenter:

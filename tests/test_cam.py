@@ -813,7 +813,7 @@ def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip
             # A second camera: the one session is taken. It says so and keeps trying.
             capfd.readouterr()
             second = Controls()
-            threading.Timer(4.0, second.quit.set).start()
+            threading.Timer(3.0, second.quit.set).start()  # refused at once: two tries (0.5 s, 1 s) take ~1.5 s
             busy = cam(options(path, server=url, token=TOKEN), sinks=[Recorder(keep="nothing")], controls=second)
             said = capfd.readouterr().err
             assert busy["connects"] == 0 and "the server refused the offer (503): server busy" in said, said

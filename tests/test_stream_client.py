@@ -1,7 +1,8 @@
 """`xportrait client` against a real `xportrait serve` subprocess on 127.0.0.1.
 
 Both ends are the installed commands (run as `python -m streamer ...`), speaking real WebRTC
-over the loopback host; every wait is bounded.
+over the loopback host; every wait is bounded. A command line refused before it connects to
+anything (its flags, its files) runs in this process (`refused_here`): the same `main`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ def run_at_once(*commands: list[str], timeout: float = 120) -> list[subprocess.C
     return results
 
 
+def refused_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`xportrait ARGS` in this process, for a command line refused before it connects to
+    anything (its flags, its files): the same `main`, no interpreter to start. Its exit status
+    and what it said."""
+    from streamer.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(["xportrait", *args], code, said.out, said.err)
+
+
 def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,16 +147,16 @@ def test_killed_client_frees_its_session_and_worker(server, clip):
     assert stats["worker_threads"] == 0
 
 
-def test_client_reports_refusals_and_bad_input(server, clip, tmp_path):
+def test_client_reports_refusals_and_bad_input(server, clip, tmp_path, capsys):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     (tmp_path / "text.mp4").write_text("not a video")
-    wrong_token, unreachable, missing, not_a_video = run_at_once(
+    wrong_token, unreachable = run_at_once(
         xportrait("client", clip, "--token", "wrong", "--server", server),
-        xportrait("client", clip, "--token", TOKEN, "--server", f"http://127.0.0.1:{closed_port}"),
-        xportrait("client", str(tmp_path / "missing.mp4"), "--token", TOKEN, "--server", server),
-        xportrait("client", str(tmp_path / "text.mp4"), "--token", TOKEN, "--server", server))
+        xportrait("client", clip, "--token", TOKEN, "--server", f"http://127.0.0.1:{closed_port}"))
+    missing, not_a_video = (refused_here(capsys, "client", str(tmp_path / name), "--token", TOKEN, "--server", server)
+                            for name in ("missing.mp4", "text.mp4"))
     assert wrong_token.returncode == 1
     assert "401" in wrong_token.stderr and "token" in wrong_token.stderr
     assert unreachable.returncode == 2 and "cannot reach the server" in unreachable.stderr
@@ -151,25 +167,25 @@ def test_client_reports_refusals_and_bad_input(server, clip, tmp_path):
     assert refused.value.code == 401
 
 
-def test_serve_refuses_a_bad_engine_and_a_taken_port(server):
+def test_serve_refuses_a_bad_engine_and_a_taken_port(server, capsys):
     port = server.rsplit(":", 1)[1]
-    bad_engine, bad_size, taken = run_at_once(xportrait("serve", "--engine", "nope", "--port", "0"),
-                                              xportrait("serve", "--size", "100", "--port", "0"),
-                                              xportrait("serve", "--port", port))
+    bad_engine = refused_here(capsys, "serve", "--engine", "nope", "--port", "0")
+    bad_size = refused_here(capsys, "serve", "--size", "100", "--port", "0")
+    (taken,) = run_at_once(xportrait("serve", "--port", port))  # (a serve that did not refuse would serve on)
     assert bad_engine.returncode == 2 and "invalid choice: 'nope'" in bad_engine.stderr
     assert bad_size.returncode == 2 and "size must be a multiple of 8" in bad_size.stderr
     assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
     assert "preparing" not in taken.stdout  # refused at once, before the engine was prepared
 
 
-def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(server, clip):
+def test_server_without_a_scheme_means_http_and_bad_urls_are_refused_in_words(server, clip, capsys):
     bare = server.removeprefix("http://")  # 127.0.0.1:PORT, as users type it
     bad_urls = (("ftp://127.0.0.1:8080", "http:// or https://"), ("127.0.0.1:http", "port number"),
                 ("http://", "such as http://127.0.0.1:8080"))
-    result, *refused, device = run_at_once(
-        xportrait("client", clip, "--server", bare, "--token", TOKEN, "--duration", "1"),
-        *(xportrait("client", clip, "--server", bad) for bad, _ in bad_urls),
-        xportrait("client", clip, "--server", server, "--output", "/dev/null"), timeout=90)
+    (result,) = run_at_once(xportrait("client", clip, "--server", bare, "--token", TOKEN, "--duration", "1"),
+                            timeout=90)
+    refused = [refused_here(capsys, "client", clip, "--server", bad) for bad, _ in bad_urls]
+    device = refused_here(capsys, "client", clip, "--server", server, "--output", "/dev/null")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["frames_sent"] == FPS and report["frames_received"] > 0

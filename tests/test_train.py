@@ -580,12 +580,12 @@ def released_layout_buffers():
 # ---------------------------------------------------------------------------------------------
 
 def test_two_processes_average_gradients_and_keep_parameters_equal(data64, base, tmp_path):
-    """The trainer under torchrun, two processes on the CPU (gloo), as `accelerate launch`
-    starts it on GPUs: the code does not change."""
+    """The trainer under torchrun's launcher, two processes on the CPU (gloo), as `accelerate
+    launch` starts it on GPUs: the code does not change. (The ranks are forked by the launcher
+    from a process that has imported the trainer once: see train_ddp_check.py.)"""
     report = tmp_path / "ddp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path.cwd()), str(Path(__file__).parent)]))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("train_ddp_check.py")), str(data64), str(base),
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("train_ddp_check.py")), str(data64), str(base),
                            str(tmp_path / "run"), str(report)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-12000:]
     for rank in (0, 1):
