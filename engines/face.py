@@ -115,7 +115,8 @@ _said_once = False
 
 class _Deferred(types.ModuleType):
     """A module whose code runs at the first use of one of its names (importing it, or
-    reading its __spec__ as the import system does, does not run it)."""
+    reading its __spec__ as the import system does, does not run it: importlib.util.LazyLoader
+    runs the module at any attribute read, __spec__ included, so an `import` of it runs it)."""
 
     def __getattr__(self, name: str):
         with _deferred_lock:

@@ -41,14 +41,15 @@ RUNTIMES = [("export.ort", ("export.tensorrt", "onnx")), ("export.tensorrt", ("e
 
 
 # mediapipe's package imports matplotlib.pyplot for its drawing helpers: engines.face imports it
-# with pyplot deferred (its code unrun until first used), and pyplot still works once used.
+# with pyplot lazy (its code unrun until first used), and pyplot still works once used.
 PYPLOT_DEFERRED = """
 import sys
 from engines.face import FaceTracker
 with FaceTracker(video=False):
     pass
 pyplot = sys.modules["matplotlib.pyplot"]
-assert "figure" not in vars(pyplot), "mediapipe's import ran matplotlib.pyplot"
+# (its own namespace, read without touching the module: a lazy module runs on any attribute's use)
+assert "figure" not in object.__getattribute__(pyplot, "__dict__"), "mediapipe's import ran matplotlib.pyplot"
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
