@@ -187,12 +187,15 @@ function qualityText(stats) {
 
 // Which level is made now, which the governor waits for, and when the others will be made: a
 // cheaper one when the governor needs it, a better one only once no session streams (making it
-// would slow this one: streamer/governor.py's LevelMaker). Nothing once every level is made.
+// would slow this one: streamer/governor.py's LevelMaker), and which could not be made (the
+// governor passes over those). Nothing once every level is made.
 function levelsText(q) {
   const made = q.ready ? q.ready.filter(Boolean).length : q.levels.length;
+  const failed = q.levels.filter((_, i) => q.failed && q.failed[i]);
   if (made === q.levels.length) return '';
   const waiting = q.levels.indexOf(q.waiting_for);
-  const left = q.levels.map((_, i) => i).filter((i) => !q.ready[i] && q.levels[i] !== q.making);
+  const left = q.levels.map((_, i) => i)
+    .filter((i) => !q.ready[i] && !(q.failed && q.failed[i]) && q.levels[i] !== q.making);
   const better = left.filter((i) => i < q.level && i !== waiting).length;
   const cheaper = left.filter((i) => i > q.level && i !== waiting).length;
   const parts = [];
@@ -203,6 +206,7 @@ function levelsText(q) {
   }
   if (better) parts.push('better once no session streams');
   if (cheaper) parts.push('cheaper when needed');
+  if (failed.length) parts.push(`${failed.join(', ')} could not be made (passed over; the server log says why)`);
   return `levels made ${made}/${q.levels.length}: ${parts.join('; ')}\n`;
 }
 

@@ -117,6 +117,7 @@ class LevelMaker:
         self._streaming = 0  # sessions streaming on the engine
         self._wanted: set[int] = set()
         self.making: int | None = None  # the level being made now (/stats says which)
+        self.failed: set[int] = set()  # levels that could not be made: a governor passes over them
         levels = engine.quality_levels()
         start = best_ready(engine)
         self._pending = [level for level in [*range(start + 1, len(levels)), *reversed(range(start))]
@@ -156,6 +157,7 @@ class LevelMaker:
             except Exception:
                 log.exception("quality level %d of %d (%s) could not be made", level + 1, len(levels),
                               levels[level].name)
+                self.failed.add(level)
                 continue
             finally:
                 self.making = None
@@ -217,9 +219,11 @@ class Governor:
     """Decides; never touches an engine (the pipeline sets the level it returns, between frames)."""
 
     def __init__(self, options: GovernorOptions, levels: Sequence[QualityLevel], start: int = 0,
-                 ready: Callable[[int], bool] = lambda level: True):
+                 ready: Callable[[int], bool] = lambda level: True, failed: Callable[[int], bool] = lambda level: False):
         """`start`: the level the engine is at (a ready one); `ready(level)`: whether a level
-        is made (Governed.quality_ready): the governor moves only to those."""
+        is made (Governed.quality_ready): the governor moves only to those; `failed(level)`:
+        whether it could not be made (LevelMaker.failed): the governor passes over it to the
+        next rung, as if the ladder had none there."""
         if not levels:
             raise ValueError("a governor needs at least one quality level")
         if not 0 <= start < len(levels):
@@ -227,7 +231,7 @@ class Governor:
         self.options = options
         self.levels = list(levels)
         self.level = start
-        self.ready = ready
+        self.ready, self.failed = ready, failed
         self.waiting: int | None = None  # a level it would move to, not made yet
         self.reason = "start: the best level" if start == 0 else "start: the best level made so far"
         self.changes = 0
@@ -290,25 +294,33 @@ class Governor:
         self._learn(m)
         over = self._over(m)
         self._over_since = (self._over_since or now) if over else None
-        room = None if over or self.level == 0 else self._room(m)
+        down, up = self._next(self.level, +1), self._next(self.level, -1)
+        room = None if over or up is None else self._room(m, up)
         self._room_since = (self._room_since or now) if room else None
         if self._last_up is not None and now - self._last_up > 2 * FAILED_UP_S:
             self._up_wait = self.options.up_after_s  # the last step up held: trust predictions again
         self.waiting = None
-        if over and self.level < len(self.levels) - 1 and now - self._over_since >= self.options.down_after_s:
-            if not self.ready(self.level + 1):
-                self.waiting = self.level + 1  # still being made: down as soon as it is
+        if over and down is not None and now - self._over_since >= self.options.down_after_s:
+            if not self.ready(down):
+                self.waiting = down  # still being made: down as soon as it is
                 return None
             if self._last_up is not None and now - self._last_up < FAILED_UP_S:
                 self._up_wait = min(2 * self._up_wait, MAX_UP_WAIT_S)
-            return self._move(now, self.level + 1, over, m)
+            return self._move(now, down, over, m)
         if room and now - self._room_since >= self._up_wait:
-            if not self.ready(self.level - 1):
-                self.waiting = self.level - 1
+            if not self.ready(up):
+                self.waiting = up
                 return None
             self._last_up = now
-            return self._move(now, self.level - 1, room, m)
+            return self._move(now, up, room, m)
         return None
+
+    def _next(self, level: int, step: int) -> int | None:
+        """The next rung down (step +1) or up (-1) from `level`, past any that could not be made."""
+        level += step
+        while 0 <= level < len(self.levels) and self.failed(level):
+            level += step
+        return level if 0 <= level < len(self.levels) else None
 
     def _over(self, m: dict) -> str | None:
         """Why this window misses the target, or None."""
@@ -322,10 +334,10 @@ class Governor:
             return f"latency {m['latency_ms']:.0f} ms over {o.max_latency_ms:g} ms"
         return None
 
-    def _room(self, m: dict) -> str | None:
-        """Why the rung above is predicted to fit comfortably, or None."""
-        o, up = self.options, self.level - 1
-        cost_up = m["cost_ms"] * self._ratio[up]
+    def _room(self, m: dict, up: int) -> str | None:
+        """Why the rung above (`up`) is predicted to fit comfortably, or None."""
+        o = self.options
+        cost_up = m["cost_ms"] * math.prod(self._ratio[up:self.level])  # past a failed rung: both ratios
         parts = []
         if o.target_fps is not None:
             budget = 1e3 / o.target_fps
@@ -376,5 +388,6 @@ class Governor:
                 "levels": [level.name for level in self.levels], "reason": self.reason, "changes": self.changes,
                 "ready": [self.ready(level) for level in range(len(self.levels))],
                 "waiting_for": name(self.waiting), "making": name(making),
+                "failed": [self.failed(level) for level in range(len(self.levels))],
                 "target_fps": self.options.target_fps, "max_latency_ms": self.options.max_latency_ms,
                 "measured": self.measured}

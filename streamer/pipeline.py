@@ -488,10 +488,11 @@ class Pipeline:
         if engine is not None:
             start = best_ready(engine)  # (the pool's engine may come back at another session's level)
             engine.set_quality(start)
-            self.governor = Governor(self._governor_options, engine.quality_levels(), start, engine.quality_ready)
-            self._governed = engine
             self._levels = make_levels(engine, streaming=True)  # the levels not made yet: made while no
             # session streams on the engine, or when a governor waits for one
+            self.governor = Governor(self._governor_options, engine.quality_levels(), start, engine.quality_ready,
+                                     failed=self._levels.failed.__contains__)
+            self._governed = engine
 
     def _govern(self, now: float, latency_ms: float) -> None:
         """Event loop, per frame handed out: measure; a move is set by the engine thread."""

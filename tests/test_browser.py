@@ -433,10 +433,10 @@ SHOW_STATS = """(() => {{
 
 
 def governed_stats(made: set[int], level: int, waiting: int | None = None, making: int | None = None,
-                   options: GovernorOptions = GovernorOptions(target_fps=25)) -> dict:
+                   options: GovernorOptions = GovernorOptions(target_fps=25), failed: frozenset = frozenset()) -> dict:
     """A stats message as a governed session sends it: the governor's snapshot on a ladder of
-    which `made` are made."""
-    governor = Governor(options, DIFFUSION_LADDER, level, made.__contains__)
+    which `made` are made (and `failed` could not be)."""
+    governor = Governor(options, DIFFUSION_LADDER, level, made.__contains__, failed=failed.__contains__)
     governor.waiting = waiting
     return {**SessionStats().snapshot(), "quality": governor.snapshot(making)}
 
@@ -484,6 +484,10 @@ def test_the_overlay_says_which_quality_levels_are_made_and_when_the_rest_will_b
             assert lines[1] == "levels made 3/4: 4 steps, full VAE would fit: made once no session streams"
             lines = await show(page, governed_stats({1, 2, 3}, 1, waiting=0, making=0), "room-making")  # begun before
             assert lines[1] == "levels made 3/4: making 4 steps, full VAE (the governor waits for it)"
+            # A level that could not be made (out of memory, say): passed over, and said so.
+            lines = await show(page, governed_stats({1, 3}, 1, failed=frozenset({2})), "failed")
+            assert lines[1] == ("levels made 2/4: better once no session streams; "
+                                "3 steps, tiny decoder could not be made (passed over; the server log says why)")
             # All made: the line goes.
             assert await show(page, governed_stats({0, 1, 2, 3}, 0), "all-made") == [
                 "quality 4 steps, full VAE (1/4)  target 25 fps  start: the best level"]

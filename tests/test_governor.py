@@ -596,6 +596,7 @@ def test_levels_are_made_on_their_own_thread_nearest_first_and_each_slow_one_is_
         maker.thread.join(5)
     assert engine.switch == pytest.approx([governor.MAKING_SWITCH_S] * 3) and sys.getswitchinterval() == before
     assert engine.order == [3, 0] and engine.made == {0, 1, 3}  # the cheaper ones (one failed), then the better
+    assert maker.failed == {2}  # a governor passes over it
     said = [r.getMessage().split(" ready")[0] for r in caplog.records]
     assert said == ["quality level 3 of 4 (cheapest) could not be made", "quality level 4 of 4 (last)",
                     "quality level 1 of 4 (full)"], said
@@ -626,6 +627,24 @@ def test_the_governor_moves_only_to_levels_that_are_made():
     made.add(0)
     sim.run(20)
     assert governor.level == 0 and governor.snapshot()["waiting_for"] is None
+
+
+def test_a_level_that_could_not_be_made_is_passed_over_both_ways():
+    """A rung that failed to be made (out of memory while compiling, say) is neither waited for
+    nor moved to: under load the governor goes past it to the next rung, and back up past it
+    when the rung above is predicted to fit (the two rungs' cost ratios multiplied)."""
+    failed = {1}
+    governor = Governor(fast_options(), LEVELS, failed=failed.__contains__)
+    sim = SimulatedPipeline(governor, lambda level, t: 56.0 * LEVELS[level].cost)  # 56 ms at full, 28 at cheapest
+    sim.run(10)
+    snap = governor.snapshot()
+    assert governor.level == 2 and governor.changes == 1 and snap["waiting_for"] is None, snap
+    assert governor.reason.startswith("down to cheapest: fps"), governor.reason
+    assert snap["failed"] == [False, True, False]
+    sim.cost = lambda level, t: 12.0 * LEVELS[level].cost  # the load goes: full predicted at 12 of 40 ms
+    sim.run(20)
+    assert governor.level == 0 and governor.changes == 2, governor.reason
+    assert governor.reason.startswith("up to full: room: full predicted 12.0 ms"), governor.reason
 
 
 def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
