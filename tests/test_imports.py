@@ -41,14 +41,14 @@ RUNTIMES = [("export.ort", ("export.tensorrt", "onnx")), ("export.tensorrt", ("e
 
 
 # mediapipe's package imports matplotlib.pyplot for its drawing helpers: engines.face imports it
-# with pyplot lazy (its code unrun until first used), and pyplot still works once used.
+# with pyplot deferred (its code unrun until first used), and pyplot still works once used.
 PYPLOT_DEFERRED = """
 import sys
 from engines.face import FaceTracker
 with FaceTracker(video=False):
     pass
 pyplot = sys.modules["matplotlib.pyplot"]
-# (its own namespace, read without touching the module: a lazy module runs on any attribute's use)
+# (its own namespace, read past the module's attribute lookup, which would run it)
 assert "figure" not in object.__getattribute__(pyplot, "__dict__"), "mediapipe's import ran matplotlib.pyplot"
 import matplotlib
 matplotlib.use("Agg")
