@@ -100,10 +100,22 @@ class LiveOptions:
     # again, so a frame leaves after S ticks of GPU time, not S camera intervals); or "auto":
     # a second tick whenever the last tick's measured time fits in what is left of the interval.
     ticks_per_frame: int | str = 1
+    # Level groups G: each tick steps the S levels in G passes of S / G frames in flight, so a
+    # frame leaves S / G - 1 camera intervals plus G passes after it came in, with the frames
+    # of G = 1 exactly (the passes must fit in a frame interval). Fewer-step quality levels take
+    # the largest G' <= G that divides their steps.
+    level_groups: int = 1
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
+        at_least(self.level_groups, 1, "level_groups")
+        if self.level_groups > 1:
+            if self.lookahead:
+                raise OptionError("--level-groups and --lookahead do not combine (look-ahead entries wait at level 0)")
+            if self.ticks_per_frame != 1:
+                raise OptionError("--level-groups and --ticks-per-frame do not combine: the passes already step "
+                                  "each frame G levels a camera frame")
         one_of(self.backend, BACKENDS, "backend")
         if self.backend != "torch":
             if not self.graphs:
@@ -171,6 +183,9 @@ class XPortraitOptions:
                 raise OptionError("overlap, offsets and shared_noise are the offline engine's windows")
             if self.live.tiny_decoder == "random" and not self.random_weights:
                 raise OptionError("--tiny-decoder random is only for --random-weights")
+            if self.stream_steps % self.live.level_groups:
+                raise OptionError(f"--level-groups must divide --steps ({self.stream_steps} steps in "
+                                  f"{self.live.level_groups} groups)")
 
     @property
     def stream_steps(self) -> int:

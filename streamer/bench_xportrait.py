@@ -166,7 +166,10 @@ def bench_stream(options: BenchOptions) -> dict:
     runs_of = [(label, variant, ticks, "") for label, variant in variants]
     if ticks != 1:
         runs_of.append((*variants[-1], 1, ", 1 tick a frame (baseline)"))
-    engine, made = None, None
+    if live.level_groups > 1:  # likewise one pass a tick: another batch, so another engine (and graph)
+        label, variant = variants[-1]
+        runs_of.append((label, dataclasses.replace(variant, level_groups=1), 1, ", 1 level group (baseline)"))
+    engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:
         if made is not variant:
             built = time.perf_counter()
@@ -177,6 +180,7 @@ def bench_stream(options: BenchOptions) -> dict:
         if variant.cuda_graph and not engine.cuda_graph:
             label = "stream batch (no GPU: eager again)"
         label += suffix
+        asked = asked if suffix else engine
         engine.set_ticks_per_frame(run_ticks)  # a host-side schedule: the same batch and graph
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for frame in frames[: options.warmup]:
@@ -187,11 +191,13 @@ def bench_stream(options: BenchOptions) -> dict:
         sync()
         timed = stream_run(engine, frames[options.warmup:], options.paced_fps)
         sync()
-        runs.append({"engine": label, "ticks_per_frame": run_ticks, "startup_s": startup_s, **timed,
+        runs.append({"engine": label, "ticks_per_frame": run_ticks, "level_groups": variant.level_groups,
+                     "startup_s": startup_s, **timed,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
     profiled = None
-    if options.profile:  # the last run's engine: the fastest configuration asked for
+    engine = asked  # the fastest configuration asked for, not a baseline
+    if options.profile:
         from .tickprofile import profile_ticks
 
         profiled = dataclasses.asdict(profile_ticks(engine.denoiser, options.profile))
@@ -210,10 +216,11 @@ def bench_stream(options: BenchOptions) -> dict:
             torch.cuda.synchronize()
             return begin.elapsed_time(end) / repeat
         with torch.no_grad():
-            t = denoiser.timesteps
-            modules["controlnets x2"] = timed(lambda: model.controls(denoiser.x, t, denoiser.pose, denoiser.local))
+            first = denoiser.groups[0]  # a pass's batch: the whole tick's without level groups
+            t = first.timesteps
+            modules["controlnets x2"] = timed(lambda: model.controls(first.x, t, denoiser.pose, denoiser.local))
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
-                denoiser.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(), reference=denoiser.reference))
+                first.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(), reference=first.reference))
             modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
             modules["reference net (per source, per level)"] = timed(
                 lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)
@@ -259,6 +266,7 @@ def print_stream(result: dict) -> None:
         peak = f", peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
         paced = (f" (paced {r['paced_fps']:g} fps, {r['dropped']} dropped)" if r["paced_fps"] else "")
         ticks = f"; {r['ticks_per_step']:.2f} ticks a frame" if r["ticks_per_frame"] != 1 else ""
+        ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
     for name, ms in result["modules_ms"].items():

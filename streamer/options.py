@@ -50,7 +50,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame")
+LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame", "level_groups")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -97,6 +97,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                    help="live engine: stream ticks per camera frame; the second enters the same frame again, so a "
                         "frame leaves after S ticks of GPU time instead of S camera intervals (it must fit: 2 ticks "
                         "in a frame interval); auto: a second tick whenever it fits (default: 1)")
+    g.add_argument("--level-groups", type=int, default=1, metavar="G",
+                   help="live engine: step the S levels in G passes a camera frame, each on S / G frames in flight: "
+                        "the same frames, each out after S / G - 1 camera intervals plus G passes instead of S - 1 "
+                        "intervals plus one tick (the passes must fit in a frame interval; G divides --steps; "
+                        "default: 1)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -113,7 +118,7 @@ def _ticks_per_frame(text: str) -> int | str:
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
     defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
-                "ticks_per_frame": 1}
+                "ticks_per_frame": 1, "level_groups": 1}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -133,7 +138,7 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
-                               ticks_per_frame=args.ticks_per_frame) if live else None
+                               ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -93,7 +94,7 @@ def test_manifest_describes_the_graphs(exported):
 def stream(denoiser, sources, driving, boxes):
     denoiser.prepare(sources)
     latents, images, tags = [], [], []
-    for i in range(driving.shape[0] + denoiser.settings.steps - 1):  # and drain the frames in flight
+    for i in range(driving.shape[0] + denoiser.entries - 1):  # and drain the frames in flight
         frame = (driving[i], boxes[i]) if i < driving.shape[0] else (None, None)
         leaving = denoiser.tick(*frame, tag=i)
         if leaving is not None:
@@ -120,6 +121,12 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     assert onnx_tags == torch_tags == list(range(6))
     assert float((onnx_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
     assert int((onnx_images.int() - torch_images.int()).abs().max()) <= 1  # uint8 rounding at most
+    # Level groups run the same graphs at a batch of S / G: the same frames, sooner.
+    grouped = StreamingDenoiser(graphs, replace(settings, level_groups=STEPS), "cpu", torch.float32,
+                                decode=graphs.decode)
+    grouped_latents, _, grouped_tags = stream(grouped, sources, driving, boxes)
+    assert grouped.entries == 1 and grouped_tags == list(range(6))  # each frame out on the tick it entered
+    assert float((grouped_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
 
 
 def test_the_live_engine_runs_on_the_graphs_chosen_by_its_flags(model, exported):

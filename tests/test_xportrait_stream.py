@@ -46,7 +46,7 @@ def stream(model, settings, sources, driving, boxes, split=False):
         leaving = denoiser.tick(driving[i], boxes[i], tag=i)
         if leaving is not None:
             out.append(leaving[0].clone()), tags.append(leaving[1])
-    for _ in range(settings.steps - 1 + settings.lookahead):  # drain the frames still in flight
+    for _ in range(denoiser.entries - 1):  # drain the frames still in flight (S - 1 + K; S / G - 1)
         leaving = denoiser.tick(None, None)
         if leaving is not None:
             out.append(leaving[0].clone()), tags.append(leaving[1])
@@ -62,6 +62,31 @@ def test_streaming_equals_the_offline_causal_frames(model, steps, window):
     reference = render_causal(model, settings, sources, *control_hints(driving, boxes, torch.float32))
     assert tags == list(range(frames))  # every frame leaves once, in order, S - 1 ticks late
     torch.testing.assert_close(streamed, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps, groups, split", [(4, 2, False), (4, 2, True), (3, 3, False), (2, 2, True)])
+def test_level_groups_render_the_same_frames_sooner(model, steps, groups, split):
+    """G passes a tick, S / G frames in flight each: the frames G = 1 renders (the offline
+    causal ones), each out S / G - 1 ticks after it entered instead of S - 1."""
+    settings = StreamSettings(steps=steps, window=3, level_groups=groups)
+    frames = 6
+    sources, driving, boxes = inputs(frames)
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
+    denoiser.prepare(sources)
+    left = [denoiser.tick(driving[i], boxes[i], tag=i) for i in range(frames)]
+    late = steps // groups - 1
+    assert [None if x is None else x[1] for x in left] == [None] * late + list(range(frames - late))
+    streamed, _ = stream(model, settings, sources, driving, boxes, split=split)
+    reference = render_causal(model, StreamSettings(steps=steps, window=3), sources,
+                              *control_hints(driving, boxes, torch.float32))
+    torch.testing.assert_close(streamed, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_level_groups_must_divide_the_steps_and_do_not_take_a_lookahead(model):
+    with pytest.raises(ValueError, match="--level-groups must divide --steps"):
+        StreamingDenoiser(model, StreamSettings(steps=4, window=3, level_groups=3), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="do not combine"):
+        StreamingDenoiser(model, StreamSettings(steps=4, window=3, level_groups=2, lookahead=1), "cpu", torch.float32)
 
 
 def test_temporal_window_matters(model):

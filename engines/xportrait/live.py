@@ -10,6 +10,10 @@ the stream ticks again on the same frame, the graph replayed with nothing copied
 frame is out after S ticks of GPU time instead of S - 1 camera intervals; each frame is
 shown once, by the first of its copies to leave, and a step shows the newest frame that left
 during it.
+
+With `--level-groups G` a tick steps the S levels in G passes of S / G frames each (stream.py):
+the same frames, each out S / G - 1 camera intervals plus G passes after it came in, where the
+G passes fit in a frame interval.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class XPortraitLiveEngine:
         self.dtype, config = resolve_dtype(options.dtype, self.device), model_config(options.model_size, size)
         cuda = self.device.type == "cuda"
         settings = StreamSettings(steps=options.stream_steps, window=options.window, seed=options.seed,
-                                  lookahead=live.lookahead)
+                                  lookahead=live.lookahead, level_groups=live.level_groups)
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, live.channels_last and cuda, **options.weights)
@@ -162,12 +166,15 @@ class XPortraitLiveEngine:
         self.compile = live.compile and self.cuda_graph
         # Quality levels (engines.base.Governed), best first: with a tiny decoder, the options'
         # stream decoded by the full VAE, then by the tiny decoder (where the engine starts);
-        # then without look-ahead, then one LCM step fewer at a time down to 2. Each level is its
+        # then without look-ahead, then one LCM step fewer at a time down to 2 (in the most level
+        # groups up to the options' that divide its steps). Each level is its
         # own stream batch (and, on a GPU, its own CUDA graph), made when it is first set, or
         # ahead by make_quality on a thread of its own (on its own CUDA stream) while this
         # engine steps: _levels_lock guards the levels made and the sources they are made for.
         streams = [settings] + ([replace(settings, lookahead=0)] if settings.lookahead else [])
-        streams += [replace(settings, steps=n, lookahead=0) for n in range(settings.steps - 1, 1, -1)]
+        streams += [replace(settings, steps=n, lookahead=0,
+                            level_groups=max(g for g in range(1, settings.level_groups + 1) if n % g == 0))
+                    for n in range(settings.steps - 1, 1, -1)]
         vae = model.decode
         self._ladder = [(s, small or vae) for s in streams]  # (stream, decoder)
         self._two_decoders = small is not None
@@ -224,7 +231,8 @@ class XPortraitLiveEngine:
         best, vae = self._ladder[0]
         levels = []
         for s, decode in self._ladder:
-            name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "")
+            name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "") \
+                + (f" in {s.level_groups} passes" if s.level_groups > 1 else "")
             cost = (s.steps + s.lookahead) / (best.steps + best.lookahead)
             if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick
                 name += ", full VAE" if decode is vae else ", tiny decoder"
@@ -234,9 +242,10 @@ class XPortraitLiveEngine:
 
     def _latency_frames(self, settings: StreamSettings) -> int:
         """Camera frames a frame spends in flight: it leaves S - 1 + K ticks after entering on
-        its frame's first tick, n ticks a frame (auto: as for one, the most it can be)."""
+        its frame's first tick (S / G - 1 in G level groups), n ticks a frame (auto: as for
+        one, the most it can be)."""
         n = 1 if self.pacer is not None else self._most_ticks
-        return (settings.steps - 1 + settings.lookahead) // n
+        return (settings.steps // settings.level_groups - 1 + settings.lookahead) // n
 
     def quality_ready(self, level: int) -> bool:
         return level in self._denoisers
@@ -329,7 +338,7 @@ class XPortraitLiveEngine:
         return time.perf_counter()
 
     def step(self, frame: DrivingFrame) -> Rendered | None:
-        if self.denoiser.reference is None:
+        if not self.denoiser.prepared:
             raise EngineError("prepare() the engine with a source first")
         if frame.image is None:
             raise EngineError("the xportrait engine needs the aligned driving image")

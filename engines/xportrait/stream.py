@@ -9,6 +9,12 @@ A frame is out S - 1 ticks after it came in. A tick may also enter the last fram
 rather than S - 1 camera intervals, and the stream is the causal one over the clip with each
 frame entered twice.
 
+Level groups G (`StreamSettings.level_groups`, S a multiple of G): a tick steps the levels in
+G passes, pass g on the S / G frames in flight at levels g, g + G, ...: the frame that entered
+steps through levels 0..G-1 in the tick it entered, so a frame is out S / G - 1 ticks after it
+came in, plus G passes of GPU time. Every level's frames are the ones G = 1 has there, in the
+same order: the frames are exactly the same, the work is in batches of S / G instead of S.
+
 Temporal attention is causal: at level k a frame attends over the last W - 1 frames' keys
 and values *at level k* (one cache per level), recorded when those frames were there.
 Reference keys/values depend only on the source and the timestep: one set per level,
@@ -85,6 +91,7 @@ class StreamSettings:
     window: int = DEFAULT_WINDOW  # temporal window: the current frame and W - 1 before it
     seed: int = DEFAULT_SEED
     lookahead: int = 0  # K newer frames each frame also attends to, for K more frames of latency
+    level_groups: int = 1  # G passes a tick, each on S / G frames in flight (see the module's docstring)
 
     def validate(self, max_len: int) -> None:
         """The bounds a model with `max_len` temporal positions sets (XPortraitOptions checks
@@ -97,6 +104,11 @@ class StreamSettings:
             raise ValueError(f"--lookahead must be in [0, {max_len - self.window}] with a window of {self.window} "
                              f"(window + look-ahead <= {max_len}, the temporal modules' positions), "
                              f"got {self.lookahead}")
+        at_least(self.level_groups, 1, "level_groups")
+        if self.steps % self.level_groups:
+            raise ValueError(f"--level-groups must divide --steps ({self.steps} steps in {self.level_groups} groups)")
+        if self.level_groups > 1 and self.lookahead:
+            raise ValueError("--level-groups and --lookahead do not combine (look-ahead entries wait at level 0)")
 
 
 class LCMLevels:
@@ -130,13 +142,14 @@ class LCMLevels:
         return self.sqrt_a[0] * source_latent + self.sqrt_b[0] * self.noise[0]
 
     def denoise(self, x: torch.Tensor, eps: torch.Tensor, levels: slice) -> torch.Tensor:
-        """The LCM estimate of the clean latent, for frames at `levels`."""
+        """The LCM estimate of the clean latent, for frames at `levels` (a slice of the levels,
+        strided for a level group)."""
         x0 = (x - self.sqrt_b[levels] * eps) / self.sqrt_a[levels]
         return self.c_out[levels] * x0 + self.c_skip[levels] * x
 
     def renoise(self, clean: torch.Tensor, levels: slice) -> torch.Tensor:
         """Into the next level: frames that were at `levels`."""
-        noise = self.noise[levels.start + 1 : (levels.stop or self.steps) + 1]
+        noise = self.noise[levels.start + 1 : (levels.stop or self.steps) + 1 : levels.step]
         return self.next_sqrt_a[levels] * clean + self.next_sqrt_b[levels] * noise
 
 
@@ -211,6 +224,21 @@ def update_ring_tick(tick: RingTick, valid: torch.Tensor, occupied: torch.Tensor
         tick.ahead.copy_(has_newer & occupied[newer])
 
 
+@dataclass
+class LevelGroup:
+    """One pass of a tick (level group g of G): a batch entry per frame in flight, the newest
+    first, at levels g, g + G, ... (after the look-ahead entries, which wait at level 0), with
+    those levels' latents, timesteps, reference features and temporal rings (a level's ring
+    holds the frames that were at that level)."""
+
+    levels: slice  # into LCMLevels' per-level tensors
+    entry_levels: torch.Tensor  # each entry's level
+    timesteps: torch.Tensor
+    x: torch.Tensor  # (entries, 4, h, w)
+    rings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per temporal module: K1, V1, K2, V2
+    reference: ReferenceKV | None = None  # set by prepare
+
+
 class StreamingDenoiser:
     """The stream batch and its caches. `tick` takes one aligned driving frame (uint8) and its
     eye/mouth patch boxes and returns the clean latent of the frame that leaves (with its
@@ -222,6 +250,11 @@ class StreamingDenoiser:
     and the K entries before it: the next K frames as they are now, one level noisier each, as
     in FIFO-Diffusion's diagonal denoising. A frame leaves S - 1 + K ticks after it entered;
     each tick costs (S + K) / S as much.
+
+    Level groups G (`settings.level_groups`): each tick runs G passes (`groups`), one per
+    LevelGroup, each on the S / G frames in flight; pass g's clean estimates are re-noised into
+    pass g + 1's latents, the last pass's into the first's (one level on), and the last pass's
+    oldest frame leaves. A frame leaves S / G - 1 ticks after it entered.
 
     Every tensor the per-tick work touches is allocated once (prepare, or the first tick)
     and then updated in place, so the whole tick can be captured as one CUDA graph
@@ -244,24 +277,32 @@ class StreamingDenoiser:
         self.model, self.settings = model, settings
         self.levels = LCMLevels(model, settings, device, dtype)
         self.device, self.dtype = torch.device(device), dtype
-        self.reference: ReferenceKV | None = None
-        res, h, ahead = model.config.resolution, model.config.latent_size, settings.lookahead
-        entries = self.entries = self.levels.steps + ahead  # batch entries: the look-ahead ones, then the S levels
-        # Each entry's level: the look-ahead entries wait at level 0's timestep.
-        self.entry_levels = torch.tensor([0] * ahead + list(range(self.levels.steps)), device=self.device)
-        self.timesteps = self.levels.timesteps[self.entry_levels]
-        self.x = torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype)
+        res, h, ahead, w = model.config.resolution, model.config.latent_size, settings.lookahead, settings.window
+        steps, passes = self.levels.steps, settings.level_groups
+        # Batch entries a pass: the look-ahead ones, then one per frame in flight.
+        entries = self.entries = steps // passes + ahead
+
+        def group(g: int) -> LevelGroup:
+            entry_levels = torch.tensor([0] * ahead + list(range(g, steps, passes)), device=self.device)
+            rings = [tuple(torch.zeros((entries * pixels, heads, w, channels // heads), device=self.device,
+                                       dtype=dtype)
+                           for _ in range(4))
+                     for pixels, channels, heads in model.temporal_shapes]
+            return LevelGroup(slice(g, steps, passes), entry_levels, self.levels.timesteps[entry_levels],
+                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings)
+
+        self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
+        # Per frame in flight (every pass steps the same frames): both hints, and whether it is real.
         self.pose = torch.zeros((entries, 3, res, res), device=self.device, dtype=dtype)
         self.local = torch.zeros_like(self.pose)
+        self.occupied = torch.zeros(entries, dtype=torch.bool, device=self.device)
         # The host writes the entering frame here; the tick turns it into both hints.
         self.new_frame = torch.zeros((1, res, res, 3), device=self.device, dtype=torch.uint8)
         self.new_boxes = torch.zeros((1, 3, 4), device=self.device, dtype=torch.long)
         self.enters = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self.occupied = torch.zeros(entries, dtype=torch.bool, device=self.device)
-        # Temporal caches: per module a ring of W frames per level (K1, V1, K2, V2), and which
-        # ring slots hold real frames per level.
-        w = settings.window
+        # Which ring slots hold real frames per entry (the same for every pass: a tick writes
+        # one slot of each pass's rings, for the same frames).
         self.valid = torch.zeros((entries, w), dtype=torch.bool, device=self.device)
         # The ring slot this tick's frames take: advanced on the device at the start of every
         # tick (no host write per tick); W - 1 after a reset, so the first tick takes slot 0.
@@ -274,10 +315,6 @@ class StreamingDenoiser:
         self._tick = RingTick(self.slot, torch.zeros((entries, w), dtype=torch.bool, device=self.device),
                               torch.zeros((entries, w), dtype=torch.long, device=self.device),
                               torch.zeros((entries, ahead), dtype=torch.bool, device=self.device) if ahead else None)
-        self.rings = [tuple(torch.zeros((entries * pixels, heads, w, channels // heads), device=self.device,
-                                        dtype=dtype)
-                            for _ in range(4))
-                      for pixels, channels, heads in model.temporal_shapes]
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -293,71 +330,89 @@ class StreamingDenoiser:
         """Whether a tick is recorded as a CUDA graph (`capture`), which `tick` replays."""
         return self._graph is not None
 
+    @property
+    def prepared(self) -> bool:
+        return self.groups[0].reference is not None
+
     @torch.no_grad()
     def prepare(self, sources: torch.Tensor) -> None:
         """Per source: the entering latent and every level's reference features."""
         latents = self.model.encode(sources)
         self.entering.copy_(self.levels.enter(latents[:1]))
         per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
-        reference = {name: (key[self.entry_levels], value[self.entry_levels])
-                     for name, (key, value) in per_level.items()}
-        if self.reference is not None and all(self.reference[name][0].shape == key.shape
-                                              for name, (key, _) in reference.items()):
-            for name, (key, value) in reference.items():  # in place: a captured graph reads these buffers
-                self.reference[name][0].copy_(key), self.reference[name][1].copy_(value)
-        else:
-            self.reference = reference
-            self._graph = None  # another number of references: tokens changed, capture again
+        for group in self.groups:
+            reference = {name: (key[group.entry_levels], value[group.entry_levels])
+                         for name, (key, value) in per_level.items()}
+            if group.reference is not None and all(group.reference[name][0].shape == key.shape
+                                                   for name, (key, _) in reference.items()):
+                for name, (key, value) in reference.items():  # in place: a captured graph reads these buffers
+                    group.reference[name][0].copy_(key), group.reference[name][1].copy_(value)
+            else:
+                group.reference = reference
+                self._graph = None  # another number of references: tokens changed, capture again
         self.reset()
 
     def reset(self) -> None:
         """Empty the batch and the temporal caches (a new driving stream)."""
-        for t in (self.x, self.pose, self.local, self.occupied, self.valid):
+        for t in (self.pose, self.local, self.occupied, self.valid):
             t.zero_()
         self.slot.fill_(self.settings.window - 1)
-        for ring in self.rings:
-            for t in ring:
-                t.zero_()
+        for group in self.groups:
+            group.x.zero_()
+            for ring in group.rings:
+                for t in ring:
+                    t.zero_()
         self._in_flight = [(False, None)] * self.entries
         self._repeatable = False  # tick_again needs a frame entered since
 
-    def temporal_rings(self) -> list[TemporalRing]:
-        """The temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
-        return [TemporalRing(tensors, self._tick) for tensors in self.rings]
+    def temporal_rings(self, group: int = 0) -> list[TemporalRing]:
+        """A pass's temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
+        return self._temporal_rings(self.groups[group].rings)
+
+    def _temporal_rings(self, rings) -> list[TemporalRing]:
+        return [TemporalRing(tensors, self._tick) for tensors in rings]
 
     def _update_ring_tick(self) -> None:
         update_ring_tick(self._tick, self.valid, self.occupied, self._ring_index, self._newer, self._has_newer)
 
     def _advance(self) -> None:
         if self.split:
-            self._advance_split(self._enter, self._pose_control, self._local_control, self._down, self._up)
+            self._advance_split(self._enter, self._pose_control, self._local_control, self._down, self._up,
+                                self._finish)
         else:
             self._advance_eager()
 
     def _advance_eager(self) -> None:
         """The whole tick on device buffers, host-free: what a CUDA graph replays."""
         self._enter()
-        self._finish(self.model.predict_noise(self.x, self.timesteps, 1, self.reference, self.pose, self.local,
-                                              temporal_past=self.temporal_rings()))
+        for g, group in enumerate(self.groups):
+            self._finish(g, self.model.predict_noise(group.x, group.timesteps, 1, group.reference, self.pose,
+                                                     self.local, temporal_past=self._temporal_rings(group.rings)))
 
     def _enter(self) -> None:
-        """Everyone moves down a level; the new frame (if any) takes level 0 and the next ring slot."""
+        """Everyone moves down a level (G levels); the new frame (if any) takes level 0 and the
+        next ring slot."""
         self.slot.copy_((self.slot + 1) % self.settings.window)
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
         self.pose[:1], self.local[:1] = control_hints(self.new_frame, self.new_boxes, self.dtype)
         self.occupied[:1] = self.enters
-        self.x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
+        self.groups[0].x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
         self._update_ring_tick()
 
-    def _finish(self, eps: torch.Tensor) -> None:
-        """The LCM step at every level; the leaving frame is decoded."""
-        levels, ahead = self.levels, self.settings.lookahead
-        clean = levels.denoise(self.x[ahead:], eps[ahead:], slice(0, levels.steps))  # look-ahead entries wait
+    def _finish(self, g: int, eps: torch.Tensor) -> None:
+        """Pass g's LCM step: into the next pass's levels, or, after the last pass, one level
+        on into the first's; the leaving frame is decoded."""
+        levels, ahead, group = self.levels, self.settings.lookahead, self.groups[g]
+        clean = levels.denoise(group.x[ahead:], eps[ahead:], group.levels)  # look-ahead entries wait
+        if g + 1 < len(self.groups):
+            self.groups[g + 1].x.copy_(levels.renoise(clean, group.levels))
+            return
         self.leaving.copy_(clean[-1:])
-        if levels.steps > 1:
-            self.x[ahead + 1 :] = levels.renoise(clean[:-1], slice(0, levels.steps - 1))
+        if clean.shape[0] > 1:
+            older = slice(group.levels.start, levels.steps - 1, group.levels.step)  # the levels not leaving
+            self.groups[0].x[ahead + 1 :] = levels.renoise(clean[:-1], older)
         if self.decode is not None:  # only the frame that leaves is decoded
             pixels = self.decode(self.leaving)[0].permute(1, 2, 0)
             image = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -367,25 +422,27 @@ class StreamingDenoiser:
 
     # The split tick: the two ControlNets and the UNet's down path need nothing from each other,
     # so on a GPU they run on three streams (at the 16² and 8² levels a batch of S frames leaves
-    # most of the GPU idle). Each part may be compiled on its own; the whole is one CUDA graph.
-    def _advance_split(self, enter, pose_control, local_control, down, up) -> None:
+    # most of the GPU idle). Each part may be compiled on its own (one compiled part serves every
+    # pass: a pass's tensors are its arguments); the whole is one CUDA graph.
+    def _advance_split(self, enter, pose_control, local_control, down, up, finish) -> None:
         enter()
-        t = self.timesteps
-        if self._side_streams is None:
-            pose, local = pose_control(self.x, t, self.pose), local_control(self.x, t, self.local)
-            up(*down(self.x, t), pose, local)
-            return
-        main = torch.cuda.current_stream()
-        for side in self._side_streams:
-            side.wait_stream(main)
-        with torch.cuda.stream(self._side_streams[0]):
-            pose = pose_control(self.x, t, self.pose)
-        with torch.cuda.stream(self._side_streams[1]):
-            local = local_control(self.x, t, self.local)
-        h, skips, emb = down(self.x, t)
-        for side in self._side_streams:
-            main.wait_stream(side)
-        up(h, skips, emb, pose, local)
+        for g, group in enumerate(self.groups):
+            x, t, reference, rings = group.x, group.timesteps, group.reference, group.rings
+            if self._side_streams is None:
+                pose, local = pose_control(x, t, self.pose), local_control(x, t, self.local)
+                finish(g, up(*down(x, t, reference, rings), pose, local, reference, rings))
+                continue
+            main = torch.cuda.current_stream()
+            for side in self._side_streams:
+                side.wait_stream(main)
+            with torch.cuda.stream(self._side_streams[0]):
+                pose = pose_control(x, t, self.pose)
+            with torch.cuda.stream(self._side_streams[1]):
+                local = local_control(x, t, self.local)
+            h, skips, emb = down(x, t, reference, rings)
+            for side in self._side_streams:
+                main.wait_stream(side)
+            finish(g, up(h, skips, emb, pose, local, reference, rings))
 
     def _pose_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
         return self.model.pose_control(x, t, hint)
@@ -393,13 +450,12 @@ class StreamingDenoiser:
     def _local_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
         return self.model.local_control(x, t, hint)
 
-    def _down(self, x: torch.Tensor, t: torch.Tensor):
-        return self.model.unet_down(x, t, self.reference, self.temporal_rings())
+    def _down(self, x: torch.Tensor, t: torch.Tensor, reference: ReferenceKV, rings):
+        return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
 
-    def _up(self, h, skips, emb, pose, local) -> None:
+    def _up(self, h, skips, emb, pose, local, reference: ReferenceKV, rings) -> torch.Tensor:
         down = [p + q for p, q in zip(pose[0], local[0])]  # the released code adds both unscaled
-        self._finish(self.model.unet_up(h, skips, emb, self.reference, down, pose[1] + local[1],
-                                        self.temporal_rings()))
+        return self.model.unet_up(h, skips, emb, reference, down, pose[1] + local[1], self._temporal_rings(rings))
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False) -> None:
@@ -408,7 +464,7 @@ class StreamingDenoiser:
         state is reset afterwards. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        if self.reference is None:
+        if not self.prepared:
             raise RuntimeError("prepare() first")
         # 1x1 convolutions as matrix products: the tick has many, and cuBLAS beats cuDNN there
         # (measured on the H100: 0.7 ms a tick). Freezing: the weights are constants, so what
@@ -418,8 +474,8 @@ class StreamingDenoiser:
         options = {"conv_1x1_as_mm": True, "freezing": True}
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
-            parts = [compiled(fn)
-                     for fn in (self._enter, self._pose_control, self._local_control, self._down, self._up)]
+            parts = [compiled(fn) for fn in (self._enter, self._pose_control, self._local_control, self._down,
+                                             self._up, self._finish)]
             advance = lambda: self._advance_split(*parts)
         else:
             advance = compiled(self._advance_eager) if compile else self._advance
@@ -441,13 +497,14 @@ class StreamingDenoiser:
 
     @torch.no_grad()
     def tick(self, frame: torch.Tensor | None, boxes: torch.Tensor | None = None, tag=None):
-        """Advance every frame in flight by one level; a new frame enters unless `frame` is None.
+        """Advance every frame in flight by one level (G levels with level groups); a new
+        frame enters unless `frame` is None.
 
         frame: the aligned driving frame, uint8 (H, W, 3) (pinned host memory or the device);
         boxes: its eye and mouth patches, (3, 4) x0, y0, x1, y1. Returns (clean latent
         (1, 4, h, w), tag) for the frame that leaves, or None. The latent is the denoiser's
         buffer: use it before the next tick."""
-        if self.reference is None:
+        if not self.prepared:
             raise RuntimeError("prepare() first")
         entering = frame is not None
         if entering:
