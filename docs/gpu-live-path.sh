@@ -3,7 +3,7 @@
 # Run on the lent H200 as BENCHMARKS.md says (packages of ../shared/notes/gpu-live-path.md on PYTHONPATH).
 # usage: gpu-live-path.sh RESULTS DURATION PHASES ENGINE_ARGS...   (from the project root; python = the one to use)
 #   PHASES: a comma list of off, worker, gov (in that order of the list). Each phase starts its own server.
-#   off and worker: animate at 25 fps. gov (--target-fps 30 --max-latency-ms 120): a 25 fps client at once, while
+#   off and worker: animate at 25 fps (off2530: 25, then 30 fps, on one server). gov (--target-fps 30 --max-latency-ms 120): a 25 fps client at once, while
 #   the other levels are being made; then, once they are (or after 900 s), 25 and 30 fps.
 R=$1; D=$2; PHASES=$3; shift 3; ENG="$*"
 mkdir -p $R; X="python -m streamer"
@@ -35,6 +35,7 @@ down(){ kill $pid; wait $pid 2>/dev/null; }
 for phase in ${PHASES//,/ }; do
   case $phase in
     off) up off 8790 && { run off-25-animate 8790 25 animate; down; } ;;
+    off2530) up off 8790 && { run off-25-animate 8790 25 animate; run off-30-animate 8790 30 animate; down; } ;;
     worker) up worker 8792 --workers 1 && { run worker-25-animate 8792 25 animate; down; } ;;
     gov)
       up gov 8791 --target-fps 30 --max-latency-ms 120 || continue
