@@ -102,8 +102,8 @@ class LiveOptions:
     ticks_per_frame: int | str = 1
     # Level groups G: each tick steps the S levels in G passes of S / G frames in flight, so a
     # frame leaves S / G - 1 camera intervals plus G passes after it came in, with the frames
-    # of G = 1 exactly (the passes must fit in a frame interval). Fewer-step quality levels take
-    # the largest G' <= G that divides their steps.
+    # of G = 1 exactly (the passes must fit in a frame interval). The quality ladder has each
+    # step count in the most groups G' <= G that divide it, then in one pass.
     level_groups: int = 1
 
     def __post_init__(self):

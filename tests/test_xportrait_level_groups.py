@@ -56,15 +56,21 @@ def test_as_many_groups_as_steps_show_each_frame_on_its_own_step():
     assert tags == [0, 1, 2]
 
 
-def test_the_quality_ladder_keeps_the_most_groups_that_divide_each_levels_steps():
+def test_the_quality_ladder_has_each_step_count_in_the_most_groups_that_divide_it_then_in_one_pass():
+    """Lower latency first, then the same frames cheaper (one pass of S), then fewer steps."""
     engine = engine_for(steps=4, groups=2)
     levels = engine.quality_levels()
-    assert [q.name for q in levels] == ["4 steps in 2 passes", "3 steps", "2 steps in 2 passes"]
-    assert [q.latency_frames for q in levels] == [1, 2, 0]
-    engine.set_quality(2)
+    assert [q.name for q in levels] == ["4 steps in 2 passes", "4 steps", "3 steps", "2 steps in 2 passes", "2 steps"]
+    assert [q.latency_frames for q in levels] == [1, 3, 2, 0, 1]
+    costs = [q.cost for q in levels]
+    assert costs[0] == 1.0 and costs == sorted(costs, reverse=True)  # each rung down is predicted cheaper
+    assert costs[1] == pytest.approx(1 / 1.16)
+    engine.set_quality(3)
     assert engine.latency_frames == 0 and engine.denoiser.settings.level_groups == 2
     tags, _ = shown(engine, driving_frames(2))
     assert tags == [0, 1]
+    engine.set_quality(1)
+    assert engine.latency_frames == 3 and engine.denoiser.settings.level_groups == 1
 
 
 @pytest.mark.parametrize("make, message", [
