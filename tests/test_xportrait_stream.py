@@ -38,8 +38,8 @@ def inputs(frames: int):
     return (sources, *random_frames(frames, g))
 
 
-def stream(model, settings, sources, driving, boxes, split=False):
-    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
+def stream(model, settings, sources, driving, boxes, split=False, paired=None):
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split, paired=paired)
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
@@ -272,3 +272,36 @@ def test_the_reference_is_an_argument_of_each_call_not_state_left_behind(model, 
     plain = model.unet(x, t, model.text, 2)  # no reference, no controls: the unconditional branch
     torch.testing.assert_close(again, plain + 3.0 * (a - plain), rtol=1e-5, atol=1e-5)
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_paired_controlnets_render_the_same_frames(model, groups):
+    """Both ControlNets as one vmapped module (their weights stacked): the same arithmetic, layer
+    by layer, as the two networks."""
+    settings = StreamSettings(steps=2, window=3, level_groups=groups)
+    sources, driving, boxes = inputs(5)
+    two, _ = stream(model, settings, sources, driving, boxes, split=True)
+    pair = model.pair_controlnets()
+    paired, _ = stream(model, settings, sources, driving, boxes, split=True, paired=pair)
+    torch.testing.assert_close(paired, two, rtol=1e-4, atol=1e-5)  # float rounding through other kernels
+    with pytest.raises(ValueError, match="give split=True too"):
+        StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, paired=pair)
+
+
+def test_the_pair_sums_both_controlnets_residuals_and_leaves_the_models_keys_alone(model):
+    keys = list(model.state_dict())
+    pair = model.pair_controlnets()
+    assert list(model.state_dict()) == keys and not pair.state_dict()  # a copy for the tick, not weights to save
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, RES // 8, RES // 8, generator=g)
+    t = torch.tensor([999, 499])
+    pose, local = (torch.rand(2, 3, RES, RES, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        down, mid = pair(x, t, pose, local)
+        want_down, want_mid = model.controls(x, t, pose, local)
+        only_pose = model.pose_control(x, t, pose)
+    assert len(down) == len(want_down)
+    for got, want in zip(down, want_down):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mid, want_mid, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mid, only_pose[1], atol=1e-3)  # not vacuous: the local one's share is in it

@@ -113,6 +113,13 @@ class XPortraitModel(nn.Module):
         local_down, local_mid = self.local_control(sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
 
+    def pair_controlnets(self):
+        """Both ControlNets as one batched module (paired.py), for the live tick: a copy of
+        their weights, made once (make it again if they change)."""
+        from .paired import PairedControlNets
+
+        return PairedControlNets(self.pose_controlnet, self.local_controlnet, self.text)
+
     # The UNet in two halves, for a caller that runs the ControlNets beside the first one.
     def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
                   temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

@@ -26,6 +26,8 @@ step: the offline definition the streaming engine is tested against.
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -263,15 +265,20 @@ class StreamingDenoiser:
 
     def __init__(self, model: DenoiserModel, settings: StreamSettings, device, dtype, *,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False):
+                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False,
+                 paired: Callable | None = None):
         """`decode`: scaled latents -> images in [-1, 1] (e.g. `model.decode`, or TAESD's): the
         leaving frame is decoded inside the tick (and its graph) into `image`; None: latents only.
         `overlay`: (mask (res, res, 1) bool, pixels (res, res, 3) uint8) burnt into every decoded
         frame, in the tick. `split`: run the ControlNets beside the UNet's down path (on their
-        own streams on a GPU); the model must be a `SplitDenoiserModel`."""
+        own streams on a GPU); the model must be a `SplitDenoiserModel`. `paired`: with `split`,
+        both ControlNets as one module (`model.pair_controlnets()`, paired.py) on one stream:
+        (sample, timestep, pose hint, local hint) -> their residuals summed."""
         settings.validate(model.config.motion_max_len)
         if split and not isinstance(model, SplitDenoiserModel):
             raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
+        if paired is not None and not split:
+            raise ValueError("paired ControlNets run in the split tick: give split=True too")
         if overlay is not None and decode is None:
             raise ValueError("an overlay is burnt into decoded frames: give a decoder too")
         self.model, self.settings = model, settings
@@ -319,8 +326,10 @@ class StreamingDenoiser:
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
-        self.decode, self.overlay, self.split = decode, overlay, split
-        self._side_streams = (torch.cuda.Stream(), torch.cuda.Stream()) if split and self.device.type == "cuda" else None
+        self.decode, self.overlay, self.split, self.paired = decode, overlay, split, paired
+        # The ControlNets' streams: one for the pair, or one each.
+        self._side_streams = [torch.cuda.Stream() for _ in range(1 if paired else 2)] \
+            if split and self.device.type == "cuda" else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
         self.advance = self._advance  # one tick's work without the graph (capture() sets what it recorded)
@@ -377,8 +386,7 @@ class StreamingDenoiser:
 
     def _advance(self) -> None:
         if self.split:
-            self._advance_split(self._enter, self._pose_control, self._local_control, self._down, self._up,
-                                self._finish)
+            self._advance_split(self._enter, self._controls(), self._down, self._up, self._finish)
         else:
             self._advance_eager()
 
@@ -420,42 +428,51 @@ class StreamingDenoiser:
                 image = torch.where(self.overlay[0], self.overlay[1], image)
             self.image.copy_(image)
 
-    # The split tick: the two ControlNets and the UNet's down path need nothing from each other,
-    # so on a GPU they run on three streams (at the 16² and 8² levels a batch of S frames leaves
-    # most of the GPU idle). Each part may be compiled on its own (one compiled part serves every
-    # pass: a pass's tensors are its arguments); the whole is one CUDA graph.
-    def _advance_split(self, enter, pose_control, local_control, down, up, finish) -> None:
+    # The split tick: the ControlNets and the UNet's down path need nothing from each other, so
+    # on a GPU they run on streams of their own (at the 16² and 8² levels a batch of S frames
+    # leaves most of the GPU idle). Each part may be compiled on its own (one compiled part
+    # serves every pass: a pass's tensors are its arguments); the whole is one CUDA graph.
+    def _advance_split(self, enter, controls, down, up, finish) -> None:
         enter()
         for g, group in enumerate(self.groups):
             x, t, reference, rings = group.x, group.timesteps, group.reference, group.rings
             if self._side_streams is None:
-                pose, local = pose_control(x, t, self.pose), local_control(x, t, self.local)
-                finish(g, up(*down(x, t, reference, rings), pose, local, reference, rings))
+                residuals = [control(x, t) for control in controls]
+                finish(g, up(*down(x, t, reference, rings), residuals, reference, rings))
                 continue
             main = torch.cuda.current_stream()
-            for side in self._side_streams:
+            residuals = []
+            for control, side in zip(controls, self._side_streams, strict=True):
                 side.wait_stream(main)
-            with torch.cuda.stream(self._side_streams[0]):
-                pose = pose_control(x, t, self.pose)
-            with torch.cuda.stream(self._side_streams[1]):
-                local = local_control(x, t, self.local)
+                with torch.cuda.stream(side):
+                    residuals.append(control(x, t))
             h, skips, emb = down(x, t, reference, rings)
             for side in self._side_streams:
                 main.wait_stream(side)
-            finish(g, up(h, skips, emb, pose, local, reference, rings))
+            finish(g, up(h, skips, emb, residuals, reference, rings))
 
-    def _pose_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
-        return self.model.pose_control(x, t, hint)
+    def _controls(self) -> list[Callable]:
+        """The tick's ControlNet parts, each (x, t) -> (down residuals, mid residual)."""
+        return [self._paired_control] if self.paired is not None else [self._pose_control, self._local_control]
 
-    def _local_control(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
-        return self.model.local_control(x, t, hint)
+    def _pose_control(self, x: torch.Tensor, t: torch.Tensor):
+        return self.model.pose_control(x, t, self.pose)
+
+    def _local_control(self, x: torch.Tensor, t: torch.Tensor):
+        return self.model.local_control(x, t, self.local)
+
+    def _paired_control(self, x: torch.Tensor, t: torch.Tensor):
+        return self.paired(x, t, self.pose, self.local)
 
     def _down(self, x: torch.Tensor, t: torch.Tensor, reference: ReferenceKV, rings):
         return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
 
-    def _up(self, h, skips, emb, pose, local, reference: ReferenceKV, rings) -> torch.Tensor:
-        down = [p + q for p, q in zip(pose[0], local[0])]  # the released code adds both unscaled
-        return self.model.unet_up(h, skips, emb, reference, down, pose[1] + local[1], self._temporal_rings(rings))
+    def _up(self, h, skips, emb, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
+        """`residuals`: each ControlNet part's (down list, mid), added (the released code adds
+        both ControlNets' unscaled)."""
+        down = [functools.reduce(operator.add, level) for level in zip(*(r[0] for r in residuals))]
+        mid = functools.reduce(operator.add, [r[1] for r in residuals])
+        return self.model.unet_up(h, skips, emb, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False) -> None:
@@ -474,9 +491,9 @@ class StreamingDenoiser:
         options = {"conv_1x1_as_mm": True, "freezing": True}
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
-            parts = [compiled(fn) for fn in (self._enter, self._pose_control, self._local_control, self._down,
-                                             self._up, self._finish)]
-            advance = lambda: self._advance_split(*parts)
+            enter, down, up, finish = (compiled(fn) for fn in (self._enter, self._down, self._up, self._finish))
+            controls = [compiled(fn) for fn in self._controls()]
+            advance = lambda: self._advance_split(enter, controls, down, up, finish)
         else:
             advance = compiled(self._advance_eager) if compile else self._advance
         stream = torch.cuda.Stream()
