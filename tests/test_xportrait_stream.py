@@ -140,6 +140,24 @@ def test_frozen_ring_projections_render_the_same_frames(model):
     torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_self_attention_projections_render_the_same_frames():
+    """The live engine's model has each self-attention's q/k/v as one product (and the
+    ControlNets' cross-attention k/v): the same frames, split tick and paired ControlNets too."""
+    model = tiny_model(RES, config=compact_config(RES))
+    settings = StreamSettings(steps=2, window=3)
+    sources, driving, boxes = inputs(5)
+    plain, _ = stream(model, settings, sources, driving, boxes)
+    model.fuse_self_attention_projections()
+    from engines.xportrait.reference import self_attention_layers
+
+    assert all(a.fused_projections for a in self_attention_layers(model.unet.unet).values())
+    assert not any(a.fused_projections for a in self_attention_layers(model.reference_net.unet).values())
+    fused, _ = stream(model, settings, sources, driving, boxes)
+    split, _ = stream(model, settings, sources, driving, boxes, split=True, paired=model.pair_controlnets())
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_the_live_engine_burns_the_random_weights_label_into_every_frame():
     import numpy as np
 

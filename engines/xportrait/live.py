@@ -112,7 +112,8 @@ def load_small_decoder(path: str, device: torch.device, dtype: torch.dtype, chan
 def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dtype, channels_last: bool, **weights):
     """One model per set of weights in this process: live sessions share it (each has its own
     stream state), so a second connection loads nothing. Made ready for the stream once: the
-    memory layout, and the temporal attentions' weight-only terms (after any dtype/layout change)."""
+    memory layout, the temporal attentions' weight-only terms, and every spatial attention's
+    projections fused (after any dtype/layout change)."""
     from .weights import load_model
 
     key = (config, device, dtype, channels_last, tuple(sorted(weights.items())))
@@ -121,6 +122,7 @@ def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dty
         if channels_last:  # cuDNN's layout: no NCHW<->NHWC transposes
             model.to(memory_format=torch.channels_last)
         model.unet.motion.freeze_ring_projections()
+        model.fuse_self_attention_projections()
         _models[key] = model
     return _models[key]
 

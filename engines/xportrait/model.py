@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .config import XPortraitConfig
-from .reference import ReferenceKV, install_reference_attention, project_reference
+from .reference import ReferenceKV, install_reference_attention, project_reference, self_attention_layers
 from .temporal import MotionModules
 from .unet import ReferenceNet, TemporalKV, TemporalUNet
 
@@ -112,6 +112,23 @@ class XPortraitModel(nn.Module):
         pose_down, pose_mid = self.pose_control(sample, timestep, pose_hint)
         local_down, local_mid = self.local_control(sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
+
+    @torch.no_grad()
+    def fuse_self_attention_projections(self) -> None:
+        """For the live tick: each spatial self-attention's q, k and v projections of the UNet
+        and both ControlNets as one product (diffusers' `fuse_projections`: the same weights
+        side by side, one GEMM reading its input once instead of three), and the ControlNets'
+        cross-attention k and v likewise. A copy of the weights, made once (again if they
+        change); the reference net keeps its separate projections."""
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        for attn in self_attention_layers(self.unet.unet).values():
+            attn.fuse_projections()  # its processor (reference.ReadReference) reads to_qkv then
+        for net in (self.pose_controlnet, self.local_controlnet):
+            for module in net.modules():
+                if isinstance(module, Attention):
+                    module.fuse_projections()
+                    module.set_processor(FusedAttnProcessor2_0())
 
     def pair_controlnets(self):
         """Both ControlNets as one batched module (paired.py), for the live tick: a copy of

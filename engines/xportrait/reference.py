@@ -53,7 +53,10 @@ class ReadReference:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, reference: ReferenceKV | None = None) -> torch.Tensor:
-        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.fused_projections:  # q, k and v as one product (XPortraitModel.fuse_self_attention_projections)
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         kv = reference.get(self.name) if reference is not None else None
         if kv is not None:
             ref_key, ref_value = kv
@@ -62,7 +65,7 @@ class ReadReference:
                 ref_key, ref_value = ref_key.expand(b, -1, -1), ref_value.expand(b, -1, -1)
             key = torch.cat([key, ref_key], dim=1)
             value = torch.cat([value, ref_value], dim=1)
-        return _attention(attn, attn.to_q(hidden_states), key, value)
+        return _attention(attn, query, key, value)
 
 
 def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
