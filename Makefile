@@ -64,6 +64,5 @@ serve: setup
 cam: $(VENV)/.installed-cam
 	$(BIN)/xportrait cam $(CAM_ARGS)
 
-# Two test processes (pytest-xdist): the suite ran 14:43 on one, 8:34 on two on the 2-core machine.
 test: setup-test browser pipewire
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q
