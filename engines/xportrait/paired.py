@@ -30,7 +30,7 @@ class PairedControlNets(nn.Module):
         super().__init__()
         with torch.no_grad():
             params, buffers = stack_module_state([pose, local])
-        self._params, self._buffers_ = list(params), list(buffers)
+        self._param_names, self._buffer_names = list(params), list(buffers)
         for name, stacked in {**params, **buffers}.items():
             stacked = stacked.detach()
             single = pose.get_parameter(name) if name in params else pose.get_buffer(name)
@@ -48,8 +48,8 @@ class PairedControlNets(nn.Module):
         n = sample.shape[0]
         text = self.text.expand(n, -1, -1)
         t = timestep.reshape(-1).expand(n) if timestep.numel() == 1 else timestep
-        params = {name: getattr(self, _key(name)) for name in self._params}
-        buffers = {name: getattr(self, _key(name)) for name in self._buffers_}
+        params = {name: getattr(self, _key(name)) for name in self._param_names}
+        buffers = {name: getattr(self, _key(name)) for name in self._buffer_names}
 
         def one(p, b, hint):
             down, mid = functional_call(self._base[0], (p, b), (sample, t, text, hint), {"return_dict": False})
