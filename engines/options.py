@@ -105,9 +105,6 @@ class LiveOptions:
     # of G = 1 exactly (the passes must fit in a frame interval). The quality ladder has each
     # step count in the most groups G' <= G that divide it, then in one pass.
     level_groups: int = 1
-    # Both ControlNets as one module, their weights stacked (engines/xportrait/paired.py): each
-    # layer one kernel for both, on one stream, instead of two networks on two streams.
-    paired_controlnets: bool = False
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
@@ -127,8 +124,6 @@ class LiveOptions:
                 raise OptionError("--lookahead works with the torch backend only (the exported graphs attend causally)")
             if self.tiny_decoder is not None:
                 raise OptionError("--tiny-decoder works with the torch backend only (no small-decoder graph)")
-            if self.paired_controlnets:
-                raise OptionError("--paired-controlnets works with the torch backend only")
         elif self.graphs:
             raise OptionError("--graphs is for --backend onnx or tensorrt")
 

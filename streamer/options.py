@@ -50,8 +50,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame", "level_groups",
-              "paired_controlnets")
+LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame", "level_groups")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -103,10 +102,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                         "the same frames, each out after S / G - 1 camera intervals plus G passes instead of S - 1 "
                         "intervals plus one tick (the passes must fit in a frame interval; G divides --steps; "
                         "default: 1)")
-    g.add_argument("--paired-controlnets", action="store_true",
-                   help="live engine: run both ControlNets as one module, their weights stacked (each layer one "
-                        "kernel for both: batched products, 2-group convolutions) on one stream, instead of two "
-                        "networks on two streams; the same frames (default: two networks)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -143,8 +138,7 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
-                               ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups,
-                               paired_controlnets=args.paired_controlnets) if live else None
+                               ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

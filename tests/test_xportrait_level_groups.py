@@ -23,9 +23,9 @@ def one_thread():
         yield
 
 
-def engine_for(steps: int, groups: int, window: int = 4, paired: bool = False):
+def engine_for(steps: int, groups: int, window: int = 4):
     options = XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu", steps=steps,
-                               window=window, live=LiveOptions(level_groups=groups, paired_controlnets=paired))
+                               window=window, live=LiveOptions(level_groups=groups))
     engine = create_engine(options)
     rng = np.random.default_rng(5)
     engine.prepare([SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))])
@@ -47,19 +47,6 @@ def test_two_level_groups_show_the_same_frames_two_camera_frames_sooner():
         assert np.abs(got.astype(int) - want).max() <= 1  # fp32 in another batch size: rounding at most
     # Not vacuous: the frames differ from one another (each shows its own driving frame).
     assert np.abs(images[0].astype(int) - images[3]).mean() > 1
-
-
-def test_the_engine_with_paired_controlnets_shows_the_same_frames():
-    """--paired-controlnets (both ControlNets as one vmapped module) with level groups: the pixels
-    of two networks, one pass."""
-    frames = driving_frames(4)
-    paired = engine_for(steps=2, groups=2, paired=True)
-    assert paired.denoiser.paired is not None and paired.denoiser.split
-    tags, images = shown(paired, frames)
-    _, plain = shown(engine_for(steps=2, groups=1), frames)
-    assert tags == [0, 1, 2, 3] and len(plain) == 4
-    for got, want in zip(images, plain):
-        assert np.abs(got.astype(int) - want).max() <= 1
 
 
 def test_as_many_groups_as_steps_show_each_frame_on_its_own_step():
@@ -107,16 +94,11 @@ def test_the_command_line_takes_level_groups_for_the_live_engine_only(capsys):
     parser, _ = build_parser(["serve"])
     args = parser.parse_args(["serve", *tiny, "--level-groups", "2", "--token", ""])
     assert serve_options(args).engine.live == LiveOptions(level_groups=2)
-    args = parser.parse_args(["serve", *tiny, "--paired-controlnets", "--token", ""])
-    assert serve_options(args).engine.live == LiveOptions(paired_controlnets=True)
     for argv, message in [
         (["bench", *tiny, "--level-groups", "2"], "--level-groups: only for the live engine"),
         (["serve", "--level-groups", "2"], "--level-groups: only for --engine xportrait"),
         (["bench", *tiny, "--stream", "--level-groups", "3"], "--level-groups must divide --steps (4 steps in 3"),
         (["bench", *tiny, "--stream", "--level-groups", "two"], "argument --level-groups: invalid int value"),
-        (["bench", *tiny, "--paired-controlnets"], "--paired-controlnets: only for the live engine"),
-        (["bench", *tiny, "--stream", "--paired-controlnets", "--backend", "onnx", "--graphs", "g"],
-         "--paired-controlnets works with the torch backend only"),
     ]:
         with pytest.raises(SystemExit) as usage:
             main(argv)

@@ -38,8 +38,8 @@ def inputs(frames: int):
     return (sources, *random_frames(frames, g))
 
 
-def stream(model, settings, sources, driving, boxes, split=False, paired=None):
-    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split, paired=paired)
+def stream(model, settings, sources, driving, boxes, split=False):
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
@@ -142,7 +142,7 @@ def test_frozen_ring_projections_render_the_same_frames(model):
 
 def test_fused_self_attention_projections_render_the_same_frames():
     """The live engine's model has each self-attention's q/k/v as one product (and the
-    ControlNets' cross-attention k/v): the same frames, split tick and paired ControlNets too."""
+    ControlNets' cross-attention k/v): the same frames, split tick too."""
     model = tiny_model(RES, config=compact_config(RES))
     settings = StreamSettings(steps=2, window=3)
     sources, driving, boxes = inputs(5)
@@ -153,7 +153,7 @@ def test_fused_self_attention_projections_render_the_same_frames():
     assert all(a.fused_projections for a in self_attention_layers(model.unet.unet).values())
     assert not any(a.fused_projections for a in self_attention_layers(model.reference_net.unet).values())
     fused, _ = stream(model, settings, sources, driving, boxes)
-    split, _ = stream(model, settings, sources, driving, boxes, split=True, paired=model.pair_controlnets())
+    split, _ = stream(model, settings, sources, driving, boxes, split=True)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
 
@@ -184,12 +184,14 @@ def test_the_live_engine_burns_the_random_weights_label_into_every_frame():
 
 
 def test_the_split_tick_renders_the_same_frames(model):
-    """ControlNets beside the UNet's down path (three streams on a GPU) is the same arithmetic."""
+    """ControlNets beside the UNet's down path (three streams on a GPU), each from a frame's hint
+    embedding made once when it enters, is the same arithmetic: the embedding at batch 1 rather
+    than at every level's batch rounds differently, fp32 rounding through 3 levels at most."""
     settings = StreamSettings(steps=3, window=4)
     sources, driving, boxes = inputs(6)
     whole, _ = stream(model, settings, sources, driving, boxes)
     split, _ = stream(model, settings, sources, driving, boxes, split=True)
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_lookahead_lets_a_frame_see_the_next_frames_and_costs_k_frames_of_latency(model):
@@ -292,34 +294,29 @@ def test_the_reference_is_an_argument_of_each_call_not_state_left_behind(model, 
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_paired_controlnets_render_the_same_frames(model, groups):
-    """Both ControlNets as one vmapped module (their weights stacked): the same arithmetic, layer
-    by layer, as the two networks."""
-    settings = StreamSettings(steps=2, window=3, level_groups=groups)
-    sources, driving, boxes = inputs(5)
-    two, _ = stream(model, settings, sources, driving, boxes, split=True)
-    pair = model.pair_controlnets()
-    paired, _ = stream(model, settings, sources, driving, boxes, split=True, paired=pair)
-    torch.testing.assert_close(paired, two, rtol=1e-4, atol=1e-5)  # float rounding through other kernels
-    with pytest.raises(ValueError, match="give split=True too"):
-        StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, paired=pair)
-
-
-def test_the_pair_sums_both_controlnets_residuals_and_leaves_the_models_keys_alone(model):
-    keys = list(model.state_dict())
-    pair = model.pair_controlnets()
-    assert list(model.state_dict()) == keys and not pair.state_dict()  # a copy for the tick, not weights to save
+def test_a_controlnet_from_its_hint_embedding_is_diffusers_forward(model):
+    """The split tick's ControlNets start from a frame's hint embedding, made once when it
+    enters (unet.control_walk): the same residuals as diffusers' ControlNetModel.forward on
+    the hint, fused projections too."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, RES // 8, RES // 8, generator=g)
     t = torch.tensor([999, 499])
     pose, local = (torch.rand(2, 3, RES, RES, generator=g) * 2 - 1 for _ in range(2))
+    fused = tiny_model(RES, config=compact_config(RES))
+    fused.fuse_self_attention_projections()
+    for m in (model, fused):
+        with torch.no_grad():
+            pose_embedding, local_embedding = m.embed_hints(pose, local)
+            assert pose_embedding.shape == (2, m.hint_embedding_channels, RES // 8, RES // 8)
+            for net, embedding, hint, part in ((m.pose_controlnet, pose_embedding, pose, m.pose_control),
+                                               (m.local_controlnet, local_embedding, local, m.local_control)):
+                down, mid = part(x, t, embedding)
+                want_down, want_mid = m.control(net, x, t, hint)
+                assert len(down) == len(want_down)
+                for got, want in zip(down, want_down):
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(mid, want_mid, rtol=1e-6, atol=1e-7)
+    # Not vacuous: the residuals follow the embedding (none gives others).
     with torch.no_grad():
-        down, mid = pair(x, t, pose, local)
-        want_down, want_mid = model.controls(x, t, pose, local)
-        only_pose = model.pose_control(x, t, pose)
-    assert len(down) == len(want_down)
-    for got, want in zip(down, want_down):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mid, want_mid, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(mid, only_pose[1], atol=1e-3)  # not vacuous: the local one's share is in it
+        mine, none = (m.pose_control(x, t, e)[1] for e in (pose_embedding, torch.zeros_like(pose_embedding)))
+    assert (none - mine).abs().max() > 1e-2 * mine.abs().max() > 0

@@ -35,7 +35,6 @@ from .runtime import RANDOM_WEIGHTS_LABEL, label_overlay, model_config, pick_dev
 from .stream import DenoiserModel, StreamingDenoiser, StreamSettings
 
 _models: dict[tuple, torch.nn.Module] = {}
-_pairs: dict[int, torch.nn.Module] = {}  # by id: the models above live as long as the process
 
 AUTO_MARGIN = 0.05  # of the frame interval, kept free by auto's second tick (the host's work between steps)
 AUTO_TICKS = 2  # auto ticks at most twice a frame: the temporal window then spans W / 2 distinct frames
@@ -127,13 +126,6 @@ def shared_model(config: XPortraitConfig, device: torch.device, dtype: torch.dty
     return _models[key]
 
 
-def shared_pair(model: torch.nn.Module) -> torch.nn.Module:
-    """One ControlNet pair (paired.py) per shared model, made once: sessions share it too."""
-    if id(model) not in _pairs:
-        _pairs[id(model)] = model.pair_controlnets()
-    return _pairs[id(model)]
-
-
 class XPortraitLiveEngine:
     """The live engine. `model`: a DenoiserModel to run instead of the torch model the options
     name, e.g. exported graphs run by ONNX Runtime or TensorRT (export.graph_model); those own their
@@ -165,8 +157,6 @@ class XPortraitLiveEngine:
                 raise EngineError(f"the given model renders {model.config.resolution} px, the engine is {size} px")
             if live.lookahead and not isinstance(model, torch.nn.Module):
                 raise EngineError("--lookahead works with the torch backend only (the exported graphs attend causally)")
-        if live.paired_controlnets and not native:
-            raise EngineError("--paired-controlnets pairs the engine's own torch ControlNets, not a given model's")
         if live.tiny_decoder is not None and not isinstance(model, torch.nn.Module):
             raise EngineError("--tiny-decoder works with the torch backend only")
         self.model = model
@@ -177,10 +167,8 @@ class XPortraitLiveEngine:
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
         # The ControlNets beside the UNet's down path on three streams: same frames, and on
-        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled). Paired, on one stream
-        # (and the split tick on a CPU too, without streams).
-        paired = shared_pair(model) if native and live.paired_controlnets else None
-        self._denoiser_args = dict(overlay=overlay, split=native and (cuda or paired is not None), paired=paired)
+        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
+        self._denoiser_args = dict(overlay=overlay, split=native and cuda)
         self.waits_on_device = cuda
         self.cuda_graph = native and live.cuda_graph and cuda
         self.compile = live.compile and self.cuda_graph

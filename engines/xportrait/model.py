@@ -23,7 +23,7 @@ from torch import nn
 from .config import XPortraitConfig
 from .reference import ReferenceKV, install_reference_attention, project_reference, self_attention_layers
 from .temporal import MotionModules
-from .unet import ReferenceNet, TemporalKV, TemporalUNet
+from .unet import ReferenceNet, TemporalKV, TemporalUNet, control_walk
 
 # The reference net records into one dict per model: one reference_features call at a time (a
 # live engine may make a quality level on one thread while a portrait changes on another).
@@ -98,20 +98,31 @@ class XPortraitModel(nn.Module):
         down, mid = controlnet(sample, t, text, hint, return_dict=False)
         return list(down), mid
 
-    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
-                     hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.control(self.pose_controlnet, sample, timestep, hint)
-
-    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
-                      hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.control(self.local_controlnet, sample, timestep, hint)
-
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
                  local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
-        pose_down, pose_mid = self.pose_control(sample, timestep, pose_hint)
-        local_down, local_mid = self.local_control(sample, timestep, local_hint)
+        pose_down, pose_mid = self.control(self.pose_controlnet, sample, timestep, pose_hint)
+        local_down, local_mid = self.control(self.local_controlnet, sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
+
+    # The ControlNets in two parts, for the live tick: a frame's hint embeddings (the same at
+    # each of its levels: made once, when it enters), then the residuals from them at a level.
+    def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both ControlNets' embeddings of their hints ((N, 3, H, W) -> (N, C, h, w))."""
+        return (self.pose_controlnet.controlnet_cond_embedding(pose_hint),
+                self.local_controlnet.controlnet_cond_embedding(local_hint))
+
+    @property
+    def hint_embedding_channels(self) -> int:
+        return self.config.block_out_channels[0]
+
+    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                     hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return control_walk(self.pose_controlnet, sample, timestep, self.text, hint_embedding)
+
+    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return control_walk(self.local_controlnet, sample, timestep, self.text, hint_embedding)
 
     @torch.no_grad()
     def fuse_self_attention_projections(self) -> None:
@@ -129,13 +140,6 @@ class XPortraitModel(nn.Module):
                 if isinstance(module, Attention):
                     module.fuse_projections()
                     module.set_processor(FusedAttnProcessor2_0())
-
-    def pair_controlnets(self):
-        """Both ControlNets as one batched module (paired.py), for the live tick: a copy of
-        their weights, made once (make it again if they change)."""
-        from .paired import PairedControlNets
-
-        return PairedControlNets(self.pose_controlnet, self.local_controlnet, self.text)
 
     # The UNet in two halves, for a caller that runs the ControlNets beside the first one.
     def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,

@@ -74,11 +74,16 @@ class DenoiserModel(Protocol):
 class SplitDenoiserModel(DenoiserModel, Protocol):
     """A DenoiserModel in parts, for the split tick (the ControlNets beside the UNet's down path)."""
 
+    hint_embedding_channels: int  # of embed_hints' outputs, at the latents' size
+
+    def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both ControlNets' embeddings of their hints: the same at every level of a frame."""
+
     def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
-                     hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+                     hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
     def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
-                      hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
     def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
                   temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]: ...
@@ -265,20 +270,16 @@ class StreamingDenoiser:
 
     def __init__(self, model: DenoiserModel, settings: StreamSettings, device, dtype, *,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False,
-                 paired: Callable | None = None):
+                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False):
         """`decode`: scaled latents -> images in [-1, 1] (e.g. `model.decode`, or TAESD's): the
         leaving frame is decoded inside the tick (and its graph) into `image`; None: latents only.
         `overlay`: (mask (res, res, 1) bool, pixels (res, res, 3) uint8) burnt into every decoded
         frame, in the tick. `split`: run the ControlNets beside the UNet's down path (on their
-        own streams on a GPU); the model must be a `SplitDenoiserModel`. `paired`: with `split`,
-        both ControlNets as one module (`model.pair_controlnets()`, paired.py) on one stream:
-        (sample, timestep, pose hint, local hint) -> their residuals summed."""
+        own streams on a GPU), each from its embedding of a frame's hint, made once when the
+        frame enters; the model must be a `SplitDenoiserModel`."""
         settings.validate(model.config.motion_max_len)
         if split and not isinstance(model, SplitDenoiserModel):
             raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
-        if paired is not None and not split:
-            raise ValueError("paired ControlNets run in the split tick: give split=True too")
         if overlay is not None and decode is None:
             raise ValueError("an overlay is burnt into decoded frames: give a decoder too")
         self.model, self.settings = model, settings
@@ -300,8 +301,10 @@ class StreamingDenoiser:
 
         self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
-        # Per frame in flight (every pass steps the same frames): both hints, and whether it is real.
-        self.pose = torch.zeros((entries, 3, res, res), device=self.device, dtype=dtype)
+        # Per frame in flight (every pass steps the same frames): both hints (in the split tick
+        # the ControlNets' embeddings of them, the same at each level), and whether it is real.
+        hint = (model.hint_embedding_channels, h, h) if split else (3, res, res)
+        self.pose = torch.zeros((entries, *hint), device=self.device, dtype=dtype)
         self.local = torch.zeros_like(self.pose)
         self.occupied = torch.zeros(entries, dtype=torch.bool, device=self.device)
         # The host writes the entering frame here; the tick turns it into both hints.
@@ -326,10 +329,9 @@ class StreamingDenoiser:
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
-        self.decode, self.overlay, self.split, self.paired = decode, overlay, split, paired
-        # The ControlNets' streams: one for the pair, or one each.
-        self._side_streams = [torch.cuda.Stream() for _ in range(1 if paired else 2)] \
-            if split and self.device.type == "cuda" else None
+        self.decode, self.overlay, self.split = decode, overlay, split
+        self._side_streams = [torch.cuda.Stream(), torch.cuda.Stream()] \
+            if split and self.device.type == "cuda" else None  # the ControlNets', one each
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
         self.advance = self._advance  # one tick's work without the graph (capture() sets what it recorded)
@@ -404,7 +406,10 @@ class StreamingDenoiser:
         self.pose[1:] = self.pose[:-1].clone()
         self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
-        self.pose[:1], self.local[:1] = control_hints(self.new_frame, self.new_boxes, self.dtype)
+        pose, local = control_hints(self.new_frame, self.new_boxes, self.dtype)
+        if self.split:  # made once a frame, not at each of its levels
+            pose, local = self.model.embed_hints(pose, local)
+        self.pose[:1], self.local[:1] = pose, local
         self.occupied[:1] = self.enters
         self.groups[0].x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
         self._update_ring_tick()
@@ -453,16 +458,13 @@ class StreamingDenoiser:
 
     def _controls(self) -> list[Callable]:
         """The tick's ControlNet parts, each (x, t) -> (down residuals, mid residual)."""
-        return [self._paired_control] if self.paired is not None else [self._pose_control, self._local_control]
+        return [self._pose_control, self._local_control]
 
     def _pose_control(self, x: torch.Tensor, t: torch.Tensor):
         return self.model.pose_control(x, t, self.pose)
 
     def _local_control(self, x: torch.Tensor, t: torch.Tensor):
         return self.model.local_control(x, t, self.local)
-
-    def _paired_control(self, x: torch.Tensor, t: torch.Tensor):
-        return self.paired(x, t, self.pose, self.local)
 
     def _down(self, x: torch.Tensor, t: torch.Tensor, reference: ReferenceKV, rings):
         return self.model.unet_down(x, t, reference, self._temporal_rings(rings))

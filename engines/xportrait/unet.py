@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .reference import ReferenceKV, reference_kwargs
@@ -27,7 +27,7 @@ from .temporal import FramesKV, MotionModules
 TemporalKV = tuple[FramesKV, FramesKV]  # one temporal module's new keys/values: its two attentions'
 
 
-def time_embedding(unet: UNet2DConditionModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+def time_embedding(unet: UNet2DConditionModel | ControlNetModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
     return unet.time_embedding(unet.time_proj(t).to(dtype))
 
@@ -55,13 +55,17 @@ class TemporalCalls:
         return h
 
 
-def walk_down(unet: UNet2DConditionModel, sample: torch.Tensor, emb: torch.Tensor, text: torch.Tensor,
-              temporal: TemporalCalls, reference: ReferenceKV | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, emb: torch.Tensor,
+              text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None,
+              added: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
     residual, so it can run while the ControlNets do. `reference`: the appearance reference's
-    keys/values, which every self-attention joins (reference.py); None: plain attention."""
+    keys/values, which every self-attention joins (reference.py); None: plain attention.
+    `added`: added to conv_in's output (a ControlNet's hint embedding: it has the same blocks)."""
     kwargs = reference_kwargs(reference)
     h = unet.conv_in(sample)
+    if added is not None:
+        h = h + added
     skips = [h]
     for block in unet.down_blocks:
         attentions = getattr(block, "attentions", None)
@@ -108,7 +112,20 @@ def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tenso
     return unet.conv_out(h)
 
 
-def embed(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+def control_walk(controlnet: ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A ControlNet's residuals (down list, mid) from its hint's embedding
+    (`controlnet.controlnet_cond_embedding(hint)`, which depends on the frame alone): diffusers'
+    `ControlNetModel.forward` as X-Portrait's ControlNets run it (RGB hints, conditioning scale
+    1, no class or added embeddings), with the embedding made by the caller, e.g. once a frame
+    rather than at each of its levels."""
+    emb, text = embed(controlnet, sample, timestep, text)
+    h, skips = walk_down(controlnet, sample, emb, text, TemporalCalls(None), added=hint_embedding)
+    down = [block(skip) for block, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True)]
+    return down, controlnet.controlnet_mid_block(h)
+
+
+def embed(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor,
           text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The time embedding and the text broadcast over the batch."""
     b = sample.shape[0]
