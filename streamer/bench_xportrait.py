@@ -218,7 +218,12 @@ def bench_stream(options: BenchOptions) -> dict:
         with torch.no_grad():
             first = denoiser.groups[0]  # a pass's batch: the whole tick's without level groups
             t = first.timesteps
-            modules["controlnets x2"] = timed(lambda: model.controls(first.x, t, denoiser.pose, denoiser.local))
+            if denoiser.split:  # the split tick holds the hints' embeddings, made once a frame
+                controls = lambda: (model.pose_control(first.x, t, denoiser.pose),
+                                    model.local_control(first.x, t, denoiser.local))
+            else:
+                controls = lambda: model.controls(first.x, t, denoiser.pose, denoiser.local)
+            modules["controlnets x2"] = timed(controls)
             modules["unet + reference + temporal"] = timed(lambda: model.unet(
                 first.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(), reference=first.reference))
             modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
