@@ -294,29 +294,39 @@ def test_the_reference_is_an_argument_of_each_call_not_state_left_behind(model, 
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]
 
 
-def test_a_controlnet_from_its_hint_embedding_is_diffusers_forward(model):
-    """The split tick's ControlNets start from a frame's hint embedding, made once when it
-    enters (unet.control_walk): the same residuals as diffusers' ControlNetModel.forward on
-    the hint, fused projections too."""
+def test_the_split_ticks_parts_are_diffusers_forwards(model):
+    """The split tick's parts start from what repeats, made once: each ControlNet from a frame's
+    hint embedding (unet.control_walk) and every resnet from its level's time projection
+    (unet.project_times, ResnetTimes). The same residuals as diffusers' ControlNetModel.forward
+    on the hint, and the same noise as the whole UNet's walk, fused projections too."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, RES // 8, RES // 8, generator=g)
     t = torch.tensor([999, 499])
     pose, local = (torch.rand(2, 3, RES, RES, generator=g) * 2 - 1 for _ in range(2))
     fused = tiny_model(RES, config=compact_config(RES))
     fused.fuse_self_attention_projections()
+    close = dict(rtol=1e-6, atol=1e-6)
     for m in (model, fused):
         with torch.no_grad():
+            times = m.level_times(t)
             pose_embedding, local_embedding = m.embed_hints(pose, local)
             assert pose_embedding.shape == (2, m.hint_embedding_channels, RES // 8, RES // 8)
             for net, embedding, hint, part in ((m.pose_controlnet, pose_embedding, pose, m.pose_control),
                                                (m.local_controlnet, local_embedding, local, m.local_control)):
-                down, mid = part(x, t, embedding)
+                down, mid = part(x, times, embedding)
                 want_down, want_mid = m.control(net, x, t, hint)
                 assert len(down) == len(want_down)
                 for got, want in zip(down, want_down):
-                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-                torch.testing.assert_close(mid, want_mid, rtol=1e-6, atol=1e-7)
-    # Not vacuous: the residuals follow the embedding (none gives others).
+                    torch.testing.assert_close(got, want, **close)
+                torch.testing.assert_close(mid, want_mid, **close)
+            residuals = m.controls(x, t, pose, local)
+            no_past = [None] * len(m.unet.motion.in_order())
+            halves = m.unet_up(*m.unet_down(x, times, None, no_past), times, None, *residuals, no_past)
+            torch.testing.assert_close(halves, m.unet(x, t, m.text, 1, *residuals), **close)
+    # Not vacuous: the parts follow what they are given (no hint, or another level's times).
     with torch.no_grad():
-        mine, none = (m.pose_control(x, t, e)[1] for e in (pose_embedding, torch.zeros_like(pose_embedding)))
+        mine, none = (m.pose_control(x, times, e)[1] for e in (pose_embedding, torch.zeros_like(pose_embedding)))
+        later = m.unet_up(*m.unet_down(x, m.level_times(t.flip(0)), None, no_past), m.level_times(t.flip(0)),
+                          None, *residuals, no_past)
     assert (none - mine).abs().max() > 1e-2 * mine.abs().max() > 0
+    assert (later - halves).abs().max() > 1e-2 * halves.abs().max()

@@ -14,6 +14,7 @@ scaling factor. Loading real weights: weights/.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,11 +24,22 @@ from torch import nn
 from .config import XPortraitConfig
 from .reference import ReferenceKV, install_reference_attention, project_reference, self_attention_layers
 from .temporal import MotionModules
-from .unet import ReferenceNet, TemporalKV, TemporalUNet, control_walk
+from .unet import ReferenceNet, TemporalKV, TemporalUNet, control_walk, project_times
 
 # The reference net records into one dict per model: one reference_features call at a time (a
 # live engine may make a quality level on one thread while a portrait changes on another).
 _RECORDING = threading.Lock()
+
+
+@dataclass
+class LevelTimes:
+    """Every resnet's time projection for a batch's timesteps ((N, C, 1, 1) each, in call
+    order; unet.project_times), per network: what the live tick's levels repeat, made once."""
+
+    unet_down: list[torch.Tensor]
+    unet_up: list[torch.Tensor]
+    pose: list[torch.Tensor]
+    local: list[torch.Tensor]
 
 
 class XPortraitModel(nn.Module):
@@ -105,8 +117,15 @@ class XPortraitModel(nn.Module):
         local_down, local_mid = self.control(self.local_controlnet, sample, timestep, local_hint)
         return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
 
-    # The ControlNets in two parts, for the live tick: a frame's hint embeddings (the same at
-    # each of its levels: made once, when it enters), then the residuals from them at a level.
+    # -- the live tick's parts: the ControlNets and the UNet's halves, from what repeats made once:
+    # a frame's hint embeddings (the same at each of its levels: made when it enters) and a
+    # level's time projections (every resnet's, of a level's timestep: made once per level).
+    def level_times(self, timesteps: torch.Tensor) -> LevelTimes:
+        """Every resnet's time projection for these timesteps (one per batch entry)."""
+        down, up = project_times(self.unet.unet, timesteps, self.text.dtype)
+        return LevelTimes(down, up, project_times(self.pose_controlnet, timesteps, self.text.dtype)[0],
+                          project_times(self.local_controlnet, timesteps, self.text.dtype)[0])
+
     def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both ControlNets' embeddings of their hints ((N, 3, H, W) -> (N, C, h, w))."""
         return (self.pose_controlnet.controlnet_cond_embedding(pose_hint),
@@ -116,13 +135,23 @@ class XPortraitModel(nn.Module):
     def hint_embedding_channels(self) -> int:
         return self.config.block_out_channels[0]
 
-    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+    def pose_control(self, sample: torch.Tensor, times: LevelTimes,
                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return control_walk(self.pose_controlnet, sample, timestep, self.text, hint_embedding)
+        return control_walk(self.pose_controlnet, sample, times.pose, self.text, hint_embedding)
 
-    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+    def local_control(self, sample: torch.Tensor, times: LevelTimes,
                       hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return control_walk(self.local_controlnet, sample, timestep, self.text, hint_embedding)
+        return control_walk(self.local_controlnet, sample, times.local, self.text, hint_embedding)
+
+    def unet_down(self, sample: torch.Tensor, times: LevelTimes, reference: ReferenceKV,
+                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The UNet's first half (features, skips): needs no ControlNet, so it runs beside them."""
+        return self.unet.down(sample, times.unet_down, self.text, 1, temporal_past, reference)
+
+    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], times: LevelTimes, reference: ReferenceKV,
+                down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor:
+        return self.unet.up(h, skips, times.unet_up, self.text, 1, down_residuals, mid_residual, temporal_past,
+                            reference)
 
     @torch.no_grad()
     def fuse_self_attention_projections(self) -> None:
@@ -140,15 +169,6 @@ class XPortraitModel(nn.Module):
                 if isinstance(module, Attention):
                     module.fuse_projections()
                     module.set_processor(FusedAttnProcessor2_0())
-
-    # The UNet in two halves, for a caller that runs the ControlNets beside the first one.
-    def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
-                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        return self.unet.down(sample, timestep, self.text, 1, temporal_past, reference)
-
-    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, reference: ReferenceKV,
-                down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor:
-        return self.unet.up(h, skips, emb, self.text, 1, down_residuals, mid_residual, temporal_past, reference)
 
     @torch.no_grad()
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,

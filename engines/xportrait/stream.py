@@ -37,7 +37,7 @@ from diffusers import LCMScheduler
 
 from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
-from .model import ReferenceKV, XPortraitModel
+from .model import LevelTimes, ReferenceKV, XPortraitModel
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 _ONE_CAPTURE = threading.Lock()  # CUDA graph captures in this process, one at a time (StreamingDenoiser.capture)
@@ -76,19 +76,22 @@ class SplitDenoiserModel(DenoiserModel, Protocol):
 
     hint_embedding_channels: int  # of embed_hints' outputs, at the latents' size
 
+    def level_times(self, timesteps: torch.Tensor) -> LevelTimes:
+        """Every resnet's time projection for these timesteps: the same at every tick."""
+
     def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both ControlNets' embeddings of their hints: the same at every level of a frame."""
 
-    def pose_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+    def pose_control(self, sample: torch.Tensor, times: LevelTimes,
                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
-    def local_control(self, sample: torch.Tensor, timestep: torch.Tensor,
+    def local_control(self, sample: torch.Tensor, times: LevelTimes,
                       hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
-    def unet_down(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
-                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]: ...
+    def unet_down(self, sample: torch.Tensor, times: LevelTimes, reference: ReferenceKV,
+                  temporal_past) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
-    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, reference: ReferenceKV,
+    def unet_up(self, h: torch.Tensor, skips: list[torch.Tensor], times: LevelTimes, reference: ReferenceKV,
                 down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor: ...
 
 
@@ -243,6 +246,7 @@ class LevelGroup:
     timesteps: torch.Tensor
     x: torch.Tensor  # (entries, 4, h, w)
     rings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per temporal module: K1, V1, K2, V2
+    times: LevelTimes | None = None  # the split tick's: every resnet's time projection at these levels
     reference: ReferenceKV | None = None  # set by prepare
 
 
@@ -275,8 +279,9 @@ class StreamingDenoiser:
         leaving frame is decoded inside the tick (and its graph) into `image`; None: latents only.
         `overlay`: (mask (res, res, 1) bool, pixels (res, res, 3) uint8) burnt into every decoded
         frame, in the tick. `split`: run the ControlNets beside the UNet's down path (on their
-        own streams on a GPU), each from its embedding of a frame's hint, made once when the
-        frame enters; the model must be a `SplitDenoiserModel`."""
+        own streams on a GPU), from what repeats made once: each ControlNet's embedding of a
+        frame's hint (when it enters) and every resnet's time projection at each level (here);
+        the model must be a `SplitDenoiserModel`."""
         settings.validate(model.config.motion_max_len)
         if split and not isinstance(model, SplitDenoiserModel):
             raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
@@ -296,8 +301,11 @@ class StreamingDenoiser:
                                        dtype=dtype)
                            for _ in range(4))
                      for pixels, channels, heads in model.temporal_shapes]
-            return LevelGroup(slice(g, steps, passes), entry_levels, self.levels.timesteps[entry_levels],
-                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings)
+            timesteps = self.levels.timesteps[entry_levels]
+            with torch.no_grad():
+                times = model.level_times(timesteps) if split else None
+            return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
+                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times)
 
         self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -440,10 +448,10 @@ class StreamingDenoiser:
     def _advance_split(self, enter, controls, down, up, finish) -> None:
         enter()
         for g, group in enumerate(self.groups):
-            x, t, reference, rings = group.x, group.timesteps, group.reference, group.rings
+            x, t, reference, rings = group.x, group.times, group.reference, group.rings
             if self._side_streams is None:
                 residuals = [control(x, t) for control in controls]
-                finish(g, up(*down(x, t, reference, rings), residuals, reference, rings))
+                finish(g, up(*down(x, t, reference, rings), t, residuals, reference, rings))
                 continue
             main = torch.cuda.current_stream()
             residuals = []
@@ -451,30 +459,30 @@ class StreamingDenoiser:
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
                     residuals.append(control(x, t))
-            h, skips, emb = down(x, t, reference, rings)
+            h, skips = down(x, t, reference, rings)
             for side in self._side_streams:
                 main.wait_stream(side)
-            finish(g, up(h, skips, emb, residuals, reference, rings))
+            finish(g, up(h, skips, t, residuals, reference, rings))
 
     def _controls(self) -> list[Callable]:
-        """The tick's ControlNet parts, each (x, t) -> (down residuals, mid residual)."""
+        """The tick's ControlNet parts, each (x, level times) -> (down residuals, mid residual)."""
         return [self._pose_control, self._local_control]
 
-    def _pose_control(self, x: torch.Tensor, t: torch.Tensor):
+    def _pose_control(self, x: torch.Tensor, t: LevelTimes):
         return self.model.pose_control(x, t, self.pose)
 
-    def _local_control(self, x: torch.Tensor, t: torch.Tensor):
+    def _local_control(self, x: torch.Tensor, t: LevelTimes):
         return self.model.local_control(x, t, self.local)
 
-    def _down(self, x: torch.Tensor, t: torch.Tensor, reference: ReferenceKV, rings):
+    def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings):
         return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
 
-    def _up(self, h, skips, emb, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
+    def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
         """`residuals`: each ControlNet part's (down list, mid), added (the released code adds
         both ControlNets' unscaled)."""
         down = [functools.reduce(operator.add, level) for level in zip(*(r[0] for r in residuals))]
         mid = functools.reduce(operator.add, [r[1] for r in residuals])
-        return self.model.unet_up(h, skips, emb, reference, down, mid, self._temporal_rings(rings))
+        return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False) -> None:

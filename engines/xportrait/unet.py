@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from .reference import ReferenceKV, reference_kwargs
@@ -55,7 +56,53 @@ class TemporalCalls:
         return h
 
 
-def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, emb: torch.Tensor,
+class ResnetTimes:
+    """What each resnet of a walk adds of the timesteps: from the time embedding `emb` (N, D),
+    which each resnet projects (diffusers' forward), or each resnet's projection of it made
+    beforehand (`projected`, in call order: `project_times`), for a caller whose timesteps
+    repeat (the live tick's levels: the projections are made once, not at every tick)."""
+
+    def __init__(self, emb: torch.Tensor | None = None, projected: Sequence[torch.Tensor] | None = None):
+        if (emb is None) == (projected is None):
+            raise ValueError("give the time embedding or the resnets' projections of it")
+        self.emb = emb
+        self._projected = iter(projected) if projected is not None else None
+
+    def __call__(self, resnet: ResnetBlock2D, h: torch.Tensor) -> torch.Tensor:
+        if self._projected is None:
+            return resnet(h, self.emb)
+        # ResnetBlock2D.forward after its time projection (SD1.5's resnets: project_times checks).
+        x = resnet.conv1(resnet.nonlinearity(resnet.norm1(h)))
+        x = resnet.conv2(resnet.dropout(resnet.nonlinearity(resnet.norm2(x + next(self._projected)))))
+        shortcut = h if resnet.conv_shortcut is None else resnet.conv_shortcut(h)
+        return (shortcut + x) / resnet.output_scale_factor
+
+
+def resnets_in_order(net: UNet2DConditionModel | ControlNetModel) -> tuple[list[ResnetBlock2D], list[ResnetBlock2D]]:
+    """A network's resnets in the order the walks call them: down levels and mid block, then
+    the up levels (none in a ControlNet)."""
+    down = [r for block in net.down_blocks for r in block.resnets] + list(net.mid_block.resnets)
+    return down, [r for block in getattr(net, "up_blocks", ()) for r in block.resnets]
+
+
+@torch.no_grad()
+def project_times(net: UNet2DConditionModel | ControlNetModel, timesteps: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every resnet's projection of the time embedding of `timesteps` (one per batch entry):
+    (N, C, 1, 1) each, for `ResnetTimes(projected=...)`: the down walk's, then the up walk's."""
+    emb = time_embedding(net, timesteps, timesteps.numel(), dtype)
+    projected = []
+    for resnets in resnets_in_order(net):
+        for r in resnets:
+            if r.upsample is not None or r.downsample is not None or r.time_embedding_norm != "default" \
+                    or r.skip_time_act or r.time_emb_proj is None:
+                raise ValueError("projected time embeddings are for SD1.5's resnets (no resampling inside, "
+                                 "the default time-embedding norm)")
+        projected.append([r.time_emb_proj(r.nonlinearity(emb))[:, :, None, None] for r in resnets])
+    return projected[0], projected[1]
+
+
+def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, times: ResnetTimes,
               text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None,
               added: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
@@ -70,7 +117,7 @@ def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor
     for block in unet.down_blocks:
         attentions = getattr(block, "attentions", None)
         for i, resnet in enumerate(block.resnets):
-            h = resnet(h, emb)
+            h = times(resnet, h)
             if attentions is not None:
                 h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
             h = temporal(h)
@@ -79,12 +126,12 @@ def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor
             h = block.downsamplers[0](h)
             skips.append(h)
     mid = unet.mid_block
-    h = mid.resnets[0](h, emb)
+    h = times(mid.resnets[0], h)
     h = mid.attentions[0](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
-    return mid.resnets[1](h, emb), skips
+    return times(mid.resnets[1], h), skips
 
 
-def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], times: ResnetTimes,
             text: torch.Tensor, temporal: TemporalCalls, down_residuals: Sequence[torch.Tensor] | None = None,
             mid_residual: torch.Tensor | None = None, with_output: bool = True,
             reference: ReferenceKV | None = None) -> torch.Tensor | None:
@@ -100,7 +147,7 @@ def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tenso
         attentions = getattr(block, "attentions", None)
         last = len(block.resnets) - 1
         for i, resnet in enumerate(block.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            h = times(resnet, torch.cat([h, skips.pop()], dim=1))
             if attentions is not None:
                 h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
             if i == last and block.upsamplers is not None:
@@ -112,15 +159,17 @@ def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tenso
     return unet.conv_out(h)
 
 
-def control_walk(controlnet: ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                 hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def control_walk(controlnet: ControlNetModel, sample: torch.Tensor, projected_times: Sequence[torch.Tensor],
+                 text: torch.Tensor, hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A ControlNet's residuals (down list, mid) from its hint's embedding
     (`controlnet.controlnet_cond_embedding(hint)`, which depends on the frame alone): diffusers'
     `ControlNetModel.forward` as X-Portrait's ControlNets run it (RGB hints, conditioning scale
     1, no class or added embeddings), with the embedding made by the caller, e.g. once a frame
-    rather than at each of its levels."""
-    emb, text = embed(controlnet, sample, timestep, text)
-    h, skips = walk_down(controlnet, sample, emb, text, TemporalCalls(None), added=hint_embedding)
+    rather than at each of its levels, and its resnets' time projections too (`project_times`:
+    once a level)."""
+    text = text.expand(sample.shape[0], -1, -1)
+    h, skips = walk_down(controlnet, sample, ResnetTimes(projected=projected_times), text, TemporalCalls(None),
+                         added=hint_embedding)
     down = [block(skip) for block, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True)]
     return down, controlnet.controlnet_mid_block(h)
 
@@ -143,9 +192,9 @@ def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tenso
     modules to call, with their pasts (None: no temporal modules).
     """
     emb, text = embed(unet, sample, timestep, text)
-    temporal = temporal or TemporalCalls(None)
-    h, skips = walk_down(unet, sample, emb, text, temporal, reference)
-    return walk_up(unet, h, skips, emb, text, temporal, down_residuals, mid_residual, with_output, reference)
+    temporal, times = temporal or TemporalCalls(None), ResnetTimes(emb)
+    h, skips = walk_down(unet, sample, times, text, temporal, reference)
+    return walk_up(unet, h, skips, times, text, temporal, down_residuals, mid_residual, with_output, reference)
 
 
 class ReferenceNet(nn.Module):
@@ -188,20 +237,22 @@ class TemporalUNet(nn.Module):
                    mid_residual=mid_residual, reference=reference)
         return out, temporal.keys
 
-    # The same evaluation in two halves, for callers that overlap the first with the ControlNets.
-    def down(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, frames: int,
-             temporal_past: Sequence, reference: ReferenceKV | None = None
-             ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """(features, skips, time embedding) after the mid block."""
-        emb, text = embed(self.unet, sample, timestep, text)
+    # The same evaluation in two halves, for callers that overlap the first with the ControlNets,
+    # each with its resnets' time projections made beforehand (`project_times`: the live tick's
+    # levels keep their timesteps).
+    def down(self, sample: torch.Tensor, projected_times: Sequence[torch.Tensor], text: torch.Tensor, frames: int,
+             temporal_past: Sequence, reference: ReferenceKV | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(features, skips) after the mid block."""
+        text = text.expand(sample.shape[0], -1, -1)
         modules = self.motion.in_order()[: self.motion.down_count]
         temporal = TemporalCalls(modules, frames, temporal_past[: len(modules)])
-        h, skips = walk_down(self.unet, sample, emb, text, temporal, reference)
-        return h, skips, emb
+        return walk_down(self.unet, sample, ResnetTimes(projected=projected_times), text, temporal, reference)
 
-    def up(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: torch.Tensor, frames: int,
-           down_residuals, mid_residual, temporal_past: Sequence, reference: ReferenceKV | None = None) -> torch.Tensor:
-        text = text.expand(h.shape[0], -1, -1) if text.shape[0] != h.shape[0] else text
+    def up(self, h: torch.Tensor, skips: list[torch.Tensor], projected_times: Sequence[torch.Tensor],
+           text: torch.Tensor, frames: int, down_residuals, mid_residual, temporal_past: Sequence,
+           reference: ReferenceKV | None = None) -> torch.Tensor:
+        text = text.expand(h.shape[0], -1, -1)
         d = self.motion.down_count
         temporal = TemporalCalls(self.motion.in_order()[d:], frames, temporal_past[d:])
-        return walk_up(self.unet, h, skips, emb, text, temporal, down_residuals, mid_residual, reference=reference)
+        return walk_up(self.unet, h, skips, ResnetTimes(projected=projected_times), text, temporal, down_residuals,
+                       mid_residual, reference=reference)
