@@ -91,6 +91,10 @@ class LiveOptions:
 
     lookahead: int = 0  # each frame also attends to the next K frames in flight (K frames later)
     compile: bool = False  # torch.compile the tick before capturing its CUDA graph
+    # With compile: inductor times its Triton templates against cuBLAS and cuDNN for each of the
+    # tick's matrix products and convolutions and keeps the fastest (max_autotune_gemm): much
+    # longer the first time, cached after in inductor's cache directory.
+    autotune: bool = False
     cuda_graph: bool = True  # replay the tick as one CUDA graph (on a GPU, with the torch backend)
     tiny_decoder: str | None = None  # TAESD folder ('random' with random weights) instead of the full VAE
     channels_last: bool = True  # cuDNN's layout on a GPU
@@ -110,6 +114,8 @@ class LiveOptions:
         at_least(self.lookahead, 0, "lookahead")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
+        if self.autotune and not self.compile:
+            raise OptionError("--autotune tunes the compiled tick: give --compile too")
         if self.level_groups > 1:
             if self.lookahead:
                 raise OptionError("--level-groups and --lookahead do not combine (look-ahead entries wait at level 0)")

@@ -151,13 +151,14 @@ def bench_stream(options: BenchOptions) -> dict:
     portrait = SourcePortrait(source, np.zeros((478, 3), np.float32))
     runs = []
     # --compile and --tiny-decoder add variants; the eager and graph runs are the baselines.
-    plain = dataclasses.replace(live, compile=False, tiny_decoder=None)
+    plain = dataclasses.replace(live, compile=False, autotune=False, tiny_decoder=None)
     variants = [("stream batch, eager", dataclasses.replace(plain, cuda_graph=False)),
                 ("stream batch, CUDA graph", plain)]
     if live.compile:
-        variants.append(("stream batch, torch.compile + CUDA graph", dataclasses.replace(plain, compile=True)))
+        variants.append(("stream batch, torch.compile + CUDA graph",
+                         dataclasses.replace(plain, compile=True, autotune=live.autotune)))
     if live.tiny_decoder:
-        variants.append(("... + TAESD decoder", dataclasses.replace(plain, compile=live.compile,
+        variants.append(("... + TAESD decoder", dataclasses.replace(plain, compile=live.compile, autotune=live.autotune,
                                                                      tiny_decoder=live.tiny_decoder)))
     if options.fast_only:
         variants = variants[-1:]

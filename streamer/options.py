@@ -50,7 +50,8 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame", "level_groups")
+LIVE_FLAGS = ("compile", "autotune", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
+              "level_groups")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -85,6 +86,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--compile", action="store_true",
                    help="live engine: torch.compile the tick before capturing its CUDA graph (minutes of startup, "
                         "about twice the frame rate)")
+    g.add_argument("--autotune", action="store_true",
+                   help="live engine, with --compile: time Triton kernels against cuBLAS and cuDNN for each of the "
+                        "tick's matrix products and convolutions and keep the fastest (inductor's max_autotune_gemm; "
+                        "many more minutes the first time, cached after in TORCHINDUCTOR_CACHE_DIR)")
     g.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="live engine: run the modules with torch, or the graphs `xportrait export` wrote (--graphs)")
     g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")
@@ -136,7 +141,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
         given = _given(args, LIVE_FLAGS)
         if given:
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
-    live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, tiny_decoder=args.tiny_decoder,
+    live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, autotune=args.autotune,
+                               tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
                                ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,

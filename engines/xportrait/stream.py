@@ -485,20 +485,23 @@ class StreamingDenoiser:
         return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
-    def capture(self, warmup: int = 3, compile: bool = False) -> None:
+    def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False) -> None:
         """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
-        and, with `compile`, let torch.compile (default mode) fuse the tick's kernels); the
-        state is reset afterwards. CUDA only."""
+        and, with `compile`, let torch.compile (default mode) fuse the tick's kernels; with
+        `autotune` too, choose each product's and convolution's kernel by timing); the state is
+        reset afterwards. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         if not self.prepared:
             raise RuntimeError("prepare() first")
+        if autotune and not compile:
+            raise ValueError("autotune tunes the compiled tick: give compile=True too")
         # 1x1 convolutions as matrix products: the tick has many, and cuBLAS beats cuDNN there
         # (measured on the H100: 0.7 ms a tick). Freezing: the weights are constants, so what
         # depends on them alone (the empty prompt's keys and values in every cross-attention)
         # is computed once, at compile time (0.6 ms a tick). The weights must not change after
         # capture; the per-source state (reference, entering latent) is not frozen.
-        options = {"conv_1x1_as_mm": True, "freezing": True}
+        options = {"conv_1x1_as_mm": True, "freezing": True, "max_autotune_gemm": autotune}
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
             enter, down, up, finish = (compiled(fn) for fn in (self._enter, self._down, self._up, self._finish))

@@ -28,7 +28,8 @@ from .temporal import FramesKV, MotionModules
 TemporalKV = tuple[FramesKV, FramesKV]  # one temporal module's new keys/values: its two attentions'
 
 
-def time_embedding(unet: UNet2DConditionModel | ControlNetModel, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+def time_embedding(unet: UNet2DConditionModel | ControlNetModel, timestep: torch.Tensor, batch: int,
+                   dtype: torch.dtype) -> torch.Tensor:
     t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
     return unet.time_embedding(unet.time_proj(t).to(dtype))
 
