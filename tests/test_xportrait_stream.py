@@ -309,7 +309,7 @@ def test_the_split_ticks_parts_are_diffusers_forwards(model):
     for m in (model, fused):
         with torch.no_grad():
             times = m.level_times(t)
-            pose_embedding, local_embedding = m.embed_hints(pose, local)
+            pose_embedding, local_embedding = m.embed_pose_hint(pose), m.embed_local_hint(local)
             assert pose_embedding.shape == (2, m.hint_embedding_channels, RES // 8, RES // 8)
             for net, embedding, hint, part in ((m.pose_controlnet, pose_embedding, pose, m.pose_control),
                                                (m.local_controlnet, local_embedding, local, m.local_control)):

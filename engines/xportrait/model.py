@@ -126,10 +126,12 @@ class XPortraitModel(nn.Module):
         return LevelTimes(down, up, project_times(self.pose_controlnet, timesteps, self.text.dtype)[0],
                           project_times(self.local_controlnet, timesteps, self.text.dtype)[0])
 
-    def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both ControlNets' embeddings of their hints ((N, 3, H, W) -> (N, C, h, w))."""
-        return (self.pose_controlnet.controlnet_cond_embedding(pose_hint),
-                self.local_controlnet.controlnet_cond_embedding(local_hint))
+    def embed_pose_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """The pose ControlNet's embedding of its hint ((N, 3, H, W) -> (N, C, h, w))."""
+        return self.pose_controlnet.controlnet_cond_embedding(hint)
+
+    def embed_local_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        return self.local_controlnet.controlnet_cond_embedding(hint)
 
     @property
     def hint_embedding_channels(self) -> int:

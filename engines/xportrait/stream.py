@@ -74,13 +74,15 @@ class DenoiserModel(Protocol):
 class SplitDenoiserModel(DenoiserModel, Protocol):
     """A DenoiserModel in parts, for the split tick (the ControlNets beside the UNet's down path)."""
 
-    hint_embedding_channels: int  # of embed_hints' outputs, at the latents' size
+    hint_embedding_channels: int  # of the hint embeddings, at the latents' size
 
     def level_times(self, timesteps: torch.Tensor) -> LevelTimes:
         """Every resnet's time projection for these timesteps: the same at every tick."""
 
-    def embed_hints(self, pose_hint: torch.Tensor, local_hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both ControlNets' embeddings of their hints: the same at every level of a frame."""
+    def embed_pose_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """The pose ControlNet's embedding of its hint: the same at every level of a frame."""
+
+    def embed_local_hint(self, hint: torch.Tensor) -> torch.Tensor: ...
 
     def pose_control(self, sample: torch.Tensor, times: LevelTimes,
                      hint_embedding: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
@@ -314,6 +316,9 @@ class StreamingDenoiser:
         hint = (model.hint_embedding_channels, h, h) if split else (3, res, res)
         self.pose = torch.zeros((entries, *hint), device=self.device, dtype=dtype)
         self.local = torch.zeros_like(self.pose)
+        # The split tick's entering hints, which each ControlNet's part embeds beside the UNet.
+        self.entering_hints = [torch.zeros((1, 3, res, res), device=self.device, dtype=dtype)
+                               for _ in range(2)] if split else None
         self.occupied = torch.zeros(entries, dtype=torch.bool, device=self.device)
         # The host writes the entering frame here; the tick turns it into both hints.
         self.new_frame = torch.zeros((1, res, res, 3), device=self.device, dtype=torch.uint8)
@@ -409,15 +414,18 @@ class StreamingDenoiser:
 
     def _enter(self) -> None:
         """Everyone moves down a level (G levels); the new frame (if any) takes level 0 and the
-        next ring slot."""
+        next ring slot. Its hints are held as they are, or in the split tick given to the
+        ControlNets' parts, which embed them beside the UNet (`_embed_pose`, `_embed_local`)."""
         self.slot.copy_((self.slot + 1) % self.settings.window)
-        self.pose[1:] = self.pose[:-1].clone()
-        self.local[1:] = self.local[:-1].clone()
         self.occupied[1:] = self.occupied[:-1].clone()
-        pose, local = control_hints(self.new_frame, self.new_boxes, self.dtype)
-        if self.split:  # made once a frame, not at each of its levels
-            pose, local = self.model.embed_hints(pose, local)
-        self.pose[:1], self.local[:1] = pose, local
+        hints = control_hints(self.new_frame, self.new_boxes, self.dtype)
+        if self.split:
+            for buffer, hint in zip(self.entering_hints, hints, strict=True):
+                buffer.copy_(hint)
+        else:
+            for held, hint in zip((self.pose, self.local), hints, strict=True):
+                held[1:] = held[:-1].clone()
+                held[:1] = hint
         self.occupied[:1] = self.enters
         self.groups[0].x[: self.settings.lookahead + 1] = self.entering  # look-ahead entries and level 0
         self._update_ring_tick()
@@ -450,23 +458,42 @@ class StreamingDenoiser:
         for g, group in enumerate(self.groups):
             x, t, reference, rings = group.x, group.times, group.reference, group.rings
             if self._side_streams is None:
-                residuals = [control(x, t) for control in controls]
+                residuals = []
+                for embed, control in controls:
+                    if g == 0:
+                        embed()
+                    residuals.append(control(x, t))
                 finish(g, up(*down(x, t, reference, rings), t, residuals, reference, rings))
                 continue
             main = torch.cuda.current_stream()
             residuals = []
-            for control, side in zip(controls, self._side_streams, strict=True):
+            for (embed, control), side in zip(controls, self._side_streams, strict=True):
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
+                    if g == 0:  # the entering frame's hint, once a tick, while the UNet walks down
+                        embed()
                     residuals.append(control(x, t))
             h, skips = down(x, t, reference, rings)
             for side in self._side_streams:
                 main.wait_stream(side)
             finish(g, up(h, skips, t, residuals, reference, rings))
 
-    def _controls(self) -> list[Callable]:
-        """The tick's ControlNet parts, each (x, level times) -> (down residuals, mid residual)."""
-        return [self._pose_control, self._local_control]
+    def _controls(self) -> list[tuple[Callable, Callable]]:
+        """The tick's ControlNet parts: each the entering frame's hint embedding, made at the
+        first pass (() -> None), and the residuals ((x, level times) -> (down list, mid))."""
+        return [(self._embed_pose, self._pose_control), (self._embed_local, self._local_control)]
+
+    def _embed_pose(self) -> None:
+        self._embed(self.pose, self.model.embed_pose_hint, self.entering_hints[0])
+
+    def _embed_local(self) -> None:
+        self._embed(self.local, self.model.embed_local_hint, self.entering_hints[1])
+
+    @staticmethod
+    def _embed(held: torch.Tensor, embed: Callable, hint: torch.Tensor) -> None:
+        """Everyone's embedding moves down a level; the entering frame's takes the first."""
+        held[1:] = held[:-1].clone()
+        held[:1] = embed(hint)
 
     def _pose_control(self, x: torch.Tensor, t: LevelTimes):
         return self.model.pose_control(x, t, self.pose)
@@ -505,7 +532,7 @@ class StreamingDenoiser:
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
             enter, down, up, finish = (compiled(fn) for fn in (self._enter, self._down, self._up, self._finish))
-            controls = [compiled(fn) for fn in self._controls()]
+            controls = [tuple(compiled(fn) for fn in part) for part in self._controls()]
             advance = lambda: self._advance_split(enter, controls, down, up, finish)
         else:
             advance = compiled(self._advance_eager) if compile else self._advance
