@@ -91,9 +91,9 @@ class LiveOptions:
 
     lookahead: int = 0  # each frame also attends to the next K frames in flight (K frames later)
     compile: bool = False  # torch.compile the tick before capturing its CUDA graph
-    # With compile: inductor times its Triton templates against cuBLAS and cuDNN for each of the
-    # tick's matrix products and convolutions and keeps the fastest (max_autotune_gemm): much
-    # longer the first time, cached after in inductor's cache directory.
+    # With compile: inductor times its Triton templates against cuBLAS for each of the tick's
+    # matrix products and keeps the fastest (max_autotune_gemm): much longer the first time,
+    # cached after in inductor's cache directory.
     autotune: bool = False
     cuda_graph: bool = True  # replay the tick as one CUDA graph (on a GPU, with the torch backend)
     tiny_decoder: str | None = None  # TAESD folder ('random' with random weights) instead of the full VAE

@@ -87,9 +87,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                    help="live engine: torch.compile the tick before capturing its CUDA graph (minutes of startup, "
                         "about twice the frame rate)")
     g.add_argument("--autotune", action="store_true",
-                   help="live engine, with --compile: time Triton kernels against cuBLAS and cuDNN for each of the "
-                        "tick's matrix products and convolutions and keep the fastest (inductor's max_autotune_gemm; "
-                        "many more minutes the first time, cached after in TORCHINDUCTOR_CACHE_DIR)")
+                   help="live engine, with --compile: time Triton kernels against cuBLAS for each of the tick's "
+                        "matrix products and keep the fastest (inductor's max_autotune_gemm; many more minutes the "
+                        "first time, cached after in TORCHINDUCTOR_CACHE_DIR)")
     g.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="live engine: run the modules with torch, or the graphs `xportrait export` wrote (--graphs)")
     g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")

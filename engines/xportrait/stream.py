@@ -515,7 +515,7 @@ class StreamingDenoiser:
     def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False) -> None:
         """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
         and, with `compile`, let torch.compile (default mode) fuse the tick's kernels; with
-        `autotune` too, choose each product's and convolution's kernel by timing); the state is
+        `autotune` too, choose each matrix product's kernel by timing); the state is
         reset afterwards. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
@@ -527,8 +527,13 @@ class StreamingDenoiser:
         # (measured on the H100: 0.7 ms a tick). Freezing: the weights are constants, so what
         # depends on them alone (the empty prompt's keys and values in every cross-attention)
         # is computed once, at compile time (0.6 ms a tick). The weights must not change after
-        # capture; the per-source state (reference, entering latent) is not frozen.
-        options = {"conv_1x1_as_mm": True, "freezing": True, "max_autotune_gemm": autotune}
+        # capture; the per-source state (reference, entering latent) is not frozen. Autotune:
+        # each matrix product's kernel chosen by timing Triton templates against cuBLAS; the 3x3
+        # convolutions stay cuDNN's (measured alone on the H200 at 450-540 TFLOP/s where they
+        # are large, and weight-bound at 8x8), which also keeps the tuning to the products.
+        options = {"conv_1x1_as_mm": True, "freezing": True}
+        if autotune:
+            options |= {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
             enter, down, up, finish = (compiled(fn) for fn in (self._enter, self._down, self._up, self._finish))
