@@ -26,6 +26,7 @@ step: the offline definition the streaming engine is tested against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import threading
@@ -252,6 +253,14 @@ class LevelGroup:
     reference: ReferenceKV | None = None  # set by prepare
 
 
+def _beside(side: torch.cuda.Stream | None):
+    """Run on `side` after what the current stream has queued (None: right here)."""
+    if side is None:
+        return contextlib.nullcontext()
+    side.wait_stream(torch.cuda.current_stream())
+    return torch.cuda.stream(side)
+
+
 class StreamingDenoiser:
     """The stream batch and its caches. `tick` takes one aligned driving frame (uint8) and its
     eye/mouth patch boxes and returns the clean latent of the frame that leaves (with its
@@ -455,27 +464,18 @@ class StreamingDenoiser:
     # serves every pass: a pass's tensors are its arguments); the whole is one CUDA graph.
     def _advance_split(self, enter, controls, down, up, finish) -> None:
         enter()
+        sides = self._side_streams or [None] * len(controls)
         for g, group in enumerate(self.groups):
             x, t, reference, rings = group.x, group.times, group.reference, group.rings
-            if self._side_streams is None:
-                residuals = []
-                for embed, control in controls:
-                    if g == 0:
-                        embed()
-                    residuals.append(control(x, t))
-                finish(g, up(*down(x, t, reference, rings), t, residuals, reference, rings))
-                continue
-            main = torch.cuda.current_stream()
             residuals = []
-            for (embed, control), side in zip(controls, self._side_streams, strict=True):
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
+            for (embed, control), side in zip(controls, sides, strict=True):
+                with _beside(side):
                     if g == 0:  # the entering frame's hint, once a tick, while the UNet walks down
                         embed()
                     residuals.append(control(x, t))
             h, skips = down(x, t, reference, rings)
-            for side in self._side_streams:
-                main.wait_stream(side)
+            for side in self._side_streams or ():
+                torch.cuda.current_stream().wait_stream(side)
             finish(g, up(h, skips, t, residuals, reference, rings))
 
     def _controls(self) -> list[tuple[Callable, Callable]]:
