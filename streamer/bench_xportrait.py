@@ -126,6 +126,26 @@ def stream_run(engine, frames: list[DrivingFrame], paced_fps: float | None = Non
             "steps_late": {"p50": percentile(late, 50), "max": max(late, default=0)}}
 
 
+def module_calls(model, denoiser) -> dict[str, tuple]:
+    """What the stream bench times module by module, eager, at a pass's shapes (the whole
+    tick's without level groups): name -> (call, repeats)."""
+    first = denoiser.groups[0]
+    t = first.timesteps
+    if denoiser.split:  # the split tick holds the hints' embeddings and the levels' time projections
+        controls = lambda: (model.pose_control(first.x, first.times, denoiser.pose),
+                            model.local_control(first.x, first.times, denoiser.local))
+    else:
+        controls = lambda: model.controls(first.x, t, denoiser.pose, denoiser.local)
+    return {
+        "controlnets x2": (controls, 10),
+        "unet + reference + temporal": (lambda: model.unet(first.x, t, model.text, 1,
+                                                           temporal_past=denoiser.temporal_rings(),
+                                                           reference=first.reference), 10),
+        "vae decode (1 frame)": (lambda: model.decode(denoiser.leaving), 10),
+        "reference net (per source, per level)": (lambda: model.reference_features([denoiser.entering], t[:1]), 3),
+    }
+
+
 def bench_stream(options: BenchOptions) -> dict:
     """The live engine, eager and as a CUDA graph, and the naive baseline, in one run."""
     import torch
@@ -217,19 +237,7 @@ def bench_stream(options: BenchOptions) -> dict:
             torch.cuda.synchronize()
             return begin.elapsed_time(end) / repeat
         with torch.no_grad():
-            first = denoiser.groups[0]  # a pass's batch: the whole tick's without level groups
-            t = first.timesteps
-            if denoiser.split:  # the split tick holds the hints' embeddings, made once a frame
-                controls = lambda: (model.pose_control(first.x, t, denoiser.pose),
-                                    model.local_control(first.x, t, denoiser.local))
-            else:
-                controls = lambda: model.controls(first.x, t, denoiser.pose, denoiser.local)
-            modules["controlnets x2"] = timed(controls)
-            modules["unet + reference + temporal"] = timed(lambda: model.unet(
-                first.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(), reference=first.reference))
-            modules["vae decode (1 frame)"] = timed(lambda: model.decode(denoiser.leaving))
-            modules["reference net (per source, per level)"] = timed(
-                lambda: model.reference_features([denoiser.entering], t[:1]), repeat=3)
+            modules = {name: timed(call, repeat) for name, (call, repeat) in module_calls(model, denoiser).items()}
     settings = denoiser.settings
     result = {"engine": "xportrait (live)", "size": engine_options.size, "dtype": str(dtype),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else machine_name(),

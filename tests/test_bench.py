@@ -90,3 +90,28 @@ def test_the_bench_reads_its_portrait_with_the_one_loader(tmp_path, capsys):
     clear = tmp_path / "clear.png"
     Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(clear)  # fully transparent
     assert (load_source(str(clear)) == 255).all()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split):
+    """What the stream bench times module by module on a GPU (CUDA events there), called here
+    once each: the split tick holds hint embeddings and level times, not hints and timesteps."""
+    import torch
+
+    from engines.xportrait.stream import StreamSettings, StreamingDenoiser
+    from fixtures import compact_config, tiny_model
+    from streamer.bench_xportrait import module_calls
+
+    model = tiny_model(64, config=compact_config(64))
+    denoiser = StreamingDenoiser(model, StreamSettings(steps=2, window=2), torch.device("cpu"), torch.float32,
+                                 split=split)
+    denoiser.prepare(torch.zeros(1, 3, 64, 64))
+    denoiser.tick(torch.zeros(64, 64, 3, dtype=torch.uint8), torch.tensor([[8, 8, 24, 24]] * 3))
+    calls = module_calls(model, denoiser)
+    assert set(calls) == {"controlnets x2", "unet + reference + temporal", "vae decode (1 frame)",
+                          "reference net (per source, per level)"}
+    with torch.no_grad():
+        controls = calls["controlnets x2"][0]()
+        noise = calls["unet + reference + temporal"][0]()
+    pose_mid = controls[0][1] if split else controls[1]
+    assert pose_mid.shape[0] == noise.shape[0] == denoiser.entries and torch.isfinite(noise).all()
