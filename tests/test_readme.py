@@ -312,7 +312,9 @@ def test_make_targets_run_what_the_readme_says():
                           text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     assert "pip install -q -e '.[test]'" in plan.stdout
-    assert "/nonexistent-venv/bin/python -m pytest -q" in plan.stdout
+    # Two passes: all but the realtime tests on two processes, then the realtime ones alone.
+    assert '/nonexistent-venv/bin/python -m pytest -q -n 2 -m "not realtime"\n' in plan.stdout
+    assert "/nonexistent-venv/bin/python -m pytest -q -m realtime\n" in plan.stdout
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     plan = subprocess.run(["make", "-n", "-B", "cam", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
