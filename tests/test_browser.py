@@ -32,7 +32,8 @@ from streamer.stats import SessionStats
 from streamer.video import write_video
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)"),
+              pytest.mark.realtime]
 
 TOKEN = "browser-token"
 FPS = 25

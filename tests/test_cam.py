@@ -115,6 +115,7 @@ def short_clip(clip, tmp_path_factory) -> tuple[str, list[np.ndarray]]:
     return str(path), frames
 
 
+@pytest.mark.realtime
 def test_the_camera_reader_delivers_a_file_at_its_own_rate_newest_first(short_clip):
     path, frames = short_clip
     source = camera_input(path)
@@ -136,6 +137,7 @@ def test_the_camera_reader_delivers_a_file_at_its_own_rate_newest_first(short_cl
         assert psnr(item.frame.to_ndarray(format="rgb24"), frames[item.index]) > 30
 
 
+@pytest.mark.realtime
 def test_a_looped_file_keeps_its_pace_across_the_seam(short_clip):
     path, frames = short_clip
     with Camera(camera_input(path), loop=True) as camera:
@@ -221,6 +223,7 @@ class SlowEngine:
         return self._engine.step(frame)
 
 
+@pytest.mark.realtime
 def test_a_slow_engine_drops_camera_frames_instead_of_queueing(clip):
     path, frames, _ = clip
     engine = SlowEngine(0.15)
@@ -257,6 +260,7 @@ class SlowToStart(SlowEngine):
         self.prepare = lambda sources: (time.sleep(delay), self._engine.prepare(sources))
 
 
+@pytest.mark.realtime
 def test_the_camera_is_read_once_the_engine_has_its_portrait(short_clip):
     """A file as the camera starts playing when the engine is ready, not while it starts: its
     first frames (the neutral pose the motion is measured from) are animated, not lost."""
@@ -267,6 +271,7 @@ def test_the_camera_is_read_once_the_engine_has_its_portrait(short_clip):
     assert report["frames_out"] >= len(frames) // 2, report  # not the ~0 a camera read during the start leaves
 
 
+@pytest.mark.realtime
 def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_still():
     still = np.full((512, 512, 3), 10, np.uint8)
     live = np.full((256, 256, 3), 200, np.uint8)  # another size: resized to the sinks'
@@ -304,6 +309,7 @@ def test_the_feed_repeats_the_last_frame_then_shows_the_still_and_pauses_to_the_
     assert np.median(np.diff(times[held[0]:held[-1]])) == pytest.approx(0.02, abs=0.004)
 
 
+@pytest.mark.realtime
 def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip):
     """The control surface without a window: keys on stdin (a pipe here; a terminal is read the
     same way, one key at a time)."""
@@ -344,6 +350,7 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
     assert sink.closed
 
 
+@pytest.mark.realtime
 def test_r_makes_the_current_pose_the_neutral_one(tmp_path):
     """The camera's head level for 0.8 s, then rolled and held there: the avatar rolls with it;
     after r the held roll is the new neutral, and the avatar's head is level again."""
@@ -395,6 +402,7 @@ def start_xvfb(attempts: int = 3) -> tuple[subprocess.Popen, str]:
     pytest.fail("Xvfb did not start: " + " | ".join(errors))
 
 
+@pytest.mark.realtime
 def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
     """`--preview` in a real X server (Xvfb), read back from its screen, with the README's
     `xportrait cam --portrait my-avatar.png --portrait astronaut` (an image file of one's own
@@ -506,6 +514,7 @@ def fake_device():
     pyvirtualcam.camera.BACKENDS.pop("xportrait-test", None)
 
 
+@pytest.mark.realtime
 def test_the_virtual_camera_gets_the_avatar_through_pyvirtualcam(clip, fake_device, tmp_path):
     """And `--record` beside it: the file holds what the virtual camera was sent, at the times sent."""
     import pyvirtualcam
@@ -680,6 +689,7 @@ def wait_for_node(env: dict, name: str, timeout: float) -> None:
     pytest.fail(f"no PipeWire node {name!r} within {timeout:g} s")
 
 
+@pytest.mark.realtime
 def test_the_pipewire_source_carries_the_avatar_to_a_real_consumer(clip, pipewire):
     path, _, _ = clip
     producer = subprocess.Popen([sys.executable, "-m", "streamer", "cam", "--camera", path, "--loop",
@@ -736,6 +746,7 @@ def wait_until(condition, timeout: float, what: str):
 TOKEN = "cam-test-token"
 
 
+@pytest.mark.realtime
 def test_remote_mode_holds_the_last_frame_shows_the_portrait_and_reconnects(clip, capfd):
     """The camera to a real `xportrait serve` and back; a wrong token is refused (401: stop),
     a second camera finds the server full (503: it retries); the server killed mid-stream and

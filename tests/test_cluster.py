@@ -33,7 +33,7 @@ RAY = Path(sys.executable).with_name("ray")
 WORKERS = ("xportrait-worker-0", "xportrait-worker-1")
 FRONT = ("--workers", "2", "--max-sessions", "1", "--idle-timeout", "5", "--connect-timeout", "10")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.realtime]  # a Ray head of 2 CPUs and live streams
 
 
 def _free_port() -> int:

@@ -24,7 +24,8 @@ import pytest
 from conftest import running_server, stop
 
 FIREFOX = os.environ.get("FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")
-pytestmark = pytest.mark.skipif(FIREFOX is None, reason="firefox is not installed (Debian: apt-get install firefox-esr)")
+pytestmark = [pytest.mark.skipif(FIREFOX is None, reason="firefox is not installed (Debian: apt-get install firefox-esr)"),
+              pytest.mark.realtime]
 
 TOKEN = "firefox-token"
 # A fake camera and no permission prompt; loopback ICE candidates (the server offers only

@@ -251,6 +251,7 @@ def eventually(condition, timeout: float = 5.0) -> bool:
     return condition()
 
 
+@pytest.mark.realtime
 def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_renders():
     from streamer.pipeline import Pipeline, worker_threads
 
@@ -284,6 +285,7 @@ def test_the_pipeline_governs_a_fake_engine_down_and_back_up_and_every_level_ren
     assert set(outputs) == {0, 1, 2}  # and frames of every level came out
 
 
+@pytest.mark.realtime
 def test_a_session_that_needs_no_other_level_is_not_slowed_by_making_one():
     """Making a level costs the stream (minutes of compile on the GIL): while a session streams
     and its governor needs no cheaper level, none is made (a better one it has room for waits
@@ -647,6 +649,7 @@ def test_a_level_that_could_not_be_made_is_passed_over_both_ways():
     assert governor.reason.startswith("up to full: room: full predicted 12.0 ms"), governor.reason
 
 
+@pytest.mark.realtime
 def test_a_governed_pipeline_starts_at_once_while_its_levels_are_made():
     """The levels below take 1.5 s each to make: frames flow at the best level meanwhile,
     the governor waits for the rung down (made on another thread), then moves."""

@@ -120,6 +120,7 @@ def test_an_offer_aiortc_fails_on_while_answering_is_a_400_and_holds_no_slot(pre
     asyncio.run(main())
 
 
+@pytest.mark.realtime
 def test_the_connect_timeout_counts_from_the_answer_not_from_a_slow_engine_start(prepared, clip):
     """On a loaded machine the engine may take longer to start than --connect-timeout: the
     offer is still answered, and the session streams (it was closed mid-offer: a 500)."""
@@ -180,6 +181,7 @@ def test_tokens_hosts_and_origins(prepared):
 
 
 # ------------------------------------------------------------------------------------------- uploads
+@pytest.mark.realtime
 def test_uploads_need_flowing_media_are_rate_limited_and_never_stall_the_stream(prepared, clip, monkeypatch):
     server = configured(prepared, portrait_changes=(2, 30.0))
     slow_s = 1.0
@@ -235,6 +237,7 @@ def test_uploads_need_flowing_media_are_rate_limited_and_never_stall_the_stream(
     asyncio.run(main())
 
 
+@pytest.mark.realtime
 def test_an_upload_over_the_pixel_budget_is_refused_from_its_header(prepared, clip):
     """A small PNG of 60 megapixels: decoded, it would be ~180 MB per upload."""
     import io
@@ -291,6 +294,7 @@ def test_an_upload_is_only_read_by_the_image_formats_the_server_names(monkeypatc
 
 
 # --------------------------------------------------------------------- control across sessions
+@pytest.mark.realtime
 def test_a_session_is_controlled_only_with_its_own_secret(prepared, clip):
     server = configured(prepared, portrait_changes=(100, 0.01))
 
@@ -320,6 +324,7 @@ def test_a_session_is_controlled_only_with_its_own_secret(prepared, clip):
 
 
 # ------------------------------------------------------------------------------------- data channel
+@pytest.mark.realtime
 def test_a_flood_of_data_channel_commands_queues_nothing(prepared, clip):
     """A page (or a program) sending thousands of recalibrate messages: one recalibration waits
     at a time (each used to wait as its own task for both pipeline threads: memory grew and
@@ -383,6 +388,7 @@ class InProcessWorker:
         return types.SimpleNamespace(remote=lambda *args: asyncio.ensure_future(call(*args)))
 
 
+@pytest.mark.realtime
 def test_the_front_reads_one_upload_per_session_at_a_time_and_checks_before_reading(prepared, clip, monkeypatch):
     """Through the front, a session's concurrent uploads are refused (429) before their bodies
     are read, as plain serve refuses them: the front buffered each one (10 MiB apiece) and
@@ -429,6 +435,7 @@ def test_the_front_reads_one_upload_per_session_at_a_time_and_checks_before_read
     asyncio.run(main())
 
 
+@pytest.mark.realtime
 def test_a_peer_that_reads_nothing_back_gets_no_more_queued_for_it(prepared, clip):
     """Replies and stats wait in the data channel's buffer until the peer takes them: a peer
     that never does (a program that floods retarget messages and reads nothing) is sent nothing
@@ -458,6 +465,7 @@ def test_a_peer_that_reads_nothing_back_gets_no_more_queued_for_it(prepared, cli
 
 
 # ----------------------------------------------------------------------------- resolution changes
+@pytest.mark.realtime
 def test_a_webcam_that_changes_resolution_is_realigned(prepared, clip):
     """640x480 -> 1280x720 (the face larger, to the right) -> 320x240 -> 1920x1080 (larger, to
     the left): each change is counted, and the avatar keeps showing the portrait's face where

@@ -22,6 +22,8 @@ from streamer import samples
 from streamer.pipeline import Pipeline
 from streamer.session import Session
 
+pytestmark = pytest.mark.realtime
+
 SESSIONS = 10
 
 

@@ -265,6 +265,20 @@ def test_quick_start_runs_as_written(tmp_path):
         assert (stream.width, stream.height, stream.frames, stream.average_rate) == (640, 480, 250, 25)
 
 
+# Right after the quick start: pytest-xdist's load scheduling (make test) then gives both to one
+# process, which runs the bench once, beside the quick start, instead of once for each.
+def test_bench_warp_runs_as_written(readme_bench):
+    process, folder = readme_bench
+    assert process.args == [str(SCRIPT), *shlex.split("xportrait bench --engine warp --size 512")[1:]]
+    code = process.wait(timeout=300)
+    out, err = (folder / "stdout").read_text(), (folder / "stderr").read_text()
+    assert code == 0, err[-2000:]  # (it once died of an UnboundLocalError)
+    assert "Traceback" not in err
+    assert out.startswith("engine warp at 512x512 on ")
+    assert "  290 frames: " in out  # the default 300, less the 10 warm-up frames
+    assert "baseline (scikit-image PiecewiseAffineTransform warp)" in out
+
+
 # -- needs weights: refused in one clear line, exit 2 ---------------------------------------------
 @pytest.mark.parametrize("command, entry", _params(NeedsWeights))
 def test_commands_that_need_weights_refuse_in_one_line(command, entry, tmp_path, monkeypatch, capsys):
@@ -312,22 +326,12 @@ def test_make_targets_run_what_the_readme_says():
                           text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     assert "pip install -q -e '.[test]'" in plan.stdout
-    assert "/nonexistent-venv/bin/python -m pytest -q" in plan.stdout
+    # Two passes: all but the realtime tests on two processes, then the realtime ones alone.
+    assert '/nonexistent-venv/bin/python -m pytest -q -n 2 -m "not realtime"\n' in plan.stdout
+    assert "/nonexistent-venv/bin/python -m pytest -q -m realtime\n" in plan.stdout
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     plan = subprocess.run(["make", "-n", "-B", "cam", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     assert "pip install -q -e '.[cam]'" in plan.stdout
     assert "/nonexistent-venv/bin/xportrait cam" in plan.stdout
-
-
-def test_bench_warp_runs_as_written(readme_bench):
-    process, folder = readme_bench
-    assert process.args == [str(SCRIPT), *shlex.split("xportrait bench --engine warp --size 512")[1:]]
-    code = process.wait(timeout=300)
-    out, err = (folder / "stdout").read_text(), (folder / "stderr").read_text()
-    assert code == 0, err[-2000:]  # (it once died of an UnboundLocalError)
-    assert "Traceback" not in err
-    assert out.startswith("engine warp at 512x512 on ")
-    assert "  290 frames: " in out  # the default 300, less the 10 warm-up frames
-    assert "baseline (scikit-image PiecewiseAffineTransform warp)" in out

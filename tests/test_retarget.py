@@ -248,6 +248,7 @@ def test_the_diffusion_engine_gets_its_driving_image_reposed_by_F(clip, eye):
 
 
 # -- the data channel -------------------------------------------------------------------------------------
+@pytest.mark.realtime
 def test_the_data_channel_sets_the_controls_and_answers_a_bad_message_with_an_error():
     """A program on the data channel: a retarget message changes the controls it names (the
     reply and /stats say the values in force), a bad one is answered with what is wrong, the
@@ -338,6 +339,7 @@ def test_cam_keys_toggle_the_controls_from_their_start_values():
     assert controls.retargeting.mouth_open == 0.0  # held at the end of its range
 
 
+@pytest.mark.realtime
 def test_cam_starts_with_a_steady_head_and_h_lets_it_move(tmp_path):
     """`xportrait cam --head-pose 0`, then the h key on the terminal: the avatar's head holds
     still while the camera's rolls (and its mouth still talks), then follows it."""

@@ -65,6 +65,7 @@ def test_a_self_signed_certificate_names_the_hosts_and_is_reused(tmp_path):
         server_context(cert_path, tmp_path / "cert.pem")  # a certificate is no key
 
 
+@pytest.mark.realtime
 def test_https_serves_the_page_and_a_session(prepared, clip, tmp_path):
     cert_path, key_path = self_signed(["localhost", "127.0.0.1"], tmp_path)
     client_tls = ssl.create_default_context(cafile=str(cert_path))
@@ -121,6 +122,7 @@ def test_serve_self_signed_prints_an_https_url_and_the_fingerprint(tmp_path):
         assert process.wait(timeout=30) == 0
 
 
+@pytest.mark.realtime
 def test_ice_chatter_stays_out_of_the_log_unless_verbose(prepared, clip, caplog):
     levels = {name: logging.getLogger(name).level for name in ("aioice", "aiortc")}
 

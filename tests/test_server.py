@@ -130,6 +130,7 @@ def test_max_sessions_refuses_with_503_until_one_ends(prepared, clip):
 
 
 # ------------------------------------------------------------------------------------ media path
+@pytest.mark.realtime
 def test_animated_frames_come_back_with_their_input_pts_and_stats(prepared, clip):
     portrait_crop = None
 
@@ -164,6 +165,7 @@ def test_animated_frames_come_back_with_their_input_pts_and_stats(prepared, clip
     assert stats["sessions"][0]["frames_in"] > 0
 
 
+@pytest.mark.realtime
 def test_echo_returns_the_webcam_frames_through_the_same_path(prepared, clip):
     async def main():
         async with running(prepared) as http:
@@ -185,6 +187,7 @@ def test_echo_returns_the_webcam_frames_through_the_same_path(prepared, clip):
     assert peer.stats[-1]["mode"] == "echo" and peer.stats[-1]["stages_ms"]["face"] < 0.5  # no face work
 
 
+@pytest.mark.realtime
 def test_no_face_holds_the_last_pose(prepared, clip):
     blank = np.full_like(clip[0], 40)
     face_frames = FPS + FPS // 2
@@ -209,6 +212,7 @@ def test_no_face_holds_the_last_pose(prepared, clip):
     assert peer.stats[-1]["errors"] == 0
 
 
+@pytest.mark.realtime
 @pytest.mark.parametrize("stage", ["track", "render"])
 def test_a_slow_stage_drops_stale_frames_and_latency_does_not_creep(prepared, clip, monkeypatch, stage):
     """With one stage costing 3 frame periods, a queue would add ~80 ms per frame; the newest-
@@ -337,6 +341,7 @@ def slow_pipeline(prepared, monkeypatch, request):
     return configured(prepared, EnginePool(take_engine)), stages, engines
 
 
+@pytest.mark.realtime
 @pytest.mark.parametrize("slow_pipeline", [SlowEngine, SlowCpuEngine], indirect=True)
 def test_frame_n_plus_1_is_tracked_while_frame_n_is_in_the_engine(slow_pipeline, clip):
     """An engine that waits on a device: tracking and its step overlap, the session renders at
@@ -371,6 +376,7 @@ def test_frame_n_plus_1_is_tracked_while_frame_n_is_in_the_engine(slow_pipeline,
     assert snapshot["errors"] == 0 and snapshot["stages_ms"]["engine"] >= STEP_S * 1e3
 
 
+@pytest.mark.realtime
 def test_a_new_portrait_and_recalibration_wait_for_both_threads(slow_pipeline, clip):
     """Changes to the engine (prepare, reset) happen with no frame in either stage, while
     frames keep coming before and after."""
@@ -403,6 +409,7 @@ def test_a_new_portrait_and_recalibration_wait_for_both_threads(slow_pipeline, c
 
 
 # --------------------------------------------------------------------------------------- uploads
+@pytest.mark.realtime
 def test_avatar_upload_bad_input_keeps_the_previous_portrait(prepared, clip):
     server = configured(prepared, portrait_changes=(100, 0.01))  # the rate limit has its own test
     astronaut, grace = samples.portrait("astronaut"), samples.portrait("grace_hopper")
@@ -468,6 +475,7 @@ def test_avatar_upload_bad_input_keeps_the_previous_portrait(prepared, clip):
 
 
 # ----------------------------------------------------------------------------------- teardown
+@pytest.mark.realtime
 def test_a_silent_or_unanswered_peer_is_freed_by_the_timeouts(prepared, clip):
     async def main():
         async with running(prepared) as http:

@@ -23,6 +23,8 @@ from conftest import running_server
 from streamer import samples
 from streamer.video import write_video
 
+pytestmark = pytest.mark.realtime
+
 TOKEN = "test-token"
 FPS = 25
 SECONDS = 3
