@@ -42,6 +42,14 @@ class LevelTimes:
     local: list[torch.Tensor]
 
 
+Residuals = tuple[list[torch.Tensor], torch.Tensor]  # a ControlNet's: down list, mid
+
+
+def add_residuals(pose: Residuals, local: Residuals) -> Residuals:
+    """Both ControlNets' residuals as the UNet takes them: added, unscaled, as the released code does."""
+    return [p + l for p, l in zip(pose[0], local[0], strict=True)], pose[1] + local[1]
+
+
 class XPortraitModel(nn.Module):
     def __init__(self, config: XPortraitConfig):
         super().__init__()
@@ -112,10 +120,9 @@ class XPortraitModel(nn.Module):
 
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
                  local_hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Both ControlNets' residuals, summed (the released code adds them unscaled)."""
-        pose_down, pose_mid = self.control(self.pose_controlnet, sample, timestep, pose_hint)
-        local_down, local_mid = self.control(self.local_controlnet, sample, timestep, local_hint)
-        return [p + l for p, l in zip(pose_down, local_down)], pose_mid + local_mid
+        """Both ControlNets' residuals, summed."""
+        return add_residuals(self.control(self.pose_controlnet, sample, timestep, pose_hint),
+                             self.control(self.local_controlnet, sample, timestep, local_hint))
 
     # -- the live tick's parts: the ControlNets and the UNet's halves, from what repeats made once:
     # a frame's hint embeddings (the same at each of its levels: made when it enters) and a

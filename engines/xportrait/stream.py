@@ -27,8 +27,6 @@ step: the offline definition the streaming engine is tested against.
 from __future__ import annotations
 
 import contextlib
-import functools
-import operator
 import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -38,7 +36,7 @@ from diffusers import LCMScheduler
 
 from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
-from .model import LevelTimes, ReferenceKV, XPortraitModel
+from .model import LevelTimes, ReferenceKV, XPortraitModel, add_residuals
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 _ONE_CAPTURE = threading.Lock()  # CUDA graph captures in this process, one at a time (StreamingDenoiser.capture)
@@ -313,8 +311,7 @@ class StreamingDenoiser:
                            for _ in range(4))
                      for pixels, channels, heads in model.temporal_shapes]
             timesteps = self.levels.timesteps[entry_levels]
-            with torch.no_grad():
-                times = model.level_times(timesteps) if split else None
+            times = model.level_times(timesteps) if split else None
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
                               torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times)
 
@@ -505,10 +502,8 @@ class StreamingDenoiser:
         return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
 
     def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
-        """`residuals`: each ControlNet part's (down list, mid), added (the released code adds
-        both ControlNets' unscaled)."""
-        down = [functools.reduce(operator.add, level) for level in zip(*(r[0] for r in residuals))]
-        mid = functools.reduce(operator.add, [r[1] for r in residuals])
+        """`residuals`: the pose and the local ControlNet's."""
+        down, mid = add_residuals(*residuals)
         return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
