@@ -28,7 +28,6 @@ LCM_STEPS = 4  # LCM sampling with an LCM-LoRA, offline
 LIVE_STEPS = LCM_STEPS  # LCM steps of the live engine (= frames in flight), and of the exported graphs
 DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
 TICKS_PER_FRAME = (1, 2, "auto")  # the live engine's stream ticks per camera frame
-ATTENTION_KERNELS = ("auto", "cudnn")  # the live engine's attention kernels on a GPU (LiveOptions.attention)
 
 
 class OptionError(ValueError):
@@ -96,9 +95,6 @@ class LiveOptions:
     # matrix products and keeps the fastest (max_autotune_gemm): much longer the first time,
     # cached after in inductor's cache directory.
     autotune: bool = False
-    # The captured tick's attention kernels: PyTorch's choice (flash first), or cuDNN's first
-    # wherever it takes the shape (engines.xportrait.stream.attention_kernels).
-    attention: str = "auto"
     cuda_graph: bool = True  # replay the tick as one CUDA graph (on a GPU, with the torch backend)
     tiny_decoder: str | None = None  # TAESD folder ('random' with random weights) instead of the full VAE
     channels_last: bool = True  # cuDNN's layout on a GPU
@@ -118,7 +114,6 @@ class LiveOptions:
         at_least(self.lookahead, 0, "lookahead")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
-        one_of(self.attention, ATTENTION_KERNELS, "attention")
         if self.autotune and not self.compile:
             raise OptionError("--autotune tunes the compiled tick: give --compile too")
         if self.level_groups > 1:

@@ -19,7 +19,6 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from engines.options import (
-    ATTENTION_KERNELS,
     BACKENDS,
     DEFAULT_SEED,
     DEFAULT_SIZE,
@@ -51,7 +50,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The diffusion engine's flags and the XPortraitOptions field each sets (all but --engine/--size).
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
-LIVE_FLAGS = ("compile", "autotune", "attention", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
+LIVE_FLAGS = ("compile", "autotune", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
               "level_groups")
 
 
@@ -91,9 +90,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                    help="live engine, with --compile: time Triton kernels against cuBLAS for each of the tick's "
                         "matrix products and keep the fastest (inductor's max_autotune_gemm; many more minutes the "
                         "first time, cached after in TORCHINDUCTOR_CACHE_DIR)")
-    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
-                   help="live engine, on a GPU: the captured tick's attention kernels: PyTorch's choice (auto: flash "
-                        "first) or cuDNN's first wherever it takes the shape (cudnn)")
     g.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="live engine: run the modules with torch, or the graphs `xportrait export` wrote (--graphs)")
     g.add_argument("--graphs", metavar="DIR", help="exported graphs for --backend onnx|tensorrt")
@@ -127,7 +123,7 @@ def _ticks_per_frame(text: str) -> int | str:
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
     defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
-                "ticks_per_frame": 1, "level_groups": 1, "attention": "auto"}
+                "ticks_per_frame": 1, "level_groups": 1}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -146,7 +142,7 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
         if given:
             raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, autotune=args.autotune,
-                               attention=args.attention, tiny_decoder=args.tiny_decoder,
+                               tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
                                ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,

@@ -40,7 +40,6 @@ def parsed(*argv: str):
     (lambda: XPortraitOptions(), "needs --checkpoint"),
     (lambda: LiveOptions(lookahead=-1), "--lookahead must be at least 0, got -1"),
     (lambda: LiveOptions(autotune=True), "--autotune tunes the compiled tick: give --compile too"),
-    (lambda: LiveOptions(attention="flash"), "--attention must be one of auto, cudnn, got 'flash'"),
     (lambda: LiveOptions(backend="onnx"), "--backend onnx needs --graphs DIR"),
     (lambda: LiveOptions(backend="onnx", graphs="g", lookahead=1), "--lookahead works with the torch backend only"),
     (lambda: LiveOptions(graphs="g"), "--graphs is for --backend onnx or tensorrt"),
@@ -80,9 +79,8 @@ def test_flags_map_onto_the_options_once():
     animate = animate_options(parsed("animate", "a.jpg", "b.jpg", "d.mp4", "-o", "o.mp4", "--ref-frame", "3"))
     assert animate == AnimateOptions(("a.jpg", "b.jpg"), "d.mp4", "o.mp4", WarpOptions(), 3)
     bench = bench_options(parsed("bench", "--engine", "xportrait", "--stream", "--random-weights", "--compile",
-                                 "--autotune", "--attention", "cudnn", "--offline-steps", "2, 6"))
+                                 "--autotune", "--offline-steps", "2, 6"))
     assert bench.stream and bench.engine.live.compile and bench.engine.live.autotune
-    assert bench.engine.live.attention == "cudnn" and LiveOptions().attention == "auto"
     assert bench.offline_steps == (2, 6)
     client = client_options(parsed("client", "clip.mp4", "--loop", "--duration", "3"))
     assert client == ClientOptions("clip.mp4", loop=True, duration=3.0)
@@ -96,9 +94,6 @@ def test_flags_map_onto_the_options_once():
     (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be positive"),
     (["serve", "--engine", "xportrait", "--random-weights", "--autotune"], "--autotune tunes the compiled tick"),
     (["serve", "--autotune"], "--autotune: only for --engine xportrait"),
-    (["serve", "--attention", "cudnn"], "--attention: only for --engine xportrait"),
-    (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--engine", "xportrait", "--random-weights", "--attention", "cudnn"],
-     "--attention: only for the live engine"),
     (["serve", "--engine", "xportrait", "--random-weights", "--backend", "tensorrt"], "--backend tensorrt needs --graphs"),
     (["client", "clip.mp4", "--loop"], "--loop needs --duration"),
     (["export", "--to", "g", "--random-weights", "--repeat", "0"], "--repeat must be at least 1, got 0"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engines.xportrait.model import XPortraitModel
-from engines.xportrait.stream import StreamSettings, StreamingDenoiser, attention_kernels, control_hints, render_causal
+from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
 from fixtures import compact_config, one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
@@ -156,27 +156,6 @@ def test_fused_self_attention_projections_render_the_same_frames():
     split, _ = stream(model, settings, sources, driving, boxes, split=True)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
-
-
-def test_cudnn_attention_comes_first_while_asked_and_the_frames_stay(model):
-    """attention_kernels("cudnn") (--attention cudnn, around the capture) puts cuDNN's kernel
-    first in PyTorch's order and restores the order after; where cuDNN takes no shape (here,
-    a CPU) the frames are the plain ones."""
-    from torch.nn.attention import SDPBackend
-
-    settings = StreamSettings(steps=2, window=3)
-    sources, driving, boxes = inputs(4)
-    plain, _ = stream(model, settings, sources, driving, boxes)
-    before = torch._C._get_sdp_priority_order()
-    with attention_kernels("cudnn"):
-        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION) != before[0]
-        cudnn_first, _ = stream(model, settings, sources, driving, boxes, split=True)
-    assert torch._C._get_sdp_priority_order() == before
-    with attention_kernels("auto"):
-        assert torch._C._get_sdp_priority_order() == before
-    torch.testing.assert_close(cudnn_first, plain, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="one of auto, cudnn, got 'flash'"):
-        attention_kernels("flash")
 
 
 def test_the_live_engine_burns_the_random_weights_label_into_every_frame():

@@ -173,7 +173,6 @@ class XPortraitLiveEngine:
         self.cuda_graph = native and live.cuda_graph and cuda
         self.compile = live.compile and self.cuda_graph
         self.autotune = live.autotune and self.compile
-        self.attention = live.attention
         # Quality levels (engines.base.Governed), best first: with a tiny decoder, the options'
         # stream decoded by the full VAE, then by the tiny decoder (where the engine starts);
         # then without look-ahead, then one LCM step fewer at a time down to 2; with level groups,
@@ -239,7 +238,7 @@ class XPortraitLiveEngine:
     def _prepare(self, denoiser: StreamingDenoiser, sources: torch.Tensor) -> None:
         denoiser.prepare(sources)
         if self.cuda_graph and not denoiser.captured:
-            denoiser.capture(compile=self.compile, autotune=self.autotune, attention=self.attention)
+            denoiser.capture(compile=self.compile, autotune=self.autotune)
 
     def quality_levels(self) -> list[QualityLevel]:
         best, vae = self._ladder[0]

@@ -34,7 +34,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 from diffusers import LCMScheduler
 
-from ..options import ATTENTION_KERNELS, DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
+from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
 from .model import LevelTimes, ReferenceKV, XPortraitModel, add_residuals
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
@@ -249,21 +249,6 @@ class LevelGroup:
     rings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per temporal module: K1, V1, K2, V2
     times: LevelTimes | None = None  # the split tick's: every resnet's time projection at these levels
     reference: ReferenceKV | None = None  # set by prepare
-
-
-def attention_kernels(choice: str):
-    """Where PyTorch's attention (F.scaled_dot_product_attention) picks its kernel in this
-    thread: "auto", its own order (flash first on a GPU); "cudnn", cuDNN's fused kernel first,
-    then that order, for the shapes cuDNN does not take (and on a CPU, which has none). Flash
-    pads SD1.5's 40-wide heads (the 64² blocks') to 64; cuDNN takes them as they are."""
-    if choice not in ATTENTION_KERNELS:
-        raise ValueError(f"attention kernels: one of {', '.join(ATTENTION_KERNELS)}, got {choice!r}")
-    if choice == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH], set_priority=True)
 
 
 def _beside(side: torch.cuda.Stream | None):
@@ -522,13 +507,11 @@ class StreamingDenoiser:
         return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
-    def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,
-                attention: str = "auto") -> None:
+    def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False) -> None:
         """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
         and, with `compile`, let torch.compile (default mode) fuse the tick's kernels; with
         `autotune` too, choose each matrix product's kernel by timing); the state is
-        reset afterwards. `attention`: the recorded attention kernels, PyTorch's choice ("auto")
-        or cuDNN's first wherever it takes the shape ("cudnn"; see `attention_kernels`). CUDA only."""
+        reset afterwards. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         if not self.prepared:
@@ -555,18 +538,16 @@ class StreamingDenoiser:
             advance = compiled(self._advance_eager) if compile else self._advance
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        # The kernel is chosen where the tick is traced (compiled) or recorded: both happen here.
-        with attention_kernels(attention):
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    advance()
-            torch.cuda.current_stream().wait_stream(stream)
-            # Another thread may be stepping an engine meanwhile (a level made while the stream
-            # runs): only this thread's calls must keep off the capture ("thread_local"), and the
-            # capture stream torch.cuda.graph records on is one per process.
-            with _ONE_CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
                 advance()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # Another thread may be stepping an engine meanwhile (a level made while the stream
+        # runs): only this thread's calls must keep off the capture ("thread_local"), and the
+        # capture stream torch.cuda.graph records on is one per process.
+        with _ONE_CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            advance()
         self._graph = graph
         self.advance = advance  # the recorded work (compiled, if asked), for profilers
         self.reset()
