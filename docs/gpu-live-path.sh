@@ -5,8 +5,9 @@
 #   PHASES: a comma list of off, worker, gov (in that order of the list). Each phase starts its own server.
 #   off and worker: animate at 25 fps (off2530: 25, then 30 fps, on one server). gov (--target-fps 30 --max-latency-ms 120): a 25 fps client at once, while
 #   the other levels are being made; then, once they are (or after 900 s), 25 and 30 fps.
+#   SERVE (environment): the command that serves, instead of `python -m streamer` (e.g. a wrapper that tunes the process)
 R=$1; D=$2; PHASES=$3; shift 3; ENG="$*"
-mkdir -p $R; X="python -m streamer"
+mkdir -p $R; X="python -m streamer"; SERVE=${SERVE:-$X}
 log(){ echo "$(date -u +%T) $*" | tee -a $R/progress.txt; }
 log "start: $ENG"
 for rate in 25 30; do
@@ -17,7 +18,7 @@ up(){  # name port serve-flags...: start a server, wait until it serves
   name=$1; port=$2; shift 2
   log "$name: serve $ENG $*"
   t0=$(date +%s)
-  $X serve --port $port $ENG "$@" > $R/$name.serve.log 2>&1 &
+  $SERVE serve --port $port $ENG "$@" > $R/$name.serve.log 2>&1 &
   pid=$!
   until grep -q "http://" $R/$name.serve.log; do
     sleep 2; kill -0 $pid 2>/dev/null || { log "$name: server died"; tail -20 $R/$name.serve.log >> $R/progress.txt; return 1; }
