@@ -39,6 +39,10 @@ from .config import XPortraitConfig
 from .model import LevelTimes, ReferenceKV, XPortraitModel, add_residuals
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
+# CUDA stream priority of the captured tick's main path (lower is sooner; the ControlNets' side
+# streams keep the default, 0, the lowest). On the H200 (uncompiled split tick, 2 passes):
+# 46.05 ms a replay against 47.14 at 0, and 48.34 with the side streams first (BENCHMARKS.md).
+MAIN_PRIORITY = -1
 _ONE_CAPTURE = threading.Lock()  # CUDA graph captures in this process, one at a time (StreamingDenoiser.capture)
 
 
@@ -507,11 +511,13 @@ class StreamingDenoiser:
         return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
 
     @torch.no_grad()
-    def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False) -> None:
+    def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,
+                main_priority: int = MAIN_PRIORITY) -> None:
         """Record one tick as a CUDA graph (after warm-up ticks, which also allocate the caches
         and, with `compile`, let torch.compile (default mode) fuse the tick's kernels; with
         `autotune` too, choose each matrix product's kernel by timing); the state is
-        reset afterwards. CUDA only."""
+        reset afterwards. `main_priority`: the CUDA stream priority the tick's main path is
+        recorded at (the ControlNets' side streams: 0). CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         if not self.prepared:
@@ -536,7 +542,11 @@ class StreamingDenoiser:
             advance = lambda: self._advance_split(enter, controls, down, up, finish)
         else:
             advance = compiled(self._advance_eager) if compile else self._advance
-        stream = torch.cuda.Stream()
+        # The tick's own stream (the UNet's path: the one every pass waits on) at main_priority,
+        # above the ControlNets' side streams: where kernels of both are ready, the GPU starts the
+        # main path's first. The graph keeps each kernel's stream priority (PyTorch >= 2.10
+        # instantiates graphs with node priorities).
+        stream = torch.cuda.Stream(priority=main_priority)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -544,9 +554,9 @@ class StreamingDenoiser:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # Another thread may be stepping an engine meanwhile (a level made while the stream
-        # runs): only this thread's calls must keep off the capture ("thread_local"), and the
-        # capture stream torch.cuda.graph records on is one per process.
-        with _ONE_CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # runs): only this thread's calls must keep off the capture ("thread_local"); one
+        # capture at a time in the process.
+        with _ONE_CAPTURE, torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             advance()
         self._graph = graph
         self.advance = advance  # the recorded work (compiled, if asked), for profilers
