@@ -28,6 +28,7 @@ while IFS= read -r line; do
   log "[$n] rc $rc: $(grep '^{' /tmp/res/$n.err | python3 /tmp/tA/docs/gpu-summary.py)"
   [ $rc = 0 ] || tail -3 /tmp/res/$n.err >> /tmp/res/progress.txt
 done < "$Q"
+log "inductor's cache: $(du -sh /tmp/torchinductor_* 2>/dev/null | tr '\n' ' ')(a later machine compiles it all again)"
 find /tmp/res -name tick-trace.json -delete
 (cd /tmp && tar czf /tmp/all.tgz --exclude='*.mp4' res $(ls -d /tmp/resLP* 2>/dev/null | sed 's|/tmp/||'))
 log "QUEUE DONE"
