@@ -64,6 +64,8 @@ class TickProfile:
     top: list[dict] = field(default_factory=list)  # the costliest kernels: name, kind, launches and us per tick
     # The costliest matrix operators by shape: op, shape, calls and us per tick, TFLOP/s (traces with shapes only)
     by_shape: list[dict] = field(default_factory=list)
+    # The ring attention's kernels by launch grid (one grid per latent size): kernel, grid, calls per tick, us a call
+    ring_by_grid: list[dict] = field(default_factory=list)
 
 
 def _mm_flop(dims: list[list[int]], first: int) -> tuple[float, str]:
@@ -149,6 +151,22 @@ def by_shape(events: list[dict], ticks: int, top: int = 25) -> list[dict]:
     return costliest
 
 
+def ring_by_grid(kernels: list[dict], ticks: int) -> list[dict]:
+    """Our ring kernels' calls by launch grid, the largest grid first: the grid is the rows
+    (query pixels x heads) over the rows a program takes, so each latent size has its own, and
+    a call's time against its ring's bytes says how near the memory's rate it runs."""
+    rows: dict = {}
+    for e in kernels:
+        if e["name"] in RING_KERNELS:
+            grid = tuple(e.get("args", {}).get("grid", ()))
+            row = rows.setdefault((e["name"], grid), {"kernel": e["name"], "grid": list(grid), "calls": 0.0, "us": 0.0})
+            row["calls"] += 1 / ticks
+            row["us"] += e["dur"] / ticks
+    for row in rows.values():
+        row["us"] /= row["calls"]  # a call
+    return sorted(rows.values(), key=lambda r: (r["kernel"], -(r["grid"] or [0])[0]))
+
+
 def summarize(events: list[dict], ticks: int, top: int = 25) -> TickProfile:
     """A chrome-trace event list (torch.profiler's export) -> the per-tick profile."""
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -170,7 +188,7 @@ def summarize(events: list[dict], ticks: int, top: int = 25) -> TickProfile:
         by_stream_ms=dict(sorted(by_stream.items(), key=lambda kv: -kv[1])),
         top=[{"kernel": name, "kind": kernel_category(name), "launches": calls, "us": us}
              for name, (calls, us) in costliest],
-        by_shape=by_shape(events, ticks, top))
+        by_shape=by_shape(events, ticks, top), ring_by_grid=ring_by_grid(kernels, ticks))
 
 
 def profile_ticks(denoiser, out_dir: str | Path, ticks: int = 5, warmup: int = 2) -> TickProfile:
@@ -209,4 +227,9 @@ def format_profile(p: TickProfile, shapes: int = 15) -> list[str]:
         for row in p.by_shape[:shapes]:
             lines.append(f"    {row['op']:<28.28} {row['shape']:<40.40} {row['calls']:4.0f} {row['us']:8.1f} "
                          f"{row['tflops']:6.0f}")
+    if p.ring_by_grid:
+        lines.append("  ring attention by launch grid (a tick: calls, us a call):")
+        for row in p.ring_by_grid:
+            lines.append(f"    {row['kernel']:<28} grid {'x'.join(map(str, row['grid'])) or '?':<32} "
+                         f"{row['calls']:4.0f} {row['us']:8.1f}")
     return lines

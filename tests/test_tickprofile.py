@@ -66,6 +66,22 @@ def test_a_trace_sums_to_per_tick_kinds_streams_and_the_costliest_kernels():
     assert "GEMMs" in table and "81.2%" in table
 
 
+def test_the_ring_kernels_are_timed_per_launch_grid():
+    """One grid per latent size (rows over rows a program): calls a tick and the time of one."""
+    def ring(dur, grid):
+        return {"ph": "X", "cat": "kernel", "name": "_attend_kernel", "dur": dur, "ts": 0,
+                "args": {"stream": 7, "grid": grid}}
+
+    events = [ring(60.0, [65536, 1, 1]), ring(50.0, [65536, 1, 1]), ring(20.0, [16384, 1, 1]),
+              ring(70.0, [65536, 1, 1]), ring(22.0, [16384, 1, 1]), ring(58.0, [65536, 1, 1])]
+    profile = summarize(events, ticks=2)
+    assert profile.ring_by_grid == [
+        {"kernel": "_attend_kernel", "grid": [65536, 1, 1], "calls": 2.0, "us": pytest.approx(59.5)},
+        {"kernel": "_attend_kernel", "grid": [16384, 1, 1], "calls": 1.0, "us": pytest.approx(21.0)}]
+    table = "\n".join(format_profile(profile))
+    assert "ring attention by launch grid" in table and "65536x1x1" in table and "59.5" in table
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_profiling_without_a_gpu_is_a_clear_error_before_any_work(tmp_path, capsys):
     assert main(TINY + ["--profile", str(tmp_path / "profile")]) == 2
