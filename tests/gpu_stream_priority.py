@@ -1,9 +1,9 @@
 """On a CUDA device (not part of the suite): the captured split tick with its main path at
 stream priority 0 (the ControlNets' side streams' own) and at MAIN_PRIORITY (above them), in
 one process, uncompiled (a capture takes seconds), alternating, each replay timed with CUDA
-events. SD1.5 with random weights at 512², 4 steps, TAESD with random weights.
+events. SD1.5 with random weights at 512² (or the tiny model), 4 steps, TAESD with random weights.
 
-    python tests/gpu_stream_priority.py [--level-groups 2] [--repeat 2]
+    python tests/gpu_stream_priority.py [--level-groups 2] [--repeat 2] [--model-size tiny --size 64]
 
 Prints the best and median replay per variant.
 """
@@ -41,12 +41,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--level-groups", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--model-size", default="sd15")
+    parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    options = XPortraitOptions(size=512, random_weights=True,
+    options = XPortraitOptions(size=args.size, model_size=args.model_size, random_weights=True,
                                live=LiveOptions(cuda_graph=False, tiny_decoder="random", level_groups=args.level_groups))
     begin = time.perf_counter()
     engine = create_engine(options)  # no graph yet: captured below, once per variant
-    source = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    source = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     engine.prepare([SourcePortrait(source, np.zeros((478, 3), np.float32))])
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: engine ready in "
           f"{time.perf_counter() - begin:.0f} s; {args.level_groups} passes a tick", flush=True)
