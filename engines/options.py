@@ -109,9 +109,21 @@ class LiveOptions:
     # of G = 1 exactly (the passes must fit in a frame interval). The quality ladder has each
     # step count in the most groups G' <= G that divide it, then in one pass.
     level_groups: int = 1
+    # Deep features reused (lossy; judge it with real weights): only these levels walk the whole
+    # UNet and ControlNets; at the others a frame walks their first and last levels, on the deep
+    # features of its last listed level (DeepCache's idea across a frame's LCM steps). Empty: all.
+    deep_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
+        if self.deep_levels:
+            levels = self.deep_levels
+            if list(levels) != sorted(set(levels)) or levels[0] != 0:
+                raise OptionError(f"--deep-levels: increasing levels from 0 (e.g. 0 or 0,2), "
+                                  f"got {','.join(map(str, levels))}")
+            if self.level_groups > 1 or self.lookahead or self.backend != "torch":
+                raise OptionError("--deep-levels steps the levels in one pass of the torch backend: not with "
+                                  "--level-groups, --lookahead or --backend")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
         if self.autotune and not self.compile:
@@ -189,6 +201,9 @@ class XPortraitOptions:
                 raise OptionError("overlap, offsets and shared_noise are the offline engine's windows")
             if self.live.tiny_decoder == "random" and not self.random_weights:
                 raise OptionError("--tiny-decoder random is only for --random-weights")
+            if self.live.deep_levels and self.live.deep_levels[-1] >= self.stream_steps:
+                raise OptionError(f"--deep-levels: levels below --steps ({self.stream_steps}), "
+                                  f"got {','.join(map(str, self.live.deep_levels))}")
             if self.stream_steps % self.live.level_groups:
                 raise OptionError(f"--level-groups must divide --steps ({self.stream_steps} steps in "
                                   f"{self.live.level_groups} groups)")

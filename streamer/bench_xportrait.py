@@ -151,7 +151,7 @@ def bench_stream(options: BenchOptions) -> dict:
     import torch
 
     from engines.xportrait.runtime import to_tensor
-    from engines.xportrait.stream import StreamSettings, render_causal
+    from engines.xportrait.stream import StreamSettings, deep_reuse_error, render_causal
 
     from .options import engine_factory
 
@@ -190,6 +190,9 @@ def bench_stream(options: BenchOptions) -> dict:
     if live.level_groups > 1:  # likewise one pass a tick: another batch, so another engine (and graph)
         label, variant = variants[-1]
         runs_of.append((label, dataclasses.replace(variant, level_groups=1), 1, ", 1 level group (baseline)"))
+    if live.deep_levels:  # likewise every level walked whole: the frames the deep features' reuse approximates
+        label, variant = variants[-1]
+        runs_of.append((label, dataclasses.replace(variant, deep_levels=()), 1, ", every level whole (baseline)"))
     engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:
         if made is not variant:
@@ -213,6 +216,7 @@ def bench_stream(options: BenchOptions) -> dict:
         timed = stream_run(engine, frames[options.warmup:], options.paced_fps)
         sync()
         runs.append({"engine": label, "ticks_per_frame": run_ticks, "level_groups": variant.level_groups,
+                     "deep_levels": list(variant.deep_levels),
                      "startup_s": startup_s, **timed,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
@@ -245,11 +249,20 @@ def bench_stream(options: BenchOptions) -> dict:
               "window": settings.window, "lookahead": settings.lookahead, "runs": runs, "modules_ms": modules}
     if profiled is not None:
         result["profile"] = profiled
+    torch_model = isinstance(model, torch.nn.Module)
+    if settings.deep_levels and torch_model:
+        # The reuse's error on the predicted noise against the whole walk at the engine's dtype,
+        # on the first frames (with random weights it says nothing of a trained model's).
+        n = min(8, len(frames))
+        clip = to_tensor([f.image for f in frames[:n]], device, dtype)
+        errors = deep_reuse_error(model, settings, to_tensor([source], device, dtype), clip, clip)
+        result["noise_error"] = {"deep_levels": list(settings.deep_levels), "frames": n,
+                                 "relative_l2_per_level": errors}
     # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
     count = min(8 if options.baseline_frames is None else options.baseline_frames, len(frames))
     if count <= 0:
         return result
-    if not isinstance(model, torch.nn.Module):  # the naive baseline is the torch model's; graphs run the stream only
+    if not torch_model:  # the naive baseline is the torch model's; graphs run the stream only
         result["baseline_skipped"] = f"--backend {live.backend}: the naive baseline runs the torch model"
         return result
     sources = to_tensor([source], device, dtype)
@@ -281,6 +294,7 @@ def print_stream(result: dict) -> None:
         paced = (f" (paced {r['paced_fps']:g} fps, {r['dropped']} dropped)" if r["paced_fps"] else "")
         ticks = f"; {r['ticks_per_step']:.2f} ticks a frame" if r["ticks_per_frame"] != 1 else ""
         ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
+        ticks += f"; deep at levels {','.join(map(str, r['deep_levels']))}" if r.get("deep_levels") else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
     for name, ms in result["modules_ms"].items():
@@ -289,6 +303,11 @@ def print_stream(result: dict) -> None:
         from .tickprofile import TickProfile, format_profile
 
         print("\n".join(format_profile(TickProfile(**result["profile"]))))
+    if "noise_error" in result:
+        e = result["noise_error"]
+        per_level = ", ".join(f"level {k}: {v:.4f}" for k, v in enumerate(e["relative_l2_per_level"]))
+        print(f"  deep features reused (deep at levels {','.join(map(str, e['deep_levels']))}): predicted noise "
+              f"against the whole walk, relative L2 over {e['frames']} frames: {per_level}")
     if "baseline_skipped" in result:
         print(f"  baseline skipped: {result['baseline_skipped']}")
     if "baseline" in result:

@@ -51,7 +51,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
 LIVE_FLAGS = ("compile", "autotune", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
-              "level_groups")
+              "level_groups", "deep_levels")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -107,6 +107,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                         "the same frames, each out after S / G - 1 camera intervals plus G passes instead of S - 1 "
                         "intervals plus one tick (the passes must fit in a frame interval; G divides --steps; "
                         "default: 1)")
+    g.add_argument("--deep-levels", type=_levels, default=(), metavar="L[,L...]",
+                   help="live engine, lossy (random weights cannot judge it): only these levels (from 0, the "
+                        "noisiest) walk the whole UNet and ControlNets; at the others a frame walks only their "
+                        "first and last levels, on the deep features of its last listed level (default: all)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -120,10 +124,17 @@ def _ticks_per_frame(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"1, 2 or auto, got {text!r}") from None
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels as integers separated by commas (e.g. 0,2), got {text!r}") from None
+
+
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
     defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
-                "ticks_per_frame": 1, "level_groups": 1}
+                "ticks_per_frame": 1, "level_groups": 1, "deep_levels": ()}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -144,7 +155,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, autotune=args.autotune,
                                tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
-                               ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups) if live else None
+                               ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups,
+                               deep_levels=args.deep_levels) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

@@ -43,6 +43,11 @@ def parsed(*argv: str):
     (lambda: LiveOptions(backend="onnx"), "--backend onnx needs --graphs DIR"),
     (lambda: LiveOptions(backend="onnx", graphs="g", lookahead=1), "--lookahead works with the torch backend only"),
     (lambda: LiveOptions(graphs="g"), "--graphs is for --backend onnx or tensorrt"),
+    (lambda: LiveOptions(deep_levels=(1,)), "--deep-levels: increasing levels from 0 (e.g. 0 or 0,2), got 1"),
+    (lambda: LiveOptions(deep_levels=(0, 2, 2)), "--deep-levels: increasing levels from 0"),
+    (lambda: LiveOptions(deep_levels=(0,), level_groups=2), "--deep-levels steps the levels in one pass"),
+    (lambda: XPortraitOptions(steps=2, live=LiveOptions(deep_levels=(0, 2)), **RANDOM),
+     "--deep-levels: levels below --steps (2), got 0,2"),
     (lambda: XPortraitOptions(sampler="ddim", live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
     (lambda: XPortraitOptions(guidance=5.0, live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
     (lambda: XPortraitOptions(live=LiveOptions(tiny_decoder="random"), checkpoint="x.th"),
@@ -82,6 +87,8 @@ def test_flags_map_onto_the_options_once():
                                  "--autotune", "--offline-steps", "2, 6"))
     assert bench.stream and bench.engine.live.compile and bench.engine.live.autotune
     assert bench.offline_steps == (2, 6)
+    deep = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--deep-levels", "0,2"))
+    assert deep.engine.live.deep_levels == (0, 2)
     client = client_options(parsed("client", "clip.mp4", "--loop", "--duration", "3"))
     assert client == ClientOptions("clip.mp4", loop=True, duration=3.0)
 
@@ -94,6 +101,9 @@ def test_flags_map_onto_the_options_once():
     (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be positive"),
     (["serve", "--engine", "xportrait", "--random-weights", "--autotune"], "--autotune tunes the compiled tick"),
     (["serve", "--autotune"], "--autotune: only for --engine xportrait"),
+    (["serve", "--engine", "xportrait", "--random-weights", "--deep-levels", "0,x"],
+     "argument --deep-levels: levels as integers separated by commas (e.g. 0,2), got '0,x'"),
+    (["serve", "--deep-levels", "0"], "--deep-levels: only for --engine xportrait"),
     (["serve", "--engine", "xportrait", "--random-weights", "--backend", "tensorrt"], "--backend tensorrt needs --graphs"),
     (["client", "clip.mp4", "--loop"], "--loop needs --duration"),
     (["export", "--to", "g", "--random-weights", "--repeat", "0"], "--repeat must be at least 1, got 0"),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
 from engines.xportrait.model import XPortraitModel
-from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, render_causal
+from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, deep_reuse_error, render_causal
 from fixtures import compact_config, one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
@@ -330,3 +333,86 @@ def test_the_split_ticks_parts_are_diffusers_forwards(model):
                           None, *residuals, no_past)
     assert (none - mine).abs().max() > 1e-2 * mine.abs().max() > 0
     assert (later - halves).abs().max() > 1e-2 * halves.abs().max()
+
+
+@pytest.mark.parametrize("steps, deep", [(3, (0,)), (4, (0, 2))])
+def test_deep_levels_stream_their_offline_frames(model, steps, deep):
+    """Deep features reused: at the levels not listed a frame walks only the UNet's (and the
+    ControlNets') first and last levels, on its deep features from its last listed level. The
+    stream (the deep features moving down the levels with the frames, the deep modules' rings
+    holding the listed levels' entries) renders the offline definition's frames, which are not
+    the plain ones."""
+    settings = StreamSettings(steps=steps, window=4, deep_levels=deep)
+    sources, driving, boxes = inputs(6)
+    hints = control_hints(driving, boxes, torch.float32)
+    streamed, tags = stream(model, settings, sources, driving, boxes, split=True)
+    offline = render_causal(model, settings, sources, *hints)
+    plain = render_causal(model, StreamSettings(steps=steps, window=4), sources, *hints)
+    assert tags == list(range(6))
+    torch.testing.assert_close(streamed, offline, rtol=1e-4, atol=1e-5)
+    assert (offline - plain).abs().max() > 1e-2 * plain.abs().max()  # lossy: other frames
+
+
+def test_deep_levels_at_every_level_are_the_plain_frames(model):
+    """Every level listed: the parts and the deep features' bookkeeping, and nothing reused."""
+    settings = StreamSettings(steps=3, window=4)
+    sources, driving, boxes = inputs(5)
+    plain = render_causal(model, settings, sources, *control_hints(driving, boxes, torch.float32))
+    every = dataclasses.replace(settings, deep_levels=(0, 1, 2))
+    streamed, _ = stream(model, every, sources, driving, boxes, split=True)
+    torch.testing.assert_close(streamed, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(render_causal(model, every, sources, *control_hints(driving, boxes, torch.float32)),
+                               plain, rtol=0, atol=0)
+
+
+def test_deep_reuse_error_on_the_predicted_noise(model):
+    """The bench's report: per level, the reused walk's noise against the whole walk's from the
+    same input; nothing at the listed levels, all levels listed: nothing anywhere."""
+    sources, driving, boxes = inputs(4)
+    hints = control_hints(driving, boxes, torch.float32)
+    errors = deep_reuse_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2)), sources, *hints)
+    assert errors[0] == errors[2] == 0.0
+    assert 1e-3 < errors[1] < 2 and 1e-3 < errors[3] < 2
+    assert deep_reuse_error(model, StreamSettings(steps=2, window=3, deep_levels=(0, 1)), sources, *hints) == [0, 0]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(steps=3, deep_levels=(1, 2)), "--deep-levels must be increasing levels from 0, each below --steps (3), got 1,2"),
+    (dict(steps=3, deep_levels=(0, 3)), "each below --steps (3), got 0,3"),
+    (dict(steps=4, deep_levels=(0,), level_groups=2), "--deep-levels steps the levels in one pass"),
+    (dict(steps=4, deep_levels=(0,), lookahead=1), "--deep-levels steps the levels in one pass"),
+])
+def test_deep_levels_are_checked(model, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        StreamSettings(**settings).validate(model.config.motion_max_len)
+
+
+def test_deep_levels_need_the_split_tick(model):
+    with pytest.raises(ValueError, match="--deep-levels needs the split tick"):
+        StreamingDenoiser(model, StreamSettings(steps=2, deep_levels=(0,)), torch.device("cpu"), torch.float32)
+
+
+def test_the_live_engine_reuses_deep_features_on_a_cpu_too():
+    """`--deep-levels` through the engine: the split tick on the CPU as well (the parts need
+    it), every frame out, and its quality ladder names what each level walks."""
+    import numpy as np
+
+    from engines import LiveOptions, XPortraitOptions, create_engine
+    from engines.base import DrivingFrame, SourcePortrait
+
+    rng = np.random.default_rng(2)
+    portrait = SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))
+    landmarks = np.full((478, 3), RES / 2, np.float32)
+    images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(4)]
+    rendered = {}
+    for deep in ((), (0,)):
+        engine = create_engine(XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu",
+                                                steps=3, window=4, live=LiveOptions(deep_levels=deep)))
+        engine.prepare([portrait])
+        frames = [DrivingFrame(landmarks, landmarks, i / 25, image=image, tag=i) for i, image in enumerate(images)]
+        out = [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
+        rendered[deep] = out + [r.image for r in engine.flush()]
+        assert engine.denoiser.split == bool(deep)
+    assert len(rendered[()]) == len(rendered[(0,)]) == 4
+    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(rendered[()], rendered[(0,)]))
+    assert [level.name for level in engine.quality_levels()] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]

@@ -148,7 +148,8 @@ class XPortraitLiveEngine:
         self.dtype, config = resolve_dtype(options.dtype, self.device), model_config(options.model_size, size)
         cuda = self.device.type == "cuda"
         settings = StreamSettings(steps=options.stream_steps, window=options.window, seed=options.seed,
-                                  lookahead=live.lookahead, level_groups=live.level_groups)
+                                  lookahead=live.lookahead, level_groups=live.level_groups,
+                                  deep_levels=live.deep_levels)
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, live.channels_last and cuda, **options.weights)
@@ -167,8 +168,8 @@ class XPortraitLiveEngine:
             mask, pixels = label_overlay(size, size, RANDOM_WEIGHTS_LABEL)
             overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
         # The ControlNets beside the UNet's down path on three streams: same frames, and on
-        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled).
-        self._denoiser_args = dict(overlay=overlay, split=native and cuda)
+        # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled). Deep levels need the parts.
+        self._denoiser_args = dict(overlay=overlay, split=native and (cuda or bool(live.deep_levels)))
         self.waits_on_device = cuda
         self.cuda_graph = native and live.cuda_graph and cuda
         self.compile = live.compile and self.cuda_graph
@@ -185,7 +186,8 @@ class XPortraitLiveEngine:
         for n in range(settings.steps, 1, -1):
             most = max(g for g in range(1, settings.level_groups + 1) if n % g == 0)
             for g in dict.fromkeys((most, 1)):
-                s = replace(settings, steps=n, lookahead=0, level_groups=g)
+                s = replace(settings, steps=n, lookahead=0, level_groups=g,
+                            deep_levels=tuple(level for level in settings.deep_levels if level < n))
                 if s not in streams:
                     streams.append(s)
         vae = model.decode
@@ -245,7 +247,8 @@ class XPortraitLiveEngine:
         levels = []
         for s, decode in self._ladder:
             name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "") \
-                + (f" in {s.level_groups} passes" if s.level_groups > 1 else "")
+                + (f" in {s.level_groups} passes" if s.level_groups > 1 else "") \
+                + (f", deep at levels {','.join(map(str, s.deep_levels))}" if s.deep_levels else "")
             cost = (s.steps + s.lookahead) / (best.steps + best.lookahead) \
                 * pass_cost(s.level_groups) / pass_cost(best.level_groups)
             if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick

@@ -24,7 +24,7 @@ from torch import nn
 from .config import XPortraitConfig
 from .reference import ReferenceKV, install_reference_attention, project_reference, self_attention_layers
 from .temporal import MotionModules
-from .unet import ReferenceNet, TemporalKV, TemporalUNet, control_walk, project_times
+from .unet import ReferenceNet, TemporalKV, TemporalUNet, control_walk, control_walk_deep, control_walk_in, project_times
 
 # The reference net records into one dict per model: one reference_features call at a time (a
 # live engine may make a quality level on one thread while a portrait changes on another).
@@ -161,6 +161,63 @@ class XPortraitModel(nn.Module):
                 down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor:
         return self.unet.up(h, skips, times.unet_up, self.text, 1, down_residuals, mid_residual, temporal_past,
                             reference)
+
+    # -- deep features reused (DeepCache-style, `StreamSettings.deep_levels`): at some of a
+    # frame's levels only the UNet's first and last levels are walked (and the ControlNets' first),
+    # on the deep features its last full walk left (unet.walk_reusing).
+    @property
+    def deep_feature_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the deep features (what the last up level starts from)."""
+        return self.config.block_out_channels[1], self.config.latent_size, self.config.latent_size
+
+    @property
+    def deep_temporal_modules(self) -> list[bool]:
+        """Per temporal module (call order): whether it is one of the deep levels'."""
+        _, down, up, _ = self.unet.module_parts()
+        return [i in range(down.start, down.stop) or i in range(up.start, up.stop)
+                for i in range(len(self.unet.motion.in_order()))]
+
+    @property
+    def first_level_skips(self) -> int:
+        """How many of the down residuals are the first level's (`walk_in`'s skips)."""
+        return 1 + len(self.unet.unet.down_blocks[0].resnets)
+
+    def controlnet(self, which: str) -> ControlNetModel:
+        return {"pose": self.pose_controlnet, "local": self.local_controlnet}[which]
+
+    def control_in(self, which: str, sample: torch.Tensor, times: LevelTimes, hint_embedding: torch.Tensor):
+        """A ControlNet ("pose", "local") to its first level: (features, the first residuals)."""
+        return control_walk_in(self.controlnet(which), sample, getattr(times, which), self.text, hint_embedding)
+
+    def control_deep(self, which: str, h: torch.Tensor, times: LevelTimes):
+        """The rest of the ControlNet from `control_in`'s features: (deeper residuals, mid)."""
+        first = len(self.pose_controlnet.down_blocks[0].resnets)
+        return control_walk_deep(self.controlnet(which), h, getattr(times, which)[first:], self.text)
+
+    def unet_in(self, sample, times: LevelTimes, reference: ReferenceKV, temporal_past):
+        return self.unet.part_in(sample, times.unet_down, self.text, temporal_past, reference)
+
+    def unet_deep_down(self, h, times: LevelTimes, reference: ReferenceKV, temporal_past):
+        return self.unet.part_deep_down(h, times.unet_down, self.text, temporal_past, reference)
+
+    def unet_deep_up(self, h, skips, times: LevelTimes, reference: ReferenceKV, down_residuals, mid_residual,
+                     temporal_past) -> torch.Tensor:
+        return self.unet.part_deep_up(h, skips, times.unet_up, self.text, down_residuals, mid_residual,
+                                      temporal_past, reference)
+
+    def unet_out(self, deep, skips, times: LevelTimes, reference: ReferenceKV, down_residuals,
+                 temporal_past) -> torch.Tensor:
+        return self.unet.part_out(deep, skips, times.unet_up, self.text, down_residuals, temporal_past, reference)
+
+    @torch.no_grad()
+    def predict_noise_reusing(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
+                              pose_hint: torch.Tensor, local_hint: torch.Tensor, temporal_past=None,
+                              deep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TemporalKV], torch.Tensor]:
+        """`predict_noise_with_keys` for one frame, and its deep features; given `deep` (the
+        frame's, from an earlier level) the deep levels are not walked and `temporal_past` and
+        the keys are the first and last levels' modules' only (TemporalUNet.forward_reusing)."""
+        down, mid = self.controls(sample, timestep, pose_hint, local_hint)
+        return self.unet.forward_reusing(sample, timestep, self.text, down, mid, temporal_past, reference, deep)
 
     @torch.no_grad()
     def fuse_self_attention_projections(self) -> None:

@@ -20,6 +20,13 @@ and values *at level k* (one cache per level), recorded when those frames were t
 Reference keys/values depend only on the source and the timestep: one set per level,
 computed at prepare.
 
+Deep features reused (`StreamSettings.deep_levels`, DeepCache's idea across a frame's LCM
+steps): at a level not listed, a frame walks only the UNet's first and last levels (at the
+latents' size) and the ControlNets' first, and the last up level starts from the deep features
+(what the deeper levels handed it) of that frame's last listed level, instead of walking the
+deeper levels again. Lossy, behind an option: with random weights its error says nothing of
+a trained model's. The deep levels' temporal modules then see only the listed levels.
+
 `render_causal` computes the same frames the plain way, frame after frame and step after
 step: the offline definition the streaming engine is tested against.
 """
@@ -107,6 +114,10 @@ class StreamSettings:
     seed: int = DEFAULT_SEED
     lookahead: int = 0  # K newer frames each frame also attends to, for K more frames of latency
     level_groups: int = 1  # G passes a tick, each on S / G frames in flight (see the module's docstring)
+    # The levels that walk the whole UNet (and ControlNets); at the others a frame walks only their
+    # first and last levels, on the deep features its last full level left (see the module's
+    # docstring). Empty: every level walks it all (the plain stream).
+    deep_levels: tuple[int, ...] = ()
 
     def validate(self, max_len: int) -> None:
         """The bounds a model with `max_len` temporal positions sets (XPortraitOptions checks
@@ -124,6 +135,13 @@ class StreamSettings:
             raise ValueError(f"--level-groups must divide --steps ({self.steps} steps in {self.level_groups} groups)")
         if self.level_groups > 1 and self.lookahead:
             raise ValueError("--level-groups and --lookahead do not combine (look-ahead entries wait at level 0)")
+        if self.deep_levels:
+            levels = self.deep_levels
+            if list(levels) != sorted(set(levels)) or levels[0] != 0 or levels[-1] >= self.steps:
+                raise ValueError(f"--deep-levels must be increasing levels from 0, each below --steps ({self.steps}), "
+                                 f"got {','.join(map(str, levels))}")
+            if self.level_groups > 1 or self.lookahead:
+                raise ValueError("--deep-levels steps the levels in one pass: not with --level-groups or --lookahead")
 
 
 class LCMLevels:
@@ -192,6 +210,17 @@ def reference_per_level(model: XPortraitModel, source_latents: list[torch.Tensor
             for name in per_level[0]}
 
 
+def _causal_past(recent: list[list[tuple[FramesKV, FramesKV]]], modules: Sequence[int] | None = None):
+    """The temporal pasts (TemporalPast per module) of the frames in `recent` ([frame][module]
+    keys, oldest first), for `modules` (indices, default all); None without frames."""
+    if not recent:
+        return None
+    return [TemporalPast(tuple(FramesKV(torch.cat([frame[m][j].key for frame in recent], dim=1),
+                                        torch.cat([frame[m][j].value for frame in recent], dim=1))
+                               for j in range(2)))
+            for m in (range(len(recent[0])) if modules is None else modules)]
+
+
 @torch.no_grad()
 def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torch.Tensor, driving: torch.Tensor,
                   local: torch.Tensor) -> torch.Tensor:
@@ -205,21 +234,54 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     out = []
     for f in range(driving.shape[0]):
         x = levels.enter(latents[:1])
+        deep = None  # the frame's deep features, from its last deep level
         for level, t in enumerate(levels.timesteps):
-            recent = history[level][-(settings.window - 1):] if settings.window > 1 else []
-            past = None
-            if recent:
-                past = [TemporalPast(tuple(FramesKV(torch.cat([frame[m][j].key for frame in recent], dim=1),
-                                                    torch.cat([frame[m][j].value for frame in recent], dim=1))
-                                           for j in range(2)))
-                        for m in range(len(recent[0]))]
-            eps, keys = model.predict_noise_with_keys(x, t, 1, references[level], driving[f : f + 1],
-                                                      local[f : f + 1], temporal_past=past)
+            past = _causal_past(history[level][-(settings.window - 1):] if settings.window > 1 else [])
+            if settings.deep_levels:
+                eps, keys, deep = model.predict_noise_reusing(x, t, references[level], driving[f : f + 1],
+                                                              local[f : f + 1], past,
+                                                              None if level in settings.deep_levels else deep)
+            else:
+                eps, keys = model.predict_noise_with_keys(x, t, 1, references[level], driving[f : f + 1],
+                                                          local[f : f + 1], temporal_past=past)
             history[level].append(keys)
             clean = levels.denoise(x, eps, slice(level, level + 1))
             x = levels.renoise(clean, slice(level, level + 1)) if level < levels.steps - 1 else clean
         out.append(x)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def deep_reuse_error(model: XPortraitModel, settings: StreamSettings, sources: torch.Tensor, driving: torch.Tensor,
+                     local: torch.Tensor) -> list[float]:
+    """What reusing deep features (`settings.deep_levels`) does to the predicted noise: along
+    the plain causal frames (`render_causal` with every level walked whole), at each level not
+    listed, the noise predicted on the frame's deep features from its last listed level against
+    the whole walk's from the same input and temporal past. Per level, ||reused - whole|| /
+    ||whole|| over the frames (0 at the listed levels)."""
+    levels = LCMLevels(model, settings, sources.device, sources.dtype)
+    latents = model.encode(sources)
+    references = [model.reference_features([z[None] for z in latents], t) for t in levels.timesteps]
+    first, _, _, last = model.unet.module_parts()
+    outer = [*range(first.start, first.stop), *range(last.start, last.stop)]  # the reused walk's modules
+    history: list[list] = [[] for _ in range(levels.steps)]
+    squared = torch.zeros((2, levels.steps), dtype=torch.float64)  # [error, whole] per level
+    for f in range(driving.shape[0]):
+        x = levels.enter(latents[:1])
+        for level, t in enumerate(levels.timesteps):
+            recent = history[level][-(settings.window - 1):] if settings.window > 1 else []
+            args = (x, t, references[level], driving[f : f + 1], local[f : f + 1])
+            eps, keys, whole_deep = model.predict_noise_reusing(*args, _causal_past(recent))
+            if level in settings.deep_levels:
+                deep = whole_deep
+            else:
+                reused, _, _ = model.predict_noise_reusing(*args, _causal_past(recent, outer), deep)
+                squared[0, level] += (reused - eps).double().square().sum().cpu()
+                squared[1, level] += eps.double().square().sum().cpu()
+            history[level].append(keys)
+            clean = levels.denoise(x, eps, slice(level, level + 1))
+            x = levels.renoise(clean, slice(level, level + 1)) if level < levels.steps - 1 else clean
+    return (squared[0] / squared[1].clamp(min=1e-30)).sqrt().tolist()
 
 
 def update_ring_tick(tick: RingTick, valid: torch.Tensor, occupied: torch.Tensor, ring_index: torch.Tensor,
@@ -253,6 +315,8 @@ class LevelGroup:
     rings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per temporal module: K1, V1, K2, V2
     times: LevelTimes | None = None  # the split tick's: every resnet's time projection at these levels
     reference: ReferenceKV | None = None  # set by prepare
+    deep_times: LevelTimes | None = None  # with deep levels, their entries' (times, reference)
+    deep_reference: ReferenceKV | None = None
 
 
 def _beside(side: torch.cuda.Stream | None):
@@ -308,16 +372,25 @@ class StreamingDenoiser:
         # Batch entries a pass: the look-ahead ones, then one per frame in flight.
         entries = self.entries = steps // passes + ahead
 
+        # Deep levels: their entries (one pass: entry k is at level k) walk the deep levels, whose
+        # temporal modules' rings hold only those entries.
+        if settings.deep_levels and not split:
+            raise ValueError("--deep-levels needs the split tick (the UNet in parts)")
+        deep_rows = list(settings.deep_levels) if settings.deep_levels else None
+        in_deep = model.deep_temporal_modules if deep_rows else [False] * len(model.temporal_shapes)
+
         def group(g: int) -> LevelGroup:
             entry_levels = torch.tensor([0] * ahead + list(range(g, steps, passes)), device=self.device)
-            rings = [tuple(torch.zeros((entries * pixels, heads, w, channels // heads), device=self.device,
-                                       dtype=dtype)
+            rings = [tuple(torch.zeros(((len(deep_rows) if deep else entries) * pixels, heads, w, channels // heads),
+                                       device=self.device, dtype=dtype)
                            for _ in range(4))
-                     for pixels, channels, heads in model.temporal_shapes]
+                     for (pixels, channels, heads), deep in zip(model.temporal_shapes, in_deep, strict=True)]
             timesteps = self.levels.timesteps[entry_levels]
             times = model.level_times(timesteps) if split else None
+            deep_times = model.level_times(timesteps[deep_rows]) if deep_rows else None
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
-                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times)
+                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times,
+                              deep_times=deep_times)
 
         self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -348,6 +421,17 @@ class StreamingDenoiser:
         self._tick = RingTick(self.slot, torch.zeros((entries, w), dtype=torch.bool, device=self.device),
                               torch.zeros((entries, w), dtype=torch.long, device=self.device),
                               torch.zeros((entries, ahead), dtype=torch.bool, device=self.device) if ahead else None)
+        # Deep levels: each frame's deep features (entry e's: from its last deep level), moving
+        # down with the frames; the deep entries' rows of the ring view, for the deep modules.
+        self.deep = self._deep_rows = None
+        ticks = [self._tick] * len(in_deep)
+        if deep_rows:
+            self.deep = torch.zeros((entries, *model.deep_feature_shape), device=self.device, dtype=dtype)
+            self._deep_rows = torch.tensor(deep_rows, device=self.device)
+            self._deep_tick = RingTick(self.slot, self._tick.mask[self._deep_rows].clone(),
+                                       self._tick.positions[self._deep_rows].clone())
+            ticks = [self._deep_tick if deep else self._tick for deep in in_deep]
+        self._ring_ticks = ticks  # per temporal module (call order): the ring view it reads
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -375,21 +459,29 @@ class StreamingDenoiser:
         self.entering.copy_(self.levels.enter(latents[:1]))
         per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
         for group in self.groups:
-            reference = {name: (key[group.entry_levels], value[group.entry_levels])
-                         for name, (key, value) in per_level.items()}
-            if group.reference is not None and all(group.reference[name][0].shape == key.shape
-                                                   for name, (key, _) in reference.items()):
-                for name, (key, value) in reference.items():  # in place: a captured graph reads these buffers
-                    group.reference[name][0].copy_(key), group.reference[name][1].copy_(value)
-            else:
-                group.reference = reference
-                self._graph = None  # another number of references: tokens changed, capture again
+            group.reference = self._set_reference(group.reference, per_level, group.entry_levels)
+            if self.deep is not None:
+                group.deep_reference = self._set_reference(group.deep_reference, per_level,
+                                                           group.entry_levels[self._deep_rows])
         self.reset()
+
+    def _set_reference(self, held: ReferenceKV | None, per_level: ReferenceKV, levels: torch.Tensor) -> ReferenceKV:
+        """The reference features of these entries' levels: into `held` in place where it has
+        their shapes (a captured graph reads those buffers), else new (and the graph dropped)."""
+        reference = {name: (key[levels], value[levels]) for name, (key, value) in per_level.items()}
+        if held is not None and all(held[name][0].shape == key.shape for name, (key, _) in reference.items()):
+            for name, (key, value) in reference.items():
+                held[name][0].copy_(key), held[name][1].copy_(value)
+            return held
+        self._graph = None  # another number of references: tokens changed, capture again
+        return reference
 
     def reset(self) -> None:
         """Empty the batch and the temporal caches (a new driving stream)."""
         for t in (self.pose, self.local, self.occupied, self.valid):
             t.zero_()
+        if self.deep is not None:
+            self.deep.zero_()
         self.slot.fill_(self.settings.window - 1)
         for group in self.groups:
             group.x.zero_()
@@ -404,10 +496,13 @@ class StreamingDenoiser:
         return self._temporal_rings(self.groups[group].rings)
 
     def _temporal_rings(self, rings) -> list[TemporalRing]:
-        return [TemporalRing(tensors, self._tick) for tensors in rings]
+        return [TemporalRing(tensors, tick) for tensors, tick in zip(rings, self._ring_ticks, strict=True)]
 
     def _update_ring_tick(self) -> None:
         update_ring_tick(self._tick, self.valid, self.occupied, self._ring_index, self._newer, self._has_newer)
+        if self.deep is not None:
+            self._deep_tick.mask.copy_(self._tick.mask[self._deep_rows])
+            self._deep_tick.positions.copy_(self._tick.positions[self._deep_rows])
 
     def _advance(self) -> None:
         if self.split:
@@ -428,6 +523,8 @@ class StreamingDenoiser:
         ControlNets' parts, which embed them beside the UNet (`_embed_pose`, `_embed_local`)."""
         self.slot.copy_((self.slot + 1) % self.settings.window)
         self.occupied[1:] = self.occupied[:-1].clone()
+        if self.deep is not None:  # each frame's deep features go down the levels with it
+            self.deep[1:] = self.deep[:-1].clone()
         hints = control_hints(self.new_frame, self.new_boxes, self.dtype)
         if self.split:
             for buffer, hint in zip(self.entering_hints, hints, strict=True):
@@ -497,18 +594,45 @@ class StreamingDenoiser:
         held[:1] = embed(hint)
 
     def _pose_control(self, x: torch.Tensor, t: LevelTimes):
+        if self.deep is not None:
+            return self._control_reusing("pose", x, t, self.pose)
         return self.model.pose_control(x, t, self.pose)
 
     def _local_control(self, x: torch.Tensor, t: LevelTimes):
+        if self.deep is not None:
+            return self._control_reusing("local", x, t, self.local)
         return self.model.local_control(x, t, self.local)
 
     def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings):
-        return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
+        rings = self._temporal_rings(rings)
+        if self.deep is None:
+            return self.model.unet_down(x, t, reference, rings)
+        # Deep levels: every entry to the first level's end, the deep entries on from there.
+        group = self.groups[0]
+        h, skips = self.model.unet_in(x, t, reference, rings)
+        h, deeper = self.model.unet_deep_down(h[self._deep_rows], group.deep_times, group.deep_reference, rings)
+        return h, skips + deeper
 
     def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
         """`residuals`: the pose and the local ControlNet's."""
         down, mid = add_residuals(*residuals)
-        return self.model.unet_up(h, skips, t, reference, down, mid, self._temporal_rings(rings))
+        rings = self._temporal_rings(rings)
+        if self.deep is None:
+            return self.model.unet_up(h, skips, t, reference, down, mid, rings)
+        # Deep levels: theirs walk up to the last level, into the frames' deep features; every
+        # entry walks the last level from its frame's.
+        group, first = self.groups[0], self.model.first_level_skips
+        deep = self.model.unet_deep_up(h, skips[first:], group.deep_times, group.deep_reference, down[first:], mid,
+                                       rings)
+        self.deep.index_copy_(0, self._deep_rows, deep)
+        return self.model.unet_out(self.deep, skips[:first], t, reference, down[:first], rings)
+
+    def _control_reusing(self, which: str, x: torch.Tensor, t: LevelTimes, hint_embedding: torch.Tensor):
+        """A ControlNet's residuals with deep levels: the first level's for every entry, the
+        deeper ones and the mid for the deep entries."""
+        h, first = self.model.control_in(which, x, t, hint_embedding)
+        deeper, mid = self.model.control_deep(which, h[self._deep_rows], self.groups[0].deep_times)
+        return first + deeper, mid
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,

@@ -103,26 +103,42 @@ def project_times(net: UNet2DConditionModel | ControlNetModel, timesteps: torch.
     return projected[0], projected[1]
 
 
-def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, times: ResnetTimes,
-              text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None,
-              added: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
-    residual, so it can run while the ControlNets do. `reference`: the appearance reference's
-    keys/values, which every self-attention joins (reference.py); None: plain attention.
-    `added`: added to conv_in's output (a ControlNet's hint embedding: it has the same blocks)."""
-    kwargs = reference_kwargs(reference)
+def _down_level(block: nn.Module, h: torch.Tensor, times: ResnetTimes, text: torch.Tensor, temporal: TemporalCalls,
+                kwargs: dict | None, skips: list[torch.Tensor]) -> torch.Tensor:
+    """A down level's layers (resnet, attention?, temporal), before its downsampler."""
+    attentions = getattr(block, "attentions", None)
+    for i, resnet in enumerate(block.resnets):
+        h = times(resnet, h)
+        if attentions is not None:
+            h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
+        h = temporal(h)
+        skips.append(h)
+    return h
+
+
+def walk_in(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, times: ResnetTimes,
+            text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None,
+            added: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in and the first down level's layers, at the latents' size: (features, skips), the
+    skips being the ones the last up level takes. `added`: added to conv_in's output (a
+    ControlNet's hint embedding: it has the same blocks)."""
     h = unet.conv_in(sample)
     if added is not None:
         h = h + added
     skips = [h]
-    for block in unet.down_blocks:
-        attentions = getattr(block, "attentions", None)
-        for i, resnet in enumerate(block.resnets):
-            h = times(resnet, h)
-            if attentions is not None:
-                h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
-            h = temporal(h)
-            skips.append(h)
+    return _down_level(unet.down_blocks[0], h, times, text, temporal, reference_kwargs(reference), skips), skips
+
+
+def walk_deep_down(unet: UNet2DConditionModel | ControlNetModel, h: torch.Tensor, times: ResnetTimes,
+                   text: torch.Tensor, temporal: TemporalCalls,
+                   reference: ReferenceKV | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """From `walk_in`'s features: the first level's downsampler, the deeper down levels and the
+    mid block: (features, the skips made here)."""
+    kwargs = reference_kwargs(reference)
+    skips: list[torch.Tensor] = []
+    for k, block in enumerate(unet.down_blocks):
+        if k:
+            h = _down_level(block, h, times, text, temporal, kwargs, skips)
         if block.downsamplers is not None:
             h = block.downsamplers[0](h)
             skips.append(h)
@@ -132,32 +148,68 @@ def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor
     return times(mid.resnets[1], h), skips
 
 
+def walk_down(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, times: ResnetTimes,
+              text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None,
+              added: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in, the down levels and the mid block: (features, skips). Needs no ControlNet
+    residual, so it can run while the ControlNets do. `reference`: the appearance reference's
+    keys/values, which every self-attention joins (reference.py); None: plain attention."""
+    h, skips = walk_in(unet, sample, times, text, temporal, reference, added)
+    h, deeper = walk_deep_down(unet, h, times, text, temporal, reference)
+    return h, skips + deeper
+
+
+def _up_level(block: nn.Module, h: torch.Tensor, skips: list[torch.Tensor], times: ResnetTimes, text: torch.Tensor,
+              temporal: TemporalCalls, kwargs: dict | None) -> torch.Tensor:
+    """An up level: (concat skip, resnet, attention?, [upsample if last], temporal) x layers,
+    taking its skips off the end of `skips`."""
+    attentions = getattr(block, "attentions", None)
+    last = len(block.resnets) - 1
+    for i, resnet in enumerate(block.resnets):
+        h = times(resnet, torch.cat([h, skips.pop()], dim=1))
+        if attentions is not None:
+            h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
+        if i == last and block.upsamplers is not None:
+            h = block.upsamplers[0](h)
+        h = temporal(h)
+    return h
+
+
+def walk_deep_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], times: ResnetTimes,
+                 text: torch.Tensor, temporal: TemporalCalls, reference: ReferenceKV | None = None) -> torch.Tensor:
+    """Every up level but the last, taking their skips off the end of `skips`: the features the
+    last up level starts from, at the latents' size (the deep features)."""
+    kwargs = reference_kwargs(reference)
+    for block in unet.up_blocks[:-1]:
+        h = _up_level(block, h, skips, times, text, temporal, kwargs)
+    return h
+
+
+def walk_out(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], times: ResnetTimes,
+             text: torch.Tensor, temporal: TemporalCalls, with_output: bool = True,
+             reference: ReferenceKV | None = None) -> torch.Tensor | None:
+    """The last up level (on `walk_in`'s skips, with their residuals) and the output."""
+    h = _up_level(unet.up_blocks[-1], h, skips, times, text, temporal, reference_kwargs(reference))
+    if not with_output:
+        return None
+    h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+def add_down_residuals(skips: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    return [s + r for s, r in zip(skips, residuals, strict=True)] if residuals is not None else list(skips)
+
+
 def walk_up(unet: UNet2DConditionModel, h: torch.Tensor, skips: list[torch.Tensor], times: ResnetTimes,
             text: torch.Tensor, temporal: TemporalCalls, down_residuals: Sequence[torch.Tensor] | None = None,
             mid_residual: torch.Tensor | None = None, with_output: bool = True,
             reference: ReferenceKV | None = None) -> torch.Tensor | None:
     """The ControlNet residuals, the up levels and the output."""
-    kwargs = reference_kwargs(reference)
-    if down_residuals is not None:
-        skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
-    else:
-        skips = list(skips)
+    skips = add_down_residuals(skips, down_residuals)
     if mid_residual is not None:
         h = h + mid_residual
-    for block in unet.up_blocks:
-        attentions = getattr(block, "attentions", None)
-        last = len(block.resnets) - 1
-        for i, resnet in enumerate(block.resnets):
-            h = times(resnet, torch.cat([h, skips.pop()], dim=1))
-            if attentions is not None:
-                h = attentions[i](h, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
-            if i == last and block.upsamplers is not None:
-                h = block.upsamplers[0](h)
-            h = temporal(h)
-    if not with_output:
-        return None
-    h = unet.conv_act(unet.conv_norm_out(h))
-    return unet.conv_out(h)
+    h = walk_deep_up(unet, h, skips, times, text, temporal, reference)
+    return walk_out(unet, h, skips, times, text, temporal, with_output, reference)
 
 
 def control_walk(controlnet: ControlNetModel, sample: torch.Tensor, projected_times: Sequence[torch.Tensor],
@@ -168,11 +220,28 @@ def control_walk(controlnet: ControlNetModel, sample: torch.Tensor, projected_ti
     1, no class or added embeddings), with the embedding made by the caller, e.g. once a frame
     rather than at each of its levels, and its resnets' time projections too (`project_times`:
     once a level)."""
-    text = text.expand(sample.shape[0], -1, -1)
-    h, skips = walk_down(controlnet, sample, ResnetTimes(projected=projected_times), text, TemporalCalls(None),
-                         added=hint_embedding)
-    down = [block(skip) for block, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True)]
-    return down, controlnet.controlnet_mid_block(h)
+    h, first = control_walk_in(controlnet, sample, projected_times, text, hint_embedding)
+    deeper, mid = control_walk_deep(controlnet, h, projected_times[len(controlnet.down_blocks[0].resnets):], text)
+    return first + deeper, mid
+
+
+def control_walk_in(controlnet: ControlNetModel, sample: torch.Tensor, projected_times: Sequence[torch.Tensor],
+                    text: torch.Tensor, hint_embedding: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`control_walk` as far as `walk_in` goes: (its features, the residuals on its skips), for
+    `control_walk_deep` to go on from (on some of the batch, or none)."""
+    h, skips = walk_in(controlnet, sample, ResnetTimes(projected=projected_times),
+                       text.expand(sample.shape[0], -1, -1), TemporalCalls(None), added=hint_embedding)
+    return h, [block(skip) for block, skip in zip(controlnet.controlnet_down_blocks[: len(skips)], skips, strict=True)]
+
+
+def control_walk_deep(controlnet: ControlNetModel, h: torch.Tensor, projected_times: Sequence[torch.Tensor],
+                      text: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The rest of `control_walk` from `control_walk_in`'s features: (the deeper residuals, mid).
+    `projected_times`: the resnets' after the first level's."""
+    h, skips = walk_deep_down(controlnet, h, ResnetTimes(projected=projected_times), text.expand(h.shape[0], -1, -1),
+                              TemporalCalls(None))
+    blocks = controlnet.controlnet_down_blocks[len(controlnet.controlnet_down_blocks) - len(skips):]
+    return [block(skip) for block, skip in zip(blocks, skips, strict=True)], controlnet.controlnet_mid_block(h)
 
 
 def embed(unet: UNet2DConditionModel | ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor,
@@ -196,6 +265,27 @@ def walk(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tenso
     temporal, times = temporal or TemporalCalls(None), ResnetTimes(emb)
     h, skips = walk_down(unet, sample, times, text, temporal, reference)
     return walk_up(unet, h, skips, times, text, temporal, down_residuals, mid_residual, with_output, reference)
+
+
+def walk_reusing(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
+                 temporal: TemporalCalls, down_residuals: Sequence[torch.Tensor], mid_residual: torch.Tensor,
+                 reference: ReferenceKV | None, deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`walk`, which also returns its deep features (`walk_deep_up`'s: what the last up level
+    starts from). Given `deep`, the deep levels are not walked: `deep` (the same frame's, from
+    an earlier level, as DeepCache reuses them) stands for them, only the first residuals (the
+    ones on `walk_in`'s skips) are used, and `temporal` holds only the first and last levels'
+    modules. Returns (output, deep features)."""
+    emb, text = embed(unet, sample, timestep, text)
+    times = ResnetTimes(emb)
+    h, skips = walk_in(unet, sample, times, text, temporal, reference)
+    first = len(skips)
+    if deep is None:
+        h, deeper = walk_deep_down(unet, h, times, text, temporal, reference)
+        skips = add_down_residuals(skips + deeper, down_residuals)
+        deep = walk_deep_up(unet, h + mid_residual, skips, times, text, temporal, reference)
+    else:
+        skips = add_down_residuals(skips, down_residuals[:first])
+    return walk_out(unet, deep, skips, times, text, temporal, True, reference), deep
 
 
 class ReferenceNet(nn.Module):
@@ -237,6 +327,57 @@ class TemporalUNet(nn.Module):
         out = walk(self.unet, sample, timestep, text, temporal=temporal, down_residuals=down_residuals,
                    mid_residual=mid_residual, reference=reference)
         return out, temporal.keys
+
+    def module_parts(self) -> tuple[slice, slice, slice, slice]:
+        """The temporal modules (call order) of `walk_in`, `walk_deep_down`, `walk_deep_up` and
+        `walk_out`."""
+        first, last = len(self.unet.down_blocks[0].resnets), len(self.unet.up_blocks[-1].resnets)
+        d, n = self.motion.down_count, len(self.motion.in_order())
+        return slice(0, first), slice(first, d), slice(d, n - last), slice(n - last, n)
+
+    def forward_reusing(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                        down_residuals: Sequence[torch.Tensor], mid_residual: torch.Tensor, temporal_past,
+                        reference: ReferenceKV | None, deep: torch.Tensor | None = None):
+        """`forward_with_keys` for one frame (`unet.walk_reusing`): (output, keys, deep features);
+        given `deep`, the deep levels' modules are skipped: `temporal_past` and the keys are
+        the first and last levels' modules' only."""
+        modules = self.motion.in_order()
+        if deep is not None:
+            first, _, _, last = self.module_parts()
+            modules = modules[first] + modules[last]
+        temporal = TemporalCalls(modules, 1, temporal_past, record=True)
+        out, deep = walk_reusing(self.unet, sample, timestep, text, temporal=temporal, down_residuals=down_residuals,
+                                 mid_residual=mid_residual, reference=reference, deep=deep)
+        return out, temporal.keys, deep
+
+    # The live tick's parts with deep features reused (`walk_reusing`'s pieces, one frame per
+    # batch entry; `temporal_past`: every module's, in call order; `projected_times`: every
+    # resnet's, for the entries given).
+    def part_in(self, sample, projected_times, text, temporal_past, reference):
+        text = text.expand(sample.shape[0], -1, -1)
+        part = self.module_parts()[0]
+        return walk_in(self.unet, sample, ResnetTimes(projected=projected_times), text,
+                       TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
+
+    def part_deep_down(self, h, projected_times, text, temporal_past, reference):
+        text = text.expand(h.shape[0], -1, -1)
+        part, first = self.module_parts()[1], len(self.unet.down_blocks[0].resnets)
+        return walk_deep_down(self.unet, h, ResnetTimes(projected=projected_times[first:]), text,
+                              TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
+
+    def part_deep_up(self, h, skips, projected_times, text, down_residuals, mid_residual, temporal_past, reference):
+        text = text.expand(h.shape[0], -1, -1)
+        part = self.module_parts()[2]
+        return walk_deep_up(self.unet, h + mid_residual, add_down_residuals(skips, down_residuals),
+                            ResnetTimes(projected=projected_times), text,
+                            TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
+
+    def part_out(self, h, skips, projected_times, text, down_residuals, temporal_past, reference):
+        text = text.expand(h.shape[0], -1, -1)
+        part, last = self.module_parts()[3], len(self.unet.up_blocks[-1].resnets)
+        return walk_out(self.unet, h, add_down_residuals(skips, down_residuals),
+                        ResnetTimes(projected=projected_times[len(projected_times) - last:]), text,
+                        TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), True, reference)
 
     # The same evaluation in two halves, for callers that overlap the first with the ControlNets,
     # each with its resnets' time projections made beforehand (`project_times`: the live tick's
