@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -23,8 +24,16 @@ def clip() -> list[np.ndarray]:
     return [frame for frame, _ in samples.driving_clip("astronaut", frames=FPS, fps=FPS)]
 
 
-def pipeline_threads() -> int:
-    return sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
+def pipeline_threads(within: float = 5.0) -> int:
+    """The pipeline's threads still alive, waiting up to `within` seconds for them to end:
+    close() lets each finish the job it holds (it does not join them), so on a loaded machine
+    one may still be on its way out when close returns."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
+        if alive == 0 or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)
 
 
 async def settle(pipeline: Pipeline, fed: int) -> None:
