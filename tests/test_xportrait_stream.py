@@ -388,7 +388,7 @@ def test_deep_levels_are_checked(model, settings, message):
 
 
 def test_deep_levels_need_the_split_tick(model):
-    with pytest.raises(ValueError, match="--deep-levels needs the split tick"):
+    with pytest.raises(ValueError, match="--deep-levels needs the split tick and a model whose parts split"):
         StreamingDenoiser(model, StreamSettings(steps=2, deep_levels=(0,)), torch.device("cpu"), torch.float32)
 
 

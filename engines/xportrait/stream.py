@@ -107,6 +107,34 @@ class SplitDenoiserModel(DenoiserModel, Protocol):
                 down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class ReusingDenoiserModel(SplitDenoiserModel, Protocol):
+    """A SplitDenoiserModel whose parts split again at the first level, for deep levels
+    (`StreamSettings.deep_levels`: the torch `XPortraitModel`)."""
+
+    deep_feature_shape: tuple[int, int, int]  # (C, h, w) of what the last up level starts from
+    deep_temporal_modules: list[bool]  # per temporal module (call order): one of the deep levels'?
+    first_level_skips: int  # how many of the down residuals are the first level's
+
+    def control_in(self, which: str, sample: torch.Tensor, times: LevelTimes,
+                   hint_embedding: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def control_deep(self, which: str, h: torch.Tensor,
+                     times: LevelTimes) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+
+    def unet_in(self, sample: torch.Tensor, times: LevelTimes, reference: ReferenceKV,
+                temporal_past) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def unet_deep_down(self, h: torch.Tensor, times: LevelTimes, reference: ReferenceKV,
+                       temporal_past) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def unet_deep_up(self, h: torch.Tensor, skips: list[torch.Tensor], times: LevelTimes, reference: ReferenceKV,
+                     down_residuals: list[torch.Tensor], mid_residual: torch.Tensor, temporal_past) -> torch.Tensor: ...
+
+    def unet_out(self, deep: torch.Tensor, skips: list[torch.Tensor], times: LevelTimes, reference: ReferenceKV,
+                 down_residuals: list[torch.Tensor], temporal_past) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     steps: int = LIVE_STEPS  # LCM steps = frames in flight
@@ -374,8 +402,9 @@ class StreamingDenoiser:
 
         # Deep levels: their entries (one pass: entry k is at level k) walk the deep levels, whose
         # temporal modules' rings hold only those entries.
-        if settings.deep_levels and not split:
-            raise ValueError("--deep-levels needs the split tick (the UNet in parts)")
+        if settings.deep_levels and not (split and isinstance(model, ReusingDenoiserModel)):
+            raise ValueError("--deep-levels needs the split tick and a model whose parts split at the first "
+                             f"level ({type(model).__name__}{'' if split else ', not split'})")
         deep_rows = list(settings.deep_levels) if settings.deep_levels else None
         in_deep = model.deep_temporal_modules if deep_rows else [False] * len(model.temporal_shapes)
 
