@@ -121,9 +121,9 @@ class LiveOptions:
             if list(levels) != sorted(set(levels)) or levels[0] != 0:
                 raise OptionError(f"--deep-levels: increasing levels from 0 (e.g. 0 or 0,2), "
                                   f"got {','.join(map(str, levels))}")
-            if self.level_groups > 1 or self.lookahead or self.backend != "torch":
-                raise OptionError("--deep-levels steps the levels in one pass of the torch backend: not with "
-                                  "--level-groups, --lookahead or --backend")
+            if self.lookahead or self.backend != "torch":
+                raise OptionError("--deep-levels works with the torch backend without --lookahead (look-ahead "
+                                  "entries wait at level 0; the exported graphs are whole walks)")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
         if self.autotune and not self.compile:

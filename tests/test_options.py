@@ -45,7 +45,7 @@ def parsed(*argv: str):
     (lambda: LiveOptions(graphs="g"), "--graphs is for --backend onnx or tensorrt"),
     (lambda: LiveOptions(deep_levels=(1,)), "--deep-levels: increasing levels from 0 (e.g. 0 or 0,2), got 1"),
     (lambda: LiveOptions(deep_levels=(0, 2, 2)), "--deep-levels: increasing levels from 0"),
-    (lambda: LiveOptions(deep_levels=(0,), level_groups=2), "--deep-levels steps the levels in one pass"),
+    (lambda: LiveOptions(deep_levels=(0,), lookahead=1), "--deep-levels works with the torch backend"),
     (lambda: XPortraitOptions(steps=2, live=LiveOptions(deep_levels=(0, 2)), **RANDOM),
      "--deep-levels: levels below --steps (2), got 0,2"),
     (lambda: XPortraitOptions(sampler="ddim", live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),

@@ -335,22 +335,24 @@ def test_the_split_ticks_parts_are_diffusers_forwards(model):
     assert (later - halves).abs().max() > 1e-2 * halves.abs().max()
 
 
-@pytest.mark.parametrize("steps, deep", [(3, (0,)), (4, (0, 2))])
-def test_deep_levels_stream_their_offline_frames(model, steps, deep):
+@pytest.mark.parametrize("steps, groups, deep", [(3, 1, (0,)), (4, 1, (0, 2)), (4, 2, (0,)), (4, 2, (0, 3)),
+                                                 (4, 4, (0, 1))])
+def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep):
     """Deep features reused: at the levels not listed a frame walks only the UNet's (and the
     ControlNets') first and last levels, on its deep features from its last listed level. The
-    stream (the deep features moving down the levels with the frames, the deep modules' rings
-    holding the listed levels' entries) renders the offline definition's frames, which are not
-    the plain ones."""
-    settings = StreamSettings(steps=steps, window=4, deep_levels=deep)
+    stream (the deep features moving down the levels with the frames, each pass's deep entries
+    walking the deep levels, whose modules' rings hold only those entries; a pass may have
+    none) renders the offline definition's frames, in level groups too, and they are not the
+    plain ones."""
+    settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups)
     sources, driving, boxes = inputs(6)
     hints = control_hints(driving, boxes, torch.float32)
     streamed, tags = stream(model, settings, sources, driving, boxes, split=True)
-    offline = render_causal(model, settings, sources, *hints)
+    offline = render_causal(model, dataclasses.replace(settings, level_groups=1), sources, *hints)
     plain = render_causal(model, StreamSettings(steps=steps, window=4), sources, *hints)
     assert tags == list(range(6))
     torch.testing.assert_close(streamed, offline, rtol=1e-4, atol=1e-5)
-    assert (offline - plain).abs().max() > 1e-2 * plain.abs().max()  # lossy: other frames
+    assert (offline - plain).abs().max() > 1e-3 * plain.abs().max()  # lossy: other frames
 
 
 def test_deep_levels_at_every_level_are_the_plain_frames(model):
@@ -379,8 +381,7 @@ def test_deep_reuse_error_on_the_predicted_noise(model):
 @pytest.mark.parametrize("settings, message", [
     (dict(steps=3, deep_levels=(1, 2)), "--deep-levels must be increasing levels from 0, each below --steps (3), got 1,2"),
     (dict(steps=3, deep_levels=(0, 3)), "each below --steps (3), got 0,3"),
-    (dict(steps=4, deep_levels=(0,), level_groups=2), "--deep-levels steps the levels in one pass"),
-    (dict(steps=4, deep_levels=(0,), lookahead=1), "--deep-levels steps the levels in one pass"),
+    (dict(steps=4, deep_levels=(0,), lookahead=1), "--deep-levels and --lookahead do not combine"),
 ])
 def test_deep_levels_are_checked(model, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -168,8 +168,8 @@ class StreamSettings:
             if list(levels) != sorted(set(levels)) or levels[0] != 0 or levels[-1] >= self.steps:
                 raise ValueError(f"--deep-levels must be increasing levels from 0, each below --steps ({self.steps}), "
                                  f"got {','.join(map(str, levels))}")
-            if self.level_groups > 1 or self.lookahead:
-                raise ValueError("--deep-levels steps the levels in one pass: not with --level-groups or --lookahead")
+            if self.lookahead:
+                raise ValueError("--deep-levels and --lookahead do not combine (look-ahead entries wait at level 0)")
 
 
 class LCMLevels:
@@ -343,8 +343,20 @@ class LevelGroup:
     rings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # per temporal module: K1, V1, K2, V2
     times: LevelTimes | None = None  # the split tick's: every resnet's time projection at these levels
     reference: ReferenceKV | None = None  # set by prepare
-    deep_times: LevelTimes | None = None  # with deep levels, their entries' (times, reference)
-    deep_reference: ReferenceKV | None = None
+    deep: "DeepRows | None" = None  # with deep levels: this pass's entries at them
+
+
+@dataclass
+class DeepRows:
+    """A pass's entries at deep levels (`StreamSettings.deep_levels`; maybe none), with what
+    they walk the deep levels with: their time projections, reference features and rows of
+    the tick's ring view (the deep modules' rings hold only these entries)."""
+
+    rows: torch.Tensor  # entry indices, long
+    count: int
+    times: LevelTimes | None  # None without rows
+    tick: RingTick
+    reference: ReferenceKV | None = None  # set by prepare
 
 
 def _beside(side: torch.cuda.Stream | None):
@@ -405,21 +417,28 @@ class StreamingDenoiser:
         if settings.deep_levels and not (split and isinstance(model, ReusingDenoiserModel)):
             raise ValueError("--deep-levels needs the split tick and a model whose parts split at the first "
                              f"level ({type(model).__name__}{'' if split else ', not split'})")
-        deep_rows = list(settings.deep_levels) if settings.deep_levels else None
-        in_deep = model.deep_temporal_modules if deep_rows else [False] * len(model.temporal_shapes)
+        reusing = bool(settings.deep_levels)
+        in_deep = model.deep_temporal_modules if reusing else [False] * len(model.temporal_shapes)
+        self._in_deep = in_deep
 
         def group(g: int) -> LevelGroup:
-            entry_levels = torch.tensor([0] * ahead + list(range(g, steps, passes)), device=self.device)
+            levels = [0] * ahead + list(range(g, steps, passes))
+            deep_rows = [e for e, level in enumerate(levels) if level in settings.deep_levels]
+            entry_levels = torch.tensor(levels, device=self.device)
             rings = [tuple(torch.zeros(((len(deep_rows) if deep else entries) * pixels, heads, w, channels // heads),
                                        device=self.device, dtype=dtype)
                            for _ in range(4))
                      for (pixels, channels, heads), deep in zip(model.temporal_shapes, in_deep, strict=True)]
             timesteps = self.levels.timesteps[entry_levels]
             times = model.level_times(timesteps) if split else None
-            deep_times = model.level_times(timesteps[deep_rows]) if deep_rows else None
+            deep = None
+            if reusing:
+                rows = torch.tensor(deep_rows, dtype=torch.long, device=self.device)
+                view = RingTick(None, torch.zeros((len(rows), w), dtype=torch.bool, device=self.device),
+                                torch.zeros((len(rows), w), dtype=torch.long, device=self.device))
+                deep = DeepRows(rows, len(deep_rows), model.level_times(timesteps[rows]) if deep_rows else None, view)
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
-                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times,
-                              deep_times=deep_times)
+                              torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times, deep=deep)
 
         self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -450,17 +469,13 @@ class StreamingDenoiser:
         self._tick = RingTick(self.slot, torch.zeros((entries, w), dtype=torch.bool, device=self.device),
                               torch.zeros((entries, w), dtype=torch.long, device=self.device),
                               torch.zeros((entries, ahead), dtype=torch.bool, device=self.device) if ahead else None)
-        # Deep levels: each frame's deep features (entry e's: from its last deep level), moving
-        # down with the frames; the deep entries' rows of the ring view, for the deep modules.
-        self.deep = self._deep_rows = None
-        ticks = [self._tick] * len(in_deep)
-        if deep_rows:
-            self.deep = torch.zeros((entries, *model.deep_feature_shape), device=self.device, dtype=dtype)
-            self._deep_rows = torch.tensor(deep_rows, device=self.device)
-            self._deep_tick = RingTick(self.slot, self._tick.mask[self._deep_rows].clone(),
-                                       self._tick.positions[self._deep_rows].clone())
-            ticks = [self._deep_tick if deep else self._tick for deep in in_deep]
-        self._ring_ticks = ticks  # per temporal module (call order): the ring view it reads
+        # Deep levels: each frame's deep features (entry e's, from its last deep level; a pass's
+        # entry is the same frame in every pass of a tick), moving down with the frames.
+        self.deep = torch.zeros((entries, *model.deep_feature_shape), device=self.device, dtype=dtype) \
+            if reusing else None
+        for group in self.groups:
+            if group.deep is not None:
+                group.deep.tick.slot = self.slot
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -489,9 +504,9 @@ class StreamingDenoiser:
         per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
         for group in self.groups:
             group.reference = self._set_reference(group.reference, per_level, group.entry_levels)
-            if self.deep is not None:
-                group.deep_reference = self._set_reference(group.deep_reference, per_level,
-                                                           group.entry_levels[self._deep_rows])
+            if group.deep is not None:
+                group.deep.reference = self._set_reference(group.deep.reference, per_level,
+                                                           group.entry_levels[group.deep.rows])
         self.reset()
 
     def _set_reference(self, held: ReferenceKV | None, per_level: ReferenceKV, levels: torch.Tensor) -> ReferenceKV:
@@ -522,16 +537,20 @@ class StreamingDenoiser:
 
     def temporal_rings(self, group: int = 0) -> list[TemporalRing]:
         """A pass's temporal caches as the UNet takes them, for the current tick (set by `_enter`)."""
-        return self._temporal_rings(self.groups[group].rings)
+        return self._temporal_rings(self.groups[group].rings, self.groups[group].deep)
 
-    def _temporal_rings(self, rings) -> list[TemporalRing]:
-        return [TemporalRing(tensors, tick) for tensors, tick in zip(rings, self._ring_ticks, strict=True)]
+    def _temporal_rings(self, rings, deep: DeepRows | None = None) -> list[TemporalRing]:
+        """Every module's ring with the tick's view of it (with deep levels, the deep modules'
+        hold the pass's deep entries only: their rows of the view)."""
+        return [TemporalRing(tensors, deep.tick if deep is not None and in_deep else self._tick)
+                for tensors, in_deep in zip(rings, self._in_deep, strict=True)]
 
     def _update_ring_tick(self) -> None:
         update_ring_tick(self._tick, self.valid, self.occupied, self._ring_index, self._newer, self._has_newer)
-        if self.deep is not None:
-            self._deep_tick.mask.copy_(self._tick.mask[self._deep_rows])
-            self._deep_tick.positions.copy_(self._tick.positions[self._deep_rows])
+        for group in self.groups:
+            if group.deep is not None and group.deep.count:
+                group.deep.tick.mask.copy_(self._tick.mask[group.deep.rows])
+                group.deep.tick.positions.copy_(self._tick.positions[group.deep.rows])
 
     def _advance(self) -> None:
         if self.split:
@@ -593,21 +612,22 @@ class StreamingDenoiser:
         enter()
         sides = self._side_streams or [None] * len(controls)
         for g, group in enumerate(self.groups):
-            x, t, reference, rings = group.x, group.times, group.reference, group.rings
+            x, t, reference, rings, deep = group.x, group.times, group.reference, group.rings, group.deep
             residuals = []
             for (embed, control), side in zip(controls, sides, strict=True):
                 with _beside(side):
                     if g == 0:  # the entering frame's hint, once a tick, while the UNet walks down
                         embed()
-                    residuals.append(control(x, t))
-            h, skips = down(x, t, reference, rings)
+                    residuals.append(control(x, t, deep))
+            h, skips = down(x, t, reference, rings, deep)
             for side in self._side_streams or ():
                 torch.cuda.current_stream().wait_stream(side)
-            finish(g, up(h, skips, t, residuals, reference, rings))
+            finish(g, up(h, skips, t, residuals, reference, rings, deep))
 
     def _controls(self) -> list[tuple[Callable, Callable]]:
         """The tick's ControlNet parts: each the entering frame's hint embedding, made at the
-        first pass (() -> None), and the residuals ((x, level times) -> (down list, mid))."""
+        first pass (() -> None), and the residuals ((x, level times, the pass's deep rows) -> (down
+        list, mid))."""
         return [(self._embed_pose, self._pose_control), (self._embed_local, self._local_control)]
 
     def _embed_pose(self) -> None:
@@ -622,45 +642,52 @@ class StreamingDenoiser:
         held[1:] = held[:-1].clone()
         held[:1] = embed(hint)
 
-    def _pose_control(self, x: torch.Tensor, t: LevelTimes):
-        if self.deep is not None:
-            return self._control_reusing("pose", x, t, self.pose)
+    def _pose_control(self, x: torch.Tensor, t: LevelTimes, deep: DeepRows | None = None):
+        if deep is not None:
+            return self._control_reusing("pose", x, t, self.pose, deep)
         return self.model.pose_control(x, t, self.pose)
 
-    def _local_control(self, x: torch.Tensor, t: LevelTimes):
-        if self.deep is not None:
-            return self._control_reusing("local", x, t, self.local)
+    def _local_control(self, x: torch.Tensor, t: LevelTimes, deep: DeepRows | None = None):
+        if deep is not None:
+            return self._control_reusing("local", x, t, self.local, deep)
         return self.model.local_control(x, t, self.local)
 
-    def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings):
-        rings = self._temporal_rings(rings)
-        if self.deep is None:
+    def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows | None = None):
+        rings = self._temporal_rings(rings, deep)
+        if deep is None:
             return self.model.unet_down(x, t, reference, rings)
-        # Deep levels: every entry to the first level's end, the deep entries on from there.
-        group = self.groups[0]
+        # Deep levels: every entry to the first level's end, the pass's deep entries on from there.
         h, skips = self.model.unet_in(x, t, reference, rings)
-        h, deeper = self.model.unet_deep_down(h[self._deep_rows], group.deep_times, group.deep_reference, rings)
+        if not deep.count:
+            return None, skips
+        h, deeper = self.model.unet_deep_down(h[deep.rows], deep.times, deep.reference, rings)
         return h, skips + deeper
 
-    def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings) -> torch.Tensor:
+    def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings,
+            deep: DeepRows | None = None) -> torch.Tensor:
         """`residuals`: the pose and the local ControlNet's."""
-        down, mid = add_residuals(*residuals)
-        rings = self._temporal_rings(rings)
-        if self.deep is None:
+        rings = self._temporal_rings(rings, deep)
+        if deep is None:
+            down, mid = add_residuals(*residuals)
             return self.model.unet_up(h, skips, t, reference, down, mid, rings)
-        # Deep levels: theirs walk up to the last level, into the frames' deep features; every
-        # entry walks the last level from its frame's.
-        group, first = self.groups[0], self.model.first_level_skips
-        deep = self.model.unet_deep_up(h, skips[first:], group.deep_times, group.deep_reference, down[first:], mid,
-                                       rings)
-        self.deep.index_copy_(0, self._deep_rows, deep)
+        # Deep levels: the pass's deep entries walk up to the last level, into their frames' deep
+        # features; every entry walks the last level from its frame's.
+        (pose, pose_mid), (local, local_mid) = residuals
+        down, first = [p + q for p, q in zip(pose, local, strict=True)], self.model.first_level_skips
+        if deep.count:
+            features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down[first:],
+                                               pose_mid + local_mid, rings)
+            self.deep.index_copy_(0, deep.rows, features)
         return self.model.unet_out(self.deep, skips[:first], t, reference, down[:first], rings)
 
-    def _control_reusing(self, which: str, x: torch.Tensor, t: LevelTimes, hint_embedding: torch.Tensor):
+    def _control_reusing(self, which: str, x: torch.Tensor, t: LevelTimes, hint_embedding: torch.Tensor,
+                         deep: DeepRows):
         """A ControlNet's residuals with deep levels: the first level's for every entry, the
-        deeper ones and the mid for the deep entries."""
+        deeper ones and the mid for the pass's deep entries (none: no mid)."""
         h, first = self.model.control_in(which, x, t, hint_embedding)
-        deeper, mid = self.model.control_deep(which, h[self._deep_rows], self.groups[0].deep_times)
+        if not deep.count:
+            return first, None
+        deeper, mid = self.model.control_deep(which, h[deep.rows], deep.times)
         return first + deeper, mid
 
     @torch.no_grad()
