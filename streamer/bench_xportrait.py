@@ -132,15 +132,20 @@ def module_calls(model, denoiser) -> dict[str, tuple]:
     first = denoiser.groups[0]
     t = first.timesteps
     if denoiser.split:  # the split tick holds the hints' embeddings and the levels' time projections
-        controls = lambda: (model.pose_control(first.x, first.times, denoiser.pose),
-                            model.local_control(first.x, first.times, denoiser.local))
+        controls = lambda: (denoiser._pose_control(first.x, first.times, first.deep),
+                            denoiser._local_control(first.x, first.times, first.deep))
     else:
         controls = lambda: model.controls(first.x, t, denoiser.pose, denoiser.local)
+    if first.deep is None:
+        unet = lambda: model.unet(first.x, t, model.text, 1, temporal_past=denoiser.temporal_rings(),
+                                  reference=first.reference)
+    else:  # deep levels: the pass's parts (the deep modules' rings hold only its deep entries)
+        def unet():
+            args = (first.times, first.reference, first.rings, first.deep)
+            return denoiser._up(*denoiser._down(first.x, *args), first.times, controls(), *args[1:])
     return {
         "controlnets x2": (controls, 10),
-        "unet + reference + temporal": (lambda: model.unet(first.x, t, model.text, 1,
-                                                           temporal_past=denoiser.temporal_rings(),
-                                                           reference=first.reference), 10),
+        "unet + reference + temporal": (unet, 10),
         "vae decode (1 frame)": (lambda: model.decode(denoiser.leaving), 10),
         "reference net (per source, per level)": (lambda: model.reference_features([denoiser.entering], t[:1]), 3),
     }

@@ -92,10 +92,11 @@ def test_the_bench_reads_its_portrait_with_the_one_loader(tmp_path, capsys):
     assert (load_source(str(clear)) == 255).all()
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split):
+@pytest.mark.parametrize("split, deep", [(False, ()), (True, ()), (True, (0,))])
+def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split, deep):
     """What the stream bench times module by module on a GPU (CUDA events there), called here
-    once each: the split tick holds hint embeddings and level times, not hints and timesteps."""
+    once each: the split tick holds hint embeddings and level times, not hints and timesteps;
+    with deep levels the UNet's parts (its deep rings hold the deep entries only)."""
     import torch
 
     from engines.xportrait.stream import StreamSettings, StreamingDenoiser
@@ -103,8 +104,8 @@ def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split)
     from streamer.bench_xportrait import module_calls
 
     model = tiny_model(64, config=compact_config(64))
-    denoiser = StreamingDenoiser(model, StreamSettings(steps=2, window=2), torch.device("cpu"), torch.float32,
-                                 split=split)
+    denoiser = StreamingDenoiser(model, StreamSettings(steps=2, window=2, deep_levels=deep), torch.device("cpu"),
+                                 torch.float32, split=split)
     denoiser.prepare(torch.zeros(1, 3, 64, 64))
     denoiser.tick(torch.zeros(64, 64, 3, dtype=torch.uint8), torch.tensor([[8, 8, 24, 24]] * 3))
     calls = module_calls(model, denoiser)
@@ -114,4 +115,5 @@ def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split)
         controls = calls["controlnets x2"][0]()
         noise = calls["unet + reference + temporal"][0]()
     pose_mid = controls[0][1] if split else controls[1]
-    assert pose_mid.shape[0] == noise.shape[0] == denoiser.entries and torch.isfinite(noise).all()
+    assert noise.shape[0] == denoiser.entries and torch.isfinite(noise).all()
+    assert pose_mid.shape[0] == (len(deep) if deep else denoiser.entries)  # the mid: the deep entries
