@@ -449,7 +449,13 @@ def test_the_preview_window_shows_what_the_call_sees(clip, tmp_path):
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and screen().max() == 0:  # the window is not up yet
+            if producer.poll() is not None:
+                pytest.fail(f"cam exited ({producer.returncode}) before its window showed: "
+                            + producer.stderr.read().decode()[-2000:])
             time.sleep(0.5)
+        if screen().max() == 0:  # say so, and what the cam said, rather than match a black screen
+            producer.kill()
+            pytest.fail("no window on the X server after 60 s; the cam said: " + producer.communicate()[1].decode()[-2000:])
         producer.stdin.write(b" ")  # pause from the terminal
         producer.stdin.flush()
         assert (best := shows("grace_hopper")) > 0.95, best  # my-avatar.png
