@@ -11,6 +11,10 @@ So this module walks the diffusers blocks itself, top to bottom:
     mid: resnet, attention, resnet (no temporal module) + ControlNet mid residual
     up level k: (concat skip, resnet, attention?, [upsample if last], temporal) x (layers + 1)
     norm, act, conv_out
+
+in four pieces, so that a caller may skip the middle two (the deep levels, whose result the last
+up level starts from): walk_in (conv_in and the first down level's layers), walk_deep_down (its
+downsampler, the deeper down levels, mid), walk_deep_up (every up level but the last), walk_out.
 """
 
 from __future__ import annotations
@@ -353,26 +357,33 @@ class TemporalUNet(nn.Module):
     # The live tick's parts with deep features reused (`walk_reusing`'s pieces, one frame per
     # batch entry; `temporal_past`: every module's, in call order; `projected_times`: every
     # resnet's, for the entries given).
-    def part_in(self, sample, projected_times, text, temporal_past, reference):
+    def part_in(self, sample: torch.Tensor, projected_times: Sequence[torch.Tensor], text: torch.Tensor,
+                temporal_past: Sequence, reference: ReferenceKV | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         text = text.expand(sample.shape[0], -1, -1)
         part = self.module_parts()[0]
         return walk_in(self.unet, sample, ResnetTimes(projected=projected_times), text,
                        TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
 
-    def part_deep_down(self, h, projected_times, text, temporal_past, reference):
+    def part_deep_down(self, h: torch.Tensor, projected_times: Sequence[torch.Tensor], text: torch.Tensor,
+                       temporal_past: Sequence,
+                       reference: ReferenceKV | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         text = text.expand(h.shape[0], -1, -1)
         part, first = self.module_parts()[1], len(self.unet.down_blocks[0].resnets)
         return walk_deep_down(self.unet, h, ResnetTimes(projected=projected_times[first:]), text,
                               TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
 
-    def part_deep_up(self, h, skips, projected_times, text, down_residuals, mid_residual, temporal_past, reference):
+    def part_deep_up(self, h: torch.Tensor, skips: list[torch.Tensor], projected_times: Sequence[torch.Tensor],
+                     text: torch.Tensor, down_residuals: Sequence[torch.Tensor], mid_residual: torch.Tensor,
+                     temporal_past: Sequence, reference: ReferenceKV | None) -> torch.Tensor:
         text = text.expand(h.shape[0], -1, -1)
         part = self.module_parts()[2]
         return walk_deep_up(self.unet, h + mid_residual, add_down_residuals(skips, down_residuals),
                             ResnetTimes(projected=projected_times), text,
                             TemporalCalls(self.motion.in_order()[part], 1, temporal_past[part]), reference)
 
-    def part_out(self, h, skips, projected_times, text, down_residuals, temporal_past, reference):
+    def part_out(self, h: torch.Tensor, skips: list[torch.Tensor], projected_times: Sequence[torch.Tensor],
+                 text: torch.Tensor, down_residuals: Sequence[torch.Tensor], temporal_past: Sequence,
+                 reference: ReferenceKV | None) -> torch.Tensor:
         text = text.expand(h.shape[0], -1, -1)
         part, last = self.module_parts()[3], len(self.unet.up_blocks[-1].resnets)
         return walk_out(self.unet, h, add_down_residuals(skips, down_residuals),
