@@ -46,8 +46,9 @@ Residuals = tuple[list[torch.Tensor], torch.Tensor]  # a ControlNet's: down list
 
 
 def add_residuals(pose: Residuals, local: Residuals) -> Residuals:
-    """Both ControlNets' residuals as the UNet takes them: added, unscaled, as the released code does."""
-    return [p + l for p, l in zip(pose[0], local[0], strict=True)], pose[1] + local[1]
+    """Both ControlNets' residuals as the UNet takes them: added, unscaled, as the released code
+    does (no mid without the ControlNets' deep levels: deep levels reused)."""
+    return [p + l for p, l in zip(pose[0], local[0], strict=True)], None if pose[1] is None else pose[1] + local[1]
 
 
 class XPortraitModel(nn.Module):
@@ -191,8 +192,8 @@ class XPortraitModel(nn.Module):
 
     def control_deep(self, which: str, h: torch.Tensor, times: LevelTimes):
         """The rest of the ControlNet from `control_in`'s features: (deeper residuals, mid)."""
-        first = len(self.pose_controlnet.down_blocks[0].resnets)
-        return control_walk_deep(self.controlnet(which), h, getattr(times, which)[first:], self.text)
+        net = self.controlnet(which)
+        return control_walk_deep(net, h, getattr(times, which)[len(net.down_blocks[0].resnets):], self.text)
 
     def unet_in(self, sample, times: LevelTimes, reference: ReferenceKV, temporal_past):
         return self.unet.part_in(sample, times.unet_down, self.text, temporal_past, reference)

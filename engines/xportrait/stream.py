@@ -47,8 +47,9 @@ from .model import LevelTimes, ReferenceKV, XPortraitModel, add_residuals
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 # CUDA stream priority of the captured tick's main path (lower is sooner; the ControlNets' side
-# streams keep the default, 0, the lowest). On the H200 (uncompiled split tick, 2 passes):
-# 46.05 ms a replay against 47.14 at 0, and 48.34 with the side streams first (BENCHMARKS.md).
+# streams keep the default, 0, the lowest). On the H200 (split tick, 2 passes): compiled 33.25 ms
+# a replay against 33.6 at 0; uncompiled 46.05 against 47.14, and 48.34 with the side streams
+# first (BENCHMARKS.md).
 MAIN_PRIORITY = -1
 _ONE_CAPTURE = threading.Lock()  # CUDA graph captures in this process, one at a time (StreamingDenoiser.capture)
 
@@ -434,12 +435,15 @@ class StreamingDenoiser:
             deep = None
             if reusing:
                 rows = torch.tensor(deep_rows, dtype=torch.long, device=self.device)
-                view = RingTick(None, torch.zeros((len(rows), w), dtype=torch.bool, device=self.device),
+                view = RingTick(self.slot, torch.zeros((len(rows), w), dtype=torch.bool, device=self.device),
                                 torch.zeros((len(rows), w), dtype=torch.long, device=self.device))
                 deep = DeepRows(rows, len(deep_rows), model.level_times(timesteps[rows]) if deep_rows else None, view)
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
                               torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times, deep=deep)
 
+        # The ring slot this tick's frames take: advanced on the device at the start of every
+        # tick (no host write per tick); W - 1 after a reset, so the first tick takes slot 0.
+        self.slot = torch.full((1,), w - 1, dtype=torch.long, device=self.device)
         self.groups = [group(g) for g in range(passes)]
         self.entering = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         # Per frame in flight (every pass steps the same frames): both hints (in the split tick
@@ -458,9 +462,6 @@ class StreamingDenoiser:
         # Which ring slots hold real frames per entry (the same for every pass: a tick writes
         # one slot of each pass's rings, for the same frames).
         self.valid = torch.zeros((entries, w), dtype=torch.bool, device=self.device)
-        # The ring slot this tick's frames take: advanced on the device at the start of every
-        # tick (no host write per tick); W - 1 after a reset, so the first tick takes slot 0.
-        self.slot = torch.full((1,), w - 1, dtype=torch.long, device=self.device)
         self._ring_index = torch.arange(w, device=self.device)
         # Look-ahead: entry i's o-th newer frame is entry i - 1 - o.
         newer = torch.arange(entries, device=self.device)[:, None] - 1 - torch.arange(ahead, device=self.device)[None]
@@ -473,9 +474,6 @@ class StreamingDenoiser:
         # entry is the same frame in every pass of a tick), moving down with the frames.
         self.deep = torch.zeros((entries, *model.deep_feature_shape), device=self.device, dtype=dtype) \
             if reusing else None
-        for group in self.groups:
-            if group.deep is not None:
-                group.deep.tick.slot = self.slot
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -666,17 +664,15 @@ class StreamingDenoiser:
     def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings,
             deep: DeepRows | None = None) -> torch.Tensor:
         """`residuals`: the pose and the local ControlNet's."""
-        rings = self._temporal_rings(rings, deep)
+        rings, (down, mid) = self._temporal_rings(rings, deep), add_residuals(*residuals)
         if deep is None:
-            down, mid = add_residuals(*residuals)
             return self.model.unet_up(h, skips, t, reference, down, mid, rings)
         # Deep levels: the pass's deep entries walk up to the last level, into their frames' deep
         # features; every entry walks the last level from its frame's.
-        (pose, pose_mid), (local, local_mid) = residuals
-        down, first = [p + q for p, q in zip(pose, local, strict=True)], self.model.first_level_skips
+        first = self.model.first_level_skips
         if deep.count:
-            features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down[first:],
-                                               pose_mid + local_mid, rings)
+            features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down[first:], mid,
+                                               rings)
             self.deep.index_copy_(0, deep.rows, features)
         return self.model.unet_out(self.deep, skips[:first], t, reference, down[:first], rings)
 
