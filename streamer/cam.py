@@ -199,12 +199,15 @@ def describe(settings: Retargeting) -> str:
 
 class TerminalKeys:
     """Keys typed on the terminal, one at a time (no Enter) when stdin is one; lines of keys when
-    it is a pipe. End of input is not a quit (a service with stdin on /dev/null keeps running)."""
+    it is a pipe. End of input is not a quit (a service with stdin on /dev/null keeps running).
+    close() returns once the reader has stopped: it never reads the descriptor afterwards (whose
+    number the caller may close and the process reuse for another file)."""
 
     def __init__(self, on_key: Callable[[str], None], stream=None):
         self._on_key = on_key
         self._stream = stream if stream is not None else sys.stdin
         self._saved = None
+        self._thread = None
         self._stop = threading.Event()
         try:
             self._fd = self._stream.fileno()
@@ -212,30 +215,33 @@ class TerminalKeys:
             self._fd = None
         if self._fd is None:
             return
-        if platform.system() != "Windows" and os.isatty(self._fd):
+        windows = platform.system() == "Windows"
+        if not windows and os.isatty(self._fd):
             import termios
             import tty
 
             self._saved = termios.tcgetattr(self._fd)
             tty.setcbreak(self._fd)
+        self._wake = None if windows else os.pipe()  # close() ends the reader's select at once
         self._thread = threading.Thread(target=self._run, name="xportrait-keys", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        if platform.system() == "Windows" and os.isatty(self._fd):
-            import msvcrt
+        if self._wake is None:
+            if os.isatty(self._fd):
+                import msvcrt
 
-            while not self._stop.wait(0.05):
-                while msvcrt.kbhit():
-                    self._on_key(msvcrt.getwch())
+                while not self._stop.wait(0.05):
+                    while msvcrt.kbhit():
+                        self._on_key(msvcrt.getwch())
             return
         import select
 
-        while not self._stop.is_set():
+        while True:
             try:
-                ready, _, _ = select.select([self._fd], [], [], 0.2)
-                if not ready:
-                    continue
+                ready, _, _ = select.select([self._fd, self._wake[0]], [], [])
+                if self._stop.is_set() or self._wake[0] in ready:
+                    return
                 data = os.read(self._fd, 64)
             except (OSError, ValueError):
                 return
@@ -247,10 +253,21 @@ class TerminalKeys:
 
     def close(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            if self._wake is not None:
+                os.write(self._wake[1], b"x")
+            if self._thread is not threading.current_thread():
+                self._thread.join()
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
+            self._thread = None
         if self._saved is not None:
             import termios
 
             termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
 
 
 class _QuitOnSignals:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import zlib
 
 import av
@@ -348,6 +349,29 @@ def test_keys_on_the_terminal_pause_to_the_still_switch_portraits_and_quit(clip)
         os.close(write_end)
     assert not runner.is_alive() and result and time.perf_counter() - started < 60  # q, not --duration
     assert sink.closed
+
+
+def test_the_key_reader_has_stopped_when_close_returns():
+    """After close() the reader never touches the descriptor again: its number is the caller's
+    to close, and the process may reuse it for the next file it opens (CI once saw a portrait's
+    PNG read with 64 bytes missing, right after a cam test closed its stdin pipe)."""
+    from streamer.cam import TerminalKeys
+
+    read_end, write_end = os.pipe()
+    keys: list[str] = []
+    stdin = types.SimpleNamespace(fileno=lambda: read_end)  # the caller keeps the descriptor
+    reader = TerminalKeys(keys.append, stdin)
+    os.write(write_end, b"n")
+    wait_until(lambda: keys == ["n"], 5, "the first key")
+    time.sleep(0.05)  # the reader waits in select again
+    reader.close()
+    assert not [t for t in threading.enumerate() if t.name == "xportrait-keys"]
+    os.write(write_end, b"later")
+    time.sleep(0.3)
+    assert keys == ["n"] and os.read(read_end, 64) == b"later"  # nothing read after close()
+    reader.close()  # a second close is harmless
+    os.close(read_end)
+    os.close(write_end)
 
 
 @pytest.mark.realtime
