@@ -197,6 +197,9 @@ def bench_stream(options: BenchOptions) -> dict:
         runs_of.append((label, dataclasses.replace(variant, level_groups=1), 1, ", 1 level group (baseline)"))
     if live.deep_levels:  # likewise every level walked whole: the frames the deep features' reuse approximates
         label, variant = variants[-1]
+        if live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
+            runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1,
+                            ", reused entries after the deep walk (baseline)"))
         runs_of.append((label, dataclasses.replace(variant, deep_levels=()), 1, ", every level whole (baseline)"))
     engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:
@@ -222,6 +225,7 @@ def bench_stream(options: BenchOptions) -> dict:
         sync()
         runs.append({"engine": label, "ticks_per_frame": run_ticks, "level_groups": variant.level_groups,
                      "deep_levels": list(variant.deep_levels),
+                     "reused_beside": engine.denoiser.reused_beside,
                      "startup_s": startup_s, **timed,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress, in case the run is cut short
@@ -300,6 +304,7 @@ def print_stream(result: dict) -> None:
         ticks = f"; {r['ticks_per_step']:.2f} ticks a frame" if r["ticks_per_frame"] != 1 else ""
         ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
         ticks += f"; deep at levels {','.join(map(str, r['deep_levels']))}" if r.get("deep_levels") else ""
+        ticks += " (reused entries beside the deep walk)" if r.get("reused_beside") else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
     for name, ms in result["modules_ms"].items():

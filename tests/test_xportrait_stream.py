@@ -41,8 +41,8 @@ def inputs(frames: int):
     return (sources, *random_frames(frames, g))
 
 
-def stream(model, settings, sources, driving, boxes, split=False):
-    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
+def stream(model, settings, sources, driving, boxes, split=False, **options):
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split, **options)
     denoiser.prepare(sources)
     out, tags = [], []
     for i in range(driving.shape[0]):
@@ -335,24 +335,43 @@ def test_the_split_ticks_parts_are_diffusers_forwards(model):
     assert (later - halves).abs().max() > 1e-2 * halves.abs().max()
 
 
+@pytest.mark.parametrize("beside", [False, True])
 @pytest.mark.parametrize("steps, groups, deep", [(3, 1, (0,)), (4, 1, (0, 2)), (4, 2, (0,)), (4, 2, (0, 3)),
                                                  (4, 4, (0, 1))])
-def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep):
+def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep, beside):
     """Deep features reused: at the levels not listed a frame walks only the UNet's (and the
     ControlNets') first and last levels, on its deep features from its last listed level. The
     stream (the deep features moving down the levels with the frames, each pass's deep entries
     walking the deep levels, whose modules' rings hold only those entries; a pass may have
     none) renders the offline definition's frames, in level groups too, and they are not the
-    plain ones."""
+    plain ones; with the reused entries' last level beside the deep walk too (on a CPU in
+    order: the same parts and rows as on a GPU's streams)."""
     settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups)
     sources, driving, boxes = inputs(6)
     hints = control_hints(driving, boxes, torch.float32)
-    streamed, tags = stream(model, settings, sources, driving, boxes, split=True)
+    streamed, tags = stream(model, settings, sources, driving, boxes, split=True, reused_beside=beside)
     offline = render_causal(model, dataclasses.replace(settings, level_groups=1), sources, *hints)
     plain = render_causal(model, StreamSettings(steps=steps, window=4), sources, *hints)
     assert tags == list(range(6))
     torch.testing.assert_close(streamed, offline, rtol=1e-4, atol=1e-5)
     assert (offline - plain).abs().max() > 1e-3 * plain.abs().max()  # lossy: other frames
+
+
+def test_the_reused_entries_walk_beside_the_deep_walk_where_each_is_one_run(model):
+    """Which passes split their last level (`DeepRows.runs`: the deep entries', the reused
+    entries'): those whose deep and reused entries are each one run of entries; on a CPU only
+    when asked (there is no stream to run them beside)."""
+    def runs(steps, groups, deep, **options):
+        settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups)
+        denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=True, **options)
+        return [group.deep.runs for group in denoiser.groups]
+
+    assert runs(4, 1, (0,), reused_beside=True) == [(slice(0, 1), slice(1, 4))]
+    # Two groups, deep at 0 and 3: pass 0 holds levels 0 and 2, pass 1 levels 1 and 3 (deep second).
+    assert runs(4, 2, (0, 3), reused_beside=True) == [(slice(0, 1), slice(1, 2)), (slice(1, 2), slice(0, 1))]
+    assert runs(4, 1, (0, 2), reused_beside=True) == [None]  # deep 0 and 2, reused 1 and 3: not runs
+    assert runs(4, 4, (0, 1), reused_beside=True) == [None] * 4  # one entry a pass: nothing beside it
+    assert runs(4, 1, (0,)) == runs(4, 1, (0,), reused_beside=False) == [None]  # a CPU's default: in one walk
 
 
 def test_deep_levels_at_every_level_are_the_plain_frames(model):

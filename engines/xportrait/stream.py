@@ -25,7 +25,10 @@ steps): at a level not listed, a frame walks only the UNet's first and last leve
 latents' size) and the ControlNets' first, and the last up level starts from the deep features
 (what the deeper levels handed it) of that frame's last listed level, instead of walking the
 deeper levels again. Lossy, behind an option: with random weights its error says nothing of
-a trained model's. The deep levels' temporal modules then see only the listed levels.
+a trained model's. The deep levels' temporal modules then see only the listed levels. On a
+GPU, where a pass's deep entries and reused entries are each one run (`--deep-levels 0`: the
+first entry, the rest), the reused ones walk the last level on a stream of their own while the
+deep ones walk the deep levels (a batch of one or two there leaves most of the GPU idle).
 
 `render_causal` computes the same frames the plain way, frame after frame and step after
 step: the offline definition the streaming engine is tested against.
@@ -358,14 +361,52 @@ class DeepRows:
     times: LevelTimes | None  # None without rows
     tick: RingTick
     reference: ReferenceKV | None = None  # set by prepare
+    # With the reused entries beside the deep walk: (the deep entries', the reused entries') rows,
+    # each one run of the pass's entries; None: every entry walks the last level at once, after it.
+    runs: tuple[slice, slice] | None = None
 
 
-def _beside(side: torch.cuda.Stream | None):
-    """Run on `side` after what the current stream has queued (None: right here)."""
+def _run(rows: list[int]) -> slice | None:
+    """`rows` as a slice, where they are one run of consecutive entries."""
+    return slice(rows[0], rows[-1] + 1) if rows and rows == list(range(rows[0], rows[-1] + 1)) else None
+
+
+@dataclass(frozen=True)
+class SplitParts:
+    """The split tick's parts, as `_advance_split` calls them: each may be compiled on its own (one
+    compiled part serves every pass: a pass's tensors are its arguments)."""
+
+    enter: Callable
+    controls: list[tuple[Callable, Callable]]  # per ControlNet: (hint embedding, residuals)
+    down: Callable
+    up: Callable
+    finish: Callable
+    # A pass whose reused entries walk the last level beside the deep walk (`DeepRows.runs`):
+    controls_beside: list[tuple[Callable, Callable, Callable]]  # per ControlNet: embedding, first level, deeper
+    unet_in: Callable
+    deep_down: Callable
+    deep_up: Callable
+    out_rows: Callable
+
+
+def _beside(side: torch.cuda.Stream | None, after: Sequence[torch.cuda.Event | None] = ()):
+    """Run on `side` after what the current stream has queued and the events `after` (None:
+    right here, in order)."""
     if side is None:
         return contextlib.nullcontext()
     side.wait_stream(torch.cuda.current_stream())
+    for event in after:
+        side.wait_event(event)
     return torch.cuda.stream(side)
+
+
+def _mark(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event after what `stream` has queued so far (None: no stream, nothing to wait for)."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
 
 
 class StreamingDenoiser:
@@ -392,14 +433,19 @@ class StreamingDenoiser:
 
     def __init__(self, model: DenoiserModel, settings: StreamSettings, device, dtype, *,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False):
+                 overlay: tuple[torch.Tensor, torch.Tensor] | None = None, split: bool = False,
+                 reused_beside: bool | None = None):
         """`decode`: scaled latents -> images in [-1, 1] (e.g. `model.decode`, or TAESD's): the
         leaving frame is decoded inside the tick (and its graph) into `image`; None: latents only.
         `overlay`: (mask (res, res, 1) bool, pixels (res, res, 3) uint8) burnt into every decoded
         frame, in the tick. `split`: run the ControlNets beside the UNet's down path (on their
         own streams on a GPU), from what repeats made once: each ControlNet's embedding of a
         frame's hint (when it enters) and every resnet's time projection at each level (here);
-        the model must be a `SplitDenoiserModel`."""
+        the model must be a `SplitDenoiserModel`. `reused_beside` (deep levels; default: on a
+        GPU): where a pass's deep entries and reused entries are each one run of entries, the
+        reused ones walk the last up level on a stream of their own while the deep ones walk the
+        deep levels (which at one or two entries leave most of the GPU idle), the same frames
+        in other batches; on a CPU in order, for the tests."""
         settings.validate(model.config.motion_max_len)
         if split and not isinstance(model, SplitDenoiserModel):
             raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
@@ -421,6 +467,8 @@ class StreamingDenoiser:
         reusing = bool(settings.deep_levels)
         in_deep = model.deep_temporal_modules if reusing else [False] * len(model.temporal_shapes)
         self._in_deep = in_deep
+        cuda = split and self.device.type == "cuda"
+        beside = reusing and (cuda if reused_beside is None else reused_beside)
 
         def group(g: int) -> LevelGroup:
             levels = [0] * ahead + list(range(g, steps, passes))
@@ -437,7 +485,10 @@ class StreamingDenoiser:
                 rows = torch.tensor(deep_rows, dtype=torch.long, device=self.device)
                 view = RingTick(self.slot, torch.zeros((len(rows), w), dtype=torch.bool, device=self.device),
                                 torch.zeros((len(rows), w), dtype=torch.long, device=self.device))
-                deep = DeepRows(rows, len(deep_rows), model.level_times(timesteps[rows]) if deep_rows else None, view)
+                reused_rows = [e for e in range(entries) if e not in deep_rows]
+                runs = (_run(deep_rows), _run(reused_rows)) if beside else (None,)
+                deep = DeepRows(rows, len(deep_rows), model.level_times(timesteps[rows]) if deep_rows else None, view,
+                                runs=runs if None not in runs else None)
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
                               torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times, deep=deep)
 
@@ -479,16 +530,23 @@ class StreamingDenoiser:
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
         self.decode, self.overlay, self.split = decode, overlay, split
-        self._side_streams = [torch.cuda.Stream(), torch.cuda.Stream()] \
-            if split and self.device.type == "cuda" else None  # the ControlNets', one each
+        self._side_streams = [torch.cuda.Stream(), torch.cuda.Stream()] if cuda else None  # the ControlNets'
+        # The reused entries' last level, beside the deep walk (`DeepRows.runs`).
+        self._reused_stream = torch.cuda.Stream() if cuda and self.reused_beside else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
+        self._parts = self._split_parts(lambda fn: fn) if split else None  # uncompiled, for `_advance`
         self.advance = self._advance  # one tick's work without the graph (capture() sets what it recorded)
 
     @property
     def captured(self) -> bool:
         """Whether a tick is recorded as a CUDA graph (`capture`), which `tick` replays."""
         return self._graph is not None
+
+    @property
+    def reused_beside(self) -> bool:
+        """Whether a pass's reused entries walk the last level beside its deep walk (`DeepRows.runs`)."""
+        return any(group.deep is not None and group.deep.runs is not None for group in self.groups)
 
     @property
     def prepared(self) -> bool:
@@ -552,7 +610,7 @@ class StreamingDenoiser:
 
     def _advance(self) -> None:
         if self.split:
-            self._advance_split(self._enter, self._controls(), self._down, self._up, self._finish)
+            self._advance_split(self._parts)
         else:
             self._advance_eager()
 
@@ -604,29 +662,64 @@ class StreamingDenoiser:
 
     # The split tick: the ControlNets and the UNet's down path need nothing from each other, so
     # on a GPU they run on streams of their own (at the 16² and 8² levels a batch of S frames
-    # leaves most of the GPU idle). Each part may be compiled on its own (one compiled part
-    # serves every pass: a pass's tensors are its arguments); the whole is one CUDA graph.
-    def _advance_split(self, enter, controls, down, up, finish) -> None:
-        enter()
-        sides = self._side_streams or [None] * len(controls)
+    # leaves most of the GPU idle). Each part may be compiled on its own; the whole is one CUDA graph.
+    def _advance_split(self, parts: SplitParts) -> None:
+        parts.enter()
+        sides = self._side_streams or [None] * len(parts.controls)
         for g, group in enumerate(self.groups):
+            if group.deep is not None and group.deep.runs is not None:
+                parts.finish(g, self._pass_beside(parts, g, group, sides))
+                continue
             x, t, reference, rings, deep = group.x, group.times, group.reference, group.rings, group.deep
             residuals = []
-            for (embed, control), side in zip(controls, sides, strict=True):
+            for (embed, control), side in zip(parts.controls, sides, strict=True):
                 with _beside(side):
                     if g == 0:  # the entering frame's hint, once a tick, while the UNet walks down
                         embed()
                     residuals.append(control(x, t, deep))
-            h, skips = down(x, t, reference, rings, deep)
+            h, skips = parts.down(x, t, reference, rings, deep)
             for side in self._side_streams or ():
                 torch.cuda.current_stream().wait_stream(side)
-            finish(g, up(h, skips, t, residuals, reference, rings, deep))
+            parts.finish(g, parts.up(h, skips, t, residuals, reference, rings, deep))
 
-    def _controls(self) -> list[tuple[Callable, Callable]]:
-        """The tick's ControlNet parts: each the entering frame's hint embedding, made at the
-        first pass (() -> None), and the residuals ((x, level times, the pass's deep rows) -> (down
-        list, mid))."""
-        return [(self._embed_pose, self._pose_control), (self._embed_local, self._local_control)]
+    def _pass_beside(self, parts: SplitParts, g: int, group: LevelGroup, sides) -> torch.Tensor:
+        """A pass with deep levels whose reused entries walk the last level beside the deep walk:
+        once every entry is through the first level (UNet and ControlNets), the reused entries
+        walk the last on the reused stream, on their frames' deep features from earlier levels,
+        while the deep entries walk the deep levels and then the last. The predicted noise."""
+        x, t, reference, rings, deep = group.x, group.times, group.reference, group.rings, group.deep
+        own, reused = deep.runs
+        firsts, deeper, marks = [], [], []
+        for (embed, control_in, control_deep), side in zip(parts.controls_beside, sides, strict=True):
+            with _beside(side):
+                if g == 0:
+                    embed()
+                h, first = control_in(x, t)
+                marks.append(_mark(side))  # the first level's residuals are all the reused entries need
+                firsts.append(first)
+                deeper.append(control_deep(h, deep))
+        h, skips = parts.unet_in(x, t, reference, rings, deep)
+        with _beside(self._reused_stream, [m for m in marks if m is not None]):
+            eps_reused = parts.out_rows(reused, skips, t, firsts, reference, rings)
+        h, skips = parts.deep_down(h, skips, rings, deep)
+        for side in self._side_streams or ():
+            torch.cuda.current_stream().wait_stream(side)
+        parts.deep_up(h, skips, [(f + d, mid) for f, (d, mid) in zip(firsts, deeper, strict=True)], rings, deep)
+        eps_own = parts.out_rows(own, skips, t, firsts, reference, rings)
+        if self._reused_stream is not None:
+            torch.cuda.current_stream().wait_stream(self._reused_stream)
+        return torch.cat((eps_own, eps_reused) if own.start < reused.start else (eps_reused, eps_own))
+
+    def _split_parts(self, compiled: Callable[[Callable], Callable]) -> SplitParts:
+        """The split tick's parts, each through `compiled` (identity, or torch.compile)."""
+        return SplitParts(
+            compiled(self._enter),
+            [(compiled(self._embed_pose), compiled(self._pose_control)),
+             (compiled(self._embed_local), compiled(self._local_control))],
+            compiled(self._down), compiled(self._up), compiled(self._finish),
+            [(compiled(self._embed_pose), compiled(self._pose_first), compiled(self._pose_deeper)),
+             (compiled(self._embed_local), compiled(self._local_first), compiled(self._local_deeper))],
+            compiled(self._in), compiled(self._deep_down), compiled(self._deep_up), compiled(self._out_rows))
 
     def _embed_pose(self) -> None:
         self._embed(self.pose, self.model.embed_pose_hint, self.entering_hints[0])
@@ -640,6 +733,7 @@ class StreamingDenoiser:
         held[1:] = held[:-1].clone()
         held[:1] = embed(hint)
 
+    # Each ControlNet's residuals ((x, level times, the pass's deep rows) -> (down list, mid)).
     def _pose_control(self, x: torch.Tensor, t: LevelTimes, deep: DeepRows | None = None):
         if deep is not None:
             return self._control_reusing("pose", x, t, self.pose, deep)
@@ -650,32 +744,6 @@ class StreamingDenoiser:
             return self._control_reusing("local", x, t, self.local, deep)
         return self.model.local_control(x, t, self.local)
 
-    def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows | None = None):
-        rings = self._temporal_rings(rings, deep)
-        if deep is None:
-            return self.model.unet_down(x, t, reference, rings)
-        # Deep levels: every entry to the first level's end, the pass's deep entries on from there.
-        h, skips = self.model.unet_in(x, t, reference, rings)
-        if not deep.count:
-            return None, skips
-        h, deeper = self.model.unet_deep_down(h[deep.rows], deep.times, deep.reference, rings)
-        return h, skips + deeper
-
-    def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings,
-            deep: DeepRows | None = None) -> torch.Tensor:
-        """`residuals`: the pose and the local ControlNet's."""
-        rings, (down, mid) = self._temporal_rings(rings, deep), add_residuals(*residuals)
-        if deep is None:
-            return self.model.unet_up(h, skips, t, reference, down, mid, rings)
-        # Deep levels: the pass's deep entries walk up to the last level, into their frames' deep
-        # features; every entry walks the last level from its frame's.
-        first = self.model.first_level_skips
-        if deep.count:
-            features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down[first:], mid,
-                                               rings)
-            self.deep.index_copy_(0, deep.rows, features)
-        return self.model.unet_out(self.deep, skips[:first], t, reference, down[:first], rings)
-
     def _control_reusing(self, which: str, x: torch.Tensor, t: LevelTimes, hint_embedding: torch.Tensor,
                          deep: DeepRows):
         """A ControlNet's residuals with deep levels: the first level's for every entry, the
@@ -685,6 +753,73 @@ class StreamingDenoiser:
             return first, None
         deeper, mid = self.model.control_deep(which, h[deep.rows], deep.times)
         return first + deeper, mid
+
+    # ... in two parts, for a pass with the reused entries beside the deep walk (which need only
+    # the first): the first level for every entry ((features, residuals)), the deeper levels for
+    # the deep entries ((residuals, mid)).
+    def _pose_first(self, x: torch.Tensor, t: LevelTimes):
+        return self.model.control_in("pose", x, t, self.pose)
+
+    def _local_first(self, x: torch.Tensor, t: LevelTimes):
+        return self.model.control_in("local", x, t, self.local)
+
+    def _pose_deeper(self, h: torch.Tensor, deep: DeepRows):
+        return self.model.control_deep("pose", h[deep.rows], deep.times)
+
+    def _local_deeper(self, h: torch.Tensor, deep: DeepRows):
+        return self.model.control_deep("local", h[deep.rows], deep.times)
+
+    # The UNet's halves ((features, skips) down, the predicted noise up); with deep levels in
+    # pieces: every entry to the first level's end (`_in`), the pass's deep entries down the deep
+    # levels (`_deep_down`) and up them into their frames' deep features (`_deep_up`), every entry
+    # (or a run of them, `_out_rows`) through the last level from its frame's deep features.
+    def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows | None = None):
+        if deep is None:
+            return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
+        return self._deep_down(*self._in(x, t, reference, rings, deep), rings, deep)
+
+    def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings,
+            deep: DeepRows | None = None) -> torch.Tensor:
+        """`residuals`: the pose and the local ControlNet's."""
+        if deep is None:
+            return self.model.unet_up(h, skips, t, reference, *add_residuals(*residuals), self._temporal_rings(rings))
+        self._deep_up(h, skips, residuals, rings, deep)
+        return self._out_rows(slice(0, self.entries), skips, t, [down for down, _ in residuals], reference, rings)
+
+    def _in(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows):
+        return self.model.unet_in(x, t, reference, self._temporal_rings(rings, deep))
+
+    def _deep_down(self, h: torch.Tensor, skips: list[torch.Tensor], rings, deep: DeepRows):
+        if not deep.count:
+            return None, skips
+        h, deeper = self.model.unet_deep_down(h[deep.rows], deep.times, deep.reference,
+                                              self._temporal_rings(rings, deep))
+        return h, skips + deeper
+
+    def _deep_up(self, h: torch.Tensor | None, skips: list[torch.Tensor], residuals, rings, deep: DeepRows) -> None:
+        if not deep.count:
+            return
+        first, ((pose, pose_mid), (local, local_mid)) = self.model.first_level_skips, residuals
+        down, mid = add_residuals((pose[first:], pose_mid), (local[first:], local_mid))
+        features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down, mid,
+                                           self._temporal_rings(rings, deep))
+        self.deep.index_copy_(0, deep.rows, features)
+
+    def _out_rows(self, run: slice, skips: list[torch.Tensor], t: LevelTimes, firsts, reference: ReferenceKV,
+                  rings) -> torch.Tensor:
+        """The last level for the entries in `run` (their rows of everything it reads: views);
+        `firsts`: both ControlNets' down residuals for every entry (the first level's, at least)."""
+        first = self.model.first_level_skips
+        down = [p[run] + l[run] for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
+        times = LevelTimes([p[run] for p in t.unet_down], [p[run] for p in t.unet_up], [p[run] for p in t.pose],
+                           [p[run] for p in t.local])
+        reference = {name: (key[run], value[run]) for name, (key, value) in reference.items()}
+        tick = RingTick(self.slot, self._tick.mask[run], self._tick.positions[run])
+        rows = [slice(run.start * pixels, run.stop * pixels) for pixels, _, _ in self.model.temporal_shapes]
+        # The last level's modules are none of the deep ones: their rings hold every entry, entry-major.
+        rings = [None if in_deep else TemporalRing(tuple([r[at] for r in ring]), tick)
+                 for ring, in_deep, at in zip(rings, self._in_deep, rows, strict=True)]
+        return self.model.unet_out(self.deep[run], [s[run] for s in skips[:first]], times, reference, down, rings)
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,
@@ -713,9 +848,8 @@ class StreamingDenoiser:
             options |= {"max_autotune_gemm": True, "max_autotune_conv_backends": "ATEN"}
         compiled = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if compile else (lambda fn: fn)
         if self.split:
-            enter, down, up, finish = (compiled(fn) for fn in (self._enter, self._down, self._up, self._finish))
-            controls = [tuple(compiled(fn) for fn in part) for part in self._controls()]
-            advance = lambda: self._advance_split(enter, controls, down, up, finish)
+            parts = self._split_parts(compiled)
+            advance = lambda: self._advance_split(parts)
         else:
             advance = compiled(self._advance_eager) if compile else self._advance
         # The tick's own stream (the UNet's path: the one every pass waits on) at main_priority,
