@@ -114,9 +114,9 @@ class LiveOptions:
     # features of its last listed level (DeepCache's idea across a frame's LCM steps). Empty: all.
     deep_levels: tuple[int, ...] = ()
     # With deep levels, on a GPU: where a pass's deep entries and reused entries are each one run
-    # (e.g. --deep-levels 0), the reused ones walk the last level on a stream of their own while
-    # the deep ones walk the deep levels; the same frames. False: after it, in one batch (the
-    # bench's baseline for it).
+    # (e.g. --deep-levels 0), the reused ones walk their first and last levels on a stream of their
+    # own while the deep ones walk theirs and the deep levels; the same frames. False: every entry
+    # in one batch (the bench's baseline for it).
     reused_beside: bool = True
 
     def __post_init__(self):

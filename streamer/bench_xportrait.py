@@ -199,7 +199,7 @@ def bench_stream(options: BenchOptions) -> dict:
         label, variant = variants[-1]
         if live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
             runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1,
-                            ", reused entries after the deep walk (baseline)"))
+                            ", deep levels in one batch (baseline)"))
         runs_of.append((label, dataclasses.replace(variant, deep_levels=()), 1, ", every level whole (baseline)"))
     engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:

@@ -1,6 +1,6 @@
-"""On a CUDA device (not part of the suite): `--deep-levels 0` with the reused entries' last level
-beside the deep walk (on a stream of its own) against the same tick with them after it (one
-batch), and the whole walk, in one process: the frames each captured tick renders from the same
+"""On a CUDA device (not part of the suite): `--deep-levels 0` with the reused entries' first and
+last levels beside the deep walk (on a stream of their own) against the same tick in one batch,
+and the whole walk, in one process: the frames each captured tick renders from the same
 driving frames (beside against after: the same frames within fp16 rounding), then each graph's
 replay timed with CUDA events, the variants alternating. SD1.5 with random weights at 512² (or
 the tiny model), 4 steps, TAESD with random weights; uncompiled (captures take seconds) or with
@@ -24,7 +24,7 @@ from engines import LiveOptions, XPortraitOptions, create_engine
 from engines.base import SourcePortrait
 
 VARIANTS = {"deep 0, reused beside": dict(deep_levels=(0,), reused_beside=True),
-            "deep 0, reused after (one batch)": dict(deep_levels=(0,), reused_beside=False),
+            "deep 0, one batch": dict(deep_levels=(0,), reused_beside=False),
             "whole walk": dict(deep_levels=())}
 
 

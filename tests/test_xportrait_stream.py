@@ -358,9 +358,9 @@ def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep, bes
 
 
 def test_the_reused_entries_walk_beside_the_deep_walk_where_each_is_one_run(model):
-    """Which passes split their last level (`DeepRows.runs`: the deep entries', the reused
-    entries'): those whose deep and reused entries are each one run of entries; on a CPU only
-    when asked (there is no stream to run them beside)."""
+    """Which passes walk their reused entries beside the deep ones (`DeepRows.runs`: the deep
+    entries', the reused entries'): those whose deep and reused entries are each one run of
+    entries; on a CPU only when asked (there is no stream to run them beside)."""
     def runs(steps, groups, deep, **options):
         settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups)
         denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=True, **options)
@@ -372,6 +372,42 @@ def test_the_reused_entries_walk_beside_the_deep_walk_where_each_is_one_run(mode
     assert runs(4, 1, (0, 2), reused_beside=True) == [None]  # deep 0 and 2, reused 1 and 3: not runs
     assert runs(4, 4, (0, 1), reused_beside=True) == [None] * 4  # one entry a pass: nothing beside it
     assert runs(4, 1, (0,)) == runs(4, 1, (0,), reused_beside=False) == [None]  # a CPU's default: in one walk
+
+
+def test_each_part_on_a_run_of_entries_is_its_rows_of_the_one_batch_part(model):
+    """What the pass beside is made of, part by part: the ControlNets' first level, the UNet's
+    first and last levels on a run of entries give that run's rows of the same part on every
+    entry (their hints, rings, reference features, time projections and deep features are the
+    run's rows). A tighter check than the frames: in the tiny model a hint moves them little."""
+    settings = StreamSettings(steps=4, window=4, deep_levels=(0,))
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=True, reused_beside=True)
+    sources, driving, boxes = inputs(6)
+    denoiser.prepare(sources)
+    with torch.no_grad():
+        for i in range(6):  # every entry a frame with its deep features, the rings part full
+            denoiser.tick(driving[i], boxes[i])
+        group = denoiser.groups[0]
+        x, t, reference, rings = group.x, group.times, group.reference, group.rings
+        every = slice(0, denoiser.entries)
+        firsts = [denoiser._pose_first(every, x, t), denoiser._local_first(every, x, t)]
+        _, skips = denoiser._in_rows(every, x, t, reference, rings)
+        out = denoiser._out_rows(every, skips, t, [f[1] for f in firsts], reference, rings)
+        close = dict(rtol=1e-5, atol=1e-5)
+        for run in group.deep.runs:
+            mine = [denoiser._pose_first(run, x, t), denoiser._local_first(run, x, t)]
+            for (h, residuals), (h_all, residuals_all) in zip(mine, firsts, strict=True):
+                torch.testing.assert_close(h, h_all[run], **close)
+                for r, r_all in zip(residuals, residuals_all, strict=True):
+                    torch.testing.assert_close(r, r_all[run], **close)
+            _, my_skips = denoiser._in_rows(run, x, t, reference, rings)
+            for skip, skip_all in zip(my_skips, skips, strict=True):
+                torch.testing.assert_close(skip, skip_all[run], **close)
+            torch.testing.assert_close(denoiser._out_rows(run, my_skips, t, [m[1] for m in mine], reference, rings),
+                                       out[run], **close)
+    # Not vacuous: the entries' hints, and so the parts' rows, differ.
+    residual = firsts[0][1][0]
+    assert (residual[0] - residual[1]).abs().max() > 1e-2 * residual.abs().max()
+    assert (out[0] - out[1]).abs().max() > 1e-2 * out.abs().max()
 
 
 def test_deep_levels_at_every_level_are_the_plain_frames(model):

@@ -169,8 +169,8 @@ class XPortraitLiveEngine:
             overlay = (torch.from_numpy(mask).to(self.device), torch.from_numpy(pixels).to(self.device))
         # The ControlNets beside the UNet's down path on three streams: same frames, and on
         # the H100 a 1.4 ms shorter compiled tick (2.4 ms uncompiled). Deep levels need the parts.
-        # With deep levels on a GPU, the reused entries' last level beside the deep walk (a stream
-        # of its own; live.reused_beside=False: after it, in one walk, the bench's baseline).
+        # With deep levels on a GPU, the reused entries beside the deep walk (a stream of their
+        # own; live.reused_beside=False: in one batch, the bench's baseline).
         self._denoiser_args = dict(overlay=overlay, split=native and (cuda or bool(live.deep_levels)),
                                    reused_beside=live.reused_beside and cuda)
         self.waits_on_device = cuda

@@ -27,8 +27,9 @@ latents' size) and the ControlNets' first, and the last up level starts from the
 deeper levels again. Lossy, behind an option: with random weights its error says nothing of
 a trained model's. The deep levels' temporal modules then see only the listed levels. On a
 GPU, where a pass's deep entries and reused entries are each one run (`--deep-levels 0`: the
-first entry, the rest), the reused ones walk the last level on a stream of their own while the
-deep ones walk the deep levels (a batch of one or two there leaves most of the GPU idle).
+first entry, the rest), the reused ones walk their first and last levels on a stream of their
+own while the deep ones walk theirs and the deep levels (a batch of one or two there leaves most
+of the GPU idle).
 
 `render_causal` computes the same frames the plain way, frame after frame and step after
 step: the offline definition the streaming engine is tested against.
@@ -362,13 +363,24 @@ class DeepRows:
     tick: RingTick
     reference: ReferenceKV | None = None  # set by prepare
     # With the reused entries beside the deep walk: (the deep entries', the reused entries') rows,
-    # each one run of the pass's entries; None: every entry walks the last level at once, after it.
+    # each one run of the pass's entries; None: all entries walk the first level at once, the deep
+    # ones the deep levels, then all the last level (one batch).
     runs: tuple[slice, slice] | None = None
 
 
 def _run(rows: list[int]) -> slice | None:
     """`rows` as a slice, where they are one run of consecutive entries."""
     return slice(rows[0], rows[-1] + 1) if rows and rows == list(range(rows[0], rows[-1] + 1)) else None
+
+
+def _times_of(t: LevelTimes, run: slice) -> LevelTimes:
+    """A run of entries' rows of a pass's time projections (views)."""
+    return LevelTimes([p[run] for p in t.unet_down], [p[run] for p in t.unet_up], [p[run] for p in t.pose],
+                      [p[run] for p in t.local])
+
+
+def _reference_of(reference: ReferenceKV, run: slice) -> ReferenceKV:
+    return {name: (key[run], value[run]) for name, (key, value) in reference.items()}
 
 
 @dataclass(frozen=True)
@@ -381,23 +393,27 @@ class SplitParts:
     down: Callable
     up: Callable
     finish: Callable
-    # A pass whose reused entries walk the last level beside the deep walk (`DeepRows.runs`):
+    # A pass whose reused entries walk beside its deep entries (`DeepRows.runs`), on row runs:
     controls_beside: list[tuple[Callable, Callable, Callable]]  # per ControlNet: embedding, first level, deeper
-    unet_in: Callable
-    deep_down: Callable
+    in_rows: Callable
+    deeper_down: Callable
     deep_up: Callable
     out_rows: Callable
 
 
-def _beside(side: torch.cuda.Stream | None, after: Sequence[torch.cuda.Event | None] = ()):
-    """Run on `side` after what the current stream has queued and the events `after` (None:
-    right here, in order)."""
+def _beside(side: torch.cuda.Stream | None):
+    """Run on `side` after what the current stream has queued (None: right here)."""
     if side is None:
         return contextlib.nullcontext()
     side.wait_stream(torch.cuda.current_stream())
-    for event in after:
-        side.wait_event(event)
     return torch.cuda.stream(side)
+
+
+def _wait(stream: torch.cuda.Stream | None, events: Sequence[torch.cuda.Event | None]) -> None:
+    """`stream` waits for `events` (None, without a GPU: the work ran in order)."""
+    for event in events:
+        if event is not None:
+            stream.wait_event(event)
 
 
 def _mark(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
@@ -443,9 +459,9 @@ class StreamingDenoiser:
         frame's hint (when it enters) and every resnet's time projection at each level (here);
         the model must be a `SplitDenoiserModel`. `reused_beside` (deep levels; default: on a
         GPU): where a pass's deep entries and reused entries are each one run of entries, the
-        reused ones walk the last up level on a stream of their own while the deep ones walk the
-        deep levels (which at one or two entries leave most of the GPU idle), the same frames
-        in other batches; on a CPU in order, for the tests."""
+        reused ones walk their first and last levels on a stream of their own while the deep ones
+        walk theirs and the deep levels (which at one or two entries leave most of the GPU idle):
+        the same frames, in other batches; on a CPU in order, for the tests."""
         settings.validate(model.config.motion_max_len)
         if split and not isinstance(model, SplitDenoiserModel):
             raise ValueError(f"a split tick needs the model's halves ({type(model).__name__} has none)")
@@ -531,7 +547,7 @@ class StreamingDenoiser:
         self.image = torch.zeros((res, res, 3), device=self.device, dtype=torch.uint8)  # the leaving frame, decoded
         self.decode, self.overlay, self.split = decode, overlay, split
         self._side_streams = [torch.cuda.Stream(), torch.cuda.Stream()] if cuda else None  # the ControlNets'
-        # The reused entries' last level, beside the deep walk (`DeepRows.runs`).
+        # The reused entries' first and last levels, beside the deep walk (`DeepRows.runs`).
         self._reused_stream = torch.cuda.Stream() if cuda and self.reused_beside else None
         self._in_flight: list[tuple[bool, object]] = [(False, None)] * entries  # host-side: (real frame?, tag)
         self._graph = None
@@ -545,7 +561,7 @@ class StreamingDenoiser:
 
     @property
     def reused_beside(self) -> bool:
-        """Whether a pass's reused entries walk the last level beside its deep walk (`DeepRows.runs`)."""
+        """Whether a pass's reused entries walk beside its deep entries (`DeepRows.runs`)."""
         return any(group.deep is not None and group.deep.runs is not None for group in self.groups)
 
     @property
@@ -683,31 +699,37 @@ class StreamingDenoiser:
             parts.finish(g, parts.up(h, skips, t, residuals, reference, rings, deep))
 
     def _pass_beside(self, parts: SplitParts, g: int, group: LevelGroup, sides) -> torch.Tensor:
-        """A pass with deep levels whose reused entries walk the last level beside the deep walk:
-        once every entry is through the first level (UNet and ControlNets), the reused entries
-        walk the last on the reused stream, on their frames' deep features from earlier levels,
-        while the deep entries walk the deep levels and then the last. The predicted noise."""
+        """A pass with deep levels whose reused entries walk beside its deep entries: on every
+        stream the deep run's chain first (its first level, the deep levels, its last level, on
+        the main stream; its ControlNet levels on theirs), the reused run's first and last levels
+        on the reused stream (on its frames' deep features from earlier levels), filling the GPU
+        that the deep walk's batch of one or two leaves idle. The predicted noise."""
         x, t, reference, rings, deep = group.x, group.times, group.reference, group.rings, group.deep
         own, reused = deep.runs
-        firsts, deeper, marks = [], [], []
+        firsts, deeper, theirs, own_done, theirs_done = [], [], [], [], []
         for (embed, control_in, control_deep), side in zip(parts.controls_beside, sides, strict=True):
             with _beside(side):
                 if g == 0:
                     embed()
-                h, first = control_in(x, t)
-                marks.append(_mark(side))  # the first level's residuals are all the reused entries need
+                h, first = control_in(own, x, t)
                 firsts.append(first)
                 deeper.append(control_deep(h, deep))
-        h, skips = parts.unet_in(x, t, reference, rings, deep)
-        with _beside(self._reused_stream, [m for m in marks if m is not None]):
-            eps_reused = parts.out_rows(reused, skips, t, firsts, reference, rings)
-        h, skips = parts.deep_down(h, skips, rings, deep)
-        for side in self._side_streams or ():
-            torch.cuda.current_stream().wait_stream(side)
-        parts.deep_up(h, skips, [(f + d, mid) for f, (d, mid) in zip(firsts, deeper, strict=True)], rings, deep)
+                own_done.append(_mark(side))  # all the deep run's walk up needs of this ControlNet
+                theirs.append(control_in(reused, x, t)[1])
+                theirs_done.append(_mark(side))  # all the reused run's last level needs
+        with _beside(self._reused_stream):
+            _, skips = parts.in_rows(reused, x, t, reference, rings)
+            _wait(self._reused_stream, theirs_done)
+            eps_reused = parts.out_rows(reused, skips, t, theirs, reference, rings)
+        main = torch.cuda.current_stream() if self._reused_stream is not None else None
+        h, skips = parts.in_rows(own, x, t, reference, rings)
+        h, skips_deeper = parts.deeper_down(h, rings, deep)
+        _wait(main, own_done)
+        parts.deep_up(h, skips + skips_deeper, [(f + d, mid) for f, (d, mid) in zip(firsts, deeper, strict=True)],
+                      rings, deep)
         eps_own = parts.out_rows(own, skips, t, firsts, reference, rings)
-        if self._reused_stream is not None:
-            torch.cuda.current_stream().wait_stream(self._reused_stream)
+        for stream in (self._reused_stream, *(self._side_streams or ())) if main is not None else ():
+            main.wait_stream(stream)  # every stream joined (a captured graph needs them all back)
         return torch.cat((eps_own, eps_reused) if own.start < reused.start else (eps_reused, eps_own))
 
     def _split_parts(self, compiled: Callable[[Callable], Callable]) -> SplitParts:
@@ -719,7 +741,7 @@ class StreamingDenoiser:
             compiled(self._down), compiled(self._up), compiled(self._finish),
             [(compiled(self._embed_pose), compiled(self._pose_first), compiled(self._pose_deeper)),
              (compiled(self._embed_local), compiled(self._local_first), compiled(self._local_deeper))],
-            compiled(self._in), compiled(self._deep_down), compiled(self._deep_up), compiled(self._out_rows))
+            compiled(self._in_rows), compiled(self._deeper_down), compiled(self._deep_up), compiled(self._out_rows))
 
     def _embed_pose(self) -> None:
         self._embed(self.pose, self.model.embed_pose_hint, self.entering_hints[0])
@@ -754,29 +776,34 @@ class StreamingDenoiser:
         deeper, mid = self.model.control_deep(which, h[deep.rows], deep.times)
         return first + deeper, mid
 
-    # ... in two parts, for a pass with the reused entries beside the deep walk (which need only
-    # the first): the first level for every entry ((features, residuals)), the deeper levels for
-    # the deep entries ((residuals, mid)).
-    def _pose_first(self, x: torch.Tensor, t: LevelTimes):
-        return self.model.control_in("pose", x, t, self.pose)
+    # ... in two parts, for a pass whose reused entries walk beside its deep entries: the first
+    # level for a run of entries ((features, residuals), the run's rows), the deeper levels for
+    # the deep entries' features ((residuals, mid)).
+    def _pose_first(self, run: slice, x: torch.Tensor, t: LevelTimes):
+        return self.model.control_in("pose", x[run], _times_of(t, run), self.pose[run])
 
-    def _local_first(self, x: torch.Tensor, t: LevelTimes):
-        return self.model.control_in("local", x, t, self.local)
+    def _local_first(self, run: slice, x: torch.Tensor, t: LevelTimes):
+        return self.model.control_in("local", x[run], _times_of(t, run), self.local[run])
 
     def _pose_deeper(self, h: torch.Tensor, deep: DeepRows):
-        return self.model.control_deep("pose", h[deep.rows], deep.times)
+        return self.model.control_deep("pose", h, deep.times)
 
     def _local_deeper(self, h: torch.Tensor, deep: DeepRows):
-        return self.model.control_deep("local", h[deep.rows], deep.times)
+        return self.model.control_deep("local", h, deep.times)
 
     # The UNet's halves ((features, skips) down, the predicted noise up); with deep levels in
-    # pieces: every entry to the first level's end (`_in`), the pass's deep entries down the deep
-    # levels (`_deep_down`) and up them into their frames' deep features (`_deep_up`), every entry
-    # (or a run of them, `_out_rows`) through the last level from its frame's deep features.
+    # pieces: a run of entries through the first level (`_in_rows`), the deep entries down the
+    # deep levels (`_deeper_down`) and up them into their frames' deep features (`_deep_up`), a
+    # run of entries through the last level from its frames' deep features (`_out_rows`). The
+    # one-batch walk's runs are every entry.
     def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows | None = None):
         if deep is None:
             return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
-        return self._deep_down(*self._in(x, t, reference, rings, deep), rings, deep)
+        h, skips = self._in_rows(slice(0, self.entries), x, t, reference, rings)
+        if not deep.count:
+            return None, skips
+        h, deeper = self._deeper_down(h[deep.rows], rings, deep)
+        return h, skips + deeper
 
     def _up(self, h, skips, t: LevelTimes, residuals, reference: ReferenceKV, rings,
             deep: DeepRows | None = None) -> torch.Tensor:
@@ -786,17 +813,16 @@ class StreamingDenoiser:
         self._deep_up(h, skips, residuals, rings, deep)
         return self._out_rows(slice(0, self.entries), skips, t, [down for down, _ in residuals], reference, rings)
 
-    def _in(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows):
-        return self.model.unet_in(x, t, reference, self._temporal_rings(rings, deep))
+    def _in_rows(self, run: slice, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings):
+        return self.model.unet_in(x[run], _times_of(t, run), _reference_of(reference, run), self._rings_of(rings, run))
 
-    def _deep_down(self, h: torch.Tensor, skips: list[torch.Tensor], rings, deep: DeepRows):
-        if not deep.count:
-            return None, skips
-        h, deeper = self.model.unet_deep_down(h[deep.rows], deep.times, deep.reference,
-                                              self._temporal_rings(rings, deep))
-        return h, skips + deeper
+    def _deeper_down(self, h: torch.Tensor, rings, deep: DeepRows):
+        """The deep entries' features (`h`, theirs only) down the deep levels: (features, skips)."""
+        return self.model.unet_deep_down(h, deep.times, deep.reference, self._temporal_rings(rings, deep))
 
     def _deep_up(self, h: torch.Tensor | None, skips: list[torch.Tensor], residuals, rings, deep: DeepRows) -> None:
+        """Up the deep levels into the deep entries' frames' deep features; `skips` and the
+        ControlNets' `residuals` past the first level's are the deep entries'."""
         if not deep.count:
             return
         first, ((pose, pose_mid), (local, local_mid)) = self.model.first_level_skips, residuals
@@ -807,19 +833,20 @@ class StreamingDenoiser:
 
     def _out_rows(self, run: slice, skips: list[torch.Tensor], t: LevelTimes, firsts, reference: ReferenceKV,
                   rings) -> torch.Tensor:
-        """The last level for the entries in `run` (their rows of everything it reads: views);
-        `firsts`: both ControlNets' down residuals for every entry (the first level's, at least)."""
+        """The last level for the entries in `run`, with their first level's `skips` and both
+        ControlNets' first-level residuals (`firsts`; the run's rows, maybe followed by more)."""
         first = self.model.first_level_skips
-        down = [p[run] + l[run] for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
-        times = LevelTimes([p[run] for p in t.unet_down], [p[run] for p in t.unet_up], [p[run] for p in t.pose],
-                           [p[run] for p in t.local])
-        reference = {name: (key[run], value[run]) for name, (key, value) in reference.items()}
+        down = [p + l for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
+        return self.model.unet_out(self.deep[run], skips[:first], _times_of(t, run), _reference_of(reference, run),
+                                   down, self._rings_of(rings, run))
+
+    def _rings_of(self, rings, run: slice) -> list[TemporalRing | None]:
+        """A run of entries' rows of the first and last levels' rings (views; those modules are
+        none of the deep ones, so their rings hold every entry, entry-major); None for the deep ones."""
         tick = RingTick(self.slot, self._tick.mask[run], self._tick.positions[run])
         rows = [slice(run.start * pixels, run.stop * pixels) for pixels, _, _ in self.model.temporal_shapes]
-        # The last level's modules are none of the deep ones: their rings hold every entry, entry-major.
-        rings = [None if in_deep else TemporalRing(tuple([r[at] for r in ring]), tick)
-                 for ring, in_deep, at in zip(rings, self._in_deep, rows, strict=True)]
-        return self.model.unet_out(self.deep[run], [s[run] for s in skips[:first]], times, reference, down, rings)
+        return [None if in_deep else TemporalRing(tuple([r[at] for r in ring]), tick)
+                for ring, in_deep, at in zip(rings, self._in_deep, rows, strict=True)]
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,
