@@ -182,34 +182,38 @@ def test_sessions_spread_over_the_workers_and_a_third_is_refused_with_503(front,
             assert [(w["name"], w["state"], w["capacity"]) for w in current["workers"]] == \
                 [(name, "live", 1) for name in WORKERS]
             peers = [webcam_peer(clip), webcam_peer(clip)]
-            for peer in peers:
-                assert (await peer.offer(http)).status == 200
-            third = webcam_peer(clip)
-            response = await third.offer(http)
-            assert response.status == 503
-            assert "busy" in (await response.json())["error"]
-            await close(third)
-            await until(lambda: all(len(p.received) >= 10 for p in peers), 30)
-            assert all(frame.shape == (512, 512, 3) for p in peers for _, _, frame in p.received[-3:])
-            current = await stats(http)
-            assert sorted(s["worker"] for s in current["sessions"]) == list(WORKERS)  # one on each
-            assert all(s["frames_processed"] > 0 for s in current["sessions"])
-            assert [w["sessions_active"] for w in current["workers"]] == [1, 1]
-            # An upload reaches the session's worker, with the session's secret only.
-            image = encoded(samples.portrait("grace_hopper"))
-            wrong = await http.post(f"/avatar?session={peers[0].session}", data=image,
-                                    headers={"X-Session-Secret": peers[1].secret, "Content-Type": "image/jpeg"})
-            assert wrong.status == 403 and "secret" in (await wrong.json())["error"]
-            upload = await http.post(f"/avatar?session={peers[0].session}", data=image,
-                                     headers={**peers[0].control, "Content-Type": "image/jpeg"})
-            assert upload.status == 200, await upload.text()
-            assert (await upload.json())["portrait"] == "upload"
-            await eventually(http, lambda s: {x["id"]: x["portrait"] for x in s["sessions"]}.get(peers[0].session)
-                             == "upload", 5, "/stats shows the uploaded portrait (it polls the workers)")
-            not_an_image = await http.post(f"/avatar?session={peers[1].session}", data=b"hello",
-                                           headers={**peers[1].control, "Content-Type": "text/plain"})
-            assert not_an_image.status == 400 and "previous portrait is kept" in (await not_an_image.json())["error"]
-            await close(*peers)
+            try:  # closed whatever fails, so that the next test finds the workers free
+                for peer in peers:
+                    assert (await peer.offer(http)).status == 200
+                third = webcam_peer(clip)
+                response = await third.offer(http)
+                assert response.status == 503
+                assert "busy" in (await response.json())["error"]
+                await close(third)
+                await until(lambda: all(len(p.received) >= 10 for p in peers), 30)
+                assert all(frame.shape == (512, 512, 3) for p in peers for _, _, frame in p.received[-3:])
+                current = await stats(http)
+                assert sorted(s["worker"] for s in current["sessions"]) == list(WORKERS)  # one on each
+                assert all(s["frames_processed"] > 0 for s in current["sessions"])
+                assert [w["sessions_active"] for w in current["workers"]] == [1, 1]
+                # An upload reaches the session's worker, with the session's secret only.
+                image = encoded(samples.portrait("grace_hopper"))
+                wrong = await http.post(f"/avatar?session={peers[0].session}", data=image,
+                                        headers={"X-Session-Secret": peers[1].secret, "Content-Type": "image/jpeg"})
+                assert wrong.status == 403 and "secret" in (await wrong.json())["error"]
+                upload = await http.post(f"/avatar?session={peers[0].session}", data=image,
+                                         headers={**peers[0].control, "Content-Type": "image/jpeg"})
+                assert upload.status == 200, await upload.text()
+                assert (await upload.json())["portrait"] == "upload"
+                portraits = lambda s: {x["id"]: x["portrait"] for x in s["sessions"]}  # noqa: E731
+                await eventually(http, lambda s: portraits(s).get(peers[0].session) == "upload", 5,
+                                 "/stats shows the uploaded portrait (it polls the workers)")
+                not_an_image = await http.post(f"/avatar?session={peers[1].session}", data=b"hello",
+                                               headers={**peers[1].control, "Content-Type": "text/plain"})
+                refusal = (await not_an_image.json())["error"]
+                assert not_an_image.status == 400 and "previous portrait is kept" in refusal
+            finally:
+                await close(*peers)
             await eventually(http, lambda s: not s["sessions"], 15, "the closed sessions ended on their workers")
 
     asyncio.run(main())

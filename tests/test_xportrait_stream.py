@@ -390,8 +390,8 @@ def test_each_part_on_a_run_of_entries_is_its_rows_of_the_one_batch_part(model):
         x, t, reference, rings = group.x, group.times, group.reference, group.rings
         every = slice(0, denoiser.entries)
         firsts = [denoiser._pose_first(every, x, t), denoiser._local_first(every, x, t)]
-        _, skips = denoiser._in_rows(every, x, t, reference, rings)
-        out = denoiser._out_rows(every, skips, t, [f[1] for f in firsts], reference, rings)
+        _, skips = denoiser._in_rows(every, x, t, reference, denoiser._ring_rows(rings, every))
+        out = denoiser._out_rows(every, skips, t, [f[1] for f in firsts], reference, denoiser._ring_rows(rings, every))
         close = dict(rtol=1e-5, atol=1e-5)
         for run in group.deep.runs:
             mine = [denoiser._pose_first(run, x, t), denoiser._local_first(run, x, t)]
@@ -399,11 +399,11 @@ def test_each_part_on_a_run_of_entries_is_its_rows_of_the_one_batch_part(model):
                 torch.testing.assert_close(h, h_all[run], **close)
                 for r, r_all in zip(residuals, residuals_all, strict=True):
                     torch.testing.assert_close(r, r_all[run], **close)
-            _, my_skips = denoiser._in_rows(run, x, t, reference, rings)
+            _, my_skips = denoiser._in_rows(run, x, t, reference, denoiser._ring_rows(rings, run))
             for skip, skip_all in zip(my_skips, skips, strict=True):
                 torch.testing.assert_close(skip, skip_all[run], **close)
-            torch.testing.assert_close(denoiser._out_rows(run, my_skips, t, [m[1] for m in mine], reference, rings),
-                                       out[run], **close)
+            torch.testing.assert_close(denoiser._out_rows(run, my_skips, t, [m[1] for m in mine], reference,
+                                                          denoiser._ring_rows(rings, run)), out[run], **close)
     # Not vacuous: the entries' hints, and so the parts' rows, differ.
     residual = firsts[0][1][0]
     assert (residual[0] - residual[1]).abs().max() > 1e-2 * residual.abs().max()

@@ -717,17 +717,20 @@ class StreamingDenoiser:
                 own_done.append(_mark(side))  # all the deep run's walk up needs of this ControlNet
                 theirs.append(control_in(reused, x, t)[1])
                 theirs_done.append(_mark(side))  # all the reused run's last level needs
+        # Each run's rows of the first and last levels' rings, made here: a compiled part then
+        # writes its ring slots in place, as it does a whole ring's (no view made and written inside).
+        own_rings, reused_rings = self._ring_rows(rings, own), self._ring_rows(rings, reused)
         with _beside(self._reused_stream):
-            _, skips = parts.in_rows(reused, x, t, reference, rings)
+            _, skips = parts.in_rows(reused, x, t, reference, reused_rings)
             _wait(self._reused_stream, theirs_done)
-            eps_reused = parts.out_rows(reused, skips, t, theirs, reference, rings)
+            eps_reused = parts.out_rows(reused, skips, t, theirs, reference, reused_rings)
         main = torch.cuda.current_stream() if self._reused_stream is not None else None
-        h, skips = parts.in_rows(own, x, t, reference, rings)
+        h, skips = parts.in_rows(own, x, t, reference, own_rings)
         h, skips_deeper = parts.deeper_down(h, rings, deep)
         _wait(main, own_done)
         parts.deep_up(h, skips + skips_deeper, [(f + d, mid) for f, (d, mid) in zip(firsts, deeper, strict=True)],
                       rings, deep)
-        eps_own = parts.out_rows(own, skips, t, firsts, reference, rings)
+        eps_own = parts.out_rows(own, skips, t, firsts, reference, own_rings)
         for stream in (self._reused_stream, *(self._side_streams or ())) if main is not None else ():
             main.wait_stream(stream)  # every stream joined (a captured graph needs them all back)
         return torch.cat((eps_own, eps_reused) if own.start < reused.start else (eps_reused, eps_own))
@@ -799,7 +802,8 @@ class StreamingDenoiser:
     def _down(self, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings, deep: DeepRows | None = None):
         if deep is None:
             return self.model.unet_down(x, t, reference, self._temporal_rings(rings))
-        h, skips = self._in_rows(slice(0, self.entries), x, t, reference, rings)
+        every = slice(0, self.entries)
+        h, skips = self._in_rows(every, x, t, reference, self._ring_rows(rings, every))
         if not deep.count:
             return None, skips
         h, deeper = self._deeper_down(h[deep.rows], rings, deep)
@@ -811,10 +815,13 @@ class StreamingDenoiser:
         if deep is None:
             return self.model.unet_up(h, skips, t, reference, *add_residuals(*residuals), self._temporal_rings(rings))
         self._deep_up(h, skips, residuals, rings, deep)
-        return self._out_rows(slice(0, self.entries), skips, t, [down for down, _ in residuals], reference, rings)
+        every = slice(0, self.entries)
+        firsts = [down for down, _ in residuals]
+        return self._out_rows(every, skips, t, firsts, reference, self._ring_rows(rings, every))
 
-    def _in_rows(self, run: slice, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rings):
-        return self.model.unet_in(x[run], _times_of(t, run), _reference_of(reference, run), self._rings_of(rings, run))
+    def _in_rows(self, run: slice, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rows):
+        """`rows`: the run's rows of the rings (`_ring_rows`)."""
+        return self.model.unet_in(x[run], _times_of(t, run), _reference_of(reference, run), self._run_rings(rows))
 
     def _deeper_down(self, h: torch.Tensor, rings, deep: DeepRows):
         """The deep entries' features (`h`, theirs only) down the deep levels: (features, skips)."""
@@ -832,21 +839,32 @@ class StreamingDenoiser:
         self.deep.index_copy_(0, deep.rows, features)
 
     def _out_rows(self, run: slice, skips: list[torch.Tensor], t: LevelTimes, firsts, reference: ReferenceKV,
-                  rings) -> torch.Tensor:
+                  rows) -> torch.Tensor:
         """The last level for the entries in `run`, with their first level's `skips` and both
-        ControlNets' first-level residuals (`firsts`; the run's rows, maybe followed by more)."""
+        ControlNets' first-level residuals (`firsts`; the run's rows, maybe followed by more);
+        `rows`: the run's rows of the rings (`_ring_rows`)."""
         first = self.model.first_level_skips
         down = [p + l for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
         return self.model.unet_out(self.deep[run], skips[:first], _times_of(t, run), _reference_of(reference, run),
-                                   down, self._rings_of(rings, run))
+                                   down, self._run_rings(rows))
 
-    def _rings_of(self, rings, run: slice) -> list[TemporalRing | None]:
-        """A run of entries' rows of the first and last levels' rings (views; those modules are
-        none of the deep ones, so their rings hold every entry, entry-major); None for the deep ones."""
-        tick = RingTick(self.slot, self._tick.mask[run], self._tick.positions[run])
-        rows = [slice(run.start * pixels, run.stop * pixels) for pixels, _, _ in self.model.temporal_shapes]
-        return [None if in_deep else TemporalRing(tuple([r[at] for r in ring]), tick)
-                for ring, in_deep, at in zip(rings, self._in_deep, rows, strict=True)]
+    def _ring_rows(self, rings, run: slice) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """A run of entries' rows of the first and last levels' rings (views: those modules are
+        none of the deep ones, so their rings hold every entry, entry-major; for every entry the
+        rings themselves; None for the deep ones), and of the tick's mask and positions."""
+        if run == slice(0, self.entries):
+            return ([None if in_deep else ring for ring, in_deep in zip(rings, self._in_deep, strict=True)],
+                    self._tick.mask, self._tick.positions)
+        at = [slice(run.start * pixels, run.stop * pixels) for pixels, _, _ in self.model.temporal_shapes]
+        return ([None if in_deep else tuple([r[rows] for r in ring])
+                 for ring, in_deep, rows in zip(rings, self._in_deep, at, strict=True)],
+                self._tick.mask[run], self._tick.positions[run])
+
+    def _run_rings(self, rows) -> list[TemporalRing | None]:
+        """`_ring_rows`' rows as the UNet's parts take them."""
+        rings, mask, positions = rows
+        tick = RingTick(self.slot, mask, positions)
+        return [None if ring is None else TemporalRing(ring, tick) for ring in rings]
 
     @torch.no_grad()
     def capture(self, warmup: int = 3, compile: bool = False, autotune: bool = False,

@@ -75,6 +75,7 @@ class WorkerState:
     reserved: int = 0  # offers in flight to it
     asked_at: float = 0.0  # when the pending status call went out
     answered_at: float = 0.0
+    status_asked_at: float = 0.0  # when the call that `status` answers went out
     pending: asyncio.Future | None = None
 
     @property
@@ -130,27 +131,36 @@ class Front(Server):
             except Exception:
                 logger.exception("watching the workers failed")
 
-    async def refresh(self, wait: bool = False, timeout: float = 5.0) -> None:
+    async def refresh(self, wait: bool = False, timeout: float = 5.0, fresh: bool = False) -> None:
         """Ask every worker for its status (one call in flight per worker) and take the answers
-        that came; `wait`: until each has answered or failed, at most `timeout` seconds."""
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker.pending is None:
-                worker.pending = asyncio.ensure_future(self._ask(worker.handle))
-                worker.asked_at = now
-        if wait:
+        that came; `wait`: until each has answered or failed, at most `timeout` seconds; with
+        `fresh` too, answers to calls made from now on (a live worker whose call was already in
+        flight, from the monitor, is asked again once it answers: that answer predates now)."""
+        since = time.monotonic()
+        deadline = since + timeout
+        while True:
+            now = time.monotonic()
+            for worker in self.workers.values():
+                if worker.pending is None:
+                    worker.pending = asyncio.ensure_future(self._ask(worker.handle))
+                    worker.asked_at = now
             pending = [w.pending for w in self.workers.values() if w.pending is not None]
-            await asyncio.wait(pending, timeout=timeout)
-        for worker in self.workers.values():
-            if worker.pending is not None and worker.pending.done():
-                future, worker.pending = worker.pending, None
-                exc = future.exception()
-                if exc is None:
-                    self._answered(worker, future.result(), worker.asked_at)
-                else:
-                    self._lost(worker, exc)
-            elif worker.state == "live" and now - worker.asked_at > STALL_S:
-                worker.state, worker.detail = "not answering", f"no status for {now - worker.asked_at:.0f} s"
+            if wait and pending:
+                await asyncio.wait(pending, timeout=max(0.0, deadline - now))
+            for worker in self.workers.values():
+                if worker.pending is not None and worker.pending.done():
+                    future, worker.pending = worker.pending, None
+                    exc = future.exception()
+                    if exc is None:
+                        self._answered(worker, future.result(), worker.asked_at)
+                    else:
+                        self._lost(worker, exc)
+                elif worker.state == "live" and now - worker.asked_at > STALL_S:
+                    worker.state, worker.detail = "not answering", f"no status for {now - worker.asked_at:.0f} s"
+            stale = [w for w in self.workers.values()
+                     if w.state == "live" and w.pending is None and w.status_asked_at < since]
+            if not (wait and fresh and stale) or time.monotonic() >= deadline:
+                return
 
     @staticmethod
     async def _ask(handle) -> dict:
@@ -161,6 +171,7 @@ class Front(Server):
             worker.restarts += 1
             self._end_sessions(worker, "its worker restarted")
         worker.instance, worker.status, worker.answered_at = status["instance"], status, time.monotonic()
+        worker.status_asked_at = asked_at
         if status.get("error"):
             worker.state, worker.detail = "failed", status["error"]
             return
@@ -223,7 +234,7 @@ class Front(Server):
             if session in self.routes:
                 return self.workers[self.routes[session][0]]
             if attempt == 0:  # a session this front has not heard of yet: ask the workers
-                await self.refresh(wait=True)
+                await self.refresh(wait=True, fresh=True)
         raise JSONError(404, f"no live session {session[:40]!r}: start the stream first")
 
     # -- routes -----------------------------------------------------------------------------------------
@@ -277,7 +288,7 @@ class Front(Server):
 
     async def stats(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        await self.refresh(wait=True, timeout=2.0)  # the workers' own figures, now
+        await self.refresh(wait=True, timeout=2.0, fresh=True)  # the workers' own figures, now
         workers = list(self.workers.values())
         live = [w for w in workers if w.state == "live"]
         sessions = [{**s, "worker": w.name} for w in workers for s in w.sessions if "mode" in s]
