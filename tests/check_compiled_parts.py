@@ -1,8 +1,9 @@
 """On the CPU (not part of the suite: ~6 minutes on 2 cores cold, ~1.5 from inductor's cache):
-the split tick's parts through torch.compile as `StreamingDenoiser.capture(compile=True)` compiles them (inductor's CPU
-backend here, Triton's on a GPU), with `--deep-levels 0` beside and in one batch, on the tiny
-model: no graph break, one graph a part and a shape (no recompiles from the row runs), and
-the frames of the uncompiled parts. A check before spending device time on a compiled bench.
+the split tick's parts through torch.compile as `StreamingDenoiser.capture(compile=True)`
+compiles them (inductor's CPU backend here, Triton's on a GPU), with `--deep-levels 0` beside
+and in one batch, on the tiny model: no graph break, one graph a part and a shape (no
+recompiles from the row runs), and the frames of the uncompiled parts. A check before spending
+device time on a compiled bench.
 
     PYTHONPATH=. python tests/check_compiled_parts.py
 
