@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="driving frame standing for the portrait's pose (default: the closest to it)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="write driver against output curves as a PNG")
+    parser.add_argument("--stream", action="store_true",
+                        help="--engine xportrait as serve runs it, the live stream batch, so that its options "
+                             "(--deep-levels, --level-groups, --lookahead ...) are judged (default: offline windows)")
     add_engine_arguments(parser)  # --engine, --size and the diffusion engine's flags
 
 
@@ -120,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
         frames, fps = _driving(options.driving, options.frames)
         if options.ref_frame is not None and options.ref_frame >= len(frames):
             raise InputError(f"--ref-frame {options.ref_frame} is out of range: the clip has {len(frames)} frames")
-        engine = create_engine(options.engine)
+        try:
+            engine = create_engine(options.engine)
+        except EngineError as e:  # missing weights or backend, a bad combination of options: as animate says it
+            raise InputError(f"engine {name!r}: {e}") from None
         comparison = evaluate(engine, sources, frames, fps, reference=options.ref_frame)
     except (InputError, NoFaceError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -130,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     report = {"engine": name, "size": options.engine.size, "sources": list(options.sources), "driving": options.driving,
               **comparison.report}
+    live = getattr(options.engine, "live", None)
+    if live is not None:  # what the stream ran with: the figures of one configuration against another's
+        report["stream"] = {"steps": options.engine.stream_steps, "window": options.engine.window,
+                            "level_groups": live.level_groups, "deep_levels": list(live.deep_levels),
+                            "lookahead": live.lookahead, "tiny_decoder": live.tiny_decoder}
     try:
         if options.plot:
             plot(comparison, options.plot, fps, title=f"{name}: {options.sources[0]} driven by {options.driving}")

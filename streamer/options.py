@@ -151,7 +151,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
     if not live:
         given = _given(args, LIVE_FLAGS)
         if given:
-            raise OptionError(f"{', '.join(given)}: only for the live engine (serve, bench --stream)")
+            raise OptionError(f"{', '.join(given)}: only for the live engine "
+                              "(serve, bench --stream, eval --stream)")
     live_options = LiveOptions(lookahead=args.lookahead, compile=args.compile, autotune=args.autotune,
                                tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
@@ -432,7 +433,10 @@ class EvalOptions:
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:
-    return EvalOptions(sources=tuple(args.sources), driving=args.driving, engine=engine_options(args),
+    if args.stream and args.engine == "warp":
+        raise OptionError("--stream: only for --engine xportrait (the warp engine renders frame by frame already)")
+    return EvalOptions(sources=tuple(args.sources), driving=args.driving,
+                       engine=engine_options(args, live=args.stream),
                        frames=args.frames, ref_frame=args.ref_frame, json=args.json, plot=args.plot)
 
 

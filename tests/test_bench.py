@@ -62,7 +62,7 @@ def test_no_baseline_frames_skips_the_baseline(capsys):
     (TINY + ["--engine", "warp"], "--stream is for --engine xportrait"),
     (["bench", "--random-weights", "--model-size", "tiny"], "--random-weights, --model-size: only for --engine xportrait"),
     (["bench", "--engine", "xportrait", "--random-weights", "--lookahead", "1"],
-     "--lookahead: only for the live engine (serve, bench --stream)"),
+     "--lookahead: only for the live engine (serve, bench --stream, eval --stream)"),
     (TINY + ["--backend", "onnx"], "--backend onnx needs --graphs DIR"),
 ])
 def test_a_bad_bench_request_is_a_usage_error_naming_the_flag(argv, message, capsys):

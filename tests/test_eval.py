@@ -107,6 +107,26 @@ def test_the_eval_command_writes_json_and_a_plot(tmp_path, capsys):
     assert "roll" in capsys.readouterr().out
 
 
+def test_eval_stream_runs_the_live_engine_with_its_options(capsys):
+    """`--stream`: the live stream batch through the Animator, flushed (its frames come back late,
+    matched by tag), with the live options it judges (here `--deep-levels 0` on the tiny model
+    with random weights): every frame comes back, and the refusal is the output's missing face
+    at the reference frame (random weights draw none), not a missing frame."""
+    tiny = ["--engine", "xportrait", "--random-weights", "--model-size", "tiny", "--size", "64", "--device", "cpu",
+            "--steps", "3"]
+    assert main(["eval", "astronaut", "puppet:grace_hopper", "--frames", "6", *tiny, "--stream",
+                 "--deep-levels", "0", "--level-groups", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "no face found in the output at the reference frame" in err and "returned" not in err
+    # Live options are the live engine's: without --stream, and for the warp engine, refused in words.
+    for flags, message in ((tiny + ["--deep-levels", "0"],
+                            "--deep-levels: only for the live engine (serve, bench --stream, eval --stream)"),
+                           (["--stream"], "--stream: only for --engine xportrait")):
+        with pytest.raises(SystemExit) as exited:
+            main(["eval", "astronaut", "puppet:grace_hopper", "--frames", "6", *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_the_eval_command_refuses_bad_input(tmp_path, capsys):
     assert main(["eval", "no-such.png", "puppet:grace_hopper"]) == 2
     assert "source image not found" in capsys.readouterr().err

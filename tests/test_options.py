@@ -96,7 +96,7 @@ def test_flags_map_onto_the_options_once():
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--engine", "warp", "--steps", "4", "--lcm-lora", "x"], "--lcm-lora, --steps: only for --engine xportrait"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--engine", "xportrait", "--random-weights", "--compile"],
-     "--compile: only for the live engine (serve, bench --stream)"),
+     "--compile: only for the live engine (serve, bench --stream, eval --stream)"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--size", "100"], "--size must be a multiple of 8"),
     (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be positive"),
     (["serve", "--engine", "xportrait", "--random-weights", "--autotune"], "--autotune tunes the compiled tick"),

@@ -109,6 +109,10 @@ COMMANDS = {
     "xportrait export --to graphs/ --size 512 --steps 4 --window 16 --base ... --checkpoint ...":
         NeedsWeights(WEIGHTS),
     "xportrait serve --engine xportrait --backend onnx --graphs graphs/": NeedsWeights(WEIGHTS),
+    "xportrait eval portrait.jpg puppet:grace_hopper --engine xportrait --base ... --checkpoint ... --lcm-lora ... "
+    "--stream": NeedsWeights(WEIGHTS),
+    "xportrait eval portrait.jpg puppet:grace_hopper --engine xportrait --base ... --checkpoint ... --lcm-lora ... "
+    "--stream --deep-levels 0": NeedsWeights(WEIGHTS),
     "xportrait bench --engine warp --size 512": RunBy(
         "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench --engine warp --size 512",)),
     # Serving to another machine over HTTPS.
