@@ -501,10 +501,10 @@ class StreamingDenoiser:
                 rows = torch.tensor(deep_rows, dtype=torch.long, device=self.device)
                 view = RingTick(self.slot, torch.zeros((len(rows), w), dtype=torch.bool, device=self.device),
                                 torch.zeros((len(rows), w), dtype=torch.long, device=self.device))
-                reused_rows = [e for e in range(entries) if e not in deep_rows]
-                runs = (_run(deep_rows), _run(reused_rows)) if beside else (None,)
+                own, reused = _run(deep_rows), _run([e for e in range(entries) if e not in deep_rows])
+                runs = (own, reused) if beside and own is not None and reused is not None else None
                 deep = DeepRows(rows, len(deep_rows), model.level_times(timesteps[rows]) if deep_rows else None, view,
-                                runs=runs if None not in runs else None)
+                                runs=runs)
             return LevelGroup(slice(g, steps, passes), entry_levels, timesteps,
                               torch.zeros((entries, 4, h, h), device=self.device, dtype=dtype), rings, times, deep=deep)
 
