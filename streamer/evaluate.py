@@ -112,6 +112,20 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def full_report(options, figures: dict) -> dict:
+    """What ran (engine, size, inputs; with --stream the stream's settings, for comparing one
+    configuration's figures with another's) and the figures."""
+    engine = options.engine
+    report = {"engine": engine.name, "size": engine.size, "sources": list(options.sources), "driving": options.driving,
+              **figures}
+    live = getattr(engine, "live", None)
+    if live is not None:
+        report["stream"] = {"steps": engine.stream_steps, "window": engine.window, "seed": engine.seed,
+                            "level_groups": live.level_groups, "deep_levels": list(live.deep_levels),
+                            "lookahead": live.lookahead, "tiny_decoder": live.tiny_decoder}
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     options = eval_options(args)
     name = options.engine.name
@@ -134,13 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as e:
         print(f"{PROG}: error: engine {name!r}: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    report = {"engine": name, "size": options.engine.size, "sources": list(options.sources), "driving": options.driving,
-              **comparison.report}
-    live = getattr(options.engine, "live", None)
-    if live is not None:  # what the stream ran with: the figures of one configuration against another's
-        report["stream"] = {"steps": options.engine.stream_steps, "window": options.engine.window,
-                            "level_groups": live.level_groups, "deep_levels": list(live.deep_levels),
-                            "lookahead": live.lookahead, "tiny_decoder": live.tiny_decoder}
+    report = full_report(options, comparison.report)
     try:
         if options.plot:
             plot(comparison, options.plot, fps, title=f"{name}: {options.sources[0]} driven by {options.driving}")

@@ -127,6 +127,25 @@ def test_eval_stream_runs_the_live_engine_with_its_options(capsys):
         assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_report_names_the_stream_it_judged():
+    """With --stream the report says what the stream ran with (two configurations' figures side
+    by side, e.g. --deep-levels against the whole walk, or two seeds); offline, nothing of it."""
+    from engines import LiveOptions, XPortraitOptions
+    from streamer.evaluate import full_report
+    from streamer.options import EvalOptions
+
+    figures = {"frames": 3}
+    live = XPortraitOptions(size=64, steps=3, seed=5, random_weights=True,
+                            live=LiveOptions(deep_levels=(0,), level_groups=3))
+    report = full_report(EvalOptions(sources=("astronaut",), driving="puppet:grace_hopper", engine=live), figures)
+    assert report["stream"] == {"steps": 3, "window": live.window, "seed": 5, "level_groups": 3, "deep_levels": [0],
+                                "lookahead": 0, "tiny_decoder": None}
+    assert report["engine"] == "xportrait" and report["frames"] == 3 and report["sources"] == ["astronaut"]
+    offline = XPortraitOptions(size=64, random_weights=True)
+    offline = full_report(EvalOptions(sources=("astronaut",), driving="x.mp4", engine=offline), figures)
+    assert "stream" not in offline and offline["driving"] == "x.mp4"
+
+
 def test_the_eval_command_refuses_bad_input(tmp_path, capsys):
     assert main(["eval", "no-such.png", "puppet:grace_hopper"]) == 2
     assert "source image not found" in capsys.readouterr().err
