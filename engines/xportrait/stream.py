@@ -728,11 +728,11 @@ class StreamingDenoiser:
         h, skips = parts.in_rows(own, x, t, reference, own_rings)
         h, skips_deeper = parts.deeper_down(h, rings, deep)
         _wait(main, own_done)
-        parts.deep_up(h, skips + skips_deeper, [(f + d, mid) for f, (d, mid) in zip(firsts, deeper, strict=True)],
-                      rings, deep)
+        parts.deep_up(h, skips_deeper, deeper, rings, deep)
         eps_own = parts.out_rows(own, skips, t, firsts, reference, own_rings)
-        for stream in (self._reused_stream, *(self._side_streams or ())) if main is not None else ():
-            main.wait_stream(stream)  # every stream joined (a captured graph needs them all back)
+        if main is not None:  # every stream joined (a captured graph needs them all back)
+            for stream in (self._reused_stream, *self._side_streams):
+                main.wait_stream(stream)
         return torch.cat((eps_own, eps_reused) if own.start < reused.start else (eps_reused, eps_own))
 
     def _split_parts(self, compiled: Callable[[Callable], Callable]) -> SplitParts:
@@ -814,7 +814,8 @@ class StreamingDenoiser:
         """`residuals`: the pose and the local ControlNet's."""
         if deep is None:
             return self.model.unet_up(h, skips, t, reference, *add_residuals(*residuals), self._temporal_rings(rings))
-        self._deep_up(h, skips, residuals, rings, deep)
+        first = self.model.first_level_skips
+        self._deep_up(h, skips[first:], [(down[first:], mid) for down, mid in residuals], rings, deep)
         every = slice(0, self.entries)
         firsts = [down for down, _ in residuals]
         return self._out_rows(every, skips, t, firsts, reference, self._ring_rows(rings, every))
@@ -828,13 +829,12 @@ class StreamingDenoiser:
         return self.model.unet_deep_down(h, deep.times, deep.reference, self._temporal_rings(rings, deep))
 
     def _deep_up(self, h: torch.Tensor | None, skips: list[torch.Tensor], residuals, rings, deep: DeepRows) -> None:
-        """Up the deep levels into the deep entries' frames' deep features; `skips` and the
-        ControlNets' `residuals` past the first level's are the deep entries'."""
+        """Up the deep levels into the deep entries' frames' deep features, with the deep levels'
+        `skips` and both ControlNets' deep levels' `residuals` (down list, mid), the deep entries'."""
         if not deep.count:
             return
-        first, ((pose, pose_mid), (local, local_mid)) = self.model.first_level_skips, residuals
-        down, mid = add_residuals((pose[first:], pose_mid), (local[first:], local_mid))
-        features = self.model.unet_deep_up(h, skips[first:], deep.times, deep.reference, down, mid,
+        down, mid = add_residuals(*residuals)
+        features = self.model.unet_deep_up(h, skips, deep.times, deep.reference, down, mid,
                                            self._temporal_rings(rings, deep))
         self.deep.index_copy_(0, deep.rows, features)
 
