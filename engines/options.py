@@ -118,6 +118,10 @@ class LiveOptions:
     # own while the deep ones walk theirs and the deep levels; the same frames. False: every entry
     # in one batch (the bench's baseline for it).
     reused_beside: bool = True
+    # With deep levels, lossy too: the ControlNets walk only at the deep levels; at the others a
+    # frame's UNet takes the ControlNets' first-level residuals of its last deep level (encoder
+    # propagation, as Faster Diffusion reuses a ControlNet's features across steps).
+    reuse_controls: bool = False
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
@@ -129,6 +133,9 @@ class LiveOptions:
             if self.lookahead or self.backend != "torch":
                 raise OptionError("--deep-levels works with the torch backend without --lookahead (look-ahead "
                                   "entries wait at level 0; the exported graphs are whole walks)")
+        if self.reuse_controls and not self.deep_levels:
+            raise OptionError("--reuse-controls reuses the ControlNets' residuals of a frame's last deep level: "
+                              "give --deep-levels too")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
         if self.autotune and not self.compile:

@@ -151,6 +151,9 @@ def module_calls(model, denoiser) -> dict[str, tuple]:
     }
 
 
+ONE_BATCH = ", deep levels in one batch (baseline)"
+
+
 def bench_stream(options: BenchOptions) -> dict:
     """The live engine, eager and as a CUDA graph, and the naive baseline, in one run."""
     import torch
@@ -197,12 +200,17 @@ def bench_stream(options: BenchOptions) -> dict:
         runs_of.append((label, dataclasses.replace(variant, level_groups=1), 1, ", 1 level group (baseline)"))
     if live.deep_levels:  # likewise every level walked whole: the frames the deep features' reuse approximates
         label, variant = variants[-1]
-        if live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
-            runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1,
-                            ", deep levels in one batch (baseline)"))
-        runs_of.append((label, dataclasses.replace(variant, deep_levels=()), 1, ", every level whole (baseline)"))
+        if live.reuse_controls:  # and the ControlNets walked at every level, what reusing them saves
+            runs_of.append((label, dataclasses.replace(variant, reuse_controls=False), 1,
+                            ", ControlNets at every level (baseline)"))
+        elif live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
+            runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1, ONE_BATCH))
+        runs_of.append((label, dataclasses.replace(variant, deep_levels=(), reuse_controls=False), 1,
+                        ", every level whole (baseline)"))
     engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:
+        if suffix == ONE_BATCH and not asked.denoiser.reused_beside:
+            continue  # no pass walks its reused entries beside (e.g. 0,2): the run asked for was the one batch
         if made is not variant:
             built = time.perf_counter()
             engine, made = engine_factory(dataclasses.replace(engine_options, live=variant))(), variant
@@ -224,7 +232,7 @@ def bench_stream(options: BenchOptions) -> dict:
         timed = stream_run(engine, frames[options.warmup:], options.paced_fps)
         sync()
         runs.append({"engine": label, "ticks_per_frame": run_ticks, "level_groups": variant.level_groups,
-                     "deep_levels": list(variant.deep_levels),
+                     "deep_levels": list(variant.deep_levels), "reuse_controls": variant.reuse_controls,
                      "reused_beside": engine.denoiser.reused_beside,
                      "startup_s": startup_s, **timed,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
@@ -265,8 +273,8 @@ def bench_stream(options: BenchOptions) -> dict:
         n = min(8, len(frames))
         clip = to_tensor([f.image for f in frames[:n]], device, dtype)
         errors = deep_reuse_error(model, settings, to_tensor([source], device, dtype), clip, clip)
-        result["noise_error"] = {"deep_levels": list(settings.deep_levels), "frames": n,
-                                 "relative_l2_per_level": errors}
+        result["noise_error"] = {"deep_levels": list(settings.deep_levels), "reuse_controls": settings.reuse_controls,
+                                 "frames": n, "relative_l2_per_level": errors}
     # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
     count = min(8 if options.baseline_frames is None else options.baseline_frames, len(frames))
     if count <= 0:
@@ -304,6 +312,7 @@ def print_stream(result: dict) -> None:
         ticks = f"; {r['ticks_per_step']:.2f} ticks a frame" if r["ticks_per_frame"] != 1 else ""
         ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
         ticks += f"; deep at levels {','.join(map(str, r['deep_levels']))}" if r.get("deep_levels") else ""
+        ticks += ", controls reused" if r.get("reuse_controls") else ""
         ticks += " (reused entries beside the deep walk)" if r.get("reused_beside") else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
@@ -316,7 +325,8 @@ def print_stream(result: dict) -> None:
     if "noise_error" in result:
         e = result["noise_error"]
         per_level = ", ".join(f"level {k}: {v:.4f}" for k, v in enumerate(e["relative_l2_per_level"]))
-        print(f"  deep features reused (deep at levels {','.join(map(str, e['deep_levels']))}): predicted noise "
+        reused = ", controls reused" if e.get("reuse_controls") else ""
+        print(f"  deep features reused (deep at levels {','.join(map(str, e['deep_levels']))}{reused}): predicted noise "
               f"against the whole walk, relative L2 over {e['frames']} frames: {per_level}")
     if "baseline_skipped" in result:
         print(f"  baseline skipped: {result['baseline_skipped']}")

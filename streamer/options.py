@@ -51,7 +51,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
 LIVE_FLAGS = ("compile", "autotune", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
-              "level_groups", "deep_levels")
+              "level_groups", "deep_levels", "reuse_controls")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -111,6 +111,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                    help="live engine, lossy (random weights cannot judge it): only these levels (from 0, the "
                         "noisiest) walk the whole UNet and ControlNets; at the others a frame walks only their "
                         "first and last levels, on the deep features of its last listed level (default: all)")
+    g.add_argument("--reuse-controls", action="store_true",
+                   help="live engine, with --deep-levels, lossy too: the ControlNets walk only at the deep levels; "
+                        "at the others a frame reuses their first-level residuals from its last deep level")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -157,7 +160,7 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
                                tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
                                ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups,
-                               deep_levels=args.deep_levels) if live else None
+                               deep_levels=args.deep_levels, reuse_controls=args.reuse_controls) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

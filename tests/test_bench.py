@@ -49,6 +49,21 @@ def test_the_stream_bench_reports_its_run_next_to_the_naive_baseline(capsys):
     assert abs(result["speedup_vs_baseline"] - run["fps"] / baseline["fps"]) < 1e-9
 
 
+def test_the_bench_times_reused_controls_against_the_controlnets_walked_and_the_whole_walk(capsys):
+    """--deep-levels with --reuse-controls: its run, then the same deep levels with the
+    ControlNets at every level and every level whole as baselines in the same run, and the
+    predicted noise's error (the controls' reuse in it) at the levels that reuse."""
+    assert main(TINY + ["--deep-levels", "0", "--reuse-controls", "--baseline-frames", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    runs = result["runs"]
+    assert [(r["deep_levels"], r["reuse_controls"]) for r in runs] == [([0], True), ([0], False), ([], False)]
+    assert runs[1]["engine"].endswith(", ControlNets at every level (baseline)")
+    assert runs[2]["engine"].endswith(", every level whole (baseline)")
+    error = result["noise_error"]
+    assert error["reuse_controls"] and error["relative_l2_per_level"][0] == 0
+    assert all(0 < e < 2 for e in error["relative_l2_per_level"][1:])
+
+
 def test_no_baseline_frames_skips_the_baseline(capsys):
     # --compile --autotune on a CPU: the variants take both (no GPU: the tick runs eager again).
     assert main(TINY + ["--baseline-frames", "0", "--compile", "--autotune"]) == 0
@@ -92,8 +107,9 @@ def test_the_bench_reads_its_portrait_with_the_one_loader(tmp_path, capsys):
     assert (load_source(str(clear)) == 255).all()
 
 
-@pytest.mark.parametrize("split, deep", [(False, ()), (True, ()), (True, (0,))])
-def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split, deep):
+@pytest.mark.parametrize("split, deep, reuse", [(False, (), False), (True, (), False), (True, (0,), False),
+                                                (True, (0,), True)])
+def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split, deep, reuse):
     """What the stream bench times module by module on a GPU (CUDA events there), called here
     once each: the split tick holds hint embeddings and level times, not hints and timesteps;
     with deep levels the UNet's parts (its deep rings hold the deep entries only)."""
@@ -104,8 +120,8 @@ def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split,
     from streamer.bench_xportrait import module_calls
 
     model = tiny_model(64, config=compact_config(64))
-    denoiser = StreamingDenoiser(model, StreamSettings(steps=2, window=2, deep_levels=deep), torch.device("cpu"),
-                                 torch.float32, split=split)
+    settings = StreamSettings(steps=2, window=2, deep_levels=deep, reuse_controls=reuse)
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=split)
     denoiser.prepare(torch.zeros(1, 3, 64, 64))
     denoiser.tick(torch.zeros(64, 64, 3, dtype=torch.uint8), torch.tensor([[8, 8, 24, 24]] * 3))
     calls = module_calls(model, denoiser)
@@ -117,3 +133,5 @@ def test_the_module_timings_call_each_module_as_the_tick_holds_its_inputs(split,
     pose_mid = controls[0][1] if split else controls[1]
     assert noise.shape[0] == denoiser.entries and torch.isfinite(noise).all()
     assert pose_mid.shape[0] == (len(deep) if deep else denoiser.entries)  # the mid: the deep entries
+    if reuse:  # the ControlNets walk the deep entries only
+        assert controls[0][0][0].shape[0] == len(deep)

@@ -46,6 +46,8 @@ def parsed(*argv: str):
     (lambda: LiveOptions(deep_levels=(1,)), "--deep-levels: increasing levels from 0 (e.g. 0 or 0,2), got 1"),
     (lambda: LiveOptions(deep_levels=(0, 2, 2)), "--deep-levels: increasing levels from 0"),
     (lambda: LiveOptions(deep_levels=(0,), lookahead=1), "--deep-levels works with the torch backend"),
+    (lambda: LiveOptions(reuse_controls=True), "--reuse-controls reuses the ControlNets' residuals of a frame's "
+                                               "last deep level: give --deep-levels too"),
     (lambda: XPortraitOptions(steps=2, live=LiveOptions(deep_levels=(0, 2)), **RANDOM),
      "--deep-levels: levels below --steps (2), got 0,2"),
     (lambda: XPortraitOptions(sampler="ddim", live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
@@ -88,13 +90,17 @@ def test_flags_map_onto_the_options_once():
     assert bench.stream and bench.engine.live.compile and bench.engine.live.autotune
     assert bench.offline_steps == (2, 6)
     deep = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--deep-levels", "0,2"))
-    assert deep.engine.live.deep_levels == (0, 2)
+    assert deep.engine.live.deep_levels == (0, 2) and not deep.engine.live.reuse_controls
+    reuse = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--deep-levels", "0",
+                                 "--reuse-controls"))
+    assert reuse.engine.live == LiveOptions(deep_levels=(0,), reuse_controls=True)
     client = client_options(parsed("client", "clip.mp4", "--loop", "--duration", "3"))
     assert client == ClientOptions("clip.mp4", loop=True, duration=3.0)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--engine", "warp", "--steps", "4", "--lcm-lora", "x"], "--lcm-lora, --steps: only for --engine xportrait"),
+    (["serve", "--reuse-controls"], "--reuse-controls: only for --engine xportrait"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--engine", "xportrait", "--random-weights", "--compile"],
      "--compile: only for the live engine (serve, bench --stream, eval --stream)"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--size", "100"], "--size must be a multiple of 8"),

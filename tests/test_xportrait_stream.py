@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -24,6 +25,18 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model() -> XPortraitModel:
     return tiny_model(RES, config=compact_config(RES))
+
+
+@pytest.fixture(scope="module")
+def hinted(model) -> XPortraitModel:
+    """The tiny model with hints that matter: its ControlNets embed them at N(0, 0.05^2) (the
+    zero-initialised convolution given weights), which moves their residuals by ~1e-4 of their
+    size; scaled up a hundredfold here, a frame's own hint is far above the tests' tolerances."""
+    hinted = copy.deepcopy(model)
+    with torch.no_grad():
+        for net in (hinted.pose_controlnet, hinted.local_controlnet):
+            net.controlnet_cond_embedding.conv_out.weight.mul_(100)
+    return hinted
 
 
 def random_frames(frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,18 +348,23 @@ def test_the_split_ticks_parts_are_diffusers_forwards(model):
     assert (later - halves).abs().max() > 1e-2 * halves.abs().max()
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["controls walked", "controls reused"])
 @pytest.mark.parametrize("beside", [False, True])
 @pytest.mark.parametrize("steps, groups, deep", [(3, 1, (0,)), (4, 1, (0, 2)), (4, 2, (0,)), (4, 2, (0, 3)),
                                                  (4, 4, (0, 1))])
-def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep, beside):
+def test_deep_levels_stream_their_offline_frames(hinted, steps, groups, deep, beside, reuse):
     """Deep features reused: at the levels not listed a frame walks only the UNet's (and the
     ControlNets') first and last levels, on its deep features from its last listed level. The
     stream (the deep features moving down the levels with the frames, each pass's deep entries
     walking the deep levels, whose modules' rings hold only those entries; a pass may have
     none) renders the offline definition's frames, in level groups too, and they are not the
     plain ones; with the reused entries' last level beside the deep walk too (on a CPU in
-    order: the same parts and rows as on a GPU's streams)."""
-    settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups)
+    order: the same parts and rows as on a GPU's streams). With reused controls the
+    ControlNets' first-level residuals also move down with the frames from their deep levels:
+    the offline definition's frames again, and other frames than with the ControlNets walked
+    (hints that matter: `hinted`, so a frame's controls taken from another row would show)."""
+    model = hinted
+    settings = StreamSettings(steps=steps, window=4, deep_levels=deep, level_groups=groups, reuse_controls=reuse)
     sources, driving, boxes = inputs(6)
     hints = control_hints(driving, boxes, torch.float32)
     streamed, tags = stream(model, settings, sources, driving, boxes, split=True, reused_beside=beside)
@@ -355,6 +373,41 @@ def test_deep_levels_stream_their_offline_frames(model, steps, groups, deep, bes
     assert tags == list(range(6))
     torch.testing.assert_close(streamed, offline, rtol=1e-4, atol=1e-5)
     assert (offline - plain).abs().max() > 1e-3 * plain.abs().max()  # lossy: other frames
+    if reuse:
+        walked = render_causal(model, dataclasses.replace(settings, level_groups=1, reuse_controls=False), sources,
+                               *hints)
+        assert (offline - walked).abs().max() > 1e-4 * walked.abs().max()
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_reused_controls_walk_the_controlnets_at_the_deep_levels_only(model, beside):
+    """What --reuse-controls saves: over a clip, each ControlNet walks a frame once per deep
+    level (its first level too), not once per level; the UNet's first level still walks every
+    frame at every level."""
+    rows = {"pose": 0, "local": 0, "unet": 0}
+
+    def counting(name):
+        def hook(module, args, output):
+            rows[name] += args[0].shape[0]
+        return hook
+
+    handles = [model.pose_controlnet.conv_in.register_forward_hook(counting("pose")),
+               model.local_controlnet.conv_in.register_forward_hook(counting("local")),
+               model.unet.unet.conv_in.register_forward_hook(counting("unet"))]
+    try:
+        sources, driving, boxes = inputs(5)
+        for reuse in (False, True):
+            settings = StreamSettings(steps=4, window=4, deep_levels=(0, 2), reuse_controls=reuse)
+            for name in rows:
+                rows[name] = 0
+            stream(model, settings, sources, driving, boxes, split=True, reused_beside=beside)
+            ticks = 5 + 3  # the clip, then the drain: each tick walks every entry (4) of one pass
+            assert rows["unet"] == 4 * ticks
+            # Reused: the deep entries (levels 0 and 2) only, each tick; walked: every entry.
+            assert rows["pose"] == rows["local"] == (2 if reuse else 4) * ticks
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_the_reused_entries_walk_beside_the_deep_walk_where_each_is_one_run(model):
@@ -410,6 +463,39 @@ def test_each_part_on_a_run_of_entries_is_its_rows_of_the_one_batch_part(model):
     assert (out[0] - out[1]).abs().max() > 1e-2 * out.abs().max()
 
 
+def test_held_controls_are_each_frames_from_its_deep_level_and_a_run_reads_its_rows(hinted):
+    """Reused controls, tighter than the frames (a hint moves the tiny model's little): each
+    entry holds its frame's ControlNets' first-level residuals from level 0 (the deep level:
+    every frame is there at the entering latent, with its own hint), and the last level on a
+    run of entries reads that run's rows of them (hints that matter: `hinted`)."""
+    model = hinted
+    settings = StreamSettings(steps=4, window=4, deep_levels=(0,), reuse_controls=True)
+    denoiser = StreamingDenoiser(model, settings, torch.device("cpu"), torch.float32, split=True, reused_beside=True)
+    sources, driving, boxes = inputs(6)
+    denoiser.prepare(sources)
+    entries, close = denoiser.entries, dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for i in range(6):
+            denoiser.tick(driving[i], boxes[i])
+        at_zero = model.level_times(denoiser.levels.timesteps[:1].expand(entries))
+        x0 = denoiser.entering.expand(entries, -1, -1, -1)
+        pose = model.control_in("pose", x0, at_zero, denoiser.pose)[1]
+        local = model.control_in("local", x0, at_zero, denoiser.local)[1]
+        for held, p, l in zip(denoiser.first_controls, pose, local, strict=False):
+            torch.testing.assert_close(held, p + l, **close)
+        held = denoiser.first_controls[0]
+        assert (held[1] - held[2]).abs().max() > 1e-3 * held.abs().max()  # each frame its own (100x the tolerance)
+        group = denoiser.groups[0]
+        x, t, reference, rings = group.x, group.times, group.reference, group.rings
+        every = slice(0, entries)
+        _, skips = denoiser._in_rows(every, x, t, reference, denoiser._ring_rows(rings, every))
+        out = denoiser._out_rows(every, skips, t, None, reference, denoiser._ring_rows(rings, every))
+        for run in group.deep.runs:
+            _, mine = denoiser._in_rows(run, x, t, reference, denoiser._ring_rows(rings, run))
+            torch.testing.assert_close(denoiser._out_rows(run, mine, t, None, reference,
+                                                          denoiser._ring_rows(rings, run)), out[run], **close)
+
+
 def test_deep_levels_at_every_level_are_the_plain_frames(model):
     """Every level listed: the parts and the deep features' bookkeeping, and nothing reused."""
     settings = StreamSettings(steps=3, window=4)
@@ -433,16 +519,32 @@ def test_deep_reuse_error_on_the_predicted_noise(model):
     assert errors[0] == errors[2] == 0.0
     assert 1e-3 < errors[1] < 2 and 1e-3 < errors[3] < 2
     assert deep_reuse_error(model, StreamSettings(steps=2, window=3, deep_levels=(0, 1)), sources, *hints) == [0, 0]
+    # With the controls reused too: another error at the reused levels, still none at the listed ones.
+    reused = deep_reuse_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2), reuse_controls=True),
+                              sources, *hints)
+    assert reused[0] == reused[2] == 0.0
+    assert 1e-3 < reused[1] < 2 and reused[1] != errors[1] and reused[3] != errors[3]
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(steps=3, deep_levels=(1, 2)), "--deep-levels must be increasing levels from 0, each below --steps (3), got 1,2"),
     (dict(steps=3, deep_levels=(0, 3)), "each below --steps (3), got 0,3"),
     (dict(steps=4, deep_levels=(0,), lookahead=1), "--deep-levels and --lookahead do not combine"),
+    (dict(steps=4, reuse_controls=True), "--reuse-controls reuses the ControlNets' residuals of a frame's last deep "
+                                         "level: give --deep-levels too"),
 ])
 def test_deep_levels_are_checked(model, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         StreamSettings(**settings).validate(model.config.motion_max_len)
+
+
+def test_reused_controls_stand_for_the_first_level_only(model):
+    sources, driving, boxes = inputs(1)
+    pose, local = control_hints(driving, boxes, torch.float32)
+    x = torch.zeros((1, 4, model.config.latent_size, model.config.latent_size))
+    first = [torch.zeros((1, *model.first_level_shape)) for _ in range(model.first_level_skips)]
+    with pytest.raises(ValueError, match="reused controls stand for the first level only: give the deep features"):
+        model.predict_noise_reusing(x, torch.tensor(999), None, pose, local, controls=first)
 
 
 def test_deep_levels_need_the_split_tick(model):
@@ -462,15 +564,19 @@ def test_the_live_engine_reuses_deep_features_on_a_cpu_too():
     portrait = SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))
     landmarks = np.full((478, 3), RES / 2, np.float32)
     images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(4)]
-    rendered = {}
-    for deep in ((), (0,)):
+    rendered, ladders = {}, {}
+    for deep, reuse in (((), False), ((0,), False), ((0,), True)):
         engine = create_engine(XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu",
-                                                steps=3, window=4, live=LiveOptions(deep_levels=deep)))
+                                                steps=3, window=4,
+                                                live=LiveOptions(deep_levels=deep, reuse_controls=reuse)))
         engine.prepare([portrait])
         frames = [DrivingFrame(landmarks, landmarks, i / 25, image=image, tag=i) for i, image in enumerate(images)]
         out = [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
-        rendered[deep] = out + [r.image for r in engine.flush()]
-        assert engine.denoiser.split == bool(deep)
-    assert len(rendered[()]) == len(rendered[(0,)]) == 4
-    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(rendered[()], rendered[(0,)]))
-    assert [level.name for level in engine.quality_levels()] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]
+        rendered[deep, reuse] = out + [r.image for r in engine.flush()]
+        ladders[deep, reuse] = [level.name for level in engine.quality_levels()]
+        assert engine.denoiser.split == bool(deep) and engine.denoiser.settings.reuse_controls == reuse
+    assert [len(frames) for frames in rendered.values()] == [4, 4, 4]
+    plain, deep = rendered[(), False], rendered[(0,), False]
+    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(plain, deep))
+    assert ladders[(0,), False] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]
+    assert ladders[(0,), True] == ["3 steps, deep at levels 0, controls reused", "2 steps, deep at levels 0, controls reused"]

@@ -149,7 +149,7 @@ class XPortraitLiveEngine:
         cuda = self.device.type == "cuda"
         settings = StreamSettings(steps=options.stream_steps, window=options.window, seed=options.seed,
                                   lookahead=live.lookahead, level_groups=live.level_groups,
-                                  deep_levels=live.deep_levels)
+                                  deep_levels=live.deep_levels, reuse_controls=live.reuse_controls)
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, live.channels_last and cuda, **options.weights)
@@ -190,7 +190,8 @@ class XPortraitLiveEngine:
             most = max(g for g in range(1, settings.level_groups + 1) if n % g == 0)
             for g in dict.fromkeys((most, 1)):
                 s = replace(settings, steps=n, lookahead=0, level_groups=g,
-                            deep_levels=tuple(level for level in settings.deep_levels if level < n))
+                            deep_levels=tuple(level for level in settings.deep_levels if level < n),
+                            reuse_controls=settings.reuse_controls)
                 if s not in streams:
                     streams.append(s)
         vae = model.decode
@@ -251,7 +252,8 @@ class XPortraitLiveEngine:
         for s, decode in self._ladder:
             name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "") \
                 + (f" in {s.level_groups} passes" if s.level_groups > 1 else "") \
-                + (f", deep at levels {','.join(map(str, s.deep_levels))}" if s.deep_levels else "")
+                + (f", deep at levels {','.join(map(str, s.deep_levels))}" if s.deep_levels else "") \
+                + (", controls reused" if s.reuse_controls else "")
             cost = (s.steps + s.lookahead) / (best.steps + best.lookahead) \
                 * pass_cost(s.level_groups) / pass_cost(best.level_groups)
             if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick

@@ -172,6 +172,11 @@ class XPortraitModel(nn.Module):
         return self.config.block_out_channels[1], self.config.latent_size, self.config.latent_size
 
     @property
+    def first_level_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of each first-level skip (and ControlNet residual on it)."""
+        return self.config.block_out_channels[0], self.config.latent_size, self.config.latent_size
+
+    @property
     def deep_temporal_modules(self) -> list[bool]:
         """Per temporal module (call order): whether it is one of the deep levels'."""
         _, down, up, _ = self.unet.module_parts()
@@ -213,12 +218,22 @@ class XPortraitModel(nn.Module):
     @torch.no_grad()
     def predict_noise_reusing(self, sample: torch.Tensor, timestep: torch.Tensor, reference: ReferenceKV,
                               pose_hint: torch.Tensor, local_hint: torch.Tensor, temporal_past=None,
-                              deep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TemporalKV], torch.Tensor]:
-        """`predict_noise_with_keys` for one frame, and its deep features; given `deep` (the
+                              deep: torch.Tensor | None = None, controls: list[torch.Tensor] | None = None):
+        """`predict_noise_with_keys` for one frame, its deep features and both ControlNets'
+        first-level residuals (summed: what the UNet's first level takes); given `deep` (the
         frame's, from an earlier level) the deep levels are not walked and `temporal_past` and
-        the keys are the first and last levels' modules' only (TemporalUNet.forward_reusing)."""
-        down, mid = self.controls(sample, timestep, pose_hint, local_hint)
-        return self.unet.forward_reusing(sample, timestep, self.text, down, mid, temporal_past, reference, deep)
+        the keys are the first and last levels' modules' only (TemporalUNet.forward_reusing);
+        given `controls` too (the frame's first-level residuals from there), the ControlNets
+        are not walked either. Returns (noise, keys, deep features, first-level residuals)."""
+        if controls is None:
+            down, mid = self.controls(sample, timestep, pose_hint, local_hint)
+        elif deep is None:
+            raise ValueError("reused controls stand for the first level only: give the deep features too")
+        else:
+            down, mid = controls, None
+        eps, keys, deep = self.unet.forward_reusing(sample, timestep, self.text, down, mid, temporal_past,
+                                                    reference, deep)
+        return eps, keys, deep, down[: self.first_level_skips]
 
     @torch.no_grad()
     def fuse_self_attention_projections(self) -> None:

@@ -29,7 +29,9 @@ a trained model's. The deep levels' temporal modules then see only the listed le
 GPU, where a pass's deep entries and reused entries are each one run (`--deep-levels 0`: the
 first entry, the rest), the reused ones walk their first and last levels on a stream of their
 own while the deep ones walk theirs and the deep levels (a batch of one or two there leaves most
-of the GPU idle).
+of the GPU idle). With `reuse_controls` too, the ControlNets walk only at the listed levels: at
+the others the UNet's first level takes the frame's ControlNet residuals (summed) from its last
+listed level, which move down the levels with it as its deep features do.
 
 `render_causal` computes the same frames the plain way, frame after frame and step after
 step: the offline definition the streaming engine is tested against.
@@ -118,6 +120,7 @@ class ReusingDenoiserModel(SplitDenoiserModel, Protocol):
     (`StreamSettings.deep_levels`: the torch `XPortraitModel`)."""
 
     deep_feature_shape: tuple[int, int, int]  # (C, h, w) of what the last up level starts from
+    first_level_shape: tuple[int, int, int]  # (C, h, w) of each first-level skip
     deep_temporal_modules: list[bool]  # per temporal module (call order): one of the deep levels'?
     first_level_skips: int  # how many of the down residuals are the first level's
 
@@ -151,6 +154,9 @@ class StreamSettings:
     # first and last levels, on the deep features its last full level left (see the module's
     # docstring). Empty: every level walks it all (the plain stream).
     deep_levels: tuple[int, ...] = ()
+    # With deep levels: the ControlNets walk only at them too; at the others a frame's UNet takes
+    # the ControlNets' first-level residuals (summed) of its last deep level (encoder propagation).
+    reuse_controls: bool = False
 
     def validate(self, max_len: int) -> None:
         """The bounds a model with `max_len` temporal positions sets (XPortraitOptions checks
@@ -175,6 +181,9 @@ class StreamSettings:
                                  f"got {','.join(map(str, levels))}")
             if self.lookahead:
                 raise ValueError("--deep-levels and --lookahead do not combine (look-ahead entries wait at level 0)")
+        elif self.reuse_controls:
+            raise ValueError("--reuse-controls reuses the ControlNets' residuals of a frame's last deep level: "
+                             "give --deep-levels too")
 
 
 class LCMLevels:
@@ -267,13 +276,15 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     out = []
     for f in range(driving.shape[0]):
         x = levels.enter(latents[:1])
-        deep = None  # the frame's deep features, from its last deep level
+        deep = controls = None  # the frame's deep features (and controls), from its last deep level
         for level, t in enumerate(levels.timesteps):
             past = _causal_past(history[level][-(settings.window - 1):] if settings.window > 1 else [])
             if settings.deep_levels:
-                eps, keys, deep = model.predict_noise_reusing(x, t, references[level], driving[f : f + 1],
-                                                              local[f : f + 1], past,
-                                                              None if level in settings.deep_levels else deep)
+                at_deep = level in settings.deep_levels
+                eps, keys, deep, firsts = model.predict_noise_reusing(
+                    x, t, references[level], driving[f : f + 1], local[f : f + 1], past, None if at_deep else deep,
+                    None if at_deep or not settings.reuse_controls else controls)
+                controls = firsts if at_deep else controls
             else:
                 eps, keys = model.predict_noise_with_keys(x, t, 1, references[level], driving[f : f + 1],
                                                           local[f : f + 1], temporal_past=past)
@@ -289,9 +300,10 @@ def deep_reuse_error(model: XPortraitModel, settings: StreamSettings, sources: t
                      local: torch.Tensor) -> list[float]:
     """What reusing deep features (`settings.deep_levels`) does to the predicted noise: along
     the plain causal frames (`render_causal` with every level walked whole), at each level not
-    listed, the noise predicted on the frame's deep features from its last listed level against
-    the whole walk's from the same input and temporal past. Per level, ||reused - whole|| /
-    ||whole|| over the frames (0 at the listed levels)."""
+    listed, the noise predicted on the frame's deep features from its last listed level (and,
+    with `reuse_controls`, its ControlNets' first-level residuals from there) against the whole
+    walk's from the same input and temporal past. Per level, ||reused - whole|| / ||whole||
+    over the frames (0 at the listed levels)."""
     levels = LCMLevels(model, settings, sources.device, sources.dtype)
     latents = model.encode(sources)
     references = [model.reference_features([z[None] for z in latents], t) for t in levels.timesteps]
@@ -304,11 +316,12 @@ def deep_reuse_error(model: XPortraitModel, settings: StreamSettings, sources: t
         for level, t in enumerate(levels.timesteps):
             recent = history[level][-(settings.window - 1):] if settings.window > 1 else []
             args = (x, t, references[level], driving[f : f + 1], local[f : f + 1])
-            eps, keys, whole_deep = model.predict_noise_reusing(*args, _causal_past(recent))
+            eps, keys, whole_deep, whole_controls = model.predict_noise_reusing(*args, _causal_past(recent))
             if level in settings.deep_levels:
-                deep = whole_deep
+                deep, controls = whole_deep, whole_controls
             else:
-                reused, _, _ = model.predict_noise_reusing(*args, _causal_past(recent, outer), deep)
+                reused = model.predict_noise_reusing(*args, _causal_past(recent, outer), deep,
+                                                     controls if settings.reuse_controls else None)[0]
                 squared[0, level] += (reused - eps).double().square().sum().cpu()
                 squared[1, level] += eps.double().square().sum().cpu()
             history[level].append(keys)
@@ -541,6 +554,9 @@ class StreamingDenoiser:
         # entry is the same frame in every pass of a tick), moving down with the frames.
         self.deep = torch.zeros((entries, *model.deep_feature_shape), device=self.device, dtype=dtype) \
             if reusing else None
+        # With reused controls, likewise each frame's ControlNets' first-level residuals (summed), per skip.
+        self.first_controls = [torch.zeros((entries, *model.first_level_shape), device=self.device, dtype=dtype)
+                               for _ in range(model.first_level_skips)] if settings.reuse_controls else None
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -596,8 +612,8 @@ class StreamingDenoiser:
         """Empty the batch and the temporal caches (a new driving stream)."""
         for t in (self.pose, self.local, self.occupied, self.valid):
             t.zero_()
-        if self.deep is not None:
-            self.deep.zero_()
+        for t in ([self.deep] if self.deep is not None else []) + (self.first_controls or []):
+            t.zero_()
         self.slot.fill_(self.settings.window - 1)
         for group in self.groups:
             group.x.zero_()
@@ -643,8 +659,8 @@ class StreamingDenoiser:
         ControlNets' parts, which embed them beside the UNet (`_embed_pose`, `_embed_local`)."""
         self.slot.copy_((self.slot + 1) % self.settings.window)
         self.occupied[1:] = self.occupied[:-1].clone()
-        if self.deep is not None:  # each frame's deep features go down the levels with it
-            self.deep[1:] = self.deep[:-1].clone()
+        for held in ([self.deep] if self.deep is not None else []) + (self.first_controls or []):
+            held[1:] = held[:-1].clone()  # each frame's deep features (and controls) go down the levels with it
         hints = control_hints(self.new_frame, self.new_boxes, self.dtype)
         if self.split:
             for buffer, hint in zip(self.entering_hints, hints, strict=True):
@@ -715,15 +731,16 @@ class StreamingDenoiser:
                 firsts.append(first)
                 deeper.append(control_deep(h, deep))
                 own_done.append(_mark(side))  # all the deep run's walk up needs of this ControlNet
-                theirs.append(control_in(reused, x, t)[1])
-                theirs_done.append(_mark(side))  # all the reused run's last level needs
+                if self.first_controls is None:  # (reused controls: the reused run's are held)
+                    theirs.append(control_in(reused, x, t)[1])
+                    theirs_done.append(_mark(side))  # all the reused run's last level needs
         # Each run's rows of the first and last levels' rings, made here: a compiled part then
         # writes its ring slots in place, as it does a whole ring's (no view made and written inside).
         own_rings, reused_rings = self._ring_rows(rings, own), self._ring_rows(rings, reused)
         with _beside(self._reused_stream):
             _, skips = parts.in_rows(reused, x, t, reference, reused_rings)
             _wait(self._reused_stream, theirs_done)
-            eps_reused = parts.out_rows(reused, skips, t, theirs, reference, reused_rings)
+            eps_reused = parts.out_rows(reused, skips, t, theirs or None, reference, reused_rings)
         main = torch.cuda.current_stream() if self._reused_stream is not None else None
         h, skips = parts.in_rows(own, x, t, reference, own_rings)
         h, skips_deeper = parts.deeper_down(h, rings, deep)
@@ -772,7 +789,14 @@ class StreamingDenoiser:
     def _control_reusing(self, which: str, x: torch.Tensor, t: LevelTimes, hint_embedding: torch.Tensor,
                          deep: DeepRows):
         """A ControlNet's residuals with deep levels: the first level's for every entry, the
-        deeper ones and the mid for the pass's deep entries (none: no mid)."""
+        deeper ones and the mid for the pass's deep entries (none: no mid). With reused
+        controls, all of them for the deep entries only (none: (None, None))."""
+        if self.first_controls is not None:
+            if not deep.count:
+                return None, None
+            h, first = self.model.control_in(which, x[deep.rows], deep.times, hint_embedding[deep.rows])
+            deeper, mid = self.model.control_deep(which, h, deep.times)
+            return first + deeper, mid
         h, first = self.model.control_in(which, x, t, hint_embedding)
         if not deep.count:
             return first, None
@@ -814,10 +838,14 @@ class StreamingDenoiser:
         """`residuals`: the pose and the local ControlNet's."""
         if deep is None:
             return self.model.unet_up(h, skips, t, reference, *add_residuals(*residuals), self._temporal_rings(rings))
-        first = self.model.first_level_skips
-        self._deep_up(h, skips[first:], [(down[first:], mid) for down, mid in residuals], rings, deep)
-        every = slice(0, self.entries)
-        firsts = [down for down, _ in residuals]
+        first, every = self.model.first_level_skips, slice(0, self.entries)
+        firsts = None if self.first_controls is not None else [down for down, _ in residuals]
+        if deep.count:
+            self._deep_up(h, skips[first:], [(down[first:], mid) for down, mid in residuals], rings, deep)
+            if firsts is None:  # reused controls: the deep entries' are held, then every entry's are read
+                pose, local = (down[:first] for down, _ in residuals)
+                for held, p, l in zip(self.first_controls, pose, local, strict=True):
+                    held.index_copy_(0, deep.rows, p + l)
         return self._out_rows(every, skips, t, firsts, reference, self._ring_rows(rings, every))
 
     def _in_rows(self, run: slice, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rows):
@@ -841,10 +869,17 @@ class StreamingDenoiser:
     def _out_rows(self, run: slice, skips: list[torch.Tensor], t: LevelTimes, firsts, reference: ReferenceKV,
                   rows) -> torch.Tensor:
         """The last level for the entries in `run`, with their first level's `skips` and both
-        ControlNets' first-level residuals (`firsts`; the run's rows, maybe followed by more);
-        `rows`: the run's rows of the rings (`_ring_rows`)."""
+        ControlNets' first-level residuals (`firsts`; the run's rows, maybe followed by more;
+        None: the ones held for the run's frames, reused controls); `rows`: the run's rows of
+        the rings (`_ring_rows`). With reused controls, the residuals given are held for the
+        levels that reuse them."""
         first = self.model.first_level_skips
-        down = [p + l for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
+        if firsts is None:
+            down = [held[run] for held in self.first_controls]
+        else:
+            down = [p + l for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
+            for held, d in zip(self.first_controls or (), down):
+                held[run] = d
         return self.model.unet_out(self.deep[run], skips[:first], _times_of(t, run), _reference_of(reference, run),
                                    down, self._run_rings(rows))
 
