@@ -3,7 +3,8 @@
 # Wheels first, here: bash docs/gpu-wheels.sh. First call (carry .car/whl and the queue, e.g. docs/gpu-queue-18.txt):
 #   bash docs/gpu-start.sh docs/gpu-queue-18.txt
 # Then one call per wheel group (carry .car/gN): bash docs/gpu-install.sh .car/gN gN; bash docs/gpu-wait.sh 300
-# and calls of wait.sh until "QUEUE DONE"; each call within 30 s of the last (the machine idles out).
+# and calls of wait.sh until "QUEUE DONE"; each call within 30 s of the last (the machine idles out). When the
+# device time runs short first: bash docs/gpu-collect.sh stop (what is done so far, to $OUT/all.tgz).
 # A queue line runs in /tmp/tA (the working tree of the first call) with the engine's wheels on PYTHONPATH;
 # a line starting with "live:" waits for the three live-path groups and runs with them too.
 # $B in a line: the live engine's bench at the issue 18 configuration.
