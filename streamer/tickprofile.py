@@ -16,7 +16,9 @@ pointwise work after a convolution), so Triton names are sorted before the libra
 
 The profile records the operators' shapes too, so the matrix work (matrix products,
 convolutions, attention) is also summed by operator and shape, with the rate each reaches
-(TFLOP/s, from the shapes): which sit far below the GPU's matrix rate.
+(TFLOP/s, from the shapes): which sit far below the GPU's matrix rate. And by the split tick's
+parts (their profiler ranges): each part's kernel time against its FLOP, e.g. the deep walk at a
+batch of one against the reused entries' first and last levels.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class TickProfile:
     by_shape: list[dict] = field(default_factory=list)
     # The ring attention's kernels by launch grid (one grid per latent size): kernel, grid, calls per tick, us a call
     ring_by_grid: list[dict] = field(default_factory=list)
+    # The tick's parts (the split tick's): part, calls, kernel ms, launches, GFLOP per tick, TFLOP/s
+    by_part: list[dict] = field(default_factory=list)
 
 
 def _mm_flop(dims: list[list[int]], first: int) -> tuple[float, str]:
@@ -115,40 +119,87 @@ def _op_label(name: str) -> str:
     return name
 
 
-def by_shape(events: list[dict], ticks: int, top: int = 25) -> list[dict]:
-    """The GPU time of the matrix operators (products, convolutions, attention) by operator and
-    shape, per tick, with the rate each reaches. A kernel belongs to the operator whose host
-    call launched it (the launch's time lies inside the call, on the same thread; the launch
-    and the kernel share a correlation id). Needs a trace recorded with shapes."""
-    kernel_us = {e["args"]["correlation"]: e["dur"] for e in events
-                 if e.get("ph") == "X" and e.get("cat") == "kernel" and "correlation" in e.get("args", {})}
-    launches: dict = defaultdict(list)  # host thread -> [(time, correlation)], in time order
-    for e in events:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("args", {}).get("correlation") in kernel_us:
-            launches[e["tid"]].append((e["ts"], e["args"]["correlation"]))
-    for calls in launches.values():
-        calls.sort()
-    rows: dict = {}
+class _Launches:
+    """Which GPU kernels a host call launched: a kernel belongs to the call whose time holds its
+    launch, on the same thread (the launch and the kernel share a correlation id)."""
+
+    def __init__(self, events: list[dict]):
+        self.kernel_us = {e["args"]["correlation"]: e["dur"] for e in events
+                          if e.get("ph") == "X" and e.get("cat") == "kernel" and "correlation" in e.get("args", {})}
+        self.by_thread: dict = defaultdict(list)  # host thread -> [(time, correlation)], in time order
+        for e in events:
+            if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("args", {}).get("correlation") in self.kernel_us:
+                self.by_thread[e["tid"]].append((e["ts"], e["args"]["correlation"]))
+        for calls in self.by_thread.values():
+            calls.sort()
+
+    def inside(self, call: dict) -> list[float]:
+        """The durations (us) of the kernels `call` (a trace event) launched."""
+        calls = self.by_thread.get(call["tid"], [])
+        first = bisect.bisect_left(calls, (call["ts"], -1))
+        last = bisect.bisect_right(calls, (call["ts"] + call["dur"], float("inf")))
+        return [self.kernel_us[c] for _, c in calls[first:last]]
+
+
+def _matrix_calls(events: list[dict]) -> list[tuple[dict, float, str]]:
+    """The matrix operators' host calls (outermost: attention's math path runs products inside
+    one), each with its FLOP and shape, in (thread, time) order. Needs a trace with shapes."""
     ops = sorted((e for e in events if e.get("cat") == "cpu_op" and _matrix_op(e.get("name", ""))
                   and e.get("args", {}).get("Input Dims")), key=lambda e: (e["tid"], e["ts"], -e["dur"]))
-    outer_end: dict = {}  # host thread -> end of the last operator counted
+    calls, outer_end = [], {}  # host thread -> end of the last operator counted
     for e in ops:
         if e["ts"] < outer_end.get(e["tid"], -1.0):
-            continue  # inside one counted already (attention's math path runs matrix products)
+            continue
         outer_end[e["tid"]] = e["ts"] + e["dur"]
-        flop, shape = _matrix_op(e["name"])(e["args"]["Input Dims"], e["args"].get("Concrete Inputs", []))
-        calls = launches.get(e["tid"], [])
-        first = bisect.bisect_left(calls, (e["ts"], -1))
-        last = bisect.bisect_right(calls, (e["ts"] + e["dur"], float("inf")))
-        us = sum(kernel_us[c] for _, c in calls[first:last])
+        calls.append((e, *_matrix_op(e["name"])(e["args"]["Input Dims"], e["args"].get("Concrete Inputs", []))))
+    return calls
+
+
+def by_shape(events: list[dict], ticks: int, top: int = 25) -> list[dict]:
+    """The GPU time of the matrix operators (products, convolutions, attention) by operator and
+    shape, per tick, with the rate each reaches (a kernel is its launching call's: `_Launches`).
+    Needs a trace recorded with shapes."""
+    launches, rows = _Launches(events), {}
+    for e, flop, shape in _matrix_calls(events):
         row = rows.setdefault((e["name"], shape), {"op": _op_label(e["name"]), "shape": shape,
                                                    "calls": 0.0, "us": 0.0, "flop": flop})
         row["calls"] += 1 / ticks
-        row["us"] += us / ticks
+        row["us"] += sum(launches.inside(e)) / ticks
     costliest = sorted(rows.values(), key=lambda r: -r["us"])[:top]
     for row in costliest:
         row["tflops"] = row.pop("flop") * row["calls"] / (row["us"] * 1e-6) / 1e12 if row["us"] else 0.0
     return costliest
+
+
+PART = "part: "  # the live tick's parts' profiler ranges (engines/xportrait/stream.py's `_named`)
+
+
+def by_part(events: list[dict], ticks: int) -> list[dict]:
+    """The tick by part (its "part: ..." ranges, in the order they first ran): per tick the
+    calls, the GPU time and launches of the kernels each launched, and the FLOP of its matrix
+    operators, with the rate its kernels reach on them. The parts on other streams overlap in
+    time: a part's figure is its kernels' own time, not the tick's wall time."""
+    launches = _Launches(events)
+    parts = sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith(PART)),
+                   key=lambda e: (e["tid"], e["ts"]))
+    flops = defaultdict(list)  # host thread -> [(time, FLOP)] of the matrix calls, in time order
+    for e, flop, _ in _matrix_calls(events):
+        flops[e["tid"]].append((e["ts"], flop))
+    rows: dict = {}
+    for e in sorted(parts, key=lambda e: e["ts"]):
+        kernels = launches.inside(e)
+        inside = flops.get(e["tid"], [])
+        first = bisect.bisect_left(inside, (e["ts"], -1.0))
+        last = bisect.bisect_right(inside, (e["ts"] + e["dur"], float("inf")))
+        row = rows.setdefault(e["name"], {"part": e["name"].removeprefix(PART), "calls": 0.0, "ms": 0.0,
+                                          "launches": 0.0, "gflop": 0.0})
+        row["calls"] += 1 / ticks
+        row["ms"] += sum(kernels) / 1e3 / ticks
+        row["launches"] += len(kernels) / ticks
+        row["gflop"] += sum(f for _, f in inside[first:last]) / 1e9 / ticks
+    for row in rows.values():
+        row["tflops"] = row["gflop"] / row["ms"] if row["ms"] else 0.0  # GFLOP / ms = TFLOP/s
+    return list(rows.values())
 
 
 def ring_by_grid(kernels: list[dict], ticks: int) -> list[dict]:
@@ -188,7 +239,8 @@ def summarize(events: list[dict], ticks: int, top: int = 25) -> TickProfile:
         by_stream_ms=dict(sorted(by_stream.items(), key=lambda kv: -kv[1])),
         top=[{"kernel": name, "kind": kernel_category(name), "launches": calls, "us": us}
              for name, (calls, us) in costliest],
-        by_shape=by_shape(events, ticks, top), ring_by_grid=ring_by_grid(kernels, ticks))
+        by_shape=by_shape(events, ticks, top), ring_by_grid=ring_by_grid(kernels, ticks),
+        by_part=by_part(events, ticks))
 
 
 def profile_ticks(denoiser, out_dir: str | Path, ticks: int = 5, warmup: int = 2) -> TickProfile:
@@ -227,6 +279,11 @@ def format_profile(p: TickProfile, shapes: int = 15) -> list[str]:
         for row in p.by_shape[:shapes]:
             lines.append(f"    {row['op']:<28.28} {row['shape']:<40.40} {row['calls']:4.0f} {row['us']:8.1f} "
                          f"{row['tflops']:6.0f}")
+    if p.by_part:
+        lines.append("  by part of the tick (a tick: calls, kernel ms, launches, GFLOP, TFLOP/s at its kernels' time):")
+        for row in p.by_part:
+            lines.append(f"    {row['part']:<46.46} {row['calls']:3.0f} {row['ms']:7.2f} {row['launches']:6.0f} "
+                         f"{row['gflop']:8.1f} {row['tflops']:6.0f}")
     if p.ring_by_grid:
         lines.append("  ring attention by launch grid (a tick: calls, us a call):")
         for row in p.ring_by_grid:

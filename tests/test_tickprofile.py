@@ -145,3 +145,78 @@ def test_matrix_work_is_summed_by_shape_with_the_rate_it_reaches(tmp_path):
     assert list(rows) == ["convolution", "addmm", attention["op"]]  # costliest first
     table = "\n".join(format_profile(profile_))
     assert "costliest matrix work by shape" in table and "32x8 @ 8x5" in table
+
+
+def _linked_kernels(events: list[dict], us: dict[str, float]) -> list[dict]:
+    """For each listed operator's host call in a CPU trace, a launch inside it and a GPU kernel
+    of `us` microseconds with the launch's correlation id, as a CUDA trace links them."""
+    linked = []
+    for e in [e for e in events if e.get("cat") == "cpu_op" and e["name"] in us]:
+        correlation = len(linked)
+        linked.append({"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "tid": e["tid"],
+                       "ts": e["ts"] + e["dur"] / 2, "dur": 0.1, "args": {"correlation": correlation}})
+        linked.append({"ph": "X", "cat": "kernel", "name": "nvjet_x", "tid": 7, "ts": 0, "dur": us[e["name"]],
+                       "args": {"correlation": correlation, "stream": 7}})
+    return linked
+
+
+def test_the_tick_is_summed_by_part_its_kernels_time_against_its_flop(tmp_path):
+    """Each "part: ..." range (a real CPU trace) gets the kernels launched inside it and the
+    FLOP of the matrix operators called inside it, per tick; outside any part, nothing."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):  # two "ticks"
+            with record_function("part: unet down"):
+                torch.mm(a, b), torch.mm(a, b)
+            with record_function("part: finish"):
+                torch.relu(a)
+            torch.mm(a, b)  # in no part
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    result = summarize(events + _linked_kernels(events, {"aten::mm": 3.0, "aten::relu": 1.0}), ticks=2)
+    rows = {row["part"]: row for row in result.by_part}
+    assert list(rows) == ["unet down", "finish"]  # in the order they ran
+    down, finish = rows["unet down"], rows["finish"]
+    assert down["calls"] == 1 and down["launches"] == 2 and down["ms"] == pytest.approx(6e-3)
+    assert down["gflop"] == pytest.approx(2 * (2 * 64 * 32 * 16) / 1e9)
+    assert down["tflops"] == pytest.approx(down["gflop"] / 6e-3)
+    assert finish["launches"] == 1 and finish["ms"] == pytest.approx(1e-3) and finish["gflop"] == 0
+    assert "by part of the tick" in "\n".join(format_profile(result))
+
+
+def test_the_live_ticks_parts_are_named_with_their_runs_of_entries(tmp_path):
+    """The split tick's parts as a profile sees them (a CPU tick of the tiny model with deep
+    features reused, the reused entries beside): each part once a tick, the runs of entries
+    named, and the matrix work where it is: the first level on 3 entries does 3 times the one
+    entry's, the deep walk happens in its own parts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engines.xportrait.stream import StreamSettings, StreamingDenoiser
+    from fixtures import compact_config, tiny_model
+
+    model = tiny_model(64, config=compact_config(64))
+    model.unet.motion.freeze_ring_projections()  # as the live engine does: no per-call work that is not per entry
+    denoiser = StreamingDenoiser(model, StreamSettings(steps=4, window=2, deep_levels=(0,)), torch.device("cpu"),
+                                 torch.float32, split=True, reused_beside=True)
+    denoiser.prepare(torch.zeros(1, 3, 64, 64))
+    for _ in range(4):
+        denoiser.tick(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8), torch.tensor([[8, 8, 24, 24]] * 3))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        denoiser.advance()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    rows = {row["part"]: row for row in summarize(json.loads((tmp_path / "trace.json").read_text())["traceEvents"],
+                                                   ticks=1).by_part}
+    assert set(rows) == {"enter", "pose hint embedding", "local hint embedding", "finish",
+                         "pose first level (1 of the entries)", "pose first level (3 of the entries)",
+                         "local first level (1 of the entries)", "local first level (3 of the entries)",
+                         "pose deeper levels", "local deeper levels",
+                         "unet first level (1 of the entries)", "unet first level (3 of the entries)",
+                         "unet deeper down", "unet deep up",
+                         "unet last level (1 of the entries)", "unet last level (3 of the entries)"}
+    assert all(row["calls"] == 1 for row in rows.values())
+    for part in ("unet first level", "unet last level", "pose first level"):
+        one, three = rows[f"{part} (1 of the entries)"]["gflop"], rows[f"{part} (3 of the entries)"]["gflop"]
+        assert one > 0 and three == pytest.approx(3 * one, rel=1e-6)
+    assert rows["unet deeper down"]["gflop"] > 0 and rows["unet deep up"]["gflop"] > 0

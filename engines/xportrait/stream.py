@@ -46,6 +46,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from diffusers import LCMScheduler
+from torch.profiler import record_function
 
 from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
@@ -414,6 +415,18 @@ class SplitParts:
     out_rows: Callable
 
 
+def _named(name: str, part: Callable) -> Callable:
+    """`part` inside a profiler range named after it ("part: NAME", and the number of entries
+    where its first argument is a run of them), so that a profile of the tick sums its kernels
+    and FLOP by part (streamer/tickprofile.py). Host-side only: a replayed graph runs none of it."""
+    def named(*args, **kwargs):
+        run = args[0] if args and isinstance(args[0], slice) else None
+        label = f"part: {name}" if run is None else f"part: {name} ({run.stop - run.start} of the entries)"
+        with record_function(label):
+            return part(*args, **kwargs)
+    return named
+
+
 def _beside(side: torch.cuda.Stream | None):
     """Run on `side` after what the current stream has queued (None: right here)."""
     if side is None:
@@ -753,15 +766,20 @@ class StreamingDenoiser:
         return torch.cat((eps_own, eps_reused) if own.start < reused.start else (eps_reused, eps_own))
 
     def _split_parts(self, compiled: Callable[[Callable], Callable]) -> SplitParts:
-        """The split tick's parts, each through `compiled` (identity, or torch.compile)."""
+        """The split tick's parts, each through `compiled` (identity, or torch.compile), each
+        named for a profile of the tick (`_named`)."""
+        part = lambda name, fn: _named(name, compiled(fn))
         return SplitParts(
-            compiled(self._enter),
-            [(compiled(self._embed_pose), compiled(self._pose_control)),
-             (compiled(self._embed_local), compiled(self._local_control))],
-            compiled(self._down), compiled(self._up), compiled(self._finish),
-            [(compiled(self._embed_pose), compiled(self._pose_first), compiled(self._pose_deeper)),
-             (compiled(self._embed_local), compiled(self._local_first), compiled(self._local_deeper))],
-            compiled(self._in_rows), compiled(self._deeper_down), compiled(self._deep_up), compiled(self._out_rows))
+            part("enter", self._enter),
+            [(part("pose hint embedding", self._embed_pose), part("pose controlnet", self._pose_control)),
+             (part("local hint embedding", self._embed_local), part("local controlnet", self._local_control))],
+            part("unet down", self._down), part("unet up", self._up), part("finish", self._finish),
+            [(part("pose hint embedding", self._embed_pose), part("pose first level", self._pose_first),
+              part("pose deeper levels", self._pose_deeper)),
+             (part("local hint embedding", self._embed_local), part("local first level", self._local_first),
+              part("local deeper levels", self._local_deeper))],
+            part("unet first level", self._in_rows), part("unet deeper down", self._deeper_down),
+            part("unet deep up", self._deep_up), part("unet last level", self._out_rows))
 
     def _embed_pose(self) -> None:
         self._embed(self.pose, self.model.embed_pose_hint, self.entering_hints[0])
