@@ -570,6 +570,8 @@ class StreamingDenoiser:
         # With reused controls, likewise each frame's ControlNets' first-level residuals (summed), per skip.
         self.first_controls = [torch.zeros((entries, *model.first_level_shape), device=self.device, dtype=dtype)
                                for _ in range(model.first_level_skips)] if settings.reuse_controls else None
+        # What a frame carries down the levels with it (each entry's row): its deep features and controls.
+        self._carried = ([self.deep] if reusing else []) + (self.first_controls or [])
         self._entering = False  # what `enters` holds: written only when it changes
         self._repeatable = False  # whether the last tick entered a frame (tick_again repeats it)
         self.leaving = torch.zeros((1, 4, h, h), device=self.device, dtype=dtype)
@@ -625,7 +627,7 @@ class StreamingDenoiser:
         """Empty the batch and the temporal caches (a new driving stream)."""
         for t in (self.pose, self.local, self.occupied, self.valid):
             t.zero_()
-        for t in ([self.deep] if self.deep is not None else []) + (self.first_controls or []):
+        for t in self._carried:
             t.zero_()
         self.slot.fill_(self.settings.window - 1)
         for group in self.groups:
@@ -672,8 +674,8 @@ class StreamingDenoiser:
         ControlNets' parts, which embed them beside the UNet (`_embed_pose`, `_embed_local`)."""
         self.slot.copy_((self.slot + 1) % self.settings.window)
         self.occupied[1:] = self.occupied[:-1].clone()
-        for held in ([self.deep] if self.deep is not None else []) + (self.first_controls or []):
-            held[1:] = held[:-1].clone()  # each frame's deep features (and controls) go down the levels with it
+        for held in self._carried:  # each frame's deep features (and controls) go down the levels with it
+            held[1:] = held[:-1].clone()
         hints = control_hints(self.new_frame, self.new_boxes, self.dtype)
         if self.split:
             for buffer, hint in zip(self.entering_hints, hints, strict=True):
