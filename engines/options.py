@@ -28,6 +28,7 @@ LCM_STEPS = 4  # LCM sampling with an LCM-LoRA, offline
 LIVE_STEPS = LCM_STEPS  # LCM steps of the live engine (= frames in flight), and of the exported graphs
 DEFAULT_WINDOW = 16  # temporal window: the released modules are trained on 16 frames
 TICKS_PER_FRAME = (1, 2, "auto")  # the live engine's stream ticks per camera frame
+TOKEN_DOWNSAMPLE = (1, 2, 4)  # the side of the blocks of tokens the live engine's --token-downsample averages
 
 
 class OptionError(ValueError):
@@ -122,6 +123,10 @@ class LiveOptions:
     # frame's UNet takes the ControlNets' first-level residuals of its last deep level (encoder
     # propagation, as Faster Diffusion reuses a ControlNet's features across steps).
     reuse_controls: bool = False
+    # Lossy, at any levels: the reference attention at the latents' size takes keys and values of
+    # averaged blocks of this side of tokens, the UNet's own and the reference's (ToDo's token
+    # downsampling); the queries stay whole. 1: every token.
+    token_downsample: int = 1
 
     def __post_init__(self):
         at_least(self.lookahead, 0, "lookahead")
@@ -138,6 +143,10 @@ class LiveOptions:
                               "give --deep-levels too")
         one_of(self.ticks_per_frame, TICKS_PER_FRAME, "ticks_per_frame")
         at_least(self.level_groups, 1, "level_groups")
+        one_of(self.token_downsample, TOKEN_DOWNSAMPLE, "token_downsample")
+        if self.token_downsample != 1 and self.backend != "torch":
+            raise OptionError("--token-downsample works with the torch backend (the exported graphs attend over "
+                              "every token)")
         if self.autotune and not self.compile:
             raise OptionError("--autotune tunes the compiled tick: give --compile too")
         if self.level_groups > 1:

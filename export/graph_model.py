@@ -20,6 +20,7 @@ import torch
 from engines.base import EngineError
 from engines.options import BACKENDS, XPortraitOptions
 from engines.xportrait.config import XPortraitConfig
+from engines.xportrait.reference import LayerKV
 from engines.xportrait.temporal import RingTick, TemporalRing
 
 from .manifest import KV_PARTS, read_manifest, verify_files
@@ -67,11 +68,14 @@ class GraphModel:
         return self._out(self.runners["vae_decoder"]([latents]))[0]
 
     @torch.no_grad()
-    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor):
+    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor,
+                           token_downsample: int = 1):
+        if token_downsample != 1:
+            raise EngineError("exported graphs attend over every token (no --token-downsample)")
         latents = torch.cat(list(source_latents))
         t = torch.as_tensor(timestep, device=latents.device).reshape(1).long()
         out = self._out(self.runners["reference"]([latents, t]))
-        return {name: (out[2 * i], out[2 * i + 1]) for i, name in enumerate(self.layers)}
+        return {name: LayerKV(out[2 * i], out[2 * i + 1]) for i, name in enumerate(self.layers)}
 
     @torch.no_grad()
     def controls(self, sample: torch.Tensor, timestep: torch.Tensor, pose_hint: torch.Tensor,
@@ -97,7 +101,9 @@ class GraphModel:
         down, mid = self.controls(sample, t, pose_hint, local_hint)
         refs = []
         for name in self.layers:
-            k, v = reference[name]
+            k, v, pool = reference[name]
+            if pool is not None:
+                raise EngineError("exported graphs attend over every token (no --token-downsample)")
             if k.shape[0] != b:  # one set broadcast over the batch (the graph takes one per sample)
                 k, v = k.expand(b, -1, -1), v.expand(b, -1, -1)
             refs += [k, v]

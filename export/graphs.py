@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from engines.xportrait.model import XPortraitModel
-from engines.xportrait.reference import self_attention_layers
+from engines.xportrait.reference import LayerKV, self_attention_layers
 from engines.xportrait.temporal import RingTick, TemporalRing
 
 from .manifest import KV_PARTS
@@ -143,7 +143,7 @@ class DenoiserGraph(nn.Module):
         at = self._controls + 1
         reference = {}
         for name in self._layers:
-            reference[name] = (flat[at], flat[at + 1])
+            reference[name] = LayerKV(flat[at], flat[at + 1])
             at += 2
         slot, mask, positions = flat[at + 4 * self._temporal :]
         tick = RingTick(slot, mask, positions)

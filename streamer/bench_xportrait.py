@@ -159,7 +159,7 @@ def bench_stream(options: BenchOptions) -> dict:
     import torch
 
     from engines.xportrait.runtime import to_tensor
-    from engines.xportrait.stream import StreamSettings, deep_reuse_error, render_causal
+    from engines.xportrait.stream import StreamSettings, lossy_noise_error, render_causal
 
     from .options import engine_factory
 
@@ -198,15 +198,20 @@ def bench_stream(options: BenchOptions) -> dict:
     if live.level_groups > 1:  # likewise one pass a tick: another batch, so another engine (and graph)
         label, variant = variants[-1]
         runs_of.append((label, dataclasses.replace(variant, level_groups=1), 1, ", 1 level group (baseline)"))
+    if live.token_downsample > 1:  # likewise every token: what downsampling the keys saves (the rest as asked)
+        label, variant = variants[-1]
+        runs_of.append((label, dataclasses.replace(variant, token_downsample=1), 1, ", every token (baseline)"))
     if live.deep_levels:  # likewise every level walked whole: the frames the deep features' reuse approximates
         label, variant = variants[-1]
-        if live.reuse_controls:  # and the ControlNets walked at every level, what reusing them saves
+        if live.token_downsample > 1:
+            pass  # the ControlNets at every level and the one batch: in a run without it
+        elif live.reuse_controls:  # and the ControlNets walked at every level, what reusing them saves
             runs_of.append((label, dataclasses.replace(variant, reuse_controls=False), 1,
                             ", ControlNets at every level (baseline)"))
         elif live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
             runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1, ONE_BATCH))
-        runs_of.append((label, dataclasses.replace(variant, deep_levels=(), reuse_controls=False), 1,
-                        ", every level whole (baseline)"))
+        runs_of.append((label, dataclasses.replace(variant, deep_levels=(), reuse_controls=False, token_downsample=1),
+                        1, ", every level whole (baseline)"))
     engine, made, asked = None, None, None
     for label, variant, run_ticks, suffix in runs_of:
         if suffix == ONE_BATCH and not asked.denoiser.reused_beside:
@@ -233,6 +238,7 @@ def bench_stream(options: BenchOptions) -> dict:
         sync()
         runs.append({"engine": label, "ticks_per_frame": run_ticks, "level_groups": variant.level_groups,
                      "deep_levels": list(variant.deep_levels), "reuse_controls": variant.reuse_controls,
+                     "token_downsample": variant.token_downsample,
                      "reused_beside": engine.denoiser.reused_beside,
                      "startup_s": startup_s, **timed,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
@@ -267,14 +273,15 @@ def bench_stream(options: BenchOptions) -> dict:
     if profiled is not None:
         result["profile"] = profiled
     torch_model = isinstance(model, torch.nn.Module)
-    if settings.deep_levels and torch_model:
-        # The reuse's error on the predicted noise against the whole walk at the engine's dtype,
-        # on the first frames (with random weights it says nothing of a trained model's).
+    if (settings.deep_levels or settings.token_downsample > 1) and torch_model:
+        # The lossy options' error on the predicted noise against the plain walk at the engine's
+        # dtype, on the first frames (with random weights it says nothing of a trained model's).
         n = min(8, len(frames))
         clip = to_tensor([f.image for f in frames[:n]], device, dtype)
-        errors = deep_reuse_error(model, settings, to_tensor([source], device, dtype), clip, clip)
+        errors = lossy_noise_error(model, settings, to_tensor([source], device, dtype), clip, clip)
         result["noise_error"] = {"deep_levels": list(settings.deep_levels), "reuse_controls": settings.reuse_controls,
-                                 "frames": n, "relative_l2_per_level": errors}
+                                 "token_downsample": settings.token_downsample, "frames": n,
+                                 "relative_l2_per_level": errors}
     # The naive baseline: frame after frame, S sequential batch-1 steps, full VAE decode each.
     count = min(8 if options.baseline_frames is None else options.baseline_frames, len(frames))
     if count <= 0:
@@ -301,6 +308,10 @@ def bench_stream(options: BenchOptions) -> dict:
     return result
 
 
+def _tokens(side: int) -> str:
+    return f", keys of {side}x{side} tokens" if side > 1 else ""
+
+
 def print_stream(result: dict) -> None:
     size = result["size"]
     print(f"{result['engine']} at {size}x{size}, {result['dtype']} on {result['device']}, weights: "
@@ -313,6 +324,7 @@ def print_stream(result: dict) -> None:
         ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
         ticks += f"; deep at levels {','.join(map(str, r['deep_levels']))}" if r.get("deep_levels") else ""
         ticks += ", controls reused" if r.get("reuse_controls") else ""
+        ticks += _tokens(r.get("token_downsample", 1))
         ticks += " (reused entries beside the deep walk)" if r.get("reused_beside") else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
@@ -325,9 +337,11 @@ def print_stream(result: dict) -> None:
     if "noise_error" in result:
         e = result["noise_error"]
         per_level = ", ".join(f"level {k}: {v:.4f}" for k, v in enumerate(e["relative_l2_per_level"]))
-        reused = ", controls reused" if e.get("reuse_controls") else ""
-        print(f"  deep features reused (deep at levels {','.join(map(str, e['deep_levels']))}{reused}): predicted noise "
-              f"against the whole walk, relative L2 over {e['frames']} frames: {per_level}")
+        lossy = [f"deep at levels {','.join(map(str, e['deep_levels']))}"] if e["deep_levels"] else []
+        lossy += ["controls reused"] if e.get("reuse_controls") else []
+        lossy += [_tokens(e.get("token_downsample", 1))[2:]] if e.get("token_downsample", 1) > 1 else []
+        print(f"  lossy options ({', '.join(lossy)}): predicted noise against the plain walk, relative L2 over "
+              f"{e['frames']} frames: {per_level}")
     if "baseline_skipped" in result:
         print(f"  baseline skipped: {result['baseline_skipped']}")
     if "baseline" in result:

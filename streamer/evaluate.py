@@ -122,7 +122,8 @@ def full_report(options, figures: dict) -> dict:
     if live is not None:
         report["stream"] = {"steps": engine.stream_steps, "window": engine.window, "seed": engine.seed,
                             "level_groups": live.level_groups, "deep_levels": list(live.deep_levels),
-                            "reuse_controls": live.reuse_controls, "lookahead": live.lookahead,
+                            "reuse_controls": live.reuse_controls, "token_downsample": live.token_downsample,
+                            "lookahead": live.lookahead,
                             "tiny_decoder": live.tiny_decoder}
     return report
 

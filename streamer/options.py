@@ -31,6 +31,7 @@ from engines.options import (
     RELEASED_GUIDANCE,
     RELEASED_STEPS,
     SAMPLERS,
+    TOKEN_DOWNSAMPLE,
     EngineOptions,
     LiveOptions,
     OptionError,
@@ -51,7 +52,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 XPORTRAIT_FLAGS = ("base", "checkpoint", "lcm_lora", "sampler", "steps", "guidance", "seed", "device", "dtype",
                    "allow_hub", "trust_checkpoint", "random_weights", "model_size")
 LIVE_FLAGS = ("compile", "autotune", "tiny_decoder", "lookahead", "backend", "graphs", "ticks_per_frame",
-              "level_groups", "deep_levels", "reuse_controls")
+              "level_groups", "deep_levels", "reuse_controls", "token_downsample")
 
 
 # -- flags ------------------------------------------------------------------------------------------
@@ -114,6 +115,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
     g.add_argument("--reuse-controls", action="store_true",
                    help="live engine, with --deep-levels, lossy too: the ControlNets walk only at the deep levels; "
                         "at the others a frame reuses their first-level residuals from its last deep level")
+    g.add_argument("--token-downsample", type=int, choices=TOKEN_DOWNSAMPLE, default=1, metavar="N",
+                   help="live engine, lossy too: at the latents' size the reference attention takes keys and values "
+                        "of averaged NxN blocks of tokens, the portrait's own and the reference's (ToDo); the "
+                        "queries stay whole (1, 2 or 4; default: 1, every token)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
 
@@ -137,7 +142,7 @@ def _levels(text: str) -> tuple[int, ...]:
 def _given(args: argparse.Namespace, names) -> list[str]:
     """The flags among `names` set to something other than their default."""
     defaults = {"seed": DEFAULT_SEED, "device": "auto", "model_size": "sd15", "backend": "torch", "lookahead": 0,
-                "ticks_per_frame": 1, "level_groups": 1, "deep_levels": ()}
+                "ticks_per_frame": 1, "level_groups": 1, "deep_levels": (), "token_downsample": 1}
     return [flag(n) for n in names if getattr(args, n, None) not in (None, False, defaults.get(n))]
 
 
@@ -160,7 +165,8 @@ def engine_options(args: argparse.Namespace, live: bool = False, engine: str | N
                                tiny_decoder=args.tiny_decoder,
                                backend=args.backend, graphs=args.graphs,
                                ticks_per_frame=args.ticks_per_frame, level_groups=args.level_groups,
-                               deep_levels=args.deep_levels, reuse_controls=args.reuse_controls) if live else None
+                               deep_levels=args.deep_levels, reuse_controls=args.reuse_controls,
+                               token_downsample=args.token_downsample) if live else None
     return XPortraitOptions(size=args.size, window=window, live=live_options,
                             **{name: getattr(args, name) for name in XPORTRAIT_FLAGS})
 

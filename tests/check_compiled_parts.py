@@ -5,9 +5,10 @@ and in one batch, on the tiny model: no graph break, one graph a part and a shap
 recompiles from the row runs), and the frames of the uncompiled parts. A check before spending
 device time on a compiled bench.
 
-    PYTHONPATH=. python tests/check_compiled_parts.py [--reuse-controls]
+    PYTHONPATH=. python tests/check_compiled_parts.py [--reuse-controls] [--token-downsample N]
 
 With --reuse-controls the ControlNets walk the deep entry only (their residuals held for the rest).
+With --token-downsample the reference attention at the latents' size pools its keys (the same graphs).
 Exits 1 with what differs.
 """
 
@@ -47,12 +48,15 @@ def frames(denoiser: StreamingDenoiser, sources, driving, boxes) -> torch.Tensor
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reuse-controls", action="store_true")
-    reuse = parser.parse_args().reuse_controls
+    parser.add_argument("--token-downsample", type=int, default=1)
+    args = parser.parse_args()
+    reuse = args.reuse_controls
     graphs_of = {True: GRAPHS[True] - 2 * reuse, False: GRAPHS[False]}
     torch.set_num_threads(1)
     model = tiny_model(RES, config=compact_config(RES))
     sources, driving, boxes = inputs(6)
-    settings = StreamSettings(steps=4, window=4, deep_levels=(0,), reuse_controls=reuse)
+    settings = StreamSettings(steps=4, window=4, deep_levels=(0,), reuse_controls=reuse,
+                              token_downsample=args.token_downsample)
     rendered, failures = {}, []
     for beside in (True, False):
         for compiled in (False, True):

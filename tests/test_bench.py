@@ -64,6 +64,20 @@ def test_the_bench_times_reused_controls_against_the_controlnets_walked_and_the_
     assert all(0 < e < 2 for e in error["relative_l2_per_level"][1:])
 
 
+def test_the_bench_times_downsampled_tokens_against_every_token_and_the_whole_walk(capsys):
+    """--token-downsample with --deep-levels: its run, then the same options over every token
+    and every level whole over every token as baselines in the same run, and the predicted
+    noise's error at every level (the listed one's attention pools too)."""
+    assert main(TINY + ["--deep-levels", "0", "--token-downsample", "2", "--baseline-frames", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    runs = result["runs"]
+    assert [(r["deep_levels"], r["token_downsample"]) for r in runs] == [([0], 2), ([0], 1), ([], 1)]
+    assert runs[1]["engine"].endswith(", every token (baseline)")
+    assert runs[2]["engine"].endswith(", every level whole (baseline)")
+    error = result["noise_error"]
+    assert error["token_downsample"] == 2 and all(0 < e < 2 for e in error["relative_l2_per_level"])
+
+
 def test_no_baseline_frames_skips_the_baseline(capsys):
     # --compile --autotune on a CPU: the variants take both (no GPU: the tick runs eager again).
     assert main(TINY + ["--baseline-frames", "0", "--compile", "--autotune"]) == 0

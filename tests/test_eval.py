@@ -139,7 +139,8 @@ def test_the_report_names_the_stream_it_judged():
                             live=LiveOptions(deep_levels=(0,), level_groups=3))
     report = full_report(EvalOptions(sources=("astronaut",), driving="puppet:grace_hopper", engine=live), figures)
     assert report["stream"] == {"steps": 3, "window": live.window, "seed": 5, "level_groups": 3, "deep_levels": [0],
-                                "reuse_controls": False, "lookahead": 0, "tiny_decoder": None}
+                                "reuse_controls": False, "token_downsample": 1, "lookahead": 0,
+                                "tiny_decoder": None}
     assert report["engine"] == "xportrait" and report["frames"] == 3 and report["sources"] == ["astronaut"]
     offline = XPortraitOptions(size=64, random_weights=True)
     offline = full_report(EvalOptions(sources=("astronaut",), driving="x.mp4", engine=offline), figures)

@@ -48,6 +48,9 @@ def parsed(*argv: str):
     (lambda: LiveOptions(deep_levels=(0,), lookahead=1), "--deep-levels works with the torch backend"),
     (lambda: LiveOptions(reuse_controls=True), "--reuse-controls reuses the ControlNets' residuals of a frame's "
                                                "last deep level: give --deep-levels too"),
+    (lambda: LiveOptions(token_downsample=3), "--token-downsample must be one of 1, 2, 4, got 3"),
+    (lambda: LiveOptions(backend="onnx", graphs="g", token_downsample=2),
+     "--token-downsample works with the torch backend"),
     (lambda: XPortraitOptions(steps=2, live=LiveOptions(deep_levels=(0, 2)), **RANDOM),
      "--deep-levels: levels below --steps (2), got 0,2"),
     (lambda: XPortraitOptions(sampler="ddim", live=LiveOptions(), **RANDOM), "samples with LCM and no guidance"),
@@ -94,6 +97,8 @@ def test_flags_map_onto_the_options_once():
     reuse = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--deep-levels", "0",
                                  "--reuse-controls"))
     assert reuse.engine.live == LiveOptions(deep_levels=(0,), reuse_controls=True)
+    tokens = serve_options(parsed("serve", "--engine", "xportrait", "--random-weights", "--token-downsample", "2"))
+    assert tokens.engine.live == LiveOptions(token_downsample=2)
     client = client_options(parsed("client", "clip.mp4", "--loop", "--duration", "3"))
     assert client == ClientOptions("clip.mp4", loop=True, duration=3.0)
 
@@ -101,6 +106,7 @@ def test_flags_map_onto_the_options_once():
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--engine", "warp", "--steps", "4", "--lcm-lora", "x"], "--lcm-lora, --steps: only for --engine xportrait"),
     (["serve", "--reuse-controls"], "--reuse-controls: only for --engine xportrait"),
+    (["serve", "--token-downsample", "2"], "--token-downsample: only for --engine xportrait"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--engine", "xportrait", "--random-weights", "--compile"],
      "--compile: only for the live engine (serve, bench --stream, eval --stream)"),
     (["animate", "a.jpg", "d.mp4", "-o", "o.mp4", "--size", "100"], "--size must be a multiple of 8"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engines.xportrait.model import XPortraitModel
-from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, deep_reuse_error, render_causal
+from engines.xportrait.stream import StreamSettings, StreamingDenoiser, control_hints, lossy_noise_error, render_causal
 from fixtures import compact_config, one_torch_thread, tiny_model  # tests/ is on sys.path
 
 RES = 64
@@ -510,17 +510,17 @@ def test_deep_levels_at_every_level_are_the_plain_frames(model):
                                plain, rtol=0, atol=0)
 
 
-def test_deep_reuse_error_on_the_predicted_noise(model):
+def test_lossy_noise_error_on_the_predicted_noise(model):
     """The bench's report: per level, the reused walk's noise against the whole walk's from the
     same input; nothing at the listed levels, all levels listed: nothing anywhere."""
     sources, driving, boxes = inputs(4)
     hints = control_hints(driving, boxes, torch.float32)
-    errors = deep_reuse_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2)), sources, *hints)
+    errors = lossy_noise_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2)), sources, *hints)
     assert errors[0] == errors[2] == 0.0
     assert 1e-3 < errors[1] < 2 and 1e-3 < errors[3] < 2
-    assert deep_reuse_error(model, StreamSettings(steps=2, window=3, deep_levels=(0, 1)), sources, *hints) == [0, 0]
+    assert lossy_noise_error(model, StreamSettings(steps=2, window=3, deep_levels=(0, 1)), sources, *hints) == [0, 0]
     # With the controls reused too: another error at the reused levels, still none at the listed ones.
-    reused = deep_reuse_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2), reuse_controls=True),
+    reused = lossy_noise_error(model, StreamSettings(steps=4, window=3, deep_levels=(0, 2), reuse_controls=True),
                               sources, *hints)
     assert reused[0] == reused[2] == 0.0
     assert 1e-3 < reused[1] < 2 and reused[1] != errors[1] and reused[3] != errors[3]
@@ -580,3 +580,42 @@ def test_the_live_engine_reuses_deep_features_on_a_cpu_too():
     assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(plain, deep))
     assert ladders[(0,), False] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]
     assert ladders[(0,), True] == ["3 steps, deep at levels 0, controls reused", "2 steps, deep at levels 0, controls reused"]
+
+
+@pytest.mark.parametrize("steps, groups, deep, reuse, split", [
+    (3, 1, (), False, False), (4, 2, (), False, True), (3, 1, (0,), True, True), (4, 2, (0,), False, True)])
+def test_downsampled_tokens_stream_their_offline_frames(hinted, steps, groups, deep, reuse, split):
+    """--token-downsample: the reference attention at the latents' size over averaged blocks
+    of tokens (each level's reference keys pooled once, at prepare; the frames' own in the
+    attention). The stream renders the offline definition's frames with it, in the plain tick,
+    the split one, level groups and with deep levels (its reused entries beside the deep walk),
+    and they are not the frames of every token."""
+    settings = StreamSettings(steps=steps, window=4, level_groups=groups, deep_levels=deep, reuse_controls=reuse,
+                              token_downsample=2)
+    sources, driving, boxes = inputs(5)
+    hints = control_hints(driving, boxes, torch.float32)
+    streamed, tags = stream(hinted, settings, sources, driving, boxes, split=split, reused_beside=bool(deep))
+    offline = render_causal(hinted, dataclasses.replace(settings, level_groups=1), sources, *hints)
+    every = render_causal(hinted, dataclasses.replace(settings, level_groups=1, token_downsample=1), sources, *hints)
+    assert tags == list(range(5))
+    torch.testing.assert_close(streamed, offline, rtol=1e-4, atol=5e-5)
+    assert (offline - every).abs().max() > 1e-3 * every.abs().max()
+
+
+def test_lossy_noise_error_of_downsampled_tokens(model):
+    """The bench's report for --token-downsample: an error at every level (every level's
+    attention pools), and with deep levels at the listed ones too, another one at the rest."""
+    sources, driving, boxes = inputs(4)
+    hints = control_hints(driving, boxes, torch.float32)
+    tokens = lossy_noise_error(model, StreamSettings(steps=3, window=3, token_downsample=2), sources, *hints)
+    assert all(1e-4 < e < 2 for e in tokens)
+    deep = StreamSettings(steps=4, window=3, deep_levels=(0, 2))
+    both = lossy_noise_error(model, dataclasses.replace(deep, token_downsample=2), sources, *hints)
+    alone = lossy_noise_error(model, deep, sources, *hints)
+    assert 1e-4 < both[0] < 2 and 1e-4 < both[2] < 2 and alone[0] == alone[2] == 0
+    assert both[1] != alone[1] and both[3] != alone[3]
+
+
+def test_token_downsample_is_checked(model):
+    with pytest.raises(ValueError, match="--token-downsample must be at least 1, got 0"):
+        StreamSettings(token_downsample=0).validate(model.config.motion_max_len)

@@ -149,7 +149,8 @@ class XPortraitLiveEngine:
         cuda = self.device.type == "cuda"
         settings = StreamSettings(steps=options.stream_steps, window=options.window, seed=options.seed,
                                   lookahead=live.lookahead, level_groups=live.level_groups,
-                                  deep_levels=live.deep_levels, reuse_controls=live.reuse_controls)
+                                  deep_levels=live.deep_levels, reuse_controls=live.reuse_controls,
+                                  token_downsample=live.token_downsample)
         native = model is None
         if native:
             model = shared_model(config, self.device, self.dtype, live.channels_last and cuda, **options.weights)
@@ -253,7 +254,8 @@ class XPortraitLiveEngine:
             name = f"{s.steps} steps" + (f" + look-ahead {s.lookahead}" if s.lookahead else "") \
                 + (f" in {s.level_groups} passes" if s.level_groups > 1 else "") \
                 + (f", deep at levels {','.join(map(str, s.deep_levels))}" if s.deep_levels else "") \
-                + (", controls reused" if s.reuse_controls else "")
+                + (", controls reused" if s.reuse_controls else "") \
+                + (f", keys of {s.token_downsample}x{s.token_downsample} tokens" if s.token_downsample > 1 else "")
             cost = (s.steps + s.lookahead) / (best.steps + best.lookahead) \
                 * pass_cost(s.level_groups) / pass_cost(best.level_groups)
             if self._two_decoders:  # a guess the governor corrects: the full VAE's decode, a third of a tick

@@ -95,11 +95,14 @@ class XPortraitModel(nn.Module):
 
     # -- the per-source part ---------------------------------------------------------------------
     @torch.no_grad()
-    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor) -> ReferenceKV:
+    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor,
+                           token_downsample: int = 1) -> ReferenceKV:
         """Keys and values of every reference at `timestep`, for the UNet's self-attention.
 
         Depends on the sources and the timestep only: compute once per source and timestep.
         Each source latent is (1, 4, h, w); several are joined along the tokens.
+        `token_downsample` > 1 (lossy): at the latents' size, keys and values of averaged
+        blocks of tokens, the UNet's own too where these are handed in (reference.py).
         """
         recorded = []
         with _RECORDING:
@@ -108,7 +111,7 @@ class XPortraitModel(nn.Module):
                 self.reference_net(latent, timestep, self.text)
                 recorded.append(dict(self._recorded))
             self._recorded.clear()
-        return project_reference(self.unet.unet, recorded)
+        return project_reference(self.unet.unet, recorded, tuple(source_latents[0].shape[-2:]), token_downsample)
 
     # -- the per-frame part ----------------------------------------------------------------------
     def control(self, controlnet: ControlNetModel, sample: torch.Tensor, timestep: torch.Tensor,

@@ -10,11 +10,19 @@ Those reference keys and values depend only on the source and the timestep, so t
 computed once per source per timestep (`XPortraitModel.reference_features`) and every frame
 reuses them: the UNet's caller hands them in (`reference`), and diffusers passes them down to
 every attention processor of a transformer block (its `cross_attention_kwargs`).
+
+Keys and values downsampled (`token_downsample`, lossy, behind an option; ToDo, Smith et al.
+2024): at the latents' own size, where neighbouring tokens are most alike and the attention
+costs most (4096 queries over 8192 keys at 512²), each 2x2 block of tokens is averaged before
+the keys and values are taken, the denoising UNet's own and the reference's alike, so each
+side keeps its share of the softmax; the queries stay whole. The reference's side is pooled
+once per source, with its features; an entry says so (`LayerKV.pool`), and the attention then
+pools its own tokens the same way.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +49,44 @@ class RecordInput:
         return _attention(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
 
 
-ReferenceKV = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per self-attention layer: keys, values
+class TokenPool(NamedTuple):
+    """The grid a layer's tokens lie on (rows first) and the side of the blocks averaged."""
+
+    height: int
+    width: int
+    factor: int
+
+
+class LayerKV(NamedTuple):
+    """One self-attention layer's reference keys and values, (batch, tokens, C) each; `pool`:
+    they were taken from averaged blocks of tokens, and the layer's own keys and values are
+    to be taken so too (None: every token)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pool: TokenPool | None = None
+
+    def rows(self, index) -> LayerKV:
+        """The entries `index` (a slice: views; a tensor: a copy) of the batch."""
+        return self._replace(key=self.key[index], value=self.value[index])
+
+
+ReferenceKV = dict[str, LayerKV]  # per self-attention layer
+
+
+def reference_rows(reference: ReferenceKV, index) -> ReferenceKV:
+    """Every layer's entries `index` of the batch."""
+    return {name: kv.rows(index) for name, kv in reference.items()}
+
+
+def downsample_tokens(tokens: torch.Tensor, pool: TokenPool) -> torch.Tensor:
+    """(B, height * width, C) tokens -> the means of their factor x factor blocks (B, n', C),
+    rows first (blocks at the grid's edge average what they hold)."""
+    b, n, c = tokens.shape
+    if n != pool.height * pool.width:
+        raise ValueError(f"{n} tokens do not lie on a {pool.height}x{pool.width} grid")
+    grid = tokens.transpose(1, 2).reshape(b, c, pool.height, pool.width)
+    return F.avg_pool2d(grid, pool.factor, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
 class ReadReference:
@@ -53,19 +98,32 @@ class ReadReference:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, reference: ReferenceKV | None = None) -> torch.Tensor:
-        if attn.fused_projections:  # q, k and v as one product (XPortraitModel.fuse_self_attention_projections)
+        kv = reference.get(self.name) if reference is not None else None
+        if kv is not None and kv.pool is not None:  # queries of every token, keys and values of blocks
+            query, key, value = _pooled_projections(attn, hidden_states, downsample_tokens(hidden_states, kv.pool))
+        elif attn.fused_projections:  # q, k and v as one product (XPortraitModel.fuse_self_attention_projections)
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        kv = reference.get(self.name) if reference is not None else None
         if kv is not None:
-            ref_key, ref_value = kv
+            ref_key, ref_value = kv.key, kv.value
             b = hidden_states.shape[0]
             if ref_key.shape[0] != b:  # one source's features broadcast over the batch
                 ref_key, ref_value = ref_key.expand(b, -1, -1), ref_value.expand(b, -1, -1)
             key = torch.cat([key, ref_key], dim=1)
             value = torch.cat([value, ref_value], dim=1)
         return _attention(attn, query, key, value)
+
+
+def _pooled_projections(attn: Attention, tokens: torch.Tensor, pooled: torch.Tensor):
+    """q of `tokens`, k and v of `pooled`, by the layer's own weights (fused or not)."""
+    if not attn.fused_projections:
+        return attn.to_q(tokens), attn.to_k(pooled), attn.to_v(pooled)
+    weight, bias = attn.to_qkv.weight, attn.to_qkv.bias
+    c = weight.shape[0] // 3
+    query = F.linear(tokens, weight[:c], None if bias is None else bias[:c])
+    key, value = F.linear(pooled, weight[c:], None if bias is None else bias[c:]).chunk(2, dim=-1)
+    return query, key, value
 
 
 def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -113,13 +171,24 @@ def install_reference_attention(reference_net: nn.Module, unet: nn.Module) -> di
     return recorded
 
 
-def project_reference(unet: nn.Module, recorded: Iterable[dict[str, torch.Tensor]]) -> ReferenceKV:
+def project_reference(unet: nn.Module, recorded: Iterable[dict[str, torch.Tensor]],
+                      grid: tuple[int, int] | None = None, token_downsample: int = 1) -> ReferenceKV:
     """The denoising UNet's keys and values of the recorded reference tokens; several
-    references (one dict each) are joined along the tokens, as the released code does."""
+    references (one dict each) are joined along the tokens, as the released code does.
+    `token_downsample` > 1: at the layers whose tokens lie on `grid` (the latents' size),
+    each reference's tokens are averaged in blocks of that side first (see the module's
+    docstring)."""
     layers = self_attention_layers(unet)
     recorded = list(recorded)
+    if token_downsample < 1:
+        raise ValueError(f"token_downsample must be at least 1, got {token_downsample}")
+    if token_downsample > 1 and grid is None:
+        raise ValueError("downsampling the tokens needs the grid they lie on")
     out = {}
     for name, attn in layers.items():
-        tokens = torch.cat([r[name] for r in recorded], dim=1)
-        out[name] = (attn.to_k(tokens), attn.to_v(tokens))
+        pool = None
+        if token_downsample > 1 and recorded[0][name].shape[1] == grid[0] * grid[1]:
+            pool = TokenPool(grid[0], grid[1], token_downsample)
+        tokens = torch.cat([r[name] if pool is None else downsample_tokens(r[name], pool) for r in recorded], dim=1)
+        out[name] = LayerKV(attn.to_k(tokens), attn.to_v(tokens), pool)
     return out

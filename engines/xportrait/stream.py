@@ -50,7 +50,8 @@ from torch.profiler import record_function
 
 from ..options import DEFAULT_SEED, DEFAULT_WINDOW, LIVE_STEPS, at_least
 from .config import XPortraitConfig
-from .model import LevelTimes, ReferenceKV, XPortraitModel, add_residuals
+from .model import LevelTimes, XPortraitModel, add_residuals
+from .reference import ReferenceKV, reference_rows
 from .temporal import FramesKV, RingTick, TemporalPast, TemporalRing
 
 # CUDA stream priority of the captured tick's main path (lower is sooner; the ControlNets' side
@@ -78,8 +79,10 @@ class DenoiserModel(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> (N, 3, H, W) in [-1, 1]."""
 
-    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor) -> ReferenceKV:
-        """Every reference's keys and values at `timestep`, sources joined along the tokens."""
+    def reference_features(self, source_latents: Sequence[torch.Tensor], timestep: torch.Tensor,
+                           token_downsample: int = 1) -> ReferenceKV:
+        """Every reference's keys and values at `timestep`, sources joined along the tokens
+        (`token_downsample` > 1: of averaged blocks at the latents' size, reference.py)."""
 
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, frames: int, reference: ReferenceKV,
                       pose_hint: torch.Tensor, local_hint: torch.Tensor, guidance: float = 1.0,
@@ -158,6 +161,9 @@ class StreamSettings:
     # With deep levels: the ControlNets walk only at them too; at the others a frame's UNet takes
     # the ControlNets' first-level residuals (summed) of its last deep level (encoder propagation).
     reuse_controls: bool = False
+    # Lossy too, at any levels: the reference attention at the latents' size takes keys and values
+    # of averaged blocks of this side of tokens, its own and the reference's (reference.py; ToDo).
+    token_downsample: int = 1
 
     def validate(self, max_len: int) -> None:
         """The bounds a model with `max_len` temporal positions sets (XPortraitOptions checks
@@ -171,6 +177,7 @@ class StreamSettings:
                              f"(window + look-ahead <= {max_len}, the temporal modules' positions), "
                              f"got {self.lookahead}")
         at_least(self.level_groups, 1, "level_groups")
+        at_least(self.token_downsample, 1, "token_downsample")
         if self.steps % self.level_groups:
             raise ValueError(f"--level-groups must divide --steps ({self.steps} steps in {self.level_groups} groups)")
         if self.level_groups > 1 and self.lookahead:
@@ -246,11 +253,13 @@ def control_hints(frames: torch.Tensor, boxes: torch.Tensor, dtype: torch.dtype)
     return pose, torch.where(inside[:, None], pose, torch.full_like(pose, -1.0))
 
 
-def reference_per_level(model: XPortraitModel, source_latents: list[torch.Tensor], timesteps: torch.Tensor) -> ReferenceKV:
+def reference_per_level(model: XPortraitModel, source_latents: list[torch.Tensor], timesteps: torch.Tensor,
+                        token_downsample: int = 1) -> ReferenceKV:
     """Every level's reference keys/values, stacked along the batch: (levels, tokens, C)."""
-    per_level = [model.reference_features(source_latents, t) for t in timesteps]
-    return {name: (torch.cat([r[name][0] for r in per_level]), torch.cat([r[name][1] for r in per_level]))
-            for name in per_level[0]}
+    per_level = [model.reference_features(source_latents, t, token_downsample) for t in timesteps]
+    return {name: kv._replace(key=torch.cat([r[name].key for r in per_level]),
+                              value=torch.cat([r[name].value for r in per_level]))
+            for name, kv in per_level[0].items()}
 
 
 def _causal_past(recent: list[list[tuple[FramesKV, FramesKV]]], modules: Sequence[int] | None = None):
@@ -272,7 +281,7 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
     levels = LCMLevels(model, settings, sources.device, sources.dtype)
     latents = model.encode(sources)
     source_latents = [z[None] for z in latents]
-    references = [model.reference_features(source_latents, t) for t in levels.timesteps]
+    references = [model.reference_features(source_latents, t, settings.token_downsample) for t in levels.timesteps]
     history: list[list[list[tuple[FramesKV, FramesKV]]]] = [[] for _ in range(levels.steps)]  # [level][frame][module]
     out = []
     for f in range(driving.shape[0]):
@@ -297,33 +306,41 @@ def render_causal(model: XPortraitModel, settings: StreamSettings, sources: torc
 
 
 @torch.no_grad()
-def deep_reuse_error(model: XPortraitModel, settings: StreamSettings, sources: torch.Tensor, driving: torch.Tensor,
-                     local: torch.Tensor) -> list[float]:
-    """What reusing deep features (`settings.deep_levels`) does to the predicted noise: along
-    the plain causal frames (`render_causal` with every level walked whole), at each level not
-    listed, the noise predicted on the frame's deep features from its last listed level (and,
-    with `reuse_controls`, its ControlNets' first-level residuals from there) against the whole
-    walk's from the same input and temporal past. Per level, ||reused - whole|| / ||whole||
-    over the frames (0 at the listed levels)."""
+def lossy_noise_error(model: XPortraitModel, settings: StreamSettings, sources: torch.Tensor, driving: torch.Tensor,
+                      local: torch.Tensor) -> list[float]:
+    """What the lossy options (`settings.deep_levels`, `reuse_controls`, `token_downsample`) do
+    to the predicted noise: along the plain causal frames (`render_causal` with every level
+    walked whole over every token), the noise the options predict at each level from the same
+    input and temporal past against the plain walk's: at a level not listed, on the frame's
+    deep features (and, with `reuse_controls`, its ControlNets' first-level residuals) from its
+    last listed level, which the options walked there. Per level, ||lossy - plain|| / ||plain||
+    over the frames (0 where no option changes the walk)."""
     levels = LCMLevels(model, settings, sources.device, sources.dtype)
-    latents = model.encode(sources)
-    references = [model.reference_features([z[None] for z in latents], t) for t in levels.timesteps]
+    latents = [z[None] for z in model.encode(sources)]
+    plain = [model.reference_features(latents, t) for t in levels.timesteps]
+    lossy = plain if settings.token_downsample == 1 else \
+        [model.reference_features(latents, t, settings.token_downsample) for t in levels.timesteps]
     first, _, _, last = model.unet.module_parts()
     outer = [*range(first.start, first.stop), *range(last.start, last.stop)]  # the reused walk's modules
     history: list[list] = [[] for _ in range(levels.steps)]
-    squared = torch.zeros((2, levels.steps), dtype=torch.float64)  # [error, whole] per level
+    squared = torch.zeros((2, levels.steps), dtype=torch.float64)  # [error, plain] per level
     for f in range(driving.shape[0]):
-        x = levels.enter(latents[:1])
+        x = levels.enter(latents[0])
         for level, t in enumerate(levels.timesteps):
             recent = history[level][-(settings.window - 1):] if settings.window > 1 else []
-            args = (x, t, references[level], driving[f : f + 1], local[f : f + 1])
-            eps, keys, whole_deep, whole_controls = model.predict_noise_reusing(*args, _causal_past(recent))
-            if level in settings.deep_levels:
-                deep, controls = whole_deep, whole_controls
-            else:
-                reused = model.predict_noise_reusing(*args, _causal_past(recent, outer), deep,
-                                                     controls if settings.reuse_controls else None)[0]
-                squared[0, level] += (reused - eps).double().square().sum().cpu()
+            hints = (driving[f : f + 1], local[f : f + 1])
+            eps, keys, deep, controls = model.predict_noise_reusing(x, t, plain[level], *hints, _causal_past(recent))
+            at_deep = not settings.deep_levels or level in settings.deep_levels
+            if at_deep and lossy is not plain:  # the walk is whole, the attention's tokens are not
+                approx, _, deep, controls = model.predict_noise_reusing(x, t, lossy[level], *hints,
+                                                                        _causal_past(recent))
+            elif not at_deep:
+                approx = model.predict_noise_reusing(x, t, lossy[level], *hints, _causal_past(recent, outer), held[0],
+                                                     held[1] if settings.reuse_controls else None)[0]
+            if at_deep:
+                held = deep, controls  # what the frame's reused levels start from
+            if not at_deep or lossy is not plain:
+                squared[0, level] += (approx - eps).double().square().sum().cpu()
                 squared[1, level] += eps.double().square().sum().cpu()
             history[level].append(keys)
             clean = levels.denoise(x, eps, slice(level, level + 1))
@@ -391,10 +408,6 @@ def _times_of(t: LevelTimes, run: slice) -> LevelTimes:
     """A run of entries' rows of a pass's time projections (views)."""
     return LevelTimes([p[run] for p in t.unet_down], [p[run] for p in t.unet_up], [p[run] for p in t.pose],
                       [p[run] for p in t.local])
-
-
-def _reference_of(reference: ReferenceKV, run: slice) -> ReferenceKV:
-    return {name: (key[run], value[run]) for name, (key, value) in reference.items()}
 
 
 @dataclass(frozen=True)
@@ -604,7 +617,8 @@ class StreamingDenoiser:
         """Per source: the entering latent and every level's reference features."""
         latents = self.model.encode(sources)
         self.entering.copy_(self.levels.enter(latents[:1]))
-        per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps)
+        per_level = reference_per_level(self.model, [z[None] for z in latents], self.levels.timesteps,
+                                        self.settings.token_downsample)
         for group in self.groups:
             group.reference = self._set_reference(group.reference, per_level, group.entry_levels)
             if group.deep is not None:
@@ -615,10 +629,10 @@ class StreamingDenoiser:
     def _set_reference(self, held: ReferenceKV | None, per_level: ReferenceKV, levels: torch.Tensor) -> ReferenceKV:
         """The reference features of these entries' levels: into `held` in place where it has
         their shapes (a captured graph reads those buffers), else new (and the graph dropped)."""
-        reference = {name: (key[levels], value[levels]) for name, (key, value) in per_level.items()}
-        if held is not None and all(held[name][0].shape == key.shape for name, (key, _) in reference.items()):
-            for name, (key, value) in reference.items():
-                held[name][0].copy_(key), held[name][1].copy_(value)
+        reference = reference_rows(per_level, levels)
+        if held is not None and all(held[name].key.shape == kv.key.shape for name, kv in reference.items()):
+            for name, kv in reference.items():
+                held[name].key.copy_(kv.key), held[name].value.copy_(kv.value)
             return held
         self._graph = None  # another number of references: tokens changed, capture again
         return reference
@@ -870,7 +884,7 @@ class StreamingDenoiser:
 
     def _in_rows(self, run: slice, x: torch.Tensor, t: LevelTimes, reference: ReferenceKV, rows):
         """`rows`: the run's rows of the rings (`_ring_rows`)."""
-        return self.model.unet_in(x[run], _times_of(t, run), _reference_of(reference, run), self._run_rings(rows))
+        return self.model.unet_in(x[run], _times_of(t, run), reference_rows(reference, run), self._run_rings(rows))
 
     def _deeper_down(self, h: torch.Tensor, rings, deep: DeepRows):
         """The deep entries' features (`h`, theirs only) down the deep levels: (features, skips)."""
@@ -900,7 +914,7 @@ class StreamingDenoiser:
             down = [p + l for p, l in zip(firsts[0][:first], firsts[1][:first], strict=True)]
             for held, d in zip(self.first_controls or (), down):
                 held[run] = d
-        return self.model.unet_out(self.deep[run], skips[:first], _times_of(t, run), _reference_of(reference, run),
+        return self.model.unet_out(self.deep[run], skips[:first], _times_of(t, run), reference_rows(reference, run),
                                    down, self._run_rings(rows))
 
     def _ring_rows(self, rings, run: slice) -> tuple[list, torch.Tensor, torch.Tensor]:
