@@ -10,11 +10,18 @@ DRIVING is a video file, or `puppet:NAME` for a bundled portrait's synthetic cli
 (streamer.samples: roll, translation, mouth, blinks). `--json PATH` writes the report for
 machines (`-` for stdout), `--plot PATH` a PNG of driver against output curves for people.
 Bad input: one line on stderr, exit status 2.
+
+`--judge` (with `--stream` and a lossy live option: --deep-levels, --reuse-controls,
+--token-downsample) applies the bar for a lossy option: the same clip through the stream with
+those options, without them, and without them at the next seed; each figure of the first may
+differ from the plain stream's by no more than the next seed's does (every seed's output is
+an equally valid one). Exit status 3 where a figure is further off.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -26,6 +33,7 @@ from .options import EVAL_MAX_FRAMES, add_engine_arguments, eval_options
 PROG = "xportrait eval"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+EXIT_OVER_BAR = 3  # --judge: a lossy option's figure further from the plain stream's than another seed's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="--engine xportrait as serve runs it, the live stream batch, so that its options "
                              "(--deep-levels, --level-groups, --lookahead ...) are judged (default: offline windows)")
+    parser.add_argument("--judge", action="store_true",
+                        help="with --stream and a lossy option (--deep-levels, --reuse-controls, --token-downsample): "
+                             "also the stream without them, at --seed and the next seed; each figure may differ from "
+                             "the plain stream's by no more than the next seed's does (exit status 3 if not)")
     add_engine_arguments(parser)  # --engine, --size and the diffusion engine's flags
 
 
@@ -128,6 +140,60 @@ def full_report(options, figures: dict) -> dict:
     return report
 
 
+JUDGED = ("lossy", "plain", "another seed")  # --judge's runs
+
+
+def judged_engines(engine) -> dict:
+    """--judge's three runs of the live engine: its options as given, without the lossy ones,
+    and without them at the next seed."""
+    plain = dataclasses.replace(engine, live=dataclasses.replace(engine.live, deep_levels=(), reuse_controls=False,
+                                                                 token_downsample=1))
+    return dict(zip(JUDGED, (engine, plain, dataclasses.replace(plain, seed=engine.seed + 1))))
+
+
+def judged_figures(report: dict) -> dict[str, float | None]:
+    """The figures the bar compares: each feature's error, the identity kept, the output's
+    jitter where the driver holds still, the background's change, the frames without a face."""
+    figures = {f"{name} error": f["mae"] for name, f in report["features"].items()}
+    figures["identity (to source)"] = report["identity"]["to_source"]
+    figures["jitter"] = report["jitter"]["output"]
+    figures["background change"] = (report.get("background") or {}).get("mean_abs_diff")
+    figures["frames without a face"] = report["output_frames_without_face"]
+    return figures
+
+
+def _number(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def judge(reports: dict[str, dict]) -> dict:
+    """The bar over --judge's reports (by JUDGED's names): per figure the three values, the
+    lossy stream's and the other seed's distance from the plain stream, and whether the first
+    is within the second (None where a figure is missing: not judged). Within the bar where no
+    judged figure is over."""
+    lossy, plain, other = (judged_figures(reports[name]) for name in JUDGED)
+    rows = {}
+    for name, base in plain.items():
+        row = {"lossy": lossy[name], "plain": base, "another seed": other[name], "within": None}
+        if _number(base) and _number(lossy[name]) and _number(other[name]):
+            row["lossy_off"], row["seed_off"] = abs(lossy[name] - base), abs(other[name] - base)
+            row["within"] = row["lossy_off"] <= row["seed_off"]
+        rows[name] = row
+    return {"figures": rows, "within": all(row["within"] is not False for row in rows.values()),
+            "judged": sum(row["within"] is not None for row in rows.values())}
+
+
+def judge_summary(verdict: dict) -> str:
+    lines = ["figure                   lossy    plain  another seed   lossy off  seed off"]
+    for name, row in verdict["figures"].items():
+        mark = {True: "within", False: "OVER", None: "not judged"}[row["within"]]
+        lines.append(f"{name:<22} {_fmt(row['lossy']):>7}  {_fmt(row['plain']):>7}  {_fmt(row['another seed']):>12}   "
+                     f"{_fmt(row.get('lossy_off')):>9} {_fmt(row.get('seed_off')):>9}  {mark}")
+    verdict_line = "within the bar" if verdict["within"] else "OVER the bar"
+    lines.append(f"{verdict_line}: {verdict['judged']} figures judged against another seed's spread")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     options = eval_options(args)
     name = options.engine.name
@@ -139,18 +205,30 @@ def run(args: argparse.Namespace) -> int:
         frames, fps = _driving(options.driving, options.frames)
         if options.ref_frame is not None and options.ref_frame >= len(frames):
             raise InputError(f"--ref-frame {options.ref_frame} is out of range: the clip has {len(frames)} frames")
-        try:
-            engine = create_engine(options.engine)
-        except EngineError as e:  # missing weights or backend, a bad combination of options: as animate says it
-            raise InputError(f"engine {name!r}: {e}") from None
-        comparison = evaluate(engine, sources, frames, fps, reference=options.ref_frame)
+        runs = judged_engines(options.engine) if options.judge else {"": options.engine}
+        comparisons = {}
+        for label, engine_options in runs.items():  # one engine at a time (one GPU's memory)
+            try:
+                engine = create_engine(engine_options)
+            except EngineError as e:  # missing weights or backend, a bad combination of options: as animate says it
+                raise InputError(f"engine {name!r}: {e}") from None
+            comparisons[label] = evaluate(engine, sources, frames, fps, reference=options.ref_frame)
+            del engine
     except (InputError, NoFaceError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except EngineError as e:
         print(f"{PROG}: error: engine {name!r}: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    report = full_report(options, comparison.report)
+    reports = {label: full_report(dataclasses.replace(options, engine=runs[label], judge=False), c.report)
+               for label, c in comparisons.items()}
+    if options.judge:
+        verdict = judge(reports)
+        report, text = {"judge": verdict, **reports}, judge_summary(verdict)
+    else:
+        report = reports[""]
+        text = summary(report)
+    comparison = next(iter(comparisons.values()))  # the options as given
     try:
         if options.plot:
             plot(comparison, options.plot, fps, title=f"{name}: {options.sources[0]} driven by {options.driving}")
@@ -160,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
             if options.json:
                 with open(options.json, "w") as f:
                     json.dump(report, f, indent=2)
-            print(summary(report))
+            print(text)
     except OSError as e:
         print(f"{PROG}: error: cannot write output: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
+    return EXIT_OVER_BAR if options.judge and not report["judge"]["within"] else 0

@@ -431,10 +431,20 @@ class EvalOptions:
     ref_frame: int | None = None
     json: str | None = None
     plot: str | None = None
+    # With the live engine and a lossy option: the same stream without the lossy options at the
+    # seed and at the next one too, and each figure's distance from the first against the seed's.
+    judge: bool = False
 
     def __post_init__(self):
         if not self.sources:
             raise OptionError("eval needs at least one SOURCE portrait")
+        if self.judge:
+            live = getattr(self.engine, "live", None)
+            if live is None:
+                raise OptionError("--judge compares the live stream's options: give --stream too")
+            if not (live.deep_levels or live.token_downsample > 1):
+                raise OptionError("--judge judges a lossy option (--deep-levels, --reuse-controls, "
+                                  "--token-downsample): give one")
         if self.frames is not None and not 1 <= self.frames <= EVAL_MAX_FRAMES:
             raise OptionError(f"--frames must lie in [1, {EVAL_MAX_FRAMES}], got {self.frames}")
         if self.ref_frame is not None:
@@ -446,7 +456,8 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         raise OptionError("--stream: only for --engine xportrait (the warp engine renders frame by frame already)")
     return EvalOptions(sources=tuple(args.sources), driving=args.driving,
                        engine=engine_options(args, live=args.stream),
-                       frames=args.frames, ref_frame=args.ref_frame, json=args.json, plot=args.plot)
+                       frames=args.frames, ref_frame=args.ref_frame, json=args.json, plot=args.plot,
+                       judge=args.judge)
 
 
 # -- bench ------------------------------------------------------------------------------------------

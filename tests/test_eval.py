@@ -157,3 +157,71 @@ def test_the_eval_command_refuses_bad_input(tmp_path, capsys):
     not_video = tmp_path / "x.mp4"
     not_video.write_text("not a video")
     assert main(["eval", "astronaut", str(not_video)]) == 2
+
+
+def _report(error: float, jitter: float, faceless: int = 0) -> dict:
+    """An eval report's judged figures (the rest of a report left out)."""
+    return {"features": {"yaw": {"mae": error}, "mouth": {"mae": 2 * error}}, "identity": {"to_source": 0.1},
+            "jitter": {"output": jitter}, "background": {"mean_abs_diff": 1.0}, "output_frames_without_face": faceless}
+
+
+def test_the_bar_is_another_seeds_spread_figure_by_figure():
+    from streamer.evaluate import judge
+
+    plain, other = _report(1.0, 0.010), _report(1.3, 0.012)
+    within = judge({"lossy": _report(1.2, 0.009), "plain": plain, "another seed": other})
+    assert within["within"] and within["judged"] == 6
+    assert within["figures"]["yaw error"] == {"lossy": 1.2, "plain": 1.0, "another seed": 1.3, "within": True,
+                                              "lossy_off": pytest.approx(0.2), "seed_off": pytest.approx(0.3)}
+    over = judge({"lossy": _report(1.2, 0.013), "plain": plain, "another seed": other})  # jitter: 0.003 > 0.002
+    assert not over["within"] and over["figures"]["jitter"]["within"] is False
+    assert [n for n, r in over["figures"].items() if r["within"] is False] == ["jitter"]
+    # A figure one run cannot give (no still frames: no jitter) is not judged, and fails nothing.
+    unjudged = judge({"lossy": _report(1.2, float("nan")), "plain": plain, "another seed": other})
+    assert unjudged["within"] and unjudged["judged"] == 5 and unjudged["figures"]["jitter"]["within"] is None
+    # More frames lost than another seed loses is over the bar too.
+    assert not judge({"lossy": _report(1.0, 0.010, 2), "plain": plain, "another seed": other})["within"]
+
+
+def test_eval_judge_runs_the_lossy_stream_the_plain_one_and_another_seed(monkeypatch, capsys, tmp_path):
+    """`--judge`: three runs of the same clip, the options as given, without the lossy ones,
+    and without them at the next seed; the verdict in words, in the JSON, and in the exit
+    status (3 over the bar). Here the engine and figures are stand-ins (random weights draw
+    no face to measure), so the figures are the runs' options, as measured they would be."""
+    import streamer.evaluate as evaluate_module
+    from engines import metrics
+
+    made = []
+    monkeypatch.setattr(evaluate_module, "create_engine", lambda options: made.append(options) or options)
+
+    def figures(engine, sources, frames, fps, reference=None):
+        lossy = engine.live.token_downsample > 1
+        return metrics.Comparison(None, None, _report(1.0 + 0.1 * (engine.seed - 5) + lossy * shift, 0.01))
+
+    monkeypatch.setattr(metrics, "evaluate", figures)
+    argv = ["eval", "astronaut", "puppet:grace_hopper", "--frames", "4", "--engine", "xportrait", "--random-weights",
+            "--model-size", "tiny", "--size", "64", "--device", "cpu", "--steps", "3", "--seed", "5", "--stream",
+            "--deep-levels", "0", "--token-downsample", "2", "--judge"]
+    shift = 0.05
+    assert main(argv + ["--json", str(tmp_path / "r.json")]) == 0
+    assert [(o.seed, o.live.deep_levels, o.live.token_downsample) for o in made] == [(5, (0,), 2), (5, (), 1),
+                                                                                     (6, (), 1)]
+    out = capsys.readouterr().out
+    assert "within the bar: 6 figures judged" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["judge"]["within"] and saved["lossy"]["stream"]["token_downsample"] == 2
+    assert saved["plain"]["stream"]["deep_levels"] == [] and saved["another seed"]["stream"]["seed"] == 6
+    shift = 0.2  # further from the plain stream than the next seed (0.1)
+    assert main(argv) == 3
+    assert "OVER the bar" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--judge"], "--judge compares the live stream's options: give --stream too"),
+    (["--stream", "--judge"], "--judge judges a lossy option (--deep-levels, --reuse-controls, --token-downsample)"),
+])
+def test_eval_judge_needs_the_stream_and_a_lossy_option(capsys, flags, message):
+    tiny = ["--engine", "xportrait", "--random-weights", "--model-size", "tiny", "--size", "64", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "astronaut", "puppet:grace_hopper", "--frames", "4", *tiny, *flags])
+    assert exited.value.code == 2 and message in capsys.readouterr().err

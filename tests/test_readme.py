@@ -113,6 +113,8 @@ COMMANDS = {
     "--stream": NeedsWeights(WEIGHTS),
     "xportrait eval portrait.jpg puppet:grace_hopper --engine xportrait --base ... --checkpoint ... --lcm-lora ... "
     "--stream --deep-levels 0": NeedsWeights(WEIGHTS),
+    "xportrait eval portrait.jpg puppet:grace_hopper --engine xportrait --base ... --checkpoint ... --lcm-lora ... "
+    "--stream --deep-levels 0 --reuse-controls --token-downsample 2 --judge": NeedsWeights(WEIGHTS),
     "xportrait bench --engine warp --size 512": RunBy(
         "tests/test_readme.py::test_bench_warp_runs_as_written", ("bench --engine warp --size 512",)),
     # Serving to another machine over HTTPS.

@@ -553,8 +553,9 @@ def test_deep_levels_need_the_split_tick(model):
 
 
 def test_the_live_engine_reuses_deep_features_on_a_cpu_too():
-    """`--deep-levels` through the engine: the split tick on the CPU as well (the parts need
-    it), every frame out, and its quality ladder names what each level walks."""
+    """`--deep-levels` (and `--token-downsample`) through the engine: the split tick on the CPU
+    as well (the parts need it), every frame out, other frames than the plain stream's, and
+    its quality ladder names what each level walks."""
     import numpy as np
 
     from engines import LiveOptions, XPortraitOptions, create_engine
@@ -564,22 +565,26 @@ def test_the_live_engine_reuses_deep_features_on_a_cpu_too():
     portrait = SourcePortrait(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8), np.zeros((478, 3), np.float32))
     landmarks = np.full((478, 3), RES / 2, np.float32)
     images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(4)]
+    options = {"plain": LiveOptions(), "deep": LiveOptions(deep_levels=(0,)),
+               "controls": LiveOptions(deep_levels=(0,), reuse_controls=True), "tokens": LiveOptions(token_downsample=2)}
     rendered, ladders = {}, {}
-    for deep, reuse in (((), False), ((0,), False), ((0,), True)):
+    for name, live in options.items():
         engine = create_engine(XPortraitOptions(size=RES, random_weights=True, model_size="tiny", device="cpu",
-                                                steps=3, window=4,
-                                                live=LiveOptions(deep_levels=deep, reuse_controls=reuse)))
+                                                steps=3, window=4, live=live))
         engine.prepare([portrait])
         frames = [DrivingFrame(landmarks, landmarks, i / 25, image=image, tag=i) for i, image in enumerate(images)]
         out = [r.image.copy() for r in (engine.step(f) for f in frames) if r is not None]
-        rendered[deep, reuse] = out + [r.image for r in engine.flush()]
-        ladders[deep, reuse] = [level.name for level in engine.quality_levels()]
-        assert engine.denoiser.split == bool(deep) and engine.denoiser.settings.reuse_controls == reuse
-    assert [len(frames) for frames in rendered.values()] == [4, 4, 4]
-    plain, deep = rendered[(), False], rendered[(0,), False]
-    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(plain, deep))
-    assert ladders[(0,), False] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]
-    assert ladders[(0,), True] == ["3 steps, deep at levels 0, controls reused", "2 steps, deep at levels 0, controls reused"]
+        rendered[name] = out + [r.image for r in engine.flush()]
+        ladders[name] = [level.name for level in engine.quality_levels()]
+        settings = engine.denoiser.settings
+        assert engine.denoiser.split == bool(live.deep_levels) and settings.reuse_controls == live.reuse_controls
+        assert settings.token_downsample == live.token_downsample
+    assert [len(frames) for frames in rendered.values()] == [4, 4, 4, 4]
+    for name in ("deep", "tokens"):
+        assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(rendered["plain"], rendered[name]))
+    assert ladders["deep"] == ["3 steps, deep at levels 0", "2 steps, deep at levels 0"]
+    assert ladders["controls"] == ["3 steps, deep at levels 0, controls reused", "2 steps, deep at levels 0, controls reused"]
+    assert ladders["tokens"] == ["3 steps, keys of 2x2 tokens", "2 steps, keys of 2x2 tokens"]
 
 
 @pytest.mark.parametrize("steps, groups, deep, reuse, split", [

@@ -144,6 +144,7 @@ class StageForward(nn.Module):
             with torch.no_grad():
                 reference = features(model, [z_source], t)
         if frames > 1:
-            reference = {n: (k.repeat_interleave(frames, 0), v.repeat_interleave(frames, 0))
-                         for n, (k, v) in reference.items()}
+            reference = {n: kv._replace(key=kv.key.repeat_interleave(frames, 0),
+                                        value=kv.value.repeat_interleave(frames, 0))
+                         for n, kv in reference.items()}
         return reference
