@@ -127,6 +127,13 @@ def test_streaming_on_onnx_runtime_renders_the_torch_frames(model, exported):
     grouped_latents, _, grouped_tags = stream(grouped, sources, driving, boxes)
     assert grouped.entries == 1 and grouped_tags == list(range(6))  # each frame out on the tick it entered
     assert float((grouped_latents - torch_latents).abs().max() / torch_latents.abs().max()) <= TOLERANCE
+    # The graphs attend over every token: pooled keys (--token-downsample) are refused in words, both ways in.
+    with pytest.raises(EngineError, match="exported graphs attend over every token"):
+        StreamingDenoiser(graphs, replace(settings, token_downsample=2), "cpu", torch.float32).prepare(sources)
+    pooled = model.reference_features([model.encode(sources[:1])], torch.tensor([999]), token_downsample=2)
+    x = torch.zeros((1, 4, RES // 8, RES // 8))
+    with pytest.raises(EngineError, match="exported graphs attend over every token"):
+        graphs.predict_noise(x, torch.tensor([999]), 1, pooled, sources[:1], sources[:1])
 
 
 def test_the_live_engine_runs_on_the_graphs_chosen_by_its_flags(model, exported):
