@@ -33,27 +33,28 @@ def test_blocks_are_averaged_rows_first():
         downsample_tokens(tokens, TokenPool(5, 5, 2))
 
 
-def blocky(batch: int, side: int, channels: int, generator: torch.Generator) -> torch.Tensor:
-    """Tokens on a side x side grid, each 2x2 block of them alike."""
-    half = torch.randn(batch, channels, side // 2, side // 2, generator=generator)
-    return half.repeat_interleave(2, 2).repeat_interleave(2, 3).flatten(2).transpose(1, 2)
+def blocky(batch: int, side: int, channels: int, factor: int, generator: torch.Generator) -> torch.Tensor:
+    """Tokens on a side x side grid, each factor x factor block of them alike."""
+    coarse = torch.randn(batch, channels, side // factor, side // factor, generator=generator)
+    return coarse.repeat_interleave(factor, 2).repeat_interleave(factor, 3).flatten(2).transpose(1, 2)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
 @pytest.mark.parametrize("fused", [False, True])
-def test_pooled_attention_keeps_each_sides_share(fused):
-    """Where every 2x2 block of tokens (the layer's own and the reference's) is alike, the
-    pooled attention is the whole one: a pooled key stands for four on both sides, so the
-    softmax gives each side the share it had. On other tokens it is another attention, with
-    the same queries (one output per token)."""
+def test_pooled_attention_keeps_each_sides_share(fused, factor):
+    """Where every block of tokens (the layer's own and the reference's) is alike, the
+    pooled attention is the whole one: a pooled key stands for factor² keys on both sides,
+    so the softmax gives each side the share it had. On other tokens it is another
+    attention, with the same queries (one output per token)."""
     g = torch.Generator().manual_seed(3)
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     attn.set_processor(ReadReference("layer"))
     if fused:
         attn.fuse_projections()
     side, refs = 8, 2
-    own = blocky(3, side, 16, g)
-    recorded = torch.cat([blocky(1, side, 16, g) for _ in range(refs)], dim=1)
-    pool = TokenPool(side, side, 2)
+    own = blocky(3, side, 16, factor, g)
+    recorded = torch.cat([blocky(1, side, 16, factor, g) for _ in range(refs)], dim=1)
+    pool = TokenPool(side, side, factor)
     pooled_ref = torch.cat([downsample_tokens(r, pool) for r in recorded.split(side * side, dim=1)], dim=1)
     with torch.no_grad():
         whole = attn(own, reference={"layer": LayerKV(attn.to_k(recorded), attn.to_v(recorded))})
