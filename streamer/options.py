@@ -117,7 +117,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, choose_engine: bool = 
                         "at the others a frame reuses their first-level residuals from its last deep level")
     g.add_argument("--token-downsample", type=int, choices=TOKEN_DOWNSAMPLE, default=1, metavar="N",
                    help="live engine, lossy too: at the latents' size the reference attention takes keys and values "
-                        "of averaged NxN blocks of tokens, the portrait's own and the reference's (ToDo); the "
+                        "of averaged NxN blocks of tokens, the frame's own and the portrait's (ToDo); the "
                         "queries stay whole (1, 2 or 4; default: 1, every token)")
     g.add_argument("--model-size", choices=MODEL_SIZES, default="sd15",
                    help="tiny: the same architecture a few channels wide (tests, demos with --random-weights)")
