@@ -331,15 +331,16 @@ def lossy_noise_error(model: XPortraitModel, settings: StreamSettings, sources: 
             hints = (driving[f : f + 1], local[f : f + 1])
             eps, keys, deep, controls = model.predict_noise_reusing(x, t, plain[level], *hints, _causal_past(recent))
             at_deep = not settings.deep_levels or level in settings.deep_levels
-            if at_deep and lossy is not plain:  # the walk is whole, the attention's tokens are not
-                approx, _, deep, controls = model.predict_noise_reusing(x, t, lossy[level], *hints,
-                                                                        _causal_past(recent))
-            elif not at_deep:
+            changed = not at_deep or lossy is not plain  # does an option change this level's walk?
+            if at_deep:
+                if changed:  # the walk is whole, the attention's tokens are not
+                    approx, _, deep, controls = model.predict_noise_reusing(x, t, lossy[level], *hints,
+                                                                            _causal_past(recent))
+                held = deep, controls  # what the frame's reused levels start from
+            else:
                 approx = model.predict_noise_reusing(x, t, lossy[level], *hints, _causal_past(recent, outer), held[0],
                                                      held[1] if settings.reuse_controls else None)[0]
-            if at_deep:
-                held = deep, controls  # what the frame's reused levels start from
-            if not at_deep or lossy is not plain:
+            if changed:
                 squared[0, level] += (approx - eps).double().square().sum().cpu()
                 squared[1, level] += eps.double().square().sum().cpu()
             history[level].append(keys)
