@@ -203,12 +203,11 @@ def bench_stream(options: BenchOptions) -> dict:
         runs_of.append((label, dataclasses.replace(variant, token_downsample=1), 1, ", every token (baseline)"))
     if live.deep_levels:  # likewise every level walked whole: the frames the deep features' reuse approximates
         label, variant = variants[-1]
-        if live.token_downsample > 1:
-            pass  # the ControlNets at every level and the one batch: in a run without it
-        elif live.reuse_controls:  # and the ControlNets walked at every level, what reusing them saves
+        alone = live.token_downsample == 1  # (with it, the every-token run stands for these two)
+        if alone and live.reuse_controls:  # and the ControlNets walked at every level, what reusing them saves
             runs_of.append((label, dataclasses.replace(variant, reuse_controls=False), 1,
                             ", ControlNets at every level (baseline)"))
-        elif live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
+        elif alone and live.reused_beside and pick_device(engine_options.device).type == "cuda":  # and in one walk
             runs_of.append((label, dataclasses.replace(variant, reused_beside=False), 1, ONE_BATCH))
         runs_of.append((label, dataclasses.replace(variant, deep_levels=(), reuse_controls=False, token_downsample=1),
                         1, ", every level whole (baseline)"))
@@ -308,8 +307,12 @@ def bench_stream(options: BenchOptions) -> dict:
     return result
 
 
-def _tokens(side: int) -> str:
-    return f", keys of {side}x{side} tokens" if side > 1 else ""
+def _lossy(run: dict) -> list[str]:
+    """The lossy options a run (or its noise error) names."""
+    side = run.get("token_downsample", 1)
+    return ([f"deep at levels {','.join(map(str, run['deep_levels']))}"] if run.get("deep_levels") else []) \
+        + (["controls reused"] if run.get("reuse_controls") else []) \
+        + ([f"keys of {side}x{side} tokens"] if side > 1 else [])
 
 
 def print_stream(result: dict) -> None:
@@ -322,9 +325,7 @@ def print_stream(result: dict) -> None:
         paced = (f" (paced {r['paced_fps']:g} fps, {r['dropped']} dropped)" if r["paced_fps"] else "")
         ticks = f"; {r['ticks_per_step']:.2f} ticks a frame" if r["ticks_per_frame"] != 1 else ""
         ticks += f"; {r['level_groups']} passes a tick" if r.get("level_groups", 1) > 1 else ""
-        ticks += f"; deep at levels {','.join(map(str, r['deep_levels']))}" if r.get("deep_levels") else ""
-        ticks += ", controls reused" if r.get("reuse_controls") else ""
-        ticks += _tokens(r.get("token_downsample", 1))
+        ticks += f"; {', '.join(_lossy(r))}" if _lossy(r) else ""
         ticks += " (reused entries beside the deep walk)" if r.get("reused_beside") else ""
         print(f"  {r['engine']:<28} {r['fps']:7.1f} fps{paced}; tick p50 {r['tick_ms']['p50']:.1f} ms{ticks}; "
               f"frame in->out p50 {r['latency_ms']['p50']:.1f} / p95 {r['latency_ms']['p95']:.1f} ms{peak}")
@@ -337,10 +338,7 @@ def print_stream(result: dict) -> None:
     if "noise_error" in result:
         e = result["noise_error"]
         per_level = ", ".join(f"level {k}: {v:.4f}" for k, v in enumerate(e["relative_l2_per_level"]))
-        lossy = [f"deep at levels {','.join(map(str, e['deep_levels']))}"] if e["deep_levels"] else []
-        lossy += ["controls reused"] if e.get("reuse_controls") else []
-        lossy += [_tokens(e.get("token_downsample", 1))[2:]] if e.get("token_downsample", 1) > 1 else []
-        print(f"  lossy options ({', '.join(lossy)}): predicted noise against the plain walk, relative L2 over "
+        print(f"  lossy options ({', '.join(_lossy(e))}): predicted noise against the plain walk, relative L2 over "
               f"{e['frames']} frames: {per_level}")
     if "baseline_skipped" in result:
         print(f"  baseline skipped: {result['baseline_skipped']}")

@@ -191,8 +191,7 @@ class XPortraitLiveEngine:
             most = max(g for g in range(1, settings.level_groups + 1) if n % g == 0)
             for g in dict.fromkeys((most, 1)):
                 s = replace(settings, steps=n, lookahead=0, level_groups=g,
-                            deep_levels=tuple(level for level in settings.deep_levels if level < n),
-                            reuse_controls=settings.reuse_controls)
+                            deep_levels=tuple(level for level in settings.deep_levels if level < n))
                 if s not in streams:
                     streams.append(s)
         vae = model.decode
